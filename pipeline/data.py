@@ -1,0 +1,129 @@
+"""Finding the images in a folder: labels from subfolders, skips with reasons.
+
+Only paths are listed here (never pixels), so a folder of any size can be
+discovered in constant memory; decoding happens later, one file at a time.
+Symlinked folders are not followed (a symlink loop cannot hang discovery);
+symlinked files are, when they resolve.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import DataError
+from pipeline.preprocessing import IMAGE_SUFFIXES
+
+NPY_SUFFIX = ".npy"
+
+
+@dataclass(frozen=True)
+class Skip:
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    label: str | None  # class folder name, None in a flat folder
+
+
+@dataclass
+class Discovery:
+    root: Path
+    items: list[Item]
+    classes: list[str] | None  # sorted class folder names; None for a flat folder
+    skipped: list[Skip] = field(default_factory=list)
+
+    @property
+    def labeled(self) -> bool:
+        return self.classes is not None
+
+    def by_class(self) -> dict[str | None, list[Item]]:
+        groups: dict[str | None, list[Item]] = {}
+        for item in self.items:
+            groups.setdefault(item.label, []).append(item)
+        return groups
+
+
+def _walk_files(root: Path, skipped: list[Skip]):
+    """Yield regular files (or symlinks to them) below root in sorted order."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in list(dirnames):
+            if (base / name).is_symlink():
+                skipped.append(Skip(str(base / name), "symlinked folder not followed"))
+        for name in sorted(filenames):
+            yield base / name
+
+
+def _accept(path: Path, suffixes: frozenset[str], skipped: list[Skip]) -> bool:
+    if path.name.startswith("."):
+        skipped.append(Skip(str(path), "hidden file"))
+        return False
+    if path.suffix.lower() not in suffixes:
+        skipped.append(Skip(str(path), f"not an image (suffix {path.suffix or 'none'!r})"))
+        return False
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            skipped.append(Skip(str(path), "dangling or looping symlink"))
+            return False
+    if not path.is_file():
+        skipped.append(Skip(str(path), "not a regular file"))
+        return False
+    return True
+
+
+def discover(root: str | os.PathLike, *, allow_npy: bool = False, what: str = "image folder") -> Discovery:
+    """List usable files below ``root``.
+
+    Layout: if ``root`` holds subfolders and no usable files of its own, each
+    subfolder is a class (its files found recursively); otherwise the folder is
+    flat (recursive, unlabeled).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{what} not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"{what} is not a folder: {root}")
+    suffixes = IMAGE_SUFFIXES | ({NPY_SUFFIX} if allow_npy else frozenset())
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {root}: {exc.strerror or exc}") from None
+
+    top_files = [Path(e.path) for e in entries if not e.is_dir(follow_symlinks=False)]
+    subdirs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    skipped: list[Skip] = []
+    top_usable = [p for p in top_files if _accept(p, suffixes, skipped)]
+
+    items: list[Item] = []
+    classes: list[str] | None
+    if subdirs and not top_usable:
+        classes = []
+        for sub in subdirs:
+            found = [Item(p, sub.name) for p in _walk_files(sub, skipped) if _accept(p, suffixes, skipped)]
+            if found:
+                classes.append(sub.name)
+                items.extend(found)
+            else:
+                skipped.append(Skip(str(sub), "class folder without usable files"))
+    else:
+        classes = None
+        items.extend(Item(p, None) for p in top_usable)
+        for sub in subdirs:
+            items.extend(Item(p, None) for p in _walk_files(sub, skipped) if _accept(p, suffixes, skipped))
+
+    if not items:
+        kinds = "images or .npy arrays" if allow_npy else "images"
+        detail = f" ({len(skipped)} files skipped, e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
+        raise DataError(f"no usable {kinds} in {what} {root}{detail}")
+    return Discovery(root=root, items=items, classes=classes or None, skipped=skipped)

@@ -1,0 +1,63 @@
+"""The whole pipeline on the embedded digits data, as one function.
+
+Steps that live outside ``pipeline/`` (building the calibration set, the
+device bench) are passed in as callables, so this module keeps the one-way
+dependency rule and the CLI stays a thin caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeline.digits import write_digits
+from pipeline.export import ConvertSettings, export_tflite
+from pipeline.preprocessing import PreprocessSpec
+from pipeline.train import TrainConfig, train
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    folders: dict
+    run_dir: Path
+    val_accuracy: float | None
+    exports: dict = field(default_factory=dict)  # mode -> ExportResult
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+
+def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], object],
+             say: Callable[[str], None] = lambda s: None,
+             on_epoch=None, on_calibration=None, config: TrainConfig | None = None,
+             force: bool = True) -> DemoResult:
+    out = Path(out)
+    cfg = config or TrainConfig(epochs=6, input_size=71, width=0.25, middle_blocks=2)
+    steps: list[tuple[str, float]] = []
+
+    t = time.perf_counter()
+    say(f"writing scikit-learn's digits to {out / 'data'}")
+    folders = write_digits(out / "data")
+    steps.append(("data", time.perf_counter() - t))
+
+    t = time.perf_counter()
+    say(f"training Xception (input {cfg.input_size}, width {cfg.width}, {cfg.middle_blocks} middle blocks, "
+        f"{cfg.epochs} epochs)")
+    run = train(folders["train"], out / "run", cfg, val_dir=folders["val"], on_epoch=on_epoch)
+    steps.append(("train", time.perf_counter() - t))
+
+    result = DemoResult(out, folders, run.run_dir, run.val_accuracy, steps=steps)
+    t = time.perf_counter()
+    say("converting to float32 TFLite")
+    result.exports["float"] = export_tflite(run.model_path, ConvertSettings("float"),
+                                            out=out / "model_float.tflite", force=force)
+    steps.append(("convert float", time.perf_counter() - t))
+
+    t = time.perf_counter()
+    say(f"converting to full-integer int8, calibrated on {folders['samples']}")
+    calibration = build_calibration(folders["samples"], PreprocessSpec(size=cfg.input_size))
+    result.exports["int8"] = export_tflite(run.model_path, ConvertSettings("int8"), out=out / "model_int8.tflite",
+                                           representative=calibration, force=force, progress=on_calibration)
+    steps.append(("convert int8", time.perf_counter() - t))
+    return result

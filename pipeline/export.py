@@ -1,0 +1,261 @@
+"""Float model -> .tflite in one of five modes, with a manifest that tells the story.
+
+The representative dataset is an argument (anything with ``batches()``,
+``to_manifest()`` and ``spec``): this module never finds or decodes images
+itself, so the calibration data cannot drift from the one preprocessing
+definition behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from pipeline import artifacts
+from pipeline.errors import CalibrationError, ConversionError
+from pipeline.modelio import SourceModel, load_source
+from pipeline.preprocessing import PreprocessSpec
+
+MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
+CALIBRATED_MODES = ("int8", "int16x8")
+
+Progress = Callable[[int, int], None]
+
+
+class Representative(Protocol):
+    spec: PreprocessSpec
+
+    def __len__(self) -> int: ...
+
+    def batches(self): ...
+
+    def to_manifest(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    mode: str
+    float_io: bool = False
+    allow_float_fallback: bool = False
+    per_channel: bool = True
+    trust_model_code: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConversionError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest_path: Path
+    manifest: dict
+    model_bytes: bytes = field(repr=False)
+
+    @property
+    def summary(self) -> dict:
+        m = self.manifest
+        return {"mode": m["settings"]["mode"], "output": str(self.path),
+                "source_bytes": m["source"]["bytes"], "output_bytes": m["output"]["bytes"],
+                "int_ops": m["ops"]["int_ops"], "float_ops": m["ops"]["float_ops"],
+                "calibration_samples": (m.get("calibration") or {}).get("count", 0),
+                "seconds": m["timing"]["total_s"]}
+
+
+def default_output(model_path: Path, mode: str) -> Path:
+    """``runs/x/model.keras`` -> ``runs/x/model_int8.tflite``; a SavedModel folder gets a sibling file."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path.parent / f"{model_path.name}_{mode}.tflite"
+    return model_path.with_name(f"{model_path.stem}_{mode}.tflite")
+
+
+def is_qat_model(source: SourceModel) -> bool:
+    if source.model is None:
+        return False
+    return any(type(layer).__name__ in ("QuantizeLayer", "QuantizeWrapper", "QuantizeWrapperV2")
+               for layer in source.model.layers)
+
+
+def _frozen_function(source: SourceModel):
+    """A batch-1 concrete function with the weights folded in as constants.
+
+    Freezing first works the same for Keras 3 and tf_keras models; the
+    converter's own Keras path leaves READ_VARIABLE ops behind for Keras 3.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    model = source.model
+    spec = tf.TensorSpec((1, *source.input_shape), tf.float32, name="image")
+
+    @tf.function(input_signature=[spec])
+    def serve(image):
+        return {"probabilities": model(image, training=False)}
+
+    return convert_variables_to_constants_v2(serve.get_concrete_function())
+
+
+def _make_converter(source: SourceModel):
+    import tensorflow as tf
+
+    if source.kind == "saved_model":
+        return tf.lite.TFLiteConverter.from_saved_model(str(source.path), signature_keys=["serving_default"])
+    return tf.lite.TFLiteConverter.from_concrete_functions([_frozen_function(source)])
+
+
+def _configure(converter, settings: ConvertSettings, representative, progress: Progress | None, qat: bool):
+    import tensorflow as tf
+
+    mode = settings.mode
+    if mode == "float":
+        return
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "dynamic":
+        return
+    if mode == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+        return
+    if representative is not None:
+        total = len(representative)
+
+        def gen():
+            for i, batch in enumerate(representative.batches(), 1):
+                yield batch
+                if progress:
+                    progress(i, total)
+
+        converter.representative_dataset = gen
+    if mode == "int8":
+        # Builtins stay allowed so an unquantizable op falls back visibly; the
+        # gate in export_tflite then names any heavy op left in float.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        if not settings.float_io:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+    elif mode == "int16x8":
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+            tf.lite.OpsSet.TFLITE_BUILTINS]
+        if not settings.float_io:
+            converter.inference_input_type = tf.int16
+            converter.inference_output_type = tf.int16
+    if not settings.per_channel:
+        converter._experimental_disable_per_channel = True  # noqa: SLF001 - the converter's only switch for it
+
+
+def convert_bytes(source: SourceModel, settings: ConvertSettings, representative=None,
+                  progress: Progress | None = None) -> bytes:
+    """Run the TFLite converter; its native log is kept for the error message, not printed."""
+    from pipeline.quiet import native_stderr_captured
+
+    qat = is_qat_model(source)
+    if settings.mode in CALIBRATED_MODES and representative is None and not qat:
+        raise CalibrationError(f"--{settings.mode} needs calibration images: pass --calib DIR "
+                               "(a folder of representative images), or convert a quantization-aware model")
+    converter = _make_converter(source)
+    _configure(converter, settings, representative, progress, qat)
+    with native_stderr_captured() as log:
+        try:
+            return bytes(converter.convert())
+        except (CalibrationError, ConversionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the converter raises many private types
+            error = exc
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    detail = log.tail(4)
+    raise ConversionError(f"TFLite converter failed in {settings.mode} mode: {first}"
+                          + (f"\nconverter log (last lines):\n{detail}" if detail else ""))
+
+
+def check_integer_ops(info, settings: ConvertSettings) -> None:
+    if settings.mode != "int8" or settings.allow_float_fallback or not info.heavy_float_ops:
+        return
+    names = ", ".join(f"{e['op']} ({e['output']})" for e in info.heavy_float_ops[:4])
+    more = f" and {len(info.heavy_float_ops) - 4} more" if len(info.heavy_float_ops) > 4 else ""
+    raise ConversionError(f"{len(info.heavy_float_ops)} compute ops stayed float in --int8 mode: {names}{more}; "
+                          "pass --allow-float-fallback to accept a partly float model")
+
+
+def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, out: str | os.PathLike | None = None,
+                  representative: Representative | None = None, force: bool = False,
+                  progress: Progress | None = None, source: SourceModel | None = None) -> ExportResult:
+    """Convert ``model_path`` and write ``out`` plus its manifest atomically."""
+    from pipeline.tflite_info import inspect_tflite
+
+    t0 = time.perf_counter()
+    model_path = Path(model_path)
+    out_path = Path(out) if out is not None else default_output(model_path, settings.mode)
+    if out_path.suffix != ".tflite":
+        raise ConversionError(f"output must end in .tflite, got {out_path}")
+    manifest_path = artifacts.manifest_path_for(out_path)
+    artifacts.check_writable(out_path, force=force)
+    source = source or load_source(model_path, trust_code=settings.trust_model_code)
+    if representative is not None and settings.mode in CALIBRATED_MODES:
+        if representative.spec.size != source.input_size:
+            raise CalibrationError(f"calibration images are preprocessed to {representative.spec.size}px but the "
+                                   f"model takes {source.input_size}px")
+    t_load = time.perf_counter()
+    uses_calibration = settings.mode in CALIBRATED_MODES and representative is not None
+    model_bytes = convert_bytes(source, settings, representative if uses_calibration else None, progress)
+    t_convert = time.perf_counter()
+    info = inspect_tflite(model_bytes)
+    check_integer_ops(info, settings)
+    spec = representative.spec if representative is not None else PreprocessSpec(size=source.input_size)
+
+    manifest = artifacts.base_manifest("tflite")
+    manifest.update({
+        "settings": {**settings.to_dict(), "qat_source": is_qat_model(source),
+                     "converter": "tf.lite.TFLiteConverter", "batch_size": 1},
+        "source": {"path": str(model_path), "kind": source.kind, "sha256": artifacts.sha256_any(model_path),
+                   "bytes": artifacts.size_any(model_path), "input_shape": list(source.input_shape),
+                   "classes": source.classes},
+        "output": {"path": out_path.name, "sha256": artifacts.sha256_bytes(model_bytes), "bytes": len(model_bytes)},
+        "preprocessing": spec.describe(),
+        "calibration": representative.to_manifest() if uses_calibration else None,
+        "io": {"inputs": info.inputs, "outputs": info.outputs},
+        "ops": {"histogram": info.op_histogram, "int_ops": info.int_op_count, "float_ops": info.float_op_count,
+                "left_float": info.float_ops, "operators": info.operator_count},
+    })
+    labels = _labels_beside(model_path)
+    if labels is not None:
+        manifest["labels"] = labels
+    t_end = time.perf_counter()
+    manifest["timing"] = {"load_s": round(t_load - t0, 3), "convert_s": round(t_convert - t_load, 3),
+                          "total_s": round(t_end - t0, 3)}
+    artifacts.check_writable(out_path, force=force)  # it may have appeared while we worked
+    artifacts.atomic_write_bytes(out_path, model_bytes)
+    artifacts.atomic_write_json(manifest_path, manifest)
+    return ExportResult(out_path, manifest_path, manifest, model_bytes)
+
+
+def _labels_beside(model_path: Path) -> list[str] | None:
+    """Class names from a training run's labels.json, so the .tflite manifest carries them."""
+    import json
+
+    candidate = (model_path if model_path.is_dir() else model_path.parent) / "labels.json"
+    if not candidate.is_file():
+        return None
+    try:
+        data = json.loads(candidate.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("classes"), list):
+        return [str(c) for c in data["classes"]]
+    if isinstance(data, list):
+        return [str(c) for c in data]
+    return None
+
+
+def random_inputs(shape, n: int = 1, seed: int = 0) -> np.ndarray:
+    """Realistic stand-in inputs in the model's range (never zeros, which run faster than real data)."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1.0, 1.0, size=(n, *shape)).astype(np.float32)

@@ -1,0 +1,183 @@
+"""Loading the models users bring: Keras 3 ``.keras``, tf_keras ``.keras``/``.h5``, SavedModel.
+
+Model files come from colleagues and the internet, so nothing in them runs:
+configurations are read as JSON first and a Lambda layer (pickled Python
+bytecode) or any custom class is refused before Keras sees the file, unless
+the caller passes ``trust_code=True``. Keras 3's own ``safe_mode`` is kept
+on as a second line; tf_keras ignores ``safe_mode`` for ``.h5`` files, which
+is why the check here does not rely on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ModelLoadError
+
+TRUST_HINT = "pass --trust-model-code only if you trust whoever made this file"
+# Layers whose configuration carries executable Python.
+_CODE_LAYERS = {"Lambda"}
+
+
+@dataclass
+class SourceModel:
+    """A float model ready for conversion or evaluation."""
+
+    path: Path
+    kind: str  # "keras3" | "tf_keras" | "saved_model"
+    model: object | None  # the Keras model; None for a SavedModel
+    input_shape: tuple  # (H, W, C)
+    classes: int
+
+    @property
+    def input_size(self) -> int:
+        return int(self.input_shape[0])
+
+
+def _keras_zip_meta(path: Path) -> tuple[dict, dict]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if "config.json" not in names:
+                raise ModelLoadError(f"{path} is not a Keras model archive (no config.json inside)")
+            meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
+            config = json.loads(zf.read("config.json"))
+            return meta, config
+    except zipfile.BadZipFile:
+        raise ModelLoadError(f"{path} is not a valid .keras file (not a zip archive)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} has an unreadable configuration ({exc})") from None
+
+
+def _h5_config(path: Path) -> dict:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+    except OSError as exc:
+        raise ModelLoadError(f"{path} is not a valid HDF5 model file ({exc})") from None
+    if raw is None:
+        raise ModelLoadError(f"{path} holds weights only (no model_config); build the model and load weights instead")
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} has an unreadable model_config ({exc})") from None
+
+
+def code_carrying_layers(config) -> list[str]:
+    """Names of layers in a Keras config whose deserialization would run Python code."""
+    found: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            cls = node.get("class_name")
+            if cls in _CODE_LAYERS or (isinstance(node.get("config"), dict) and "function" in node["config"]
+                                       and cls not in (None, "Activation")):
+                name = node.get("config", {}).get("name") if isinstance(node.get("config"), dict) else None
+                found.append(f"{cls} layer {name!r}" if name else str(cls))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found
+
+
+def _refuse_code(path: Path, config, trust_code: bool) -> None:
+    if trust_code:
+        return
+    layers = code_carrying_layers(config)
+    if layers:
+        raise ModelLoadError(f"{path} contains code ({', '.join(layers[:3])}) that would run when loaded; "
+                             f"refused. {TRUST_HINT}")
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_dir():
+        if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+            return "saved_model"
+        raise ModelLoadError(f"{path} is a folder but not a SavedModel (no saved_model.pb)")
+    suffix = path.suffix.lower()
+    if suffix == ".keras":
+        meta, _ = _keras_zip_meta(path)
+        version = str(meta.get("keras_version", ""))
+        return "tf_keras" if version.startswith("2.") else "keras3"
+    if suffix in (".h5", ".hdf5"):
+        return "tf_keras"
+    if suffix == ".tflite":
+        raise ModelLoadError(f"{path} is already a TFLite model; convert takes a Keras file or a SavedModel")
+    raise ModelLoadError(f"unsupported model file {path}: expected a SavedModel folder, .keras or .h5")
+
+
+def _shape_of(model) -> tuple[tuple, int]:
+    inputs = model.inputs
+    if len(inputs) != 1:
+        raise ModelLoadError(f"expected a model with one image input, got {len(inputs)} inputs")
+    shape = tuple(inputs[0].shape)[1:]
+    if len(shape) != 3 or shape[2] != 3 or shape[0] is None or shape[0] != shape[1]:
+        raise ModelLoadError(f"expected a square RGB image input (H, H, 3), got {shape}")
+    outputs = model.outputs
+    if len(outputs) != 1 or len(outputs[0].shape) != 2:
+        raise ModelLoadError("expected one (batch, classes) output")
+    return tuple(int(s) for s in shape), int(outputs[0].shape[-1])
+
+
+def _saved_model_shape(path: Path) -> tuple[tuple, int]:
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - TF raises many types for a bad SavedModel
+        raise ModelLoadError(f"cannot load SavedModel {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    sig = loaded.signatures.get("serving_default")
+    if sig is None:
+        raise ModelLoadError(f"SavedModel {path} has no serving_default signature")
+    specs = list(sig.structured_input_signature[1].values())
+    outs = list(sig.structured_outputs.values())
+    if len(specs) != 1 or len(outs) != 1:
+        raise ModelLoadError(f"SavedModel {path} must have one input and one output in serving_default")
+    shape = tuple(specs[0].shape)[1:]
+    if len(shape) != 3 or shape[0] is None or shape[0] != shape[1] or shape[2] != 3:
+        raise ModelLoadError(f"SavedModel {path} input must be (batch, H, H, 3), got {tuple(specs[0].shape)}")
+    return tuple(int(s) for s in shape), int(outs[0].shape[-1])
+
+
+def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceModel:
+    """Load a float model for conversion or evaluation, refusing embedded code."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path}")
+    kind = detect_kind(path)
+    if kind == "saved_model":
+        shape, classes = _saved_model_shape(path)
+        return SourceModel(path, kind, None, shape, classes)
+    if path.suffix.lower() == ".keras":
+        _, config = _keras_zip_meta(path)
+    else:
+        config = _h5_config(path)
+    _refuse_code(path, config, trust_code)
+    try:
+        if kind == "keras3":
+            import keras
+
+            model = keras.saving.load_model(path, compile=False, safe_mode=not trust_code)
+        else:
+            import tf_keras
+
+            kwargs = {} if path.suffix.lower() != ".keras" else {"safe_mode": not trust_code}
+            model = tf_keras.models.load_model(path, compile=False, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
+        raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    shape, classes = _shape_of(model)
+    return SourceModel(path, kind, model, shape, classes)

@@ -1,0 +1,218 @@
+"""The one preprocessing definition: pixels in, model input out.
+
+Training, calibration, validation and the device inputs all call this module,
+and its spec's fingerprint goes into every manifest. A calibration set scaled
+differently from training is the classic cause of "the int8 model predicts
+garbage", so there is deliberately no other place that scales pixels.
+
+Policy (``PreprocessSpec`` version 1):
+
+* decode with Pillow; first frame of animations; EXIF orientation applied;
+* every mode becomes RGB uint8 without silent clamping: 16-bit images are
+  rescaled (``v / 257``), palette and alpha images are composited over white
+  (what a viewer shows), CMYK goes through Pillow's conversion;
+* aspect ratio: the centred square crop of the image, then a bilinear resize
+  to ``size x size`` (no stretching, nothing padded);
+* scale: ``x / 127.5 - 1`` in float32, exactly Keras's
+  ``xception.preprocess_input`` ("tf" mode), giving [-1, 1].
+
+Files that cannot be decoded raise ``ImageError`` with a short reason, which
+callers turn into a listed skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 50_000_000  # about 7000x7000: larger images are rejected before any decoding
+
+
+class ImageError(DataError):
+    """One file is not a usable image; ``reason`` is short enough for a skip list."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    size: int
+    aspect: str = "center-crop"
+    resize: str = "bilinear"
+    color: str = "rgb"
+    alpha_background: str = "white"
+    scale: str = "x/127.5-1"
+    version: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.size, int) or self.size < 8:
+            raise ValueError(f"preprocessing size must be an integer >= 8, got {self.size!r}")
+        if self.aspect != "center-crop" or self.resize != "bilinear" or self.scale != "x/127.5-1":
+            raise ValueError("only the version-1 policy (center-crop, bilinear, x/127.5-1) exists")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable short hash of the policy, so manifests can be compared for equal preprocessing."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {**self.to_dict(), "fingerprint": self.fingerprint}
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Read a file for decoding, refusing oversized or unreadable ones with a reason."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(path, "dangling symlink or missing file") from None
+    except OSError as exc:
+        raise ImageError(path, f"unreadable ({exc.strerror or exc})") from None
+    if size == 0:
+        raise ImageError(path, "empty file")
+    if size > MAX_FILE_BYTES:
+        raise ImageError(path, f"file too large ({size / 2**20:.0f} MiB > {MAX_FILE_BYTES // 2**20} MiB)")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageError(path, f"unreadable ({exc.strerror or exc})") from None
+
+
+def _to_rgb(im, path) -> "np.ndarray":
+    from PIL import Image
+
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if values.size == 0 or values.max() <= 65535 else float(values.max())
+        gray = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        top = 1.0 if values.size == 0 or values.max() <= 1.0 else 65535.0
+        gray = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_rgb(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
+    """Decode image bytes to an HxWx3 uint8 RGB array, applying EXIF orientation."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(path, f"image too large ({width}x{height} pixels > {MAX_PIXELS:,}); "
+                                       "possible decompression bomb")
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im, path)
+        except ImageError:
+            raise
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise ImageError(path, "image too large; possible decompression bomb") from None
+        except Image.UnidentifiedImageError:
+            raise ImageError(path, "not a recognised image format") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+            raise ImageError(path, f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    return decode_rgb(read_bytes(path), path)
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square, then bilinear-resize to size x size (uint8 in, uint8 out)."""
+    from PIL import Image
+
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}")
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = rgb[top:top + side, left:left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def scale(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (or float) pixels in [0, 255] -> float32 in [-1, 1], exactly as Keras's Xception."""
+    x = np.asarray(pixels, dtype=np.float32)
+    x = x / np.float32(127.5)
+    x = x - np.float32(1.0)
+    return x
+
+
+def scale_tf(pixels):
+    """The same scaling as ``scale`` for tensors inside a tf.data pipeline."""
+    import tensorflow as tf
+
+    x = tf.cast(pixels, tf.float32)
+    return x / 127.5 - 1.0
+
+
+def pixels_for(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
+    """Decoded, oriented, cropped and resized uint8 pixels of one file (before scaling)."""
+    return resize_rgb(load_rgb(path), spec.size)
+
+
+def preprocess_file(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
+    """One file to one float32 model input of shape (size, size, 3)."""
+    return scale(pixels_for(path, spec))
+
+
+def preprocess_pixels(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    return scale(resize_rgb(rgb, spec.size))
+
+
+def quantize(x: np.ndarray, dtype, scale_: float, zero_point: int) -> np.ndarray:
+    """Float model input -> the integer input of a quantized model (round half away, saturate)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return x.astype(dtype)
+    if not scale_:
+        raise ValueError("a quantized input needs a non-zero scale")
+    info = np.iinfo(dtype)
+    q = np.round(np.asarray(x, dtype=np.float64) / scale_) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale_: float, zero_point: int) -> np.ndarray:
+    if np.asarray(q).dtype.kind == "f":
+        return np.asarray(q, dtype=np.float32)
+    return ((np.asarray(q, dtype=np.float32) - np.float32(zero_point)) * np.float32(scale_)).astype(np.float32)

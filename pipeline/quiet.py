@@ -1,0 +1,82 @@
+"""Keep TensorFlow's native log lines off the user's terminal, but not lost.
+
+TensorFlow's C++ side writes straight to file descriptor 2, so Python-level
+redirection cannot hide it. ``native_stderr_captured`` swaps fd 2 for a
+temporary file while a noisy call runs and gives back what was written, so an
+error can quote the converter's own diagnosis instead of a wall of logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+
+class Captured:
+    text: str = ""
+
+    def tail(self, lines: int = 8) -> str:
+        keep = [ln for ln in self.text.splitlines() if ln.strip()]
+        return "\n".join(keep[-lines:])
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    captured = Captured()
+    if os.environ.get("XEDGE_VERBOSE"):
+        yield captured
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield captured
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.text = tmp.read().decode("utf-8", "replace")
+
+
+def quiet_tensorflow() -> None:
+    """Set before TensorFlow is imported: only errors from its C++ logging."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def import_tensorflow_quietly():
+    """Import TensorFlow (and initialise its devices) with the start-up log captured.
+
+    TensorFlow 2.21 logs oneDNN and CUDA notices through absl before
+    ``TF_CPP_MIN_LOG_LEVEL`` is read, so only a captured fd 2 keeps them off
+    the terminal. ``XEDGE_VERBOSE=1`` shows everything.
+    """
+    quiet_tensorflow()
+    already = "tensorflow" in sys.modules
+    with native_stderr_captured():
+        import tensorflow as tf
+
+        if not already:
+            tf.config.list_physical_devices()
+    if not os.environ.get("XEDGE_VERBOSE"):
+        import logging
+
+        try:
+            from absl import logging as absl_logging
+
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        except ImportError:
+            pass
+        tf.get_logger().setLevel(logging.ERROR)
+    return tf

@@ -1,0 +1,97 @@
+"""Shared, session-scoped fixtures: the digits folder and tiny models built once.
+
+Tiny means 71x71 input, width 0.25, one middle block: the whole suite must
+run on 2 CPU cores in about 15 minutes, so expensive things (training,
+conversion) happen once per session and are shared read-only. Tests that
+modify an artifact copy it first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TINY = dict(input_size=71, classes=10, width=0.25, middle_blocks=1)
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None, check=False, input=None):
+    """Run a console script (``xedge``/``convert``) as a real subprocess."""
+    exe = VENV_BIN / args[0]
+    cmd = [str(exe) if exe.exists() else args[0], *map(str, args[1:])]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict:
+    """scikit-learn's digits as train/val/samples image folders (class subfolders)."""
+    from pipeline.digits import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def tiny_keras_path(tmp_path_factory) -> Path:
+    """An untrained tiny Xception saved as a Keras 3 .keras file."""
+    from pipeline.model import build_xception
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
+    build_xception(**TINY).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, digits):
+    """A tiny Xception trained briefly on digits: a real run folder (model.keras, labels.json)."""
+    from pipeline.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=3, input_size=71, width=0.25, middle_blocks=1, batch_size=32, seed=0)
+    return train(digits["train"], tmp_path_factory.mktemp("run"), cfg, val_dir=digits["val"])
+
+
+@pytest.fixture(scope="session")
+def calibration(digits):
+    from calibrate.dataset import build_calibration_set
+    from pipeline.preprocessing import PreprocessSpec
+
+    return build_calibration_set(digits["samples"], PreprocessSpec(size=71), size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_tflite(tmp_path_factory, trained_run, calibration) -> dict:
+    """The trained tiny model as float32 and int8 .tflite files (with manifests)."""
+    from pipeline.export import ConvertSettings, export_tflite
+
+    out = tmp_path_factory.mktemp("tflite")
+    return {
+        "float": export_tflite(trained_run.model_path, ConvertSettings("float"), out=out / "float.tflite").path,
+        "int8": export_tflite(trained_run.model_path, ConvertSettings("int8"), out=out / "int8.tflite",
+                              representative=calibration).path,
+    }
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """Copy a shared artifact (file or folder) into this test's tmp_path before changing it."""
+
+    def copy(path: Path) -> Path:
+        target = tmp_path / Path(path).name
+        if Path(path).is_dir():
+            shutil.copytree(path, target)
+        else:
+            shutil.copy2(path, target)
+        return target
+
+    return copy
