@@ -222,7 +222,8 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
         "preprocessing": spec.describe(),
         "calibration": representative.to_manifest() if uses_calibration else None,
         "io": {"inputs": info.inputs, "outputs": info.outputs},
-        "ops": {"histogram": info.op_histogram, "int_ops": info.int_op_count, "float_ops": info.float_op_count,
+        "ops": {"histogram": info.op_histogram, "weight_dtypes": info.weight_dtypes,
+                "int_ops": info.int_op_count, "float_ops": info.float_op_count,
                 "left_float": info.float_ops, "operators": info.operator_count},
     })
     labels = _labels_beside(model_path)

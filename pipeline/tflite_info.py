@@ -20,6 +20,7 @@ class TfliteInfo:
     inputs: list[dict]
     outputs: list[dict]
     op_histogram: dict[str, int]
+    weight_dtypes: dict[str, int]
     float_ops: list[dict]
     heavy_float_ops: list[dict]
     operator_count: int
@@ -28,6 +29,7 @@ class TfliteInfo:
 
     def to_dict(self) -> dict:
         return {"inputs": self.inputs, "outputs": self.outputs, "op_histogram": self.op_histogram,
+                "weight_dtypes": self.weight_dtypes,
                 "ops_left_float": self.float_ops, "operator_count": self.operator_count}
 
     @property
@@ -76,6 +78,12 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInfo:
     hist: Counter[str] = Counter()
     float_ops: list[dict] = []
     heavy_float: list[dict] = []
+    weights: Counter[str] = Counter()
+    produced_by_dequantize = {}
+    for op in graph.operators or []:
+        code = model.operatorCodes[op.opcodeIndex]
+        if ops.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode))) == "DEQUANTIZE":
+            produced_by_dequantize[int(op.outputs[0])] = int(op.inputs[0])
     for op in graph.operators or []:
         code = model.operatorCodes[op.opcodeIndex]
         builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
@@ -86,6 +94,10 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInfo:
         out = tensors[op.outputs[0]] if op.outputs is not None and len(op.outputs) else None
         dtype = types.get(out.type, "?") if out is not None else "none"
         hist[f"{name}/{dtype}"] += 1
+        if name in HEAVY_OPS and op.inputs is not None and len(op.inputs) > 1:
+            # The stored weight type: fp16 and some hybrid models feed weights through a DEQUANTIZE op.
+            w = int(op.inputs[1])
+            weights[types.get(tensors[produced_by_dequantize.get(w, w)].type, "?")] += 1
         if dtype in _FLOAT and name not in _BOUNDARY_OPS:
             out_name = out.name.decode() if isinstance(out.name, bytes) else str(out.name)
             entry = {"op": name, "output": out_name}
@@ -95,5 +107,6 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInfo:
     inputs = [_tensor_desc(tensors[i], types) for i in graph.inputs]
     outputs = [_tensor_desc(tensors[i], types) for i in graph.outputs]
     return TfliteInfo(inputs=inputs, outputs=outputs, op_histogram=dict(sorted(hist.items())),
+                      weight_dtypes=dict(sorted(weights.items())),
                       float_ops=float_ops, heavy_float_ops=heavy_float,
                       operator_count=len(graph.operators or []), subgraphs=len(model.subgraphs))

@@ -1,0 +1,82 @@
+"""The `convert` command as users type it: CliRunner for the edges, real subprocesses for the path."""
+
+import json
+import os
+import time
+
+from click.testing import CliRunner
+
+from convert import cli, convert_command
+from tests.conftest import run_cli
+
+
+def test_help_is_instant_and_explains():
+    start = time.perf_counter()
+    proc = run_cli("convert", "--help", check=True)
+    assert time.perf_counter() - start < 5  # no TensorFlow import for --help
+    for flag in ("--int8", "--int16x8", "--fp16", "--dynamic", "--float", "--calib", "--calib-size", "--float-io",
+                 "--out", "--force", "--allow-float-fallback"):
+        assert flag in proc.stdout
+    assert "convert --int8 --calib ./samples" in proc.stdout
+    xedge = run_cli("xedge", "--help", check=True)
+    assert "convert" in xedge.stdout and "demo" in xedge.stdout
+
+
+def test_usage_errors_are_one_line(tiny_keras_path, tmp_path):
+    runner = CliRunner()
+    no_mode = runner.invoke(convert_command, [str(tiny_keras_path)])
+    assert no_mode.exit_code == 2 and "choose a mode" in no_mode.output
+    two = runner.invoke(convert_command, [str(tiny_keras_path), "--fp16", "--calib", str(tmp_path)])
+    assert two.exit_code == 2 and "--calib is only used by" in two.output
+
+
+def test_library_errors_become_messages_not_tracebacks(tiny_keras_path, tmp_path):
+    runner = CliRunner()
+    cases = [
+        ([str(tiny_keras_path), "--int8", "--out", str(tmp_path / "a.tflite")], "--int8 needs --calib DIR"),
+        ([str(tmp_path / "nope.keras"), "--float"], "model not found"),
+        ([str(tiny_keras_path), "--int8", "--calib", str(tmp_path / "nodir"), "--out", str(tmp_path / "b.tflite")],
+         "calibration folder not found"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(cli, ["convert", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert "Traceback" not in result.output
+        assert result.output.strip().startswith("error:")
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_without_model_and_without_runs(tmp_path):
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(convert_command, ["--float"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 2
+    assert "no MODEL given and no training run at runs/latest" in result.output
+    assert "xedge train" in result.output
+
+
+def test_convert_int8_end_to_end_in_a_subprocess(trained_run, digits, tmp_path):
+    """`convert --int8 --calib ./samples` with no MODEL picks runs/latest, as the README promises."""
+    (tmp_path / "runs").mkdir()
+    os.symlink(trained_run.run_dir, tmp_path / "runs" / "latest")
+    os.symlink(digits["samples"], tmp_path / "samples")
+    proc = run_cli("convert", "--int8", "--calib", "./samples", "--calib-size", "40", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "I0000" not in proc.stderr and "oneDNN" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    out = tmp_path / summary["output"]
+    assert summary["mode"] == "int8" and summary["calibration_samples"] == 40 and summary["float_ops"] == 0
+    assert out.name == "model_int8.tflite" and out.exists()
+    manifest = json.loads((tmp_path / summary["manifest"]).read_text())
+    assert manifest["output"]["bytes"] == out.stat().st_size
+
+    again = run_cli("convert", "--int8", "--calib", "./samples", cwd=tmp_path)
+    assert again.returncode == 2 and "output exists" in again.stderr and "--force" in again.stderr
+
+    table = run_cli("xedge", "convert", "--fp16", "--out", str(tmp_path / "h.tflite"), cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "fp16" in table.stdout and "wrote" in table.stdout
