@@ -138,14 +138,16 @@ def mode_options(fn):
 @click.option("--allow-float-fallback", is_flag=True,
               help="Accept --int8 models where some CONV/DEPTHWISE/FULLY_CONNECTED ops stay float.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
+@click.option("--no-optimize", is_flag=True, help="Skip the graph rewrites that keep XNNPACK in one partition "
+              "(RELU after a shared residual ADD fused into a second ADD; checked on the calibration images).")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--trust-model-code", is_flag=True,
               help="Allow Lambda layers and other code inside MODEL to run when it loads (unsafe).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 @guarded
-def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, out, force,
-                    trust_model_code, as_json):
+def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
+                    out, force, trust_model_code, as_json):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
     Without MODEL, the latest training run (runs/latest/model.keras) is used.
@@ -170,7 +172,8 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         raise click.UsageError("--float-io only applies to --int8 and --int16x8")
     path = _resolve_model(model)
     settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
-                               per_channel=not per_tensor, trust_model_code=trust_model_code)
+                               per_channel=not per_tensor, trust_model_code=trust_model_code,
+                               optimize=not no_optimize)
     from pipeline.artifacts import check_writable
     from pipeline.export import default_output
 
@@ -245,7 +248,284 @@ def demo_command(out, epochs):
     for mode, exported in result.exports.items():
         _print_summary(exported.summary, title=f"demo: {mode}")
     console.print(f"validation accuracy of the float model: {result.val_accuracy:.3f}")
+    if result.validation is not None:
+        report = result.validation.report
+        console.print(f"int8 drift: top-1 {report['top1_quant']:.3f} vs float {report['top1_float']:.3f} "
+                      f"({report['top1_drop_pp']:+.2f} pp), agreement {report['agreement']:.3f}; "
+                      f"report: {result.validation.paths['html']}")
     console.print("steps: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.steps))
+
+
+@cli.command("validate")
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Images: one subfolder per class (or flat: "
+              "agreement only).")
+@click.option("--report", "report_dir", required=True, type=click.Path(), help="Folder for report.json/.md/.html.")
+@click.option("--labels", type=click.Path(), help="labels.json (class names in output order); default: the run's "
+              "labels.json beside a model, else sorted folder names.")
+@click.option("--max-top1-drop", type=float, metavar="PP", help="Budget: top-1 drop in percentage points.")
+@click.option("--min-agreement", type=float, metavar="F", help="Budget: top-1 agreement (fraction, 0..1).")
+@click.option("--max-kl", type=float, metavar="X", help="Budget: mean KL(reference || candidate) in nats.")
+@click.option("--limit", type=click.IntRange(1), help="Use at most N images (taken round-robin over classes).")
+@click.option("--layer-samples", default=16, show_default=True, type=click.IntRange(0),
+              help="Images for the per-layer error of an int8 candidate (0: skip).")
+@click.option("--trust-model-code", is_flag=True, help="Allow code inside Keras models to run (unsafe).")
+@guarded
+def validate_command(reference, candidate, data, report_dir, labels, max_top1_drop, min_agreement, max_kl, limit,
+                     layer_samples, trust_model_code):
+    """Measure the accuracy drift of CANDIDATE against REFERENCE on real images.
+
+    Exit 0 within budgets, 3 when a budget is exceeded, 2 for errors.
+
+    \b
+    Example:
+      xedge validate runs/latest/model.keras model_int8.tflite --data ./val --report drift --max-top1-drop 1
+    """
+    from pipeline.report_md import budget_lines, summary_rows
+    from pipeline.validate import Budgets, validate
+    from rich.table import Table
+
+    budgets = Budgets(max_top1_drop, min_agreement, max_kl)
+    with Bar("validating") as bar:
+        result = validate(reference, candidate, data, report_dir, labels=labels, budgets=budgets, limit=limit,
+                          layer_samples=layer_samples, trust_code=trust_model_code, progress=bar)
+    table = Table(title="drift", show_header=False)
+    for key, value in summary_rows(result.report):
+        table.add_row(key, value)
+    console = _console(stderr=False)
+    console.print(table)
+    for line in budget_lines(result.report):
+        console.print(line)
+    skipped = result.report["data"]["skipped"]
+    if skipped:
+        click.echo(f"skipped {len(skipped)} files (listed in report.json), e.g. {skipped[0]['path']}: "
+                   f"{skipped[0]['reason']}", err=True)
+    click.echo(f"report: {result.paths['html']} (also report.json, report.md)")
+    result.raise_for_budgets()
+
+
+@cli.command("diff")
+@click.argument("reports", nargs=-1, required=True, type=click.Path())
+@click.option("--html", "html_out", type=click.Path(), help="Also write the comparison as an HTML page.")
+@click.option("--md", "md_out", type=click.Path(), help="Also write the comparison as Markdown.")
+@guarded(tensorflow=False)
+def diff_command(reports, html_out, md_out):
+    """Show several validation reports (report.json) side by side."""
+    from pipeline.diff import COLUMNS, compare, write_diff
+    from rich.table import Table
+
+    comparison = compare(list(reports))
+    table = Table(title="validation reports")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in comparison.cells():
+        table.add_row(*row)
+    console = _console(stderr=False)
+    if not console.is_terminal:
+        console.width = 200  # a log or pipe: keep rows on one line
+    console.print(table)
+    for warning in comparison.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    for path in write_diff(comparison, html_path=html_out, md_path=md_out):
+        click.echo(f"wrote {path}")
+
+
+class EpochBars:
+    """One rich progress bar per epoch, fed by the library's (epoch, step, steps) callbacks."""
+
+    def __init__(self, epochs: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.epochs = epochs
+        self.console = _console(stderr=False)
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeRemainingColumn(), console=self.console, transient=True)
+        self._task = None
+        self._epoch = None
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._progress.stop()
+        return False
+
+    def batch(self, epoch: int, step: int, steps: int) -> None:
+        if epoch != self._epoch:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, completed=step - 1)
+            self._epoch = epoch
+        self._progress.update(self._task, completed=step)
+
+    def epoch(self, epoch: int, row: dict) -> None:
+        self.console.print(f"  epoch {epoch}/{self.epochs}: loss {row['loss']:.3f}  accuracy {row['accuracy']:.3f}  "
+                           f"val_accuracy {row['val_accuracy']:.3f}  ({row['images_per_s']:.0f} images/s)")
+
+
+SWITCH = click.Choice(["auto", "on", "off"])
+
+
+@cli.command("train")
+@click.option("--data", required=True, type=click.Path(), help="Training images: one subfolder per class.")
+@click.option("--val", type=click.Path(), help="Validation images (same classes); default: a stratified 10% of --data.")
+@click.option("--out", type=click.Path(), help="Run folder (default runs/<UTC time>); runs/latest points to it.")
+@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Per GPU (replica).")
+@click.option("--input-size", default=71, show_default=True, type=click.IntRange(71), help="Input side in pixels.")
+@click.option("--width", default=0.25, show_default=True, type=float, help="Channel multiplier (1.0 = paper).")
+@click.option("--middle-blocks", default=2, show_default=True, type=click.IntRange(0), help="Middle flow blocks (paper: 8).")
+@click.option("--weights", type=click.Path(), help="Initial weights (.h5/.weights.h5, e.g. Keras ImageNet Xception).")
+@click.option("--freeze", default=0, show_default=True, type=click.IntRange(0), help="Freeze the first N layers.")
+@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["sgd", "rmsprop", "adam"]),
+              help="sgd is the paper's ImageNet recipe (0.045, x0.94 every 2 epochs).")
+@click.option("--lr", type=float, help="Learning rate per 32 images (scaled with the global batch).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crops.")
+@click.option("--flip/--no-flip", default=False, show_default=True,
+              help="Random horizontal flips (off: they change digits and text).")
+@click.option("--min-crop-area", default=0.5, show_default=True, type=float, help="Smallest random crop (area).")
+@click.option("--mixed-precision", default="auto", show_default=True, type=SWITCH, help="auto: on for GPUs.")
+@click.option("--xla", default="auto", show_default=True, type=SWITCH, help="auto: on for GPUs.")
+@click.option("--checkpoint-every", default=200, show_default=True, type=click.IntRange(1),
+              help="Steps between mid-epoch checkpoints (also saved at each epoch end and on SIGTERM).")
+@guarded
+def train_command(data, val, out, epochs, batch_size, input_size, width, middle_blocks, weights, freeze, optimizer,
+                  lr, seed, augment, flip, min_crop_area, mixed_precision, xla, checkpoint_every):
+    """Train Xception on --data; rerun the same command to resume an interrupted run.
+
+    \b
+    Example:
+      xedge train --data ./images --out runs/parts --epochs 10
+      convert --int8 --calib ./images
+    """
+    from pipeline.train import TrainConfig, default_run_dir, train
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, width=width,
+                      middle_blocks=middle_blocks, optimizer=optimizer, lr=lr, seed=seed, augment=augment, flip=flip,
+                      min_crop_area=min_crop_area, weights=weights, freeze=freeze, mixed_precision=mixed_precision,
+                      xla=xla, checkpoint_every=checkpoint_every)
+    with EpochBars(epochs) as bars:
+        result = train(data, out or default_run_dir(), cfg, val_dir=val, on_epoch=bars.epoch, on_batch=bars.batch)
+    m = result.manifest
+    click.echo(f"validation accuracy {result.val_accuracy:.4f}; {m['images_per_s']} images/s on "
+               f"{m['devices']['kind']} ({m['devices']['replicas']} replicas)")
+    click.echo(f"wrote {result.run_dir}/model.keras, labels.json, manifest.json")
+
+
+def _threads_list(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        threads = [int(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter("a thread count, or a comma-separated list such as 1,2,4") from None
+    if not threads or min(threads) < 1:
+        raise click.BadParameter("thread counts must be positive integers")
+    return threads
+
+
+def _device_inputs(inputs_dir: str | None, model: str):
+    """Real preprocessed samples for the device, through the one preprocessing definition."""
+    if not inputs_dir:
+        return None
+    import numpy as np
+
+    from calibrate.dataset import build_calibration_set
+    from devices.bench import model_input_shape
+    from pipeline.preprocessing import PreprocessSpec
+
+    cal = build_calibration_set(inputs_dir, PreprocessSpec(size=model_input_shape(Path(model))[1]), size=32)
+    return np.stack([cal.inputs(i) for i in range(len(cal))])
+
+
+@cli.command("bench")
+@click.argument("model", type=click.Path())
+@click.option("--device", help="Device profile name (or .toml path); default: this machine (local).")
+@click.option("--runs", type=click.IntRange(1), help="Timed runs (default: the profile's).")
+@click.option("--warmup", type=click.IntRange(0), help="Warm-up runs (default: the profile's).")
+@click.option("--threads", help="Interpreter threads; a list (1,2,4) sweeps them.")
+@click.option("--inputs", type=click.Path(), help="Folder of real images/.npy to feed (default: random inputs "
+              "in the model's range).")
+@click.option("--outputs", type=click.Path(), help="Folder that receives the device's outputs for --inputs.")
+@click.option("--compare", "other", type=click.Path(), help="A second model: runs alternate A/B, per-pair ratio.")
+@click.option("--no-xnnpack", is_flag=True, help="Builtin kernels only (no XNNPACK delegate).")
+@click.option("--json", "json_out", type=click.Path(), help="Write the full result as JSON to FILE.")
+@guarded(tensorflow=False)
+def bench_command(model, device, runs, warmup, threads, inputs, outputs, other, no_xnnpack, json_out):
+    """Measure MODEL's latency on a device (default: this machine, in a fresh process).
+
+    \b
+    Example:
+      xedge bench demo-out/model_int8.tflite --compare demo-out/model_float.tflite
+      xedge bench model_int8.tflite --device raspberry-pi --threads 1,2,4 --json pi.json
+    """
+    from devices.bench import bench, compare, sweep
+    from devices.profile import load_profile
+    from devices.tables import bench_table, compare_table, describe_machine
+
+    profile, thread_list = load_profile(device), _threads_list(threads)
+    if other and thread_list and len(thread_list) > 1:
+        raise click.UsageError("--compare takes one thread count")
+    common = dict(runs=runs, warmup=warmup, inputs=_device_inputs(inputs, model), xnnpack=not no_xnnpack)
+    console = _console(stderr=False)
+    if other:
+        result = compare(model, other, profile, threads=thread_list[0] if thread_list else None, outputs=outputs,
+                         **common)
+        shown = result["results"]
+    elif thread_list and len(thread_list) > 1:
+        shown = sweep(model, thread_list, profile, **common)
+        result = {"sweep": shown}
+    else:
+        result = bench([model], profile, threads=thread_list[0] if thread_list else None, outputs=outputs, **common)
+        shown = [result]
+    console.print(bench_table(shown, title=f"latency on {profile.name}"))
+    console.print(describe_machine(shown[0]))
+    if other:
+        console.print(compare_table(result))
+        for note in result["notes"]:
+            console.print(f"[yellow]note:[/yellow] {note}")
+    if json_out:
+        from pipeline.artifacts import atomic_write_json
+
+        click.echo(f"wrote {atomic_write_json(json_out, result)}")
+
+
+@cli.command("latency-test")
+@click.argument("models", nargs=-1, type=click.Path())
+@click.option("--device", required=True, help="Device profile (name or .toml path) holding the budgets.")
+@click.option("--runs", type=click.IntRange(1), help="Timed runs per model (default: the profile's).")
+@click.option("--warmup", type=click.IntRange(0), help="Warm-up runs (default: the profile's).")
+@click.option("--out", default="latency-test", show_default=True, type=click.Path(),
+              help="Folder for junit.xml and summary.json.")
+@guarded(tensorflow=False)
+def latency_test_command(models, device, runs, warmup, out):
+    """Bench every MODEL that has a budget in the device profile; exit 3 if a p50/p90 budget is exceeded.
+
+    Without MODEL, each budget's `path` in the profile is used.
+
+    \b
+    Example:
+      xedge latency-test --device raspberry-pi demo-out/model_int8.tflite demo-out/model_float.tflite
+    """
+    from devices.latency import run_latency_tests, write_report
+    from devices.profile import load_profile
+    from devices.tables import latency_table
+    from pipeline.errors import BudgetExceeded
+
+    with Bar("benching") as bar:
+        report = run_latency_tests(load_profile(device), list(models) or None, runs=runs, warmup=warmup,
+                                   progress=bar)
+    console = _console(stderr=False)
+    console.print(latency_table(report))
+    for path in report.unbudgeted:
+        console.print(f"no budget for {path} in profile {report.device}: not tested")
+    junit, summary = write_report(report, out)
+    console.print(f"wrote {junit} and {summary}")
+    if report.failed:
+        raise BudgetExceeded(f"latency test on {report.device} failed: {report.failure_message()}")
 
 
 def main():

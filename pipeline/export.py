@@ -8,6 +8,7 @@ definition behind the caller's back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,10 +45,14 @@ class ConvertSettings:
     allow_float_fallback: bool = False
     per_channel: bool = True
     trust_model_code: bool = False
+    optimize: bool = True
+    calibrator: str = "fast"  # "fast" (min/max under XNNPACK, all cores) or "stock" (the converter's own)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ConversionError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.calibrator not in ("fast", "stock"):
+            raise ConversionError(f"unknown calibrator {self.calibrator!r}; choose fast or stock")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,8 +158,12 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
 
 
 def convert_bytes(source: SourceModel, settings: ConvertSettings, representative=None,
-                  progress: Progress | None = None) -> bytes:
-    """Run the TFLite converter; its native log is kept for the error message, not printed."""
+                  progress: Progress | None = None, calibration_record: dict | None = None) -> bytes:
+    """Run the TFLite converter; its native log is kept for the error message, not printed.
+
+    ``calibration_record`` (a dict) receives which calibrator ran, for the manifest.
+    """
+    from pipeline.converter_hooks import fast_calibration
     from pipeline.quiet import native_stderr_captured
 
     qat = is_qat_model(source)
@@ -163,7 +172,13 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
                                "(a folder of representative images), or convert a quantization-aware model")
     converter = _make_converter(source)
     _configure(converter, settings, representative, progress, qat)
-    with native_stderr_captured() as log:
+    record = calibration_record if calibration_record is not None else {}
+    # int16x8 goes through the converter's old quantizer, which calibrates on its own: stock only.
+    use_fast = settings.calibrator == "fast" and settings.mode == "int8" and representative is not None
+    hook = fast_calibration(record) if use_fast else contextlib.nullcontext()
+    if representative is not None and not use_fast:
+        record["calibrator"] = "stock"
+    with native_stderr_captured() as log, hook:
         try:
             return bytes(converter.convert())
         except (CalibrationError, ConversionError):
@@ -205,8 +220,14 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
                                    f"model takes {source.input_size}px")
     t_load = time.perf_counter()
     uses_calibration = settings.mode in CALIBRATED_MODES and representative is not None
-    model_bytes = convert_bytes(source, settings, representative if uses_calibration else None, progress)
+    calibration_record: dict = {}
+    model_bytes = convert_bytes(source, settings, representative if uses_calibration else None, progress,
+                                calibration_record)
     t_convert = time.perf_counter()
+    optimizations = []
+    if settings.optimize and settings.mode in CALIBRATED_MODES:
+        model_bytes, optimizations = optimize_graph(model_bytes, source, representative)
+    t_optimize = time.perf_counter()
     info = inspect_tflite(model_bytes)
     check_integer_ops(info, settings)
     spec = representative.spec if representative is not None else PreprocessSpec(size=source.input_size)
@@ -220,8 +241,10 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
                    "classes": source.classes},
         "output": {"path": out_path.name, "sha256": artifacts.sha256_bytes(model_bytes), "bytes": len(model_bytes)},
         "preprocessing": spec.describe(),
-        "calibration": representative.to_manifest() if uses_calibration else None,
+        "calibration": ({**representative.to_manifest(), "method": calibration_record} if uses_calibration
+                        else None),
         "io": {"inputs": info.inputs, "outputs": info.outputs},
+        "optimizations": optimizations,
         "ops": {"histogram": info.op_histogram, "weight_dtypes": info.weight_dtypes,
                 "int_ops": info.int_op_count, "float_ops": info.float_op_count,
                 "left_float": info.float_ops, "operators": info.operator_count},
@@ -231,11 +254,47 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
         manifest["labels"] = labels
     t_end = time.perf_counter()
     manifest["timing"] = {"load_s": round(t_load - t0, 3), "convert_s": round(t_convert - t_load, 3),
-                          "total_s": round(t_end - t0, 3)}
+                          "optimize_s": round(t_optimize - t_convert, 3), "total_s": round(t_end - t0, 3)}
     artifacts.check_writable(out_path, force=force)  # it may have appeared while we worked
     artifacts.atomic_write_bytes(out_path, model_bytes)
     artifacts.atomic_write_json(manifest_path, manifest)
     return ExportResult(out_path, manifest_path, manifest, model_bytes)
+
+
+CHECK_SAMPLES = 32
+
+
+def float_outputs(source: SourceModel, inputs: np.ndarray) -> np.ndarray:
+    """The float source model's outputs (probabilities) for a batch of preprocessed inputs."""
+    if source.model is not None:
+        return np.asarray(source.model(inputs, training=False), dtype=np.float32)
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(source.path)).signatures["serving_default"]
+    outputs = signature(tf.constant(inputs))
+    return np.asarray(next(iter(outputs.values())), dtype=np.float32)
+
+
+def optimize_graph(model_bytes: bytes, source: SourceModel, representative) -> tuple[bytes, list[dict]]:
+    """Apply the XNNPACK-friendly rewrites, keeping each only if real data shows it does no harm."""
+    from pipeline.tflite_optimize import check_rewrite, delegate_partitions, fuse_shared_add_relu
+
+    rewritten, report = fuse_shared_add_relu(model_bytes)
+    if not report.count:
+        return model_bytes, []
+    entry = report.to_dict()
+    entry["delegate_partitions"] = {"before": delegate_partitions(model_bytes),
+                                    "after": delegate_partitions(rewritten)}
+    if representative is not None and len(representative):
+        n = min(CHECK_SAMPLES, len(representative))
+        inputs = np.stack([representative.inputs(i) for i in range(n)])
+        reference = float_outputs(source, inputs)
+        entry["check"] = check_rewrite(model_bytes, rewritten, inputs, reference)
+        entry["applied"] = entry["check"]["accepted"]
+    else:  # a QAT model converted without images: only random inputs are available, so keep the stock graph
+        entry["applied"] = False
+        entry["check"] = {"skipped": "no calibration images to check the rewrite on"}
+    return (rewritten if entry["applied"] else model_bytes), [entry]
 
 
 def _labels_beside(model_path: Path) -> list[str] | None:
