@@ -1,0 +1,101 @@
+"""The RELU-after-shared-ADD rewrite: one XNNPACK partition, same predictions, any such net."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.artifacts import manifest_path_for
+from pipeline.export import ConvertSettings, export_tflite
+from pipeline.tflite_info import inspect_tflite
+from pipeline.tflite_optimize import check_rewrite, delegate_partitions, fuse_shared_add_relu
+
+
+@pytest.fixture(scope="module")
+def stock_int8(trained_run, calibration, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stock") / "stock.tflite"
+    return export_tflite(trained_run.model_path, ConvertSettings("int8", optimize=False), out=out,
+                         representative=calibration)
+
+
+def test_rewrite_leaves_one_partition_and_no_relu(stock_int8, calibration, trained_run):
+    before = stock_int8.model_bytes
+    after, report = fuse_shared_add_relu(before)
+    hist_before, hist_after = inspect_tflite(before).op_histogram, inspect_tflite(after).op_histogram
+    relus = hist_before["RELU/int8"]
+    assert report.count == relus >= 3  # one per block that opens with a ReLU over a residual sum
+    assert "RELU/int8" not in hist_after
+    assert hist_after["ADD/int8"] == hist_before["ADD/int8"] + relus
+    assert delegate_partitions(before) == relus + 1
+    assert delegate_partitions(after) == 1
+    # Same I/O contract, and on real digits the same predictions within a quantum or two.
+    assert inspect_tflite(after).inputs == inspect_tflite(before).inputs
+    inputs = np.stack([calibration.inputs(i) for i in range(32)])
+    from pipeline.export import float_outputs
+    from pipeline.modelio import load_source
+
+    check = check_rewrite(before, after, inputs, float_outputs(load_source(trained_run.model_path), inputs))
+    assert check["top1_agreement"] == 1.0 and check["max_abs_quanta"] <= 8 and check["accepted"]
+    assert check["rewritten_mean_abs_error_vs_float"] <= check["stock_mean_abs_error_vs_float"] * 1.05
+
+
+def test_convert_applies_and_records_it(trained_tflite, stock_int8):
+    manifest = json.loads(manifest_path_for(trained_tflite["int8"]).read_text())
+    (entry,) = manifest["optimizations"]
+    assert entry["name"] == "fuse_shared_add_relu" and entry["applied"] is True
+    assert entry["delegate_partitions"]["after"] == 1 < entry["delegate_partitions"]["before"]
+    assert entry["check"]["samples"] == 32 and entry["check"]["top1_agreement"] == 1.0
+    assert all("sepconv1_act" in r["output"] for r in entry["rewritten"])
+    assert stock_int8.manifest["optimizations"] == []  # --no-optimize
+
+
+def _preact_resnet(fused_tail: bool):
+    """A small pre-activation residual net that is not Xception (ResNet v2 style)."""
+    import keras
+    from keras import layers
+
+    x = inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(16, 3, padding="same")(x)
+    for _ in range(3):
+        y = layers.ReLU()(x)  # reads the previous sum, which is also the shortcut below
+        y = layers.Conv2D(16, 3, padding="same")(y)
+        y = layers.ReLU()(y)
+        y = layers.Conv2D(16, 3, padding="same")(y)
+        x = layers.Add()([x, y])
+    if fused_tail:
+        x = layers.ReLU()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(5, activation="softmax")(x))
+
+
+@pytest.mark.parametrize("fused_tail", [True])
+def test_applies_to_other_preactivation_nets(tmp_path, fused_tail):
+    import tensorflow as tf
+
+    model = _preact_resnet(fused_tail)
+    rng = np.random.default_rng(0)
+
+    def rep():
+        for _ in range(16):
+            yield [rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = rep
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    stock = converter.convert()
+    after, report = fuse_shared_add_relu(stock)
+    # The next two blocks' ReLUs read residual sums: rewritten. The first block's ReLU reads the stem
+    # conv's output (also the first shortcut), which this pass leaves alone (it would duplicate a conv),
+    # and the tail ReLU reads a sum with no other consumer, which the converter fused by itself.
+    assert report.count == 2
+    assert delegate_partitions(stock) == 4 and delegate_partitions(after) == 2
+    inputs = rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+    assert check_rewrite(stock, after, inputs)["top1_agreement"] >= 0.75
+
+
+def test_float_models_are_left_alone(trained_tflite):
+    data = trained_tflite["float"].read_bytes()
+    same, report = fuse_shared_add_relu(data)
+    assert report.count == 0 and same is data
