@@ -87,9 +87,10 @@ def _resolve_model(model: str | None) -> Path:
 
     if model:
         return Path(model)
-    candidate = LATEST_RUN / "model.keras"
-    if candidate.exists():
-        return candidate
+    for name in ("model.keras", "model.h5"):  # model.h5: a quantization-aware run (xedge qat)
+        candidate = LATEST_RUN / name
+        if candidate.exists():
+            return candidate
     raise ModelLoadError("no MODEL given and no training run at runs/latest; pass a model path "
                          "(SavedModel folder, .keras or .h5), or train one: xedge train --data DIR --out runs/NAME")
 
@@ -107,8 +108,14 @@ def _print_summary(summary: dict, title: str = "conversion") -> None:
     table.add_row("ops int / float", f"{summary['int_ops']} / {summary['float_ops']}")
     if summary.get("calibration_samples"):
         table.add_row("calibration images", str(summary["calibration_samples"]))
+    table.add_row("XNNPACK partitions", str(summary["xnnpack_partitions"]) + (" (one is best)"
+                  if summary["xnnpack_partitions"] > 1 else ""))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     _console(stderr=False).print(table)
+    outside = summary.get("xnnpack_outside") or []
+    if outside:
+        click.echo(f"note: {len(outside)} ops run outside XNNPACK (slower); first: {outside[0]['op']} "
+                   f"({outside[0]['output']}): {outside[0]['reason']}. All are listed in the manifest.", err=True)
 
 
 MODE_FLAGS = [
@@ -244,7 +251,7 @@ def demo_command(out, epochs):
     with Bar("calibrating") as bar:
         result = run_demo(out, build_calibration=lambda d, spec: build_calibration_set(d, spec, size=100),
                           say=lambda s: console.print(f"[bold]>[/bold] {s}"), on_epoch=on_epoch,
-                          on_calibration=bar, config=cfg)
+                          on_calibration=bar, config=cfg, bench=_demo_bench)
     for mode, exported in result.exports.items():
         _print_summary(exported.summary, title=f"demo: {mode}")
     console.print(f"validation accuracy of the float model: {result.val_accuracy:.3f}")
@@ -253,7 +260,21 @@ def demo_command(out, epochs):
         console.print(f"int8 drift: top-1 {report['top1_quant']:.3f} vs float {report['top1_float']:.3f} "
                       f"({report['top1_drop_pp']:+.2f} pp), agreement {report['agreement']:.3f}; "
                       f"report: {result.validation.paths['html']}")
+    if result.bench is not None:
+        from devices.tables import bench_table, compare_table, describe_machine
+
+        console.print(bench_table(result.bench["results"], title="demo: latency on this machine (ms)"))
+        console.print(describe_machine(result.bench["results"][0]))
+        console.print(compare_table(result.bench))
+        for note in result.bench["notes"]:
+            console.print(f"[yellow]note:[/yellow] {note}")
     console.print("steps: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.steps))
+
+
+def _demo_bench(models: dict) -> dict:
+    from devices.bench import compare
+
+    return compare(models["float"], models["int8"], runs=30, warmup=3)
 
 
 @cli.command("validate")
@@ -264,9 +285,9 @@ def demo_command(out, epochs):
 @click.option("--report", "report_dir", required=True, type=click.Path(), help="Folder for report.json/.md/.html.")
 @click.option("--labels", type=click.Path(), help="labels.json (class names in output order); default: the run's "
               "labels.json beside a model, else sorted folder names.")
-@click.option("--max-top1-drop", type=float, metavar="PP", help="Budget: top-1 drop in percentage points.")
-@click.option("--min-agreement", type=float, metavar="F", help="Budget: top-1 agreement (fraction, 0..1).")
-@click.option("--max-kl", type=float, metavar="X", help="Budget: mean KL(reference || candidate) in nats.")
+@click.option("--max-top1-drop", type=click.FloatRange(min=0), metavar="PP", help="Budget: top-1 drop in percentage points.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="F", help="Budget: top-1 agreement (fraction, 0..1).")
+@click.option("--max-kl", type=click.FloatRange(min=0), metavar="X", help="Budget: mean KL(reference || candidate) in nats.")
 @click.option("--limit", type=click.IntRange(1), help="Use at most N images (taken round-robin over classes).")
 @click.option("--layer-samples", default=16, show_default=True, type=click.IntRange(0),
               help="Images for the per-layer error of an int8 candidate (0: skip).")
@@ -521,11 +542,46 @@ def latency_test_command(models, device, runs, warmup, out):
     console = _console(stderr=False)
     console.print(latency_table(report))
     for path in report.unbudgeted:
-        console.print(f"no budget for {path} in profile {report.device}: not tested")
+        click.echo(f"no budget for {path} in profile {report.device}: not tested")
     junit, summary = write_report(report, out)
-    console.print(f"wrote {junit} and {summary}")
+    click.echo(f"wrote {junit} and {summary}")
     if report.failed:
         raise BudgetExceeded(f"latency test on {report.device} failed: {report.failure_message()}")
+
+
+@cli.command("qat")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Training images: one subfolder per class.")
+@click.option("--val", type=click.Path(), help="Validation images; default: a stratified 10% of --data.")
+@click.option("--out", type=click.Path(), help="Run folder (default runs/<UTC time>); runs/latest points to it.")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--lr", type=float, help="Learning rate per 32 images (default 1e-4).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crops.")
+@click.option("--flip/--no-flip", default=False, show_default=True, help="Random horizontal flips.")
+@guarded
+def qat_command(model, data, val, out, epochs, batch_size, lr, seed, augment, flip):
+    """Fine-tune MODEL (a model.keras from xedge train) quantization-aware.
+
+    The run folder holds model.h5 (a tf_keras QAT model), labels.json and
+    manifest.json; `convert --int8` turns it into a full-integer model without
+    calibration images.
+
+    \b
+    Example:
+      xedge qat runs/parts/model.keras --data ./images --out runs/parts-qat
+      convert --int8
+    """
+    from pipeline.qat import QatConfig, qat
+    from pipeline.train import default_run_dir
+
+    cfg = QatConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment, flip=flip)
+    with EpochBars(epochs) as bars:
+        result = qat(model, data, out or default_run_dir(), cfg, val_dir=val, on_epoch=bars.epoch,
+                     on_batch=bars.batch)
+    click.echo(f"validation accuracy (fake-quantized) {result.val_accuracy:.4f}")
+    click.echo(f"wrote {result.run_dir}/model.h5, labels.json, manifest.json")
 
 
 def main():

@@ -72,6 +72,7 @@ class ExportResult:
                 "source_bytes": m["source"]["bytes"], "output_bytes": m["output"]["bytes"],
                 "int_ops": m["ops"]["int_ops"], "float_ops": m["ops"]["float_ops"],
                 "calibration_samples": (m.get("calibration") or {}).get("count", 0),
+                "xnnpack_partitions": m["xnnpack"]["partitions"], "xnnpack_outside": m["xnnpack"]["outside"],
                 "seconds": m["timing"]["total_s"]}
 
 
@@ -142,7 +143,12 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
     if mode == "int8":
         # Builtins stay allowed so an unquantizable op falls back visibly; the
         # gate in export_tflite then names any heavy op left in float.
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        # A quantization-aware model gets its ranges from its FakeQuant ops. Naming the INT8 op set
+        # makes TF 2.21's converter check for a representative dataset before it has looked at the
+        # graph, and refuse; the gate in export_tflite checks the ops all the same.
+        if not qat:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                                   tf.lite.OpsSet.TFLITE_BUILTINS]
         if not settings.float_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
@@ -230,6 +236,9 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     t_optimize = time.perf_counter()
     info = inspect_tflite(model_bytes)
     check_integer_ops(info, settings)
+    from pipeline.tflite_optimize import xnnpack_report
+
+    xnnpack = xnnpack_report(model_bytes)
     spec = representative.spec if representative is not None else PreprocessSpec(size=source.input_size)
 
     manifest = artifacts.base_manifest("tflite")
@@ -245,6 +254,7 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
                         else None),
         "io": {"inputs": info.inputs, "outputs": info.outputs},
         "optimizations": optimizations,
+        "xnnpack": xnnpack,
         "ops": {"histogram": info.op_histogram, "weight_dtypes": info.weight_dtypes,
                 "int_ops": info.int_op_count, "float_ops": info.float_op_count,
                 "left_float": info.float_ops, "operators": info.operator_count},

@@ -165,3 +165,56 @@ def check_rewrite(stock: bytes, rewritten: bytes, inputs, reference=None) -> dic
                  and result["rewritten_top1_vs_float"] >= result["stock_top1_vs_float"])
     result["accepted"] = bool(result["top1_agreement"] == 1.0 or not_worse)
     return result
+
+
+# XNNPACK refuses a quantized ADD/SUB whose input-to-output scale ratio is outside [1/1024, 256)
+# (CheckTensorsInputOutputScale in the TFLite XNNPACK delegate).
+_ADD_SCALE_RANGE = (1.0 / 1024.0, 256.0)
+
+
+def xnnpack_report(model_bytes: bytes, threads: int = 1) -> dict:
+    """Which ops XNNPACK left out, and the likely reason for each.
+
+    A node is outside the delegate when its output feeds a DELEGATE node but
+    is produced by none. The reasons name what a user can act on: a quantized
+    RELU that could not be fused, or an Add whose scales XNNPACK refuses
+    (typical of untrained or badly calibrated models, where a residual branch
+    is a thousand times smaller than the sum).
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.quiet import native_stderr_captured
+
+    with native_stderr_captured():
+        interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
+        interpreter.allocate_tensors()
+    nodes = interpreter._get_ops_details()  # noqa: SLF001 - the only per-node view
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    delegate_in, delegate_out = set(), set()
+    partitions = 0
+    for node in nodes:
+        if node["op_name"] == "DELEGATE":
+            partitions += 1
+            delegate_in.update(int(i) for i in node["inputs"])
+            delegate_out.update(int(o) for o in node["outputs"])
+    outside = []
+    for node in nodes:
+        if node["op_name"] == "DELEGATE" or not partitions:
+            continue
+        outs = {int(o) for o in node["outputs"]}
+        if outs <= delegate_out or not (outs & delegate_in):
+            continue
+        out = tensors.get(next(iter(outs)), {})
+        entry = {"op": node["op_name"], "output": out.get("name", "?"), "reason": "not supported by XNNPACK"}
+        if node["op_name"] in ("RELU", "RELU6", "RELU_N1_TO_1"):
+            entry["reason"] = "standalone quantized activation (XNNPACK has no integer RELU)"
+        elif node["op_name"] in ("ADD", "SUB"):
+            out_scale = out.get("quantization", (0.0, 0))[0]
+            ratios = [tensors[int(i)]["quantization"][0] / out_scale for i in node["inputs"]
+                      if int(i) in tensors and out_scale]
+            bad = [r for r in ratios if not (_ADD_SCALE_RANGE[0] <= r < _ADD_SCALE_RANGE[1])]
+            if bad:
+                entry["reason"] = (f"input/output scale ratio {min(bad):.2g} outside XNNPACK's [1/1024, 256): "
+                                   "one input is negligible next to the sum (untrained or badly calibrated?)")
+        outside.append(entry)
+    return {"partitions": partitions, "outside": outside}

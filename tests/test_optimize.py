@@ -99,3 +99,15 @@ def test_float_models_are_left_alone(trained_tflite):
     data = trained_tflite["float"].read_bytes()
     same, report = fuse_shared_add_relu(data)
     assert report.count == 0 and same is data
+
+
+def test_xnnpack_report_names_what_splits_the_graph(stock_int8, trained_tflite):
+    from pipeline.tflite_optimize import xnnpack_report
+
+    stock = xnnpack_report(stock_int8.model_bytes)
+    assert stock["partitions"] > 1
+    assert stock["outside"] and {e["op"] for e in stock["outside"]} == {"RELU"}
+    assert all("no integer RELU" in e["reason"] and "sepconv1_act" in e["output"] for e in stock["outside"])
+    assert stock_int8.manifest["xnnpack"] == stock
+    ours = json.loads(manifest_path_for(trained_tflite["int8"]).read_text())["xnnpack"]
+    assert ours == {"partitions": 1, "outside": []}

@@ -1,0 +1,249 @@
+"""One bench run, side by side on the same model and images; writes JSON and prints a table.
+
+    python -m bench                      # Xception-299, 100 calibration photos, 2 threads
+    python -m bench --size 71 --width 0.25 --images 20 --skip-peer   # a quick smoke run
+
+Measured: (1) int8 conversion wall time and peak memory, TensorFlow's
+converter as users call it by hand vs ``convert --int8``; (2) LiteRT p50 of
+float32, stock int8 and our int8, with XNNPACK partition counts; (3) the peer,
+ONNX Runtime's quantize_static on the same model and images, and its p50;
+(4) ``xedge validate`` throughput; (5) ``xedge demo`` end to end. Latencies
+alternate between models (medians of interleaved rounds); inputs are real
+photos through the one preprocessing definition, never zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _child_env(threads: int) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    return env
+
+
+def _model(cache: Path, size: int, width: float, middle: int) -> Path:
+    path = cache / f"xception_{size}_{width}_{middle}.keras"
+    if not path.exists():
+        import keras
+
+        from pipeline.model import build_xception
+
+        keras.utils.set_random_seed(0)
+        build_xception(size, 1000, width, middle).save(path)
+    return path
+
+
+def _fidelity(model_path: Path, inputs: np.ndarray, candidates: dict) -> dict:
+    """Each integer model against the float Keras model on the same real inputs."""
+    import keras
+
+    reference = np.asarray(keras.saving.load_model(model_path, compile=False)(inputs, training=False))
+    out = {}
+    for name, predict in candidates.items():
+        got = np.stack([predict(x) for x in inputs])
+        out[name] = {"mean_abs_error": float(np.abs(got - reference).mean()),
+                     "top1_agreement": float(np.mean(got.argmax(-1) == reference.argmax(-1)))}
+    return out
+
+
+def _tflite_predict(path: Path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.preprocessing import dequantize, quantize
+
+    it = Interpreter(model_content=path.read_bytes(), num_threads=2)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+
+    def predict(x):
+        it.set_tensor(i["index"], quantize(x[None], i["dtype"], *i["quantization"]))
+        it.invoke()
+        return dequantize(it.get_tensor(o["index"]), *o["quantization"])[0]
+
+    return predict
+
+
+def _onnx_predict(path: Path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x[None].astype(np.float32)})[0][0]
+
+
+def main(argv=None) -> None:
+    from bench.images import write_photo_crops
+    from bench.measure import run_with_peak
+    from bench.timing import LiteRT, OnnxRuntime, alternate
+
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=299)
+    ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--middle-blocks", type=int, default=8)
+    ap.add_argument("--images", type=int, default=100, help="calibration images")
+    ap.add_argument("--eval-images", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--repeat", type=int, default=1, help="conversions per method (alternating)")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = ap.parse_args(argv)
+
+    from pipeline.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    cache = ROOT / ".cache" / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="xedge-bench-"))
+    env = _child_env(args.threads)
+    results: dict = {"config": vars(args) | {"out": str(args.out)}, "machine": {"cpus": os.cpu_count()}}
+    try:
+        model = _model(cache, args.size, args.width, args.middle_blocks)
+        calib = write_photo_crops(cache / f"calib_{args.images}", args.images, seed=1)
+        evals = write_photo_crops(cache / f"eval_{args.eval_images}", args.eval_images, seed=2)
+        from pipeline.preprocessing import PreprocessSpec, preprocess_file
+
+        spec = PreprocessSpec(args.size)
+        inputs = np.stack([preprocess_file(p, spec) for p in sorted(evals.glob("*.jpg"))])
+        print(f"model {model.name}, {args.images} calibration photos, {len(inputs)} eval photos", flush=True)
+
+        # (1) conversions, alternating A/B
+        conv = {"tf_by_hand": [], "xedge_convert": []}
+        stock_tfl, ours_tfl = work / "stock_int8.tflite", work / "ours_int8.tflite"
+        for _ in range(args.repeat):
+            a = run_with_peak([sys.executable, "-m", "bench.stock_convert", str(model), str(calib), str(stock_tfl),
+                               str(args.images)], env=env, cwd=ROOT)
+            assert a["returncode"] == 0, a["stderr"][-2000:]
+            conv["tf_by_hand"].append({"wall_s": a["wall_s"], "peak_rss_mib": a["peak_rss_mib"]})
+            print(f"  TF by hand: {a['wall_s']} s, {a['peak_rss_mib']} MiB", flush=True)
+            b = run_with_peak([str(BIN / "convert"), str(model), "--int8", "--calib", str(calib), "--calib-size",
+                               str(args.images), "--out", str(ours_tfl), "--force", "--json"], env=env, cwd=ROOT)
+            assert b["returncode"] == 0, b["stderr"][-2000:]
+            conv["xedge_convert"].append({"wall_s": b["wall_s"], "peak_rss_mib": b["peak_rss_mib"]})
+            print(f"  convert --int8: {b['wall_s']} s, {b['peak_rss_mib']} MiB", flush=True)
+        results["conversion"] = {k: {"wall_s_median": float(np.median([r["wall_s"] for r in v])),
+                                     "peak_rss_mib_max": max(r["peak_rss_mib"] for r in v), "runs": v}
+                                 for k, v in conv.items()}
+        manifest = json.loads((work / "ours_int8.manifest.json").read_text())
+        results["xedge_manifest"] = {"calibration_method": manifest["calibration"]["method"],
+                                     "optimizations": [{k: e.get(k) for k in ("name", "count", "applied",
+                                                                               "delegate_partitions", "check")}
+                                                       for e in manifest["optimizations"]],
+                                     "timing": manifest["timing"]}
+        from pipeline.export import ConvertSettings, export_tflite
+
+        float_tfl = export_tflite(model, ConvertSettings("float"), out=work / "float.tflite", force=True).path
+
+        # (3) the peer
+        peer = {}
+        onnx_f, onnx_q = work / "model.onnx", work / "model_qdq.onnx"
+        if not args.skip_peer:
+            e = run_with_peak([sys.executable, "-m", "bench.peer_onnx", "export", str(model), str(onnx_f)],
+                              env=env, cwd=ROOT)
+            assert e["returncode"] == 0, e["stderr"][-2000:]
+            q = run_with_peak([sys.executable, "-m", "bench.peer_onnx", "quantize", str(onnx_f), str(onnx_q),
+                               str(calib), str(args.images)], env=env, cwd=ROOT)
+            assert q["returncode"] == 0, q["stderr"][-2000:]
+            peer = {"export_s": json.loads(e["stdout"].strip().splitlines()[-1])["export_s"],
+                    "quantize_static_s": json.loads(q["stdout"].strip().splitlines()[-1])["quantize_s"],
+                    "quantize_wall_s": q["wall_s"], "quantize_peak_rss_mib": q["peak_rss_mib"]}
+            print(f"  ONNX Runtime quantize_static: {peer['quantize_static_s']} s", flush=True)
+        results["peer_onnxruntime"] = peer
+
+        # (2) latency, alternating
+        from pipeline.tflite_optimize import delegate_partitions
+
+        runners = {"litert_float32": LiteRT(float_tfl, args.threads), "litert_int8_stock": LiteRT(stock_tfl, args.threads),
+                   "litert_int8_xedge": LiteRT(ours_tfl, args.threads)}
+        if peer:
+            runners["ort_float32"] = OnnxRuntime(onnx_f, args.threads)
+            runners["ort_int8_qdq"] = OnnxRuntime(onnx_q, args.threads)
+        latency = alternate(runners, inputs, rounds=args.rounds)
+        for name, path in (("litert_float32", float_tfl), ("litert_int8_stock", stock_tfl),
+                           ("litert_int8_xedge", ours_tfl)):
+            latency[name]["xnnpack_partitions"] = delegate_partitions(path.read_bytes(), args.threads)
+        results["latency"] = latency
+        f32 = latency["litert_float32"]["p50_ms"]
+        results["ratios"] = {"xedge_int8_over_float32": round(latency["litert_int8_xedge"]["p50_ms"] / f32, 3),
+                             "stock_int8_over_float32": round(latency["litert_int8_stock"]["p50_ms"] / f32, 3),
+                             "xedge_convert_over_tf_by_hand": round(
+                                 results["conversion"]["xedge_convert"]["wall_s_median"]
+                                 / results["conversion"]["tf_by_hand"]["wall_s_median"], 3)}
+        if peer:
+            results["ratios"]["xedge_convert_wall_over_peer_quantize"] = round(
+                results["conversion"]["xedge_convert"]["wall_s_median"] / peer["quantize_static_s"], 3)
+            results["ratios"]["ort_int8_over_float32"] = round(
+                latency["ort_int8_qdq"]["p50_ms"] / latency["ort_float32"]["p50_ms"], 3)
+        candidates = {"litert_int8_stock": _tflite_predict(stock_tfl), "litert_int8_xedge": _tflite_predict(ours_tfl)}
+        if peer:
+            candidates["ort_int8_qdq"] = _onnx_predict(onnx_q)
+        results["fidelity_vs_float"] = _fidelity(model, inputs, candidates)
+
+        # (4) validate throughput
+        help_text = run_with_peak([str(BIN / "xedge"), "--help"], env=env)["stdout"]
+        if " validate " in help_text:
+            eval_dir = work / "eval"
+            shutil.copytree(evals, eval_dir)
+            v = run_with_peak([str(BIN / "xedge"), "validate", str(float_tfl), str(ours_tfl), "--data", str(eval_dir),
+                               "--report", str(work / "report")], env=env, cwd=ROOT)
+            report = work / "report" / "report.json"
+            n = json.loads(report.read_text()).get("samples") if report.exists() else None
+            results["validate"] = {"wall_s": v["wall_s"], "returncode": v["returncode"], "samples": n,
+                                   "images_per_s_end_to_end": round(n / v["wall_s"], 1) if n else None}
+        # (5) demo end to end
+        if not args.skip_demo:
+            d = run_with_peak([str(BIN / "xedge"), "demo", "--out", str(work / "demo")], env=env, cwd=ROOT)
+            results["demo"] = {"wall_s": d["wall_s"], "returncode": d["returncode"]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    _print_table(results)
+    print(f"wrote {args.out}")
+
+
+def _print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="bench (medians)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    c = r["conversion"]
+    t.add_row("int8 conversion, TF by hand", f"{c['tf_by_hand']['wall_s_median']:.1f} s, "
+                                             f"{c['tf_by_hand']['peak_rss_mib_max']:.0f} MiB")
+    t.add_row("int8 conversion, convert --int8", f"{c['xedge_convert']['wall_s_median']:.1f} s, "
+                                                 f"{c['xedge_convert']['peak_rss_mib_max']:.0f} MiB")
+    if r.get("peer_onnxruntime"):
+        t.add_row("peer quantize_static", f"{r['peer_onnxruntime']['quantize_static_s']:.1f} s")
+    for name, v in r["latency"].items():
+        extra = f", {v['xnnpack_partitions']} XNNPACK partitions" if "xnnpack_partitions" in v else ""
+        t.add_row(f"p50 {name}", f"{v['p50_ms']:.2f} ms{extra}")
+    for name, v in r["ratios"].items():
+        t.add_row(name, f"{v:.3f}")
+    for name, v in r["fidelity_vs_float"].items():
+        t.add_row(f"vs float: {name}", f"MAE {v['mean_abs_error']:.2e}, top-1 agree {v['top1_agreement']:.2f}")
+    if "validate" in r:
+        t.add_row("xedge validate", f"{r['validate']['images_per_s_end_to_end']} images/s end to end")
+    if "demo" in r:
+        t.add_row("xedge demo", f"{r['demo']['wall_s']:.0f} s")
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()

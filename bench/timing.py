@@ -1,0 +1,64 @@
+"""Latency, measured side by side: models take turns so drift on a noisy machine hits all alike."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class LiteRT:
+    def __init__(self, path, threads: int):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.name = str(path)
+        self.data = open(path, "rb").read()
+        self.interpreter = Interpreter(model_content=self.data, num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+
+    def feed(self, x: np.ndarray) -> None:
+        from pipeline.preprocessing import quantize
+
+        self.interpreter.set_tensor(self.input["index"], quantize(x[None], self.input["dtype"],
+                                                                  *self.input["quantization"]))
+
+    def run(self) -> None:
+        self.interpreter.invoke()
+
+
+class OnnxRuntime:
+    def __init__(self, path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.feed_dict = None
+
+    def feed(self, x: np.ndarray) -> None:
+        self.feed_dict = {self.input_name: x[None].astype(np.float32)}
+
+    def run(self) -> None:
+        self.session.run(None, self.feed_dict)
+
+
+def alternate(runners: dict, inputs: np.ndarray, *, rounds: int = 10, per_round: int = 5, warmup: int = 3) -> dict:
+    """Median and spread per model; each round runs every model ``per_round`` times, in turn."""
+    times = {name: [] for name in runners}
+    for name, r in runners.items():
+        r.feed(inputs[0])
+        for _ in range(warmup):
+            r.run()
+    for k in range(rounds):
+        x = inputs[k % len(inputs)]
+        for name, r in runners.items():
+            r.feed(x)
+            for _ in range(per_round):
+                t = time.perf_counter()
+                r.run()
+                times[name].append((time.perf_counter() - t) * 1000)
+    return {name: {"p50_ms": round(float(np.median(v)), 2), "p90_ms": round(float(np.percentile(v, 90)), 2),
+                   "runs": len(v)} for name, v in times.items()}
