@@ -1,0 +1,1 @@
+"""Latency on the device: the standalone runner, its transports (local, ssh, adb), profiles and budgets."""

@@ -1,0 +1,97 @@
+"""Benching models on a device: one model, an A/B comparison, or a thread sweep.
+
+The CLI and the demo call these; each returns the runner's JSON enriched with
+the device it ran on and, for comparisons, the notes of ``devices.diagnose``
+that explain a surprising int8/float ratio.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from devices.diagnose import explain_pair
+from devices.profile import DeviceProfile, load_profile
+from devices.transport import BenchRequest, get_transport
+from pipeline.errors import DeviceError
+
+REFERENCE_RUNS = 20
+
+
+def model_input_shape(model: Path) -> list[int]:
+    """The model's first input shape, read with LiteRT on the build machine (no TensorFlow)."""
+    from devices.runner import RunnerError, read_model
+
+    try:
+        data = read_model(str(model))
+    except RunnerError as exc:
+        raise DeviceError(str(exc)) from None
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        detail = Interpreter(model_content=data).get_input_details()[0]
+    except (ValueError, RuntimeError) as exc:
+        raise DeviceError(f"LiteRT cannot read {model}: {exc}") from None
+    return [int(s) for s in detail["shape"]]
+
+
+def _check_models(models) -> tuple[Path, ...]:
+    paths = tuple(Path(m) for m in models)
+    for p in paths:
+        if not p.is_file():
+            raise DeviceError(f"model {p} not found")
+    return paths
+
+
+def bench(models, profile: DeviceProfile | None = None, *, runs: int | None = None, warmup: int | None = None,
+          threads: int | None = None, inputs: np.ndarray | None = None, outputs: Path | None = None,
+          keep_times: bool = False, xnnpack: bool | None = None) -> dict:
+    """Bench one model, or two alternating (``compare``), on ``profile`` (default: this machine)."""
+    profile = profile or load_profile("local")
+    paths = _check_models(models)
+    with tempfile.TemporaryDirectory(prefix="xedge-bench-") as tmp:
+        batch = None
+        if inputs is not None:
+            batch = Path(tmp) / "inputs.npy"
+            np.save(batch, np.ascontiguousarray(inputs, dtype=np.float32), allow_pickle=False)
+        request = BenchRequest(models=paths, runs=runs or profile.runs,
+                               warmup=profile.warmup if warmup is None else warmup,
+                               threads=threads or profile.threads,
+                               xnnpack=profile.xnnpack if xnnpack is None else xnnpack, runtime=profile.runtime,
+                               inputs=batch, outputs=Path(outputs) if outputs else None, keep_times=keep_times)
+        result = get_transport(profile).bench(request)
+    device = {"name": profile.name, "transport": profile.transport}
+    result["device"] = device
+    for r in result.get("results", []):
+        r["device"] = device
+    return result
+
+
+def compare(model_a, model_b, profile: DeviceProfile | None = None, *, reference: bool = True, **kwargs) -> dict:
+    """A and B alternating on the device, with the per-pair ratio B/A and the notes that explain it.
+
+    On a remote device (or another interpreter here), a short comparison with
+    this venv's runtime gives the build machine's ratio, so a device whose
+    ratio is far from it is pointed out.
+    """
+    profile = profile or load_profile("local")
+    result = bench([model_a, model_b], profile, **kwargs)
+    ref = None
+    if reference and (profile.transport != "local" or profile.python or profile.runtime != "auto"):
+        local = replace(load_profile("local"), threads=kwargs.get("threads") or profile.threads)
+        ref = bench([model_a, model_b], local, runs=min(REFERENCE_RUNS, kwargs.get("runs") or profile.runs),
+                    warmup=2, inputs=kwargs.get("inputs"), xnnpack=kwargs.get("xnnpack"))
+        result["reference"] = {"device": "local", "ratio_b_over_a": ref["compare"]["ratio_b_over_a"],
+                               "runtime": ref["results"][0]["runtime"]}
+    result["notes"] = explain_pair(result, ref)
+    return result
+
+
+def sweep(model, threads: list[int], profile: DeviceProfile | None = None, **kwargs) -> list[dict]:
+    """One bench per thread count (separate processes, so no thread pool is reused)."""
+    if not threads or any(t < 1 for t in threads):
+        raise DeviceError("--threads takes positive integers, e.g. 1,2,4")
+    return [bench([model], profile, threads=t, **kwargs) for t in threads]

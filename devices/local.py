@@ -1,0 +1,45 @@
+"""The build machine as a device: the runner in a fresh Python process.
+
+A fresh process (``python -I``, a minimal environment) so the numbers do not
+depend on what the calling process has loaded (TensorFlow, its thread pools)
+or on variables such as ``OMP_NUM_THREADS`` or ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from devices.transport import RUNNER, BenchRequest, parse_runner_output, register
+from pipeline.errors import DeviceError
+
+_KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in _KEEP_ENV if k in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+@register("local")
+class LocalTransport:
+    def __init__(self, profile):
+        self.profile = profile
+
+    def bench(self, request: BenchRequest) -> dict:
+        python = self.profile.python or sys.executable
+        cmd = [python, "-I", str(RUNNER), *request.runner_args(
+            [str(m) for m in request.models], str(request.inputs) if request.inputs else None,
+            str(request.outputs) if request.outputs else None)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), stdin=subprocess.DEVNULL,
+                                  timeout=self.profile.command_timeout_s)
+        except FileNotFoundError:
+            raise DeviceError(f"local: python {python!r} not found") from None
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"local: the bench took longer than {self.profile.command_timeout_s:g} s "
+                              "(command_timeout_s in the profile)") from None
+        return parse_runner_output(proc, "local")

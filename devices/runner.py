@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""Time a .tflite model on the machine this file runs on, and print one JSON object.
+
+This file is copied to the device (a Raspberry Pi, an ARM board, a phone with
+Python), so it needs only the standard library, numpy and one TFLite
+interpreter: ``ai_edge_litert``, else ``tflite_runtime`` (still what many
+boards have; 2.14 needs numpy<2), else ``tensorflow.lite``. It imports
+nothing from xception-edge and stays Python 3.7 compatible.
+
+Why it is done this way:
+
+* the model is read as bytes, its flatbuffer identifier checked, and handed
+  over as ``model_content``: a path would be mapped by the interpreter without
+  any check, and a truncated or foreign file can crash it natively;
+* inputs are real preprocessed samples (a float32 ``.npy`` batch in the
+  model's float range, quantized here with the model's own scale and zero
+  point, the same formula as ``pipeline.preprocessing.quantize``) or random
+  values in that range; never zeros, which some kernels run faster than real
+  data;
+* only ``invoke()`` is timed; inputs are set between runs, outside the clock;
+* with two models, runs alternate A, B, A, B... in one process and each pair
+  gives a ratio, so a comparison survives a noisy machine (a background job
+  slows both members of a pair, not one model's whole series).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+
+SCHEMA = 1
+MAX_MODEL_BYTES = 2 * 1024 ** 3
+RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+DEFAULT_RANGE = (-1.0, 1.0)  # the preprocessing's float range: x / 127.5 - 1
+RANDOM_SAMPLES = 8
+
+
+class RunnerError(Exception):
+    """A problem the user can fix (bad model file, missing runtime, bad inputs)."""
+
+
+def load_runtime(preferred="auto"):
+    """Return (Interpreter class, OpResolverType or None, name, version)."""
+    order = RUNTIMES if preferred == "auto" else (preferred,)
+    if preferred != "auto" and preferred not in RUNTIMES:
+        raise RunnerError("unknown runtime %r; choose one of auto, %s" % (preferred, ", ".join(RUNTIMES)))
+    problems = []
+    for name in order:
+        try:
+            if name == "ai_edge_litert":
+                from ai_edge_litert import interpreter as mod
+                import ai_edge_litert as pkg
+                resolver = getattr(mod, "OpResolverType", None)
+            elif name == "tflite_runtime":
+                from tflite_runtime import interpreter as mod
+                import tflite_runtime as pkg
+                resolver = getattr(mod, "OpResolverType", None)
+            else:
+                import tensorflow as pkg
+                mod = pkg.lite
+                resolver = getattr(pkg.lite.experimental, "OpResolverType", None)
+        except ImportError as exc:  # includes numpy ABI mismatches, which raise ImportError too
+            problems.append("%s: %s" % (name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            continue
+        version = getattr(pkg, "__version__", None) or _dist_version(name)
+        return mod.Interpreter, resolver, name, version
+    raise RunnerError("no TFLite interpreter could be imported (" + "; ".join(problems) + "); install "
+                      "ai-edge-litert, or tflite-runtime (with numpy<2 for 2.14)")
+
+
+def _dist_version(name):
+    try:
+        from importlib import metadata
+    except ImportError:  # Python 3.7
+        return None
+    for dist in (name.replace("_", "-"), name):
+        try:
+            return metadata.version(dist)
+        except Exception:  # PackageNotFoundError, or a broken metadata folder on a board
+            continue
+    return None
+
+
+def read_model(path):
+    """Model bytes, checked to be a TFLite flatbuffer before any interpreter sees them."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise RunnerError("cannot read model %s: %s" % (path, exc.strerror or exc))
+    if size > MAX_MODEL_BYTES:
+        raise RunnerError("model %s is %d bytes, over the %d limit" % (path, size, MAX_MODEL_BYTES))
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise RunnerError("%s is not a TFLite model (no TFL3 flatbuffer identifier)" % path)
+    return data
+
+
+def cpu_description():
+    """A human description of the CPU: x86 'model name', or ARM 'Hardware'/'Model'/implementer+part."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if ":" in line:
+                    key, _, value = line.partition(":")
+                    info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    for key in ("model name", "Model", "Hardware", "Processor", "cpu model"):
+        if info.get(key):
+            return info[key]
+    if info.get("CPU implementer"):
+        return "implementer %s part %s" % (info.get("CPU implementer"), info.get("CPU part", "?"))
+    return platform.processor() or platform.machine()
+
+
+def machine_info():
+    return {"machine": platform.machine(), "system": platform.system(), "release": platform.release(),
+            "cpu": cpu_description(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "hostname": platform.node()}
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process since it started.
+
+    /proc's VmHWM first: getrusage's ru_maxrss survives execve on Linux, so a
+    runner started from a big parent (TensorFlow loaded) would report the
+    parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return round(peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0, 1)
+
+
+def quantize(x, dtype, scale, zero_point):
+    """Float model input -> the model's integer input; mirrors pipeline.preprocessing.quantize."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.asarray(x).astype(dtype)
+    if not scale:
+        raise RunnerError("a quantized input needs a non-zero scale")
+    info = np.iinfo(dtype)
+    q = np.round(np.asarray(x, dtype=np.float64) / scale) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q, scale, zero_point):
+    import numpy as np
+
+    q = np.asarray(q)
+    if q.dtype.kind == "f" or not scale:
+        return q.astype(np.float32)
+    return ((q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
+
+
+class Model(object):
+    """One interpreter, built once, with its inputs ready to cycle through."""
+
+    def __init__(self, path, runtime, threads, xnnpack, name=None):
+        interpreter_cls, resolver, self.runtime, self.runtime_version = runtime
+        data = read_model(path)
+        self.path = path
+        self.name = name or os.path.splitext(os.path.basename(path))[0]
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.bytes = len(data)
+        kwargs = {"model_content": data, "num_threads": threads}
+        if resolver is not None:
+            kwargs["experimental_op_resolver_type"] = (resolver.AUTO if xnnpack
+                                                       else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        elif not xnnpack:
+            raise RunnerError("%s %s cannot turn XNNPACK off (no OpResolverType)" % (self.runtime,
+                                                                                   self.runtime_version))
+        start = time.perf_counter()
+        try:
+            self.interpreter = interpreter_cls(**kwargs)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise RunnerError("%s cannot load %s: %s" % (self.runtime, path, str(exc).strip().splitlines()[-1]))
+        self.init_ms = (time.perf_counter() - start) * 1000.0
+        self.inputs = self.interpreter.get_input_details()
+        self.outputs = self.interpreter.get_output_details()
+        self.feeds = []
+
+    def ops(self):
+        """Node count and delegate partitions: how much of the graph XNNPACK (or another delegate) took."""
+        try:
+            details = self.interpreter._get_ops_details()
+        except (AttributeError, ValueError, RuntimeError):
+            return {}
+        partitions = sum(1 for d in details if d.get("op_name") == "DELEGATE")
+        return {"nodes": len(details) - partitions, "delegate_partitions": partitions}
+
+    def precision(self):
+        """'int8' when most tensors are 8-bit integers, else the dtype of most tensors."""
+        counts = {}
+        for t in self.interpreter.get_tensor_details():
+            key = getattr(t["dtype"], "__name__", str(t["dtype"]))
+            counts[key] = counts.get(key, 0) + 1
+        return max(sorted(counts), key=lambda k: counts[k]) if counts else None
+
+    def prepare_inputs(self, samples, seed, value_range):
+        """One feed (list of arrays, one per input) per sample; random feeds if no samples."""
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        feeds = []
+        count = len(samples) if samples is not None else RANDOM_SAMPLES
+        for i in range(count):
+            feed = []
+            for k, detail in enumerate(self.inputs):
+                shape = tuple(int(s) for s in detail["shape"])
+                scale, zero = detail["quantization"]
+                if samples is not None:
+                    if k > 0:
+                        raise RunnerError("--inputs gives one array per sample, but the model has %d inputs"
+                                          % len(self.inputs))
+                    x = np.asarray(samples[i])
+                    if x.shape != shape[1:] and x.shape != shape:
+                        raise RunnerError("input sample %d has shape %s; the model wants %s"
+                                          % (i, x.shape, shape))
+                    x = x.reshape(shape)
+                    if x.dtype.kind == "f" or np.dtype(detail["dtype"]).kind == "f":
+                        x = quantize(x, detail["dtype"], scale, zero)
+                    elif x.dtype != np.dtype(detail["dtype"]):
+                        raise RunnerError("input samples are %s; the model wants %s (or float32 to quantize)"
+                                          % (x.dtype, np.dtype(detail["dtype"]).name))
+                else:
+                    x = quantize(rng.uniform(value_range[0], value_range[1], size=shape).astype(np.float32),
+                                 detail["dtype"], scale, zero)
+                feed.append(x)
+            feeds.append(feed)
+        self.feeds = feeds
+
+    def set_feed(self, i):
+        feed = self.feeds[i % len(self.feeds)]
+        for detail, x in zip(self.inputs, feed):
+            self.interpreter.set_tensor(detail["index"], x)
+
+    def timed_invoke(self, i):
+        self.set_feed(i)
+        start = time.perf_counter()
+        self.interpreter.invoke()
+        return (time.perf_counter() - start) * 1000.0
+
+    def save_outputs(self, folder):
+        """Run every feed once and save raw and dequantized outputs (per output tensor)."""
+        import numpy as np
+
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+        raw = [[] for _ in self.outputs]
+        for i in range(len(self.feeds)):
+            self.set_feed(i)
+            self.interpreter.invoke()
+            for k, detail in enumerate(self.outputs):
+                raw[k].append(np.array(self.interpreter.get_tensor(detail["index"])))
+        files = []
+        for k, detail in enumerate(self.outputs):
+            stacked = np.concatenate(raw[k], axis=0)
+            scale, zero = detail["quantization"]
+            base = os.path.join(folder, "%s_output%d" % (self.name, k))
+            np.save(base + ".npy", stacked, allow_pickle=False)
+            np.save(base + "_float.npy", dequantize(stacked, scale, zero), allow_pickle=False)
+            files.append({"raw": os.path.basename(base + ".npy"), "float": os.path.basename(base + "_float.npy"),
+                          "shape": list(stacked.shape), "dtype": stacked.dtype.name})
+        return files
+
+    def describe(self):
+        import numpy as np
+
+        detail = self.inputs[0]
+        return {"name": self.name, "path": self.path, "sha256": self.sha256, "bytes": self.bytes,
+                "precision": self.precision(), "input_dtype": np.dtype(detail["dtype"]).name,
+                "input_shape": [int(s) for s in detail["shape"]]}
+
+
+def summarize(times_ms):
+    import numpy as np
+
+    a = np.asarray(times_ms, dtype=np.float64)
+    pct = np.percentile(a, [50, 90, 99])
+    return {"min": round(float(a.min()), 4), "p50": round(float(pct[0]), 4), "p90": round(float(pct[1]), 4),
+            "p99": round(float(pct[2]), 4), "mean": round(float(a.mean()), 4), "max": round(float(a.max()), 4),
+            "std": round(float(a.std()), 4)}
+
+
+def load_samples(path):
+    import numpy as np
+
+    try:
+        samples = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RunnerError("cannot read inputs %s: %s" % (path, exc))
+    if samples.ndim < 2 or len(samples) == 0:
+        raise RunnerError("inputs %s must be a non-empty batch (N, ...), got shape %s" % (path, samples.shape))
+    return samples
+
+
+def bench(args):
+    import numpy as np
+
+    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+        raise RunnerError("--runs and --threads must be at least 1 and --warmup at least 0")
+    runtime = load_runtime(args.runtime)
+    names = args.name or []
+    models = [Model(p, runtime, args.threads, not args.no_xnnpack, names[i] if i < len(names) else None)
+              for i, p in enumerate(args.models)]
+    samples = load_samples(args.inputs) if args.inputs else None
+    for m in models:
+        m.prepare_inputs(samples, args.seed, (args.range_min, args.range_max))
+    for i in range(args.warmup):
+        for m in models:
+            m.timed_invoke(i)
+    times = [[] for _ in models]
+    for i in range(args.runs):
+        for k, m in enumerate(models):
+            times[k].append(m.timed_invoke(i))
+    results = []
+    for k, m in enumerate(models):
+        result = {"schema": SCHEMA, "model": m.describe(), "init_ms": round(m.init_ms, 3),
+                  "latency_ms": summarize(times[k]), "runs": args.runs, "warmup": args.warmup,
+                  "threads": args.threads, "xnnpack": not args.no_xnnpack, "ops": m.ops(),
+                  "runtime": {"name": m.runtime, "version": m.runtime_version},
+                  "numpy": np.__version__,
+                  "inputs": {"source": "file" if samples is not None else "random", "count": len(m.feeds),
+                             "range": None if samples is not None else [args.range_min, args.range_max]}}
+        if args.keep_times:
+            result["times_ms"] = [round(t, 4) for t in times[k]]
+        if args.outputs:
+            result["outputs"] = {"folder": args.outputs, "files": m.save_outputs(args.outputs)}
+        results.append(result)
+    machine = machine_info()
+    rss = peak_rss_mb()
+    for r in results:
+        r["machine"] = machine
+        r["peak_rss_mb"] = rss  # one process: the peak covers every model loaded in it
+    if len(results) == 1:
+        return results[0]
+    ratios = [b / a for a, b in zip(times[0], times[1]) if a > 0]
+    return {"schema": SCHEMA, "compare": {"a": results[0]["model"]["name"], "b": results[1]["model"]["name"],
+                                          "pairs": len(ratios), "ratio_b_over_a": summarize(ratios)},
+            "results": results}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Time a .tflite model here and print one JSON object.")
+    p.add_argument("models", nargs="+", help="one .tflite, or two to compare (runs alternate A, B)")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-xnnpack", action="store_true", help="builtin kernels only, no default delegate")
+    p.add_argument("--runtime", default="auto", help="auto, " + ", ".join(RUNTIMES))
+    p.add_argument("--inputs", help="a .npy batch (N, H, W, C) of float32 preprocessed inputs "
+                                    "(or already in the model's input dtype)")
+    p.add_argument("--outputs", help="folder to save the outputs of every input (raw and dequantized .npy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--range-min", type=float, default=DEFAULT_RANGE[0])
+    p.add_argument("--range-max", type=float, default=DEFAULT_RANGE[1])
+    p.add_argument("--name", action="append", help="display name of each model (default: file stem)")
+    p.add_argument("--keep-times", action="store_true", help="include every run's time in the JSON")
+    args = p.parse_args(argv)
+    if len(args.models) > 2:
+        p.error("give one model, or two to compare")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result = bench(args)
+    except RunnerError as exc:
+        print(json.dumps({"schema": SCHEMA, "error": str(exc)}))
+        sys.stderr.write("error: %s\n" % exc)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

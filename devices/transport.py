@@ -1,0 +1,87 @@
+"""What every transport does: run the runner (or a native tool) on a device, return its JSON.
+
+A transport gets a ``BenchRequest`` (host paths) and returns the runner's
+result dict; ``local``, ``ssh`` and ``adb`` are registered the same way, so a
+test transport would be too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import DeviceError
+
+RUNNER = Path(__file__).resolve().parent / "runner.py"
+_TRANSPORTS: dict[str, type] = {}
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    models: tuple[Path, ...]          # one, or two to compare (alternating A/B runs)
+    runs: int = 50
+    warmup: int = 5
+    threads: int = 1
+    xnnpack: bool = True
+    runtime: str = "auto"
+    inputs: Path | None = None        # a .npy batch of preprocessed float32 inputs
+    outputs: Path | None = None       # a local folder that receives the device's outputs
+    keep_times: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= len(self.models) <= 2:
+            raise ValueError("a bench takes one model, or two to compare")
+        if self.runs < 1 or self.warmup < 0 or self.threads < 1:
+            raise ValueError("runs and threads must be >= 1, warmup >= 0")
+
+    def runner_args(self, models: list[str], inputs: str | None, outputs: str | None) -> list[str]:
+        """The runner's command-line arguments, with device-side paths substituted."""
+        args = [*models, "--runs", str(self.runs), "--warmup", str(self.warmup), "--threads", str(self.threads),
+                "--runtime", self.runtime, "--seed", str(self.seed)]
+        for model in self.models:
+            args += ["--name", model.stem]
+        if not self.xnnpack:
+            args.append("--no-xnnpack")
+        if inputs:
+            args += ["--inputs", inputs]
+        if outputs:
+            args += ["--outputs", outputs]
+        if self.keep_times:
+            args.append("--keep-times")
+        return args
+
+
+def register(name: str):
+    def deco(cls):
+        _TRANSPORTS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_transport(profile):
+    # Importing the modules registers them; done here so that importing this module stays cheap.
+    from devices import adb, local, ssh  # noqa: F401
+
+    return _TRANSPORTS[profile.transport](profile)
+
+
+def parse_runner_output(proc: subprocess.CompletedProcess, where: str) -> dict:
+    """The runner's JSON (its last stdout line); its own error message, or the tail of stderr."""
+    lines = [ln for ln in (proc.stdout or "").splitlines() if ln.strip().startswith("{")]
+    payload = None
+    if lines:
+        try:
+            payload = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            payload = None
+    if isinstance(payload, dict) and payload.get("error"):
+        raise DeviceError(f"{where}: {payload['error']}")
+    if proc.returncode != 0 or not isinstance(payload, dict):
+        tail = " | ".join(ln.strip() for ln in (proc.stderr or "").strip().splitlines()[-3:])
+        raise DeviceError(f"{where}: the runner exited {proc.returncode} without a result"
+                          + (f": {tail}" if tail else ""))
+    return payload
