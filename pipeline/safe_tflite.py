@@ -1,0 +1,174 @@
+"""Loading .tflite files nobody vouched for, without letting them crash or hang us.
+
+TFLite's loader trusts its input: a corrupted flatbuffer can crash the whole
+process (tensorflow/tensorflow#115308; the path-based loader does not run the
+flatbuffer verifier at all). So an untrusted model is (1) read as bytes with a
+size limit, (2) checked for the flatbuffer framing here, in Python, and (3)
+loaded and invoked once in a child process with memory, CPU-time and
+wall-clock limits. Only when the child succeeds does the caller build its own
+interpreter, from the same bytes. Whatever goes wrong becomes one
+``ModelLoadError("invalid model: ...")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import ModelLoadError
+
+MAX_TFLITE_BYTES = 2 * 1024**3  # flatbuffers cannot address more
+DEFAULT_TIMEOUT_S = 120
+DEFAULT_MEMORY_MB = 8192
+
+# Runs in the child: imports only numpy and an interpreter, like devices/runner.py.
+_CHILD = r"""
+import json, sys
+import numpy as np
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:
+    try:
+        from tflite_runtime.interpreter import Interpreter
+    except ImportError:
+        from tensorflow.lite.python.interpreter import Interpreter
+data = open(sys.argv[1], "rb").read()
+interpreter = Interpreter(model_content=data, num_threads=1)
+interpreter.allocate_tensors()
+rng = np.random.default_rng(0)
+inputs = interpreter.get_input_details()
+for d in inputs:
+    dtype = np.dtype(d["dtype"])
+    if dtype.kind == "f":
+        x = rng.uniform(-1, 1, size=d["shape"]).astype(dtype)
+    elif dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        x = rng.integers(info.min, int(info.max) + 1, size=d["shape"]).astype(dtype)
+    else:
+        x = np.zeros(d["shape"], dtype)
+    interpreter.set_tensor(d["index"], x)
+interpreter.invoke()
+def desc(d):
+    s, z = d["quantization"]
+    return {"name": d["name"], "dtype": np.dtype(d["dtype"]).name, "shape": [int(v) for v in d["shape"]],
+            "scale": float(s), "zero_point": int(z)}
+print(json.dumps({"inputs": [desc(d) for d in inputs],
+                  "outputs": [desc(d) for d in interpreter.get_output_details()]}))
+"""
+
+
+def precheck(data: bytes, name: str = "model") -> None:
+    """Cheap structural checks that catch empty, text and truncated files with a clear reason."""
+    if len(data) == 0:
+        raise ModelLoadError(f"invalid model: {name} is empty")
+    if len(data) < 16:
+        raise ModelLoadError(f"invalid model: {name} is only {len(data)} bytes, too short for a TFLite flatbuffer")
+    if data[4:8] != b"TFL3":
+        hint = " (it looks like text)" if all(32 <= b < 127 or b in (9, 10, 13) for b in data[:64]) else ""
+        raise ModelLoadError(f"invalid model: {name} is not a TFLite flatbuffer (no TFL3 identifier){hint}")
+    (root,) = struct.unpack_from("<I", data, 0)
+    if root < 8 or root + 4 > len(data):
+        raise ModelLoadError(f"invalid model: {name} has a root offset ({root}) past the end of the file "
+                             f"({len(data)} bytes); it is truncated or corrupt")
+
+
+def read_model_bytes(path: str | os.PathLike) -> bytes:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ModelLoadError(f"model not found: {path}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a folder, not a .tflite file")
+    if size > MAX_TFLITE_BYTES:
+        raise ModelLoadError(f"invalid model: {path} is {size / 2**30:.1f} GiB, larger than any TFLite model can be")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _limits(memory_mb: int, cpu_s: int):
+    def apply():
+        import resource
+
+        os.setsid()  # our own process group, so a timeout can kill everything the child started
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def probe(data: bytes, name: str = "model", *, timeout: float = DEFAULT_TIMEOUT_S,
+          memory_mb: int = DEFAULT_MEMORY_MB) -> dict:
+    """Load and invoke ``data`` once in a limited child process; return its input/output details."""
+    precheck(data, name)
+    with tempfile.TemporaryDirectory(prefix="xedge-probe-") as tmp:
+        model = Path(tmp) / "model.tflite"
+        model.write_bytes(data)
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH")}
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(model)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, preexec_fn=_limits(memory_mb, int(timeout) + 5))
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise ModelLoadError(f"invalid model: loading {name} did not finish in {timeout:.0f} s") from None
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        raise ModelLoadError(f"invalid model: the TFLite loader crashed on {name} ({sig}); the file is corrupt "
+                             "or was built for another runtime")
+    if proc.returncode != 0:
+        lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln or "failed" in ln]
+        reason = (errors or lines or ["unknown error"])[-1].strip()[:300]
+        if "MemoryError" in reason or "bad_alloc" in reason:
+            reason = f"it needs more than {memory_mb} MiB to load"
+        raise ModelLoadError(f"invalid model: LiteRT cannot load {name}: {reason}")
+    try:
+        return json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise ModelLoadError(f"invalid model: probing {name} gave no result") from None
+
+
+def check_manifest(path: str | os.PathLike, data: bytes) -> None:
+    """If our manifest lies beside the model, the bytes must be the ones it describes.
+
+    Bit flips in the weights leave a structurally valid flatbuffer that loads
+    and runs, wrongly; only the sha256 recorded at conversion time shows it.
+    """
+    import hashlib
+    import json
+
+    from pipeline.artifacts import TOOL_NAME, manifest_path_for
+
+    manifest = manifest_path_for(path)
+    if not manifest.is_file():
+        return
+    try:
+        recorded = json.loads(manifest.read_text()).get("output", {}).get("sha256")
+        tool = json.loads(manifest.read_text()).get("tool")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable manifest says nothing about the model; validate/diff report it separately
+    if tool == TOOL_NAME and recorded and hashlib.sha256(data).hexdigest() != recorded:
+        raise ModelLoadError(f"invalid model: {path} does not match the sha256 in {manifest.name}; it was "
+                             "modified or corrupted after conversion")
+
+
+def load_untrusted(path: str | os.PathLike, **limits) -> bytes:
+    """Bytes of a .tflite that matches its manifest (if any) and loads and runs once in a sandboxed child."""
+    data = read_model_bytes(path)
+    check_manifest(path, data)
+    probe(data, str(path), **limits)
+    return data

@@ -1,0 +1,390 @@
+"""Bad input, faults and untrusted files: every case ends in a clear error or a listed skip.
+
+Each case below is one row of the README's "Bad input" section. Nothing here
+may end in a traceback, a crash, a hang, a half-written file, or code run
+from a model file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import resource
+import signal
+import struct
+import subprocess
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from calibrate.dataset import build_calibration_set
+from pipeline.artifacts import manifest_path_for, read_manifest
+from pipeline.errors import ArtifactError, CalibrationError, ModelLoadError
+from pipeline.preprocessing import PreprocessSpec, decode_rgb, pixels_for
+from pipeline.safe_tflite import load_untrusted, probe
+from tests.conftest import VENV_BIN, run_cli
+
+SPEC = PreprocessSpec(32)
+
+
+def _png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(im, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _bomb_png(side: int = 30000) -> bytes:
+    """A PNG header that claims side x side pixels: tiny on disk, gigabytes if decoded."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+
+
+def _exif_rotated() -> bytes:
+    im = Image.new("RGB", (40, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _jpeg(im, exif=exif.tobytes())
+
+
+def _corpus(root: Path) -> dict[str, str]:
+    """Write every kind of image file users point us at; return name -> expected outcome."""
+    rng = np.random.default_rng(0)
+    good = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    files = {
+        "ok.png": (_png(good), "ok"),
+        "zero.jpg": (b"", "empty file"),
+        "truncated.jpg": (_jpeg(good)[:300], "corrupt or truncated"),
+        "truncated.png": (_png(good)[:200], "corrupt or truncated"),
+        "text.jpg": (b"this is not a picture\n" * 10, "not a recognised image format"),
+        "notes.txt": (b"stray notes", "not an image"),
+        "data.csv": (b"a,b\n1,2\n", "not an image"),
+        "bomb.png": (_bomb_png(), "too large"),
+        "cmyk.jpg": (_jpeg(Image.new("CMYK", (30, 30), (0, 255, 255, 0))), "ok"),
+        "gray16.png": (_png(Image.fromarray(np.full((30, 30), 40000, np.uint16))), "ok"),
+        "rgba.png": (_png(Image.new("RGBA", (30, 30), (20, 200, 20, 128))), "ok"),
+        "gray.png": (_png(Image.new("L", (30, 30), 90)), "ok"),
+        "rotated.jpg": (_exif_rotated(), "ok"),
+    }
+    palette = Image.new("P", (30, 30), 1)
+    palette.putpalette([0, 0, 0, 250, 10, 10] + [0] * 762)
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG", transparency=0)
+    files["palette.png"] = (buf.getvalue(), "ok")
+    frames = [Image.new("RGB", (30, 30), c) for c in ((250, 0, 0), (0, 250, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    files["animated.gif"] = (buf.getvalue(), "ok")
+    expected = {}
+    for name, (data, outcome) in files.items():
+        (root / name).write_bytes(data)
+        expected[name] = outcome
+    os.symlink(root / "loop_b.png", root / "loop_a.png")
+    os.symlink(root / "loop_a.png", root / "loop_b.png")
+    os.symlink(root / "gone.png", root / "dangling.png")
+    expected.update({"loop_a.png": "symlink", "loop_b.png": "symlink", "dangling.png": "symlink"})
+    return expected
+
+
+def test_image_corpus_each_file_is_used_or_skipped_with_its_reason(tmp_path):
+    root = tmp_path / "dossier à trier" / "chats et chiens"
+    root.mkdir(parents=True)
+    expected = _corpus(root)
+    start = time.perf_counter()
+    cal = build_calibration_set(tmp_path / "dossier à trier", SPEC, size=100)
+    assert time.perf_counter() - start < 20  # the bomb is refused from its header, not decoded
+    used = {Path(f["path"]).name for f in cal.files}
+    skipped = {Path(s.path).name: s.reason for s in cal.skipped}
+    for name, outcome in expected.items():
+        if outcome == "ok":
+            assert name in used, (name, skipped.get(name))
+        else:
+            assert name in skipped and outcome in skipped[name], (name, skipped.get(name))
+    assert {f["label"] for f in cal.files} == {"chats et chiens"}  # non-ASCII, spaces
+    # converted, never clamped: 16-bit 40000 -> 156, not 255
+    gray16 = cal.samples[[Path(f["path"]).name for f in cal.files].index("gray16.png")]
+    assert int(gray16[0, 0, 0]) == round(40000 / 257)
+
+
+def test_pillow_bomb_warning_becomes_a_skip(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 40x40 image now trips Pillow's own warning
+    (tmp_path / "a.png").write_bytes(_png(Image.new("RGB", (40, 40), 5)))
+    (tmp_path / "b.png").write_bytes(_png(Image.new("RGB", (10, 10), 5)))
+    cal = build_calibration_set(tmp_path, SPEC, size=10)
+    assert [Path(f["path"]).name for f in cal.files] == ["b.png"]
+    assert "decompression bomb" in cal.skipped[0].reason
+
+
+def test_exif_rotation_is_the_same_everywhere(tmp_path, copy_of):
+    from pipeline.train import load_labeled
+
+    (tmp_path / "c" / "x").mkdir(parents=True)
+    (tmp_path / "c" / "x" / "r.jpg").write_bytes(_exif_rotated())
+    calib = build_calibration_set(tmp_path / "c", SPEC, size=1).samples[0]
+    direct = pixels_for(tmp_path / "c" / "x" / "r.jpg", SPEC)
+    training = load_labeled(tmp_path / "c", SPEC)[0][0]
+    assert np.array_equal(calib, direct) and np.array_equal(direct, training)
+    assert direct[2, 16, 0] > 200 and direct[28, 16, 2] > 200  # red on top: the rotation was applied
+
+
+def test_a_folder_of_only_bad_files_is_one_clear_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"<html>")
+    os.symlink(tmp_path / "nowhere", tmp_path / "c.png")
+    proc = run_cli("xedge", "convert", tmp_path / "m.keras", "--int8", "--calib", tmp_path, cwd=tmp_path)
+    assert proc.returncode == 2
+    # The model is missing too: the first problem found is reported, in one line, without a traceback.
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    with pytest.raises(CalibrationError, match="all 3 files were skipped"):
+        build_calibration_set(tmp_path, SPEC)
+
+
+# ---------------------------------------------------------------- model files
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_keras_path):
+    from pipeline.export import ConvertSettings, export_tflite
+
+    return export_tflite(tiny_keras_path, ConvertSettings("float"), out=tmp_path_factory.mktemp("m") / "float.tflite")
+
+
+@pytest.fixture(scope="module")
+def small_tflite(converted):
+    return converted.model_bytes
+
+
+def _broken_models(good: bytes) -> dict[str, bytes]:
+    rng = random.Random(7)
+    flipped = bytearray(good)
+    for _ in range(200):
+        flipped[rng.randrange(16, len(flipped))] ^= 1 << rng.randrange(8)
+    return {"empty": b"", "header only": good[:8], "truncated": good[: len(good) // 3],
+            "text": b"model = load('weights')\n" * 20, "bit-flipped": bytes(flipped),
+            "root offset past end": struct.pack("<I", len(good) * 4) + good[4:]}
+
+
+def test_broken_tflite_files_are_invalid_models(small_tflite, converted, tmp_path):
+    import shutil
+
+    for name, data in _broken_models(small_tflite).items():
+        path = tmp_path / f"{name}.tflite"
+        path.write_bytes(data)
+        # The manifest travels with the model: flips in the weights load fine but break the recorded sha256.
+        shutil.copy(converted.manifest_path, manifest_path_for(path))
+        with pytest.raises(ModelLoadError, match="^invalid model: ") as caught:
+            load_untrusted(path, timeout=60)
+        if name == "bit-flipped":
+            assert "does not match the sha256" in str(caught.value)
+    assert probe(small_tflite)["inputs"][0]["shape"] == [1, 71, 71, 3]
+
+
+def test_mutation_loop_never_crashes_or_hangs_the_parent(small_tflite):
+    """Bounded fuzzing: random byte mutations of a valid model, each loaded in the sandboxed child."""
+    rng = random.Random(1234)
+    outcomes = {"loaded": 0, "invalid": 0}
+    for case in range(16):
+        data = bytearray(small_tflite)
+        for _ in range(rng.choice((1, 8, 64, 512))):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if case % 4 == 3:
+            data = data[: rng.randrange(8, len(data))]
+        try:
+            probe(bytes(data), f"mutant {case}", timeout=60)
+            outcomes["loaded"] += 1
+        except ModelLoadError as exc:
+            assert str(exc).startswith("invalid model: ")
+            outcomes["invalid"] += 1
+    # Mutations that only touch weights still load (correctly so); structural ones must be errors.
+    assert sum(outcomes.values()) == 16 and outcomes["invalid"] >= 4
+
+
+def test_a_loader_that_hangs_is_stopped(small_tflite, tmp_path, monkeypatch):
+    import pipeline.safe_tflite as safe
+
+    monkeypatch.setattr(safe, "_CHILD", "import time\ntime.sleep(60)\n")
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="did not finish in 2 s"):
+        probe(small_tflite, timeout=2)
+    assert time.perf_counter() - start < 10
+
+
+# ---------------------------------------------------------------- Keras files with code
+
+
+def _marker_lambda(marker: Path):
+    path = str(marker)  # a plain string: Keras serializes the lambda's closure with it
+    return lambda x: (open(path, "a").close(), x)[1]
+
+
+def test_keras3_lambda_is_refused_and_never_runs(tmp_path):
+    import keras
+
+    from pipeline.modelio import load_source
+
+    marker = tmp_path / "code-ran"
+    x = inputs = keras.Input((71, 71, 3))
+    x = keras.layers.Lambda(_marker_lambda(marker), name="sneaky")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    model.save(tmp_path / "lambda.keras")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="Lambda layer 'sneaky'.*--trust-model-code"):
+        load_source(tmp_path / "lambda.keras")
+    assert not marker.exists()
+    proc = run_cli("convert", tmp_path / "lambda.keras", "--float", cwd=tmp_path)
+    assert proc.returncode == 2 and "refused" in proc.stderr and not marker.exists()
+    assert not (tmp_path / "lambda_float.tflite").exists()
+    trusted = load_source(tmp_path / "lambda.keras", trust_code=True)  # the explicit opt-in
+    trusted.model(np.zeros((1, 71, 71, 3), np.float32))
+    assert marker.exists()
+
+
+def test_tf_keras_h5_lambda_is_refused_before_tf_keras_sees_it(tmp_path):
+    import tf_keras
+
+    from pipeline.modelio import load_source
+
+    marker = tmp_path / "code-ran"
+    model = tf_keras.Sequential([tf_keras.layers.InputLayer((71, 71, 3)),
+                                 tf_keras.layers.Lambda(_marker_lambda(marker), name="sneaky"),
+                                 tf_keras.layers.GlobalAveragePooling2D(), tf_keras.layers.Dense(3)])
+    model.save(tmp_path / "lambda.h5")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="refused"):
+        load_source(tmp_path / "lambda.h5")
+    assert not marker.exists()  # tf_keras ignores safe_mode for .h5; our own check stopped it
+
+
+def test_no_pickle_anywhere():
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for d in ("pipeline", "calibrate", "devices") for p in (root / d).rglob("*.py")]
+    sources.append(root / "convert.py")
+    for path in sources:
+        text = path.read_text()
+        assert "import pickle" not in text and "allow_pickle=True" not in text, path
+
+
+# ---------------------------------------------------------------- faults while writing
+
+
+def _convert_args(trained_run, digits, out):
+    return [str(VENV_BIN / "convert"), str(trained_run.model_path), "--int8", "--calib", str(digits["train"]),
+            "--calib-size", "600", "--out", str(out), "--force"]
+
+
+def _is_complete_model(path: Path) -> bool:
+    from pipeline.safe_tflite import precheck
+    from pipeline.tflite_info import inspect_tflite
+
+    data = path.read_bytes()
+    try:
+        precheck(data)
+        inspect_tflite(data)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_convert_leaves_old_output_or_a_whole_new_one(sig, trained_run, digits, tmp_path):
+    out = tmp_path / "m.tflite"
+    old = b"previous model bytes"
+    for delay in (3.0, 6.0):
+        out.write_bytes(old)
+        proc = subprocess.Popen(_convert_args(trained_run, digits, out), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        content = out.read_bytes()
+        assert content == old or _is_complete_model(out), (sig, delay)
+        if sig == signal.SIGINT and proc.returncode == 130:
+            assert "interrupted" in err and "Traceback" not in err
+            assert content == old
+            assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_file_size_limit_is_a_clear_error(trained_run, digits, tmp_path):
+    out = tmp_path / "m.tflite"
+    out.write_bytes(b"previous")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    args = _convert_args(trained_run, digits, out)
+    args[args.index("600")] = "20"
+    proc = subprocess.run(args, preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "file size limit was reached; nothing was changed" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_bytes() == b"previous" and not manifest_path_for(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tflite"]
+
+
+def test_read_only_output_folder_is_a_clear_error(tiny_keras_path, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root); the EROFS path is then untested")
+    try:
+        proc = run_cli("convert", tiny_keras_path, "--float", "--out", ro / "m.tflite")
+        assert proc.returncode == 2 and "read-only" in proc.stderr and "Traceback" not in proc.stderr
+        from pipeline.artifacts import atomic_write_bytes
+
+        with pytest.raises(ArtifactError, match="read-only"):
+            atomic_write_bytes(ro / "x.bin", b"data")
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+# ---------------------------------------------------------------- fuzzing the manifest reader
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                              lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                              max_leaves=12).map(lambda v: json.dumps(v).encode()),
+                 st.fixed_dictionaries({"tool": st.sampled_from(["xception-edge", "other"]),
+                                        "schema": st.integers(-3, 5)}).map(lambda v: json.dumps(v).encode())))
+def test_manifest_reader_never_crashes(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("m", numbered=True) / "x.manifest.json"
+    path.write_bytes(data)
+    try:
+        result = read_manifest(path)
+    except ArtifactError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert result["tool"] == "xception-edge" and result["schema"] <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=300))
+def test_decoder_never_crashes_on_arbitrary_bytes(data):
+    from pipeline.preprocessing import ImageError
+
+    try:
+        out = decode_rgb(data)
+    except ImageError as exc:
+        assert exc.reason
+    else:
+        assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
