@@ -7,6 +7,7 @@ that explain a surprising int8/float ratio.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -22,27 +23,31 @@ REFERENCE_RUNS = 20
 
 
 def model_input_shape(model: Path) -> list[int]:
-    """The model's first input shape, read with LiteRT on the build machine (no TensorFlow)."""
-    from devices.runner import RunnerError, read_model
+    """The model's first input shape, read by the sandboxed probe (an untrusted file cannot crash us)."""
+    return [int(v) for v in _probe(str(model))["inputs"][0]["shape"]]
 
-    try:
-        data = read_model(str(model))
-    except RunnerError as exc:
-        raise DeviceError(str(exc)) from None
-    from ai_edge_litert.interpreter import Interpreter
 
-    try:
-        detail = Interpreter(model_content=data).get_input_details()[0]
-    except (ValueError, RuntimeError) as exc:
-        raise DeviceError(f"LiteRT cannot read {model}: {exc}") from None
-    return [int(s) for s in detail["shape"]]
+@functools.lru_cache(maxsize=16)
+def _probe_cached(path: str, mtime_ns: int, size: int) -> dict:
+    from pipeline.safe_tflite import check_manifest, probe, read_model_bytes
+
+    data = read_model_bytes(path)
+    check_manifest(path, data)
+    return probe(data, path)
+
+
+def _probe(path: str) -> dict:
+    st = Path(path).stat()
+    return _probe_cached(path, st.st_mtime_ns, st.st_size)
 
 
 def _check_models(models) -> tuple[Path, ...]:
+    """Every model must exist, match its manifest, and load and run once in a sandboxed child first."""
     paths = tuple(Path(m) for m in models)
     for p in paths:
         if not p.is_file():
             raise DeviceError(f"model {p} not found")
+        _probe(str(p))
     return paths
 
 

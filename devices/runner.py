@@ -159,7 +159,8 @@ def quantize(x, dtype, scale, zero_point):
     if not scale:
         raise RunnerError("a quantized input needs a non-zero scale")
     info = np.iinfo(dtype)
-    q = np.round(np.asarray(x, dtype=np.float64) / scale) + zero_point
+    # As TFLite's QUANTIZE op: float32 division, halves rounded to even.
+    q = np.round(np.asarray(x, dtype=np.float32) / np.float32(scale)).astype(np.int64) + int(zero_point)
     return np.clip(q, info.min, info.max).astype(dtype)
 
 

@@ -113,6 +113,7 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -141,6 +142,12 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
         if previous is not None:
             signal.signal(signal.SIGXFSZ, previous)
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def to_json(payload) -> bytes:

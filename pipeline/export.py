@@ -276,35 +276,46 @@ CHECK_SAMPLES = 32
 
 def float_outputs(source: SourceModel, inputs: np.ndarray) -> np.ndarray:
     """The float source model's outputs (probabilities) for a batch of preprocessed inputs."""
+    # Small batches: a 299x299 Xception holds about 300 MB of activations per image.
+    chunks = [inputs[i:i + 4] for i in range(0, len(inputs), 4)]
     if source.model is not None:
-        return np.asarray(source.model(inputs, training=False), dtype=np.float32)
+        return np.concatenate([np.asarray(source.model(c, training=False), dtype=np.float32) for c in chunks])
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(source.path)).signatures["serving_default"]
-    outputs = signature(tf.constant(inputs))
-    return np.asarray(next(iter(outputs.values())), dtype=np.float32)
+    return np.concatenate([np.asarray(next(iter(signature(tf.constant(c)).values())), dtype=np.float32)
+                           for c in chunks])
 
 
 def optimize_graph(model_bytes: bytes, source: SourceModel, representative) -> tuple[bytes, list[dict]]:
-    """Apply the XNNPACK-friendly rewrites, keeping each only if real data shows it does no harm."""
-    from pipeline.tflite_optimize import check_rewrite, delegate_partitions, fuse_shared_add_relu
+    """Apply the XNNPACK-friendly rewrites in turn, keeping each only if real data shows it does no harm."""
+    from pipeline.tflite_optimize import (check_rewrite, delegate_partitions, fuse_shared_add_relu,
+                                          raise_negligible_add_inputs)
 
-    rewritten, report = fuse_shared_add_relu(model_bytes)
-    if not report.count:
-        return model_bytes, []
-    entry = report.to_dict()
-    entry["delegate_partitions"] = {"before": delegate_partitions(model_bytes),
-                                    "after": delegate_partitions(rewritten)}
-    if representative is not None and len(representative):
-        n = min(CHECK_SAMPLES, len(representative))
-        inputs = np.stack([representative.inputs(i) for i in range(n)])
-        reference = float_outputs(source, inputs)
-        entry["check"] = check_rewrite(model_bytes, rewritten, inputs, reference)
-        entry["applied"] = entry["check"]["accepted"]
-    else:  # a QAT model converted without images: only random inputs are available, so keep the stock graph
-        entry["applied"] = False
-        entry["check"] = {"skipped": "no calibration images to check the rewrite on"}
-    return (rewritten if entry["applied"] else model_bytes), [entry]
+    entries: list[dict] = []
+    current = model_bytes
+    inputs = reference = None
+    for rewrite in (fuse_shared_add_relu, raise_negligible_add_inputs):
+        candidate, report = rewrite(current)
+        if not report.count:
+            continue
+        entry = report.to_dict()
+        entry["delegate_partitions"] = {"before": delegate_partitions(current),
+                                        "after": delegate_partitions(candidate)}
+        if representative is not None and len(representative):
+            if inputs is None:
+                n = min(CHECK_SAMPLES, len(representative))
+                inputs = np.stack([representative.inputs(i) for i in range(n)])
+                reference = float_outputs(source, inputs)
+            entry["check"] = check_rewrite(current, candidate, inputs, reference)
+            entry["applied"] = entry["check"]["accepted"]
+        else:  # a QAT model converted without images: nothing real to check on, so keep the stock graph
+            entry["applied"] = False
+            entry["check"] = {"skipped": "no calibration images to check the rewrite on"}
+        if entry["applied"]:
+            current = candidate
+        entries.append(entry)
+    return current, entries
 
 
 def _labels_beside(model_path: Path) -> list[str] | None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 _FUSABLE = {"RELU": "RELU", "RELU6": "RELU6", "RELU_N1_TO_1": "RELU_N1_TO_1"}
 _INTEGER_TYPES = {"INT8", "UINT8"}
 
@@ -100,6 +102,83 @@ def fuse_shared_add_relu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
             out_name = out.name.decode() if isinstance(out.name, bytes) else str(out.name)
             report.rewritten.append({"op": name, "output": out_name,
                                      "add_inputs": [int(i) for i in add.inputs]})
+    if not report.count:
+        return model_bytes, report
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), report
+
+
+_FREE_SCALE_PRODUCERS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL"}
+_SAME_SCALE_PRODUCERS = {"MAX_POOL_2D"}  # TFLite requires equal input and output quantization
+
+
+def raise_negligible_add_inputs(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
+    """Coarsen the scale of an Add input that is negligible next to the sum, so XNNPACK takes the Add.
+
+    XNNPACK refuses a quantized ADD whose input-to-output scale ratio is below
+    1/1024. Such an input spans less than a quarter of one output quantum, so
+    its exact value is lost in the sum's rounding anyway; giving it the scale
+    ``out_scale / 1024`` (same zero point, so its range only widens) changes
+    the sum by at most a rounding step and keeps the graph in one partition.
+    Typical of untrained or freshly initialised residual nets; checked on real
+    data by ``export_tflite`` before it is kept.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    schema = _schema()
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    report = RewriteReport("raise_negligible_add_inputs")
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+
+    def name_of(op):
+        code = model.operatorCodes[op.opcodeIndex]
+        return op_names.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode)), "?")
+
+    def scale_of(tensor):
+        q = tensor.quantization
+        return float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) == 1 else None
+
+    for graph in model.subgraphs:
+        producer, consumers = {}, {}
+        for op in graph.operators or []:
+            for t in op.outputs if op.outputs is not None else []:
+                producer[int(t)] = op
+            for t in op.inputs if op.inputs is not None else []:
+                consumers.setdefault(int(t), []).append(op)
+        graph_outputs = {int(t) for t in graph.outputs}
+        for op in graph.operators or []:
+            if name_of(op) not in ("ADD", "SUB"):
+                continue
+            out_scale = scale_of(graph.tensors[int(op.outputs[0])])
+            for t in (int(i) for i in op.inputs):
+                tensor = graph.tensors[t]
+                s = scale_of(tensor)
+                if s is None or out_scale is None or type_names.get(tensor.type) not in _INTEGER_TYPES:
+                    continue
+                if s / out_scale >= 1.0 / 1024.0 or t in graph_outputs or t not in producer:
+                    continue
+                # The new scale must suit every Add that reads this tensor.
+                readers = consumers.get(t, [])
+                if any(name_of(r) not in ("ADD", "SUB") for r in readers):
+                    continue
+                new = max(scale_of(graph.tensors[int(r.outputs[0])]) or 0.0 for r in readers) / 1024.0 * 1.001
+                if any(new / (scale_of(graph.tensors[int(r.outputs[0])]) or new) >= 256.0 for r in readers):
+                    continue
+                chain = [t]
+                source = producer[t]
+                if name_of(source) in _SAME_SCALE_PRODUCERS:
+                    upstream = int(source.inputs[0])
+                    if len(consumers.get(upstream, [])) != 1 or upstream not in producer \
+                            or name_of(producer[upstream]) not in _FREE_SCALE_PRODUCERS:
+                        continue
+                    chain.append(upstream)
+                elif name_of(source) not in _FREE_SCALE_PRODUCERS:
+                    continue
+                for c in chain:
+                    graph.tensors[c].quantization.scale = np.asarray([new], dtype=np.float32)
+                tname = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+                report.rewritten.append({"tensor": tname, "old_scale": s, "new_scale": new,
+                                         "ratio_before": s / out_scale})
     if not report.count:
         return model_bytes, report
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), report

@@ -169,3 +169,28 @@ def test_int8_gate_names_float_compute_ops(tiny_keras_path, tmp_path):
         check_integer_ops(info, ConvertSettings("int8"))
     check_integer_ops(info, ConvertSettings("int8", allow_float_fallback=True))
     check_integer_ops(info, ConvertSettings("dynamic"))
+
+
+def test_input_quantization_matches_tflite_quantize_op_bit_for_bit(tiny_keras_path, calibration, tmp_path):
+    """Our quantize() is the QUANTIZE op a --float-io model runs first, halves and saturation included."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from pipeline.preprocessing import quantize
+
+    export_tflite(tiny_keras_path, ConvertSettings("int8", float_io=True, optimize=False),
+                  out=tmp_path / "fio.tflite", representative=calibration)
+    rng = np.random.default_rng(3)
+    for resolver in (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, OpResolverType.AUTO):  # builtin, XNNPACK
+        it = Interpreter(model_content=(tmp_path / "fio.tflite").read_bytes(),
+                         experimental_op_resolver_type=resolver, experimental_preserve_all_tensors=True)
+        it.allocate_tensors()
+        quant_op = next(d for d in it._get_ops_details() if d["op_name"] == "QUANTIZE")
+        out = it.get_tensor_details()[quant_op["outputs"][0]]
+        scale, zero = out["quantization"]
+        k = rng.integers(-130, 130, size=(1, 71, 71, 3))
+        halves = ((k + 0.5) * np.float32(scale)).astype(np.float32)  # ties, and values past the int8 range
+        halves[0, 0, :5, 0] = [-1.0, 1.0, 0.0, -0.0, np.float32(scale) * 0.5]
+        for x in (halves, rng.uniform(-1.2, 1.2, (1, 71, 71, 3)).astype(np.float32)):
+            it.set_tensor(it.get_input_details()[0]["index"], x)
+            it.invoke()
+            assert np.array_equal(it.get_tensor(out["index"]), quantize(x, np.int8, scale, zero)), resolver

@@ -111,3 +111,33 @@ def test_xnnpack_report_names_what_splits_the_graph(stock_int8, trained_tflite):
     assert stock_int8.manifest["xnnpack"] == stock
     ours = json.loads(manifest_path_for(trained_tflite["int8"]).read_text())["xnnpack"]
     assert ours == {"partitions": 1, "outside": []}
+
+
+def test_negligible_add_inputs_are_coarsened_so_xnnpack_takes_the_adds(calibration, tmp_path):
+    """A freshly initialised deep Xception: residual branches ~1/2000 of the sum, which XNNPACK refuses."""
+    import keras
+
+    from pipeline.model import build_xception
+    from pipeline.tflite_optimize import raise_negligible_add_inputs, xnnpack_report
+
+    keras.utils.set_random_seed(0)
+    build_xception(71, 10, 0.25, 8).save(tmp_path / "fresh.keras")
+    stock = export_tflite(tmp_path / "fresh.keras", ConvertSettings("int8", optimize=False),
+                          out=tmp_path / "stock.tflite", representative=calibration).model_bytes
+    fused, _ = fuse_shared_add_relu(stock)
+    before = xnnpack_report(fused)
+    assert before["partitions"] > 1
+    assert all(e["op"] == "ADD" and "scale ratio" in e["reason"] for e in before["outside"])
+    after, report = raise_negligible_add_inputs(fused)
+    assert report.count >= 1 and all(r["ratio_before"] < 1 / 1024 for r in report.rewritten)
+    assert xnnpack_report(after) == {"partitions": 1, "outside": []}
+    inputs = np.stack([calibration.inputs(i) for i in range(16)])
+    check = check_rewrite(fused, after, inputs)
+    assert check["top1_agreement"] == 1.0 and check["max_abs_quanta"] <= 1
+    # and convert does both by default, recording each
+    full = export_tflite(tmp_path / "fresh.keras", ConvertSettings("int8"), out=tmp_path / "ours.tflite",
+                         representative=calibration)
+    assert [e["name"] for e in full.manifest["optimizations"]] == ["fuse_shared_add_relu",
+                                                                   "raise_negligible_add_inputs"]
+    assert all(e["applied"] for e in full.manifest["optimizations"])
+    assert full.manifest["xnnpack"]["partitions"] == 1
