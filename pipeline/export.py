@@ -294,7 +294,15 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative) -> t
 
     entries: list[dict] = []
     current = model_bytes
-    inputs = reference = None
+    inputs = None
+    outputs_cache: dict = {}
+    reference_cache: list = []
+
+    def reference():  # the float model's outputs, computed only if a check needs them
+        if not reference_cache:
+            reference_cache.append(float_outputs(source, inputs))
+        return reference_cache[0]
+
     for rewrite in (fuse_shared_add_relu, raise_negligible_add_inputs):
         candidate, report = rewrite(current)
         if not report.count:
@@ -306,8 +314,7 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative) -> t
             if inputs is None:
                 n = min(CHECK_SAMPLES, len(representative))
                 inputs = np.stack([representative.inputs(i) for i in range(n)])
-                reference = float_outputs(source, inputs)
-            entry["check"] = check_rewrite(current, candidate, inputs, reference)
+            entry["check"] = check_rewrite(current, candidate, inputs, reference, outputs_cache)
             entry["applied"] = entry["check"]["accepted"]
         else:  # a QAT model converted without images: nothing real to check on, so keep the stock graph
             entry["applied"] = False

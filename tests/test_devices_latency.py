@@ -158,7 +158,7 @@ def test_bench_errors_are_one_line(tmp_path):
     bad.write_bytes(b"not a model at all")
     proc = run_cli("xedge", "bench", bad)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: local: {bad} is not a TFLite model (no TFL3 flatbuffer identifier)"
+    assert proc.stderr.strip().startswith(f"error: invalid model: {bad} is not a TFLite flatbuffer")
     proc = run_cli("xedge", "bench", bad, "--device", "no-such-device")
     assert proc.returncode == 2 and proc.stderr.startswith("error: no device profile 'no-such-device'")
 

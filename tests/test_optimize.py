@@ -34,9 +34,15 @@ def test_rewrite_leaves_one_partition_and_no_relu(stock_int8, calibration, train
     from pipeline.export import float_outputs
     from pipeline.modelio import load_source
 
-    check = check_rewrite(before, after, inputs, float_outputs(load_source(trained_run.model_path), inputs))
+    reference = float_outputs(load_source(trained_run.model_path), inputs)
+    check = check_rewrite(before, after, inputs, reference)
     assert check["top1_agreement"] == 1.0 and check["max_abs_quanta"] <= 8 and check["accepted"]
-    assert check["rewritten_mean_abs_error_vs_float"] <= check["stock_mean_abs_error_vs_float"] * 1.05
+    # The fused Add rounds once where the stock graph rounded twice: no further from the float model.
+    from pipeline.tflite_optimize import _outputs
+
+    stock_err = np.abs(_outputs(before, inputs)[0] - reference).mean()
+    fused_err = np.abs(_outputs(after, inputs)[0] - reference).mean()
+    assert fused_err <= stock_err * 1.05
 
 
 def test_convert_applies_and_records_it(trained_tflite, stock_int8):

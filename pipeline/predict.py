@@ -1,0 +1,190 @@
+"""Model runners for validation: one interface over LiteRT, Keras and SavedModel.
+
+Validation compares two models on the same float inputs, so each runner
+takes the output of the one preprocessing definition and applies its own
+model's input/output quantization (scale and zero point read from the model).
+Interpreters are built once per runner, never per sample: LiteRT releases the
+GIL in ``invoke``, so a thread pool with one batch-1 interpreter per thread
+keeps every core busy without pickling anything between processes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import artifacts
+from pipeline.errors import ModelLoadError, ValidationError
+from pipeline.preprocessing import dequantize, quantize
+
+
+def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, threads: int = 1,
+                     name: str = "this model"):
+    """The one place where .tflite bytes become an interpreter.
+
+    Loading untrusted flatbuffers will move to a child process (a later issue);
+    everything here goes through this function so that swap is one edit.
+    ``preserve_all_tensors`` turns off the default XNNPACK delegate, whose
+    internal tensors are not kept.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from pipeline.quiet import native_stderr_captured
+
+    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if preserve_all_tensors else OpResolverType.AUTO
+    with native_stderr_captured() as log:  # "INFO: Created TensorFlow Lite XNNPACK delegate", or the real error
+        try:
+            interpreter = Interpreter(model_content=model_bytes, num_threads=threads,
+                                      experimental_op_resolver_type=resolver,
+                                      experimental_preserve_all_tensors=preserve_all_tensors)
+            interpreter.allocate_tensors()
+            return interpreter
+        except (ValueError, RuntimeError) as exc:
+            error = exc
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    detail = log.tail(3)
+    raise ModelLoadError(f"LiteRT cannot load {name}: {first}" + (f"\n{detail}" if detail else ""))
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class ModelFacts:
+    """What a report says about a model: enough to tell two artifacts apart."""
+
+    path: str
+    kind: str
+    sha256: str
+    bytes: int
+    input_size: int
+    classes: int
+    input_dtype: str
+    output_dtype: str
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class TfliteRunner:
+    """A pool of batch-1 LiteRT interpreters (XNNPACK), one per worker thread."""
+
+    def __init__(self, path: str | os.PathLike, *, workers: int | None = None):
+        path = Path(path)
+        try:
+            self.model_bytes = path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+        self.workers = workers or default_workers()
+        first = open_interpreter(self.model_bytes, name=str(path))
+        ins, outs = first.get_input_details(), first.get_output_details()
+        if len(ins) != 1 or len(outs) != 1:
+            raise ModelLoadError(f"{path}: expected one input and one output, got {len(ins)} and {len(outs)}")
+        shape = [int(s) for s in ins[0]["shape"]]
+        if len(shape) != 4 or shape[0] != 1 or shape[3] != 3 or shape[1] != shape[2]:
+            raise ModelLoadError(f"{path}: expected a (1, H, H, 3) image input, got {shape}")
+        out_shape = [int(s) for s in outs[0]["shape"]]
+        if len(out_shape) != 2:
+            raise ModelLoadError(f"{path}: expected a (1, classes) output, got {out_shape}")
+        self._in, self._out = ins[0], outs[0]
+        self.facts = ModelFacts(str(path), "tflite", artifacts.sha256_bytes(self.model_bytes), len(self.model_bytes),
+                                shape[1], out_shape[1], np.dtype(ins[0]["dtype"]).name,
+                                np.dtype(outs[0]["dtype"]).name)
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()
+        self._pool.put(first)
+        for _ in range(self.workers - 1):
+            self._pool.put(open_interpreter(self.model_bytes))
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="litert")
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        interpreter = self._pool.get()
+        try:
+            scale_, zero = self._in["quantization"]
+            interpreter.set_tensor(self._in["index"], quantize(x[None], self._in["dtype"], scale_, zero))
+            interpreter.invoke()
+            raw = interpreter.get_tensor(self._out["index"])[0]
+        finally:
+            self._pool.put(interpreter)
+        scale_, zero = self._out["quantization"]
+        return dequantize(raw, scale_, zero)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.stack(list(self._executor.map(self._one, batch))).astype(np.float32)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class KerasRunner:
+    """A Keras 3, tf_keras or SavedModel float model, run in batches."""
+
+    batch_size = 16  # Xception-299 activations at batch 64 would need gigabytes
+
+    def __init__(self, path: str | os.PathLike, *, trust_code: bool = False):
+        from pipeline.modelio import load_source
+
+        path = Path(path)
+        self.source = load_source(path, trust_code=trust_code)
+        self._fn = None
+        self._fixed_batch = False
+        if self.source.model is None:
+            import tensorflow as tf
+
+            signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+            self._input_name = next(iter(signature.structured_input_signature[1]))
+            self._fixed_batch = signature.structured_input_signature[1][self._input_name].shape[0] == 1
+            self._fn = signature
+        self.facts = ModelFacts(str(path), self.source.kind, artifacts.sha256_any(path), artifacts.size_any(path),
+                                self.source.input_size, self.source.classes, "float32", "float32")
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
+        if self._fn is None:
+            return np.asarray(self.source.model(x, training=False), dtype=np.float32)
+        import tensorflow as tf
+
+        out = self._fn(**{self._input_name: tf.constant(x)})
+        return np.asarray(next(iter(out.values())), dtype=np.float32)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if self._fixed_batch:
+            return np.concatenate([self._call(x[None]) for x in batch])
+        batch = np.asarray(batch, dtype=np.float32)
+        return np.concatenate([self._call(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
+
+    def close(self) -> None:
+        pass
+
+
+def open_runner(path: str | os.PathLike, *, workers: int | None = None, trust_code: bool = False):
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path}")
+    if path.suffix.lower() == ".tflite":
+        return TfliteRunner(path, workers=workers)
+    return KerasRunner(path, trust_code=trust_code)
+
+
+def as_probabilities(outputs: np.ndarray, what: str) -> tuple[np.ndarray, str]:
+    """Rows that already are probabilities are renormalised; anything else is treated as logits.
+
+    A quantized softmax (scale 1/256) sums to 1 only within a few hundredths,
+    hence the tolerance. NaN or infinite outputs are an error, never a pass.
+    """
+    outputs = np.asarray(outputs, dtype=np.float64)
+    bad = ~np.isfinite(outputs).all(axis=1)
+    if bad.any():
+        raise ValidationError(f"the {what} model produced NaN or infinite outputs for {int(bad.sum())} of "
+                              f"{len(outputs)} images (first: image #{int(np.argmax(bad))}); its numbers "
+                              "cannot be trusted")
+    sums = outputs.sum(axis=1)
+    if outputs.min() >= -1e-6 and np.all(np.abs(sums - 1.0) < 0.05):
+        return outputs / np.maximum(sums[:, None], 1e-12), "probabilities"
+    shifted = outputs - outputs.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True), "logits (softmax applied)"

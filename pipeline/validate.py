@@ -1,0 +1,400 @@
+"""Accuracy drift of a converted model against its float reference, on real labeled images.
+
+The orchestrator of ``xedge validate``: finds the images, runs both models on
+exactly the same preprocessed inputs, computes the paired statistics, writes
+report.json / report.md / report.html, and decides the budget policy. A
+model that outputs NaN, or a folder without one usable image, is an error,
+never a pass: a gate that passes when nothing was measured is worse than none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline import artifacts
+from pipeline.data import Item, Skip, discover
+from pipeline.errors import BudgetExceeded, DataError, ValidationError
+from pipeline.preprocessing import ImageError, PreprocessSpec, preprocess_file
+
+REPORT_SCHEMA = 1
+CHUNK = 64  # images decoded and predicted per step: bounded memory, steady progress
+MAX_FLIPS_LISTED = 500
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_top1_drop_pp: float | None = None
+    min_agreement: float | None = None
+    max_kl: float | None = None
+
+    def __post_init__(self):
+        for name in ("max_top1_drop_pp", "max_kl"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValidationError(f"{name} must be a number >= 0, got {value}")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise ValidationError(f"min_agreement is a fraction in [0, 1], got {self.min_agreement}")
+
+    def check(self, report: dict) -> tuple[dict, list[str]]:
+        """Per-budget verdicts and one message per miss (saying by how much)."""
+        verdicts: dict[str, dict] = {}
+        misses: list[str] = []
+
+        def judge(name, value, limit, worse, unit, fmt):
+            ok = not worse(value, limit)
+            verdicts[name] = {"limit": limit, "value": value, "passed": ok}
+            if not ok:
+                misses.append(f"{name.replace('_', ' ')}: {fmt(value)}{unit} vs budget {fmt(limit)}{unit} "
+                              f"(over by {fmt(abs(value - limit))}{unit})")
+
+        if self.max_top1_drop_pp is not None:
+            judge("top1_drop", report["top1_drop_pp"], self.max_top1_drop_pp, lambda v, l: v > l, " pp",
+                  lambda v: f"{v:.2f}")
+        if self.min_agreement is not None:
+            judge("agreement", report["agreement"], self.min_agreement, lambda v, l: v < l, "",
+                  lambda v: f"{v:.4f}")
+        if self.max_kl is not None:
+            judge("kl_mean", report["kl_mean"], self.max_kl, lambda v, l: v > l, " nats", lambda v: f"{v:.4g}")
+        return verdicts, misses
+
+
+@dataclass
+class ValidationResult:
+    report: dict
+    paths: dict[str, Path]
+    misses: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.misses
+
+    def raise_for_budgets(self) -> None:
+        if self.misses:
+            raise BudgetExceeded("budget exceeded: " + "; ".join(self.misses) + f" (report: {self.paths['html']})")
+
+
+# ---------------------------------------------------------------- labels
+
+
+def _labels_file(path: Path) -> Path | None:
+    folder = path if path.is_dir() else path.parent
+    candidate = folder / "labels.json"
+    return candidate if candidate.is_file() else None
+
+
+def _read_labels(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read labels {path}: {exc}") from None
+    classes = data.get("classes") if isinstance(data, dict) else data
+    if not isinstance(classes, list) or not classes:
+        raise DataError(f"labels {path} must be a list of class names or {{\"classes\": [...]}}")
+    return [str(c) for c in classes]
+
+
+def _manifest_of(model: Path) -> tuple[dict | None, str | None]:
+    """The manifest beside a .tflite, or why it could not be read (said in the report, never hidden)."""
+    manifest = artifacts.manifest_path_for(model)
+    if model.suffix.lower() != ".tflite" or not manifest.is_file():
+        return None, None
+    try:
+        return artifacts.read_manifest(manifest), None
+    except artifacts.ArtifactError as exc:
+        return None, str(exc)
+
+
+def _manifest_labels(model: Path) -> list[str] | None:
+    labels = (_manifest_of(model)[0] or {}).get("labels")
+    return [str(c) for c in labels] if isinstance(labels, list) and labels else None
+
+
+def resolve_labels(labels_file, reference: Path, candidate: Path, folders: list[str] | None,
+                   classes: int) -> tuple[list[str], str]:
+    """Output index -> class name, and where that mapping came from (said in the report)."""
+    if labels_file:
+        names, source = _read_labels(Path(labels_file)), f"--labels {labels_file}"
+    else:
+        names = source = None
+        for model in (reference, candidate):
+            found = _labels_file(model)
+            if found is not None:
+                names, source = _read_labels(found), str(found)
+                break
+            manifest = _manifest_labels(model)
+            if manifest:
+                names, source = manifest, f"{artifacts.manifest_path_for(model)} (labels)"
+                break
+        if names is None and folders is not None:
+            names, source = sorted(folders), "sorted class folder names"
+        if names is None:
+            names, source = [str(i) for i in range(classes)], "output indices (no labels found)"
+    if len(names) != classes:
+        raise ValidationError(f"{source} names {len(names)} classes but the models have {classes} outputs")
+    if folders is not None:
+        unknown = sorted(set(folders) - set(names))
+        if unknown:
+            raise ValidationError(f"class folders {', '.join(unknown[:5])} are not among the model's labels "
+                                  f"(from {source}); pass --labels FILE with the training run's labels.json")
+    return names, source
+
+
+# ---------------------------------------------------------------- data
+
+
+def _select(items: list[Item], limit: int | None) -> list[Item]:
+    """The first ``limit`` items taken round-robin over classes, so a limit never drops whole classes."""
+    if limit is None or limit >= len(items):
+        return items
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(item.label, []).append(item)
+    queues = [list(g) for g in groups.values()]
+    chosen: list[Item] = []
+    depth = 0
+    while len(chosen) < limit:
+        for q in queues:
+            if depth < len(q) and len(chosen) < limit:
+                chosen.append(q[depth])
+        depth += 1
+    return chosen
+
+
+def _load(item: Item, spec: PreprocessSpec):
+    try:
+        return preprocess_file(item.path, spec), None
+    except ImageError as exc:
+        return None, Skip(str(item.path), exc.reason)
+
+
+# ---------------------------------------------------------------- main
+
+
+def _facts(runner, path: Path) -> dict:
+    facts = runner.facts.to_dict()
+    manifest, error = _manifest_of(path)
+    if manifest is not None:
+        facts["mode"] = (manifest.get("settings") or {}).get("mode")
+        facts["source_sha256"] = (manifest.get("source") or {}).get("sha256")
+    if error:
+        facts["manifest_error"] = error
+    facts.setdefault("mode", "float" if runner.facts.kind != "tflite" else None)
+    return facts
+
+
+def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
+    """Per-layer errors when the candidate is integer-quantized (int8, int16x8) and the reference its float source.
+
+    Failures are reported in the section (the drift numbers stand on their own);
+    a mismatch of models is "skipped", with the reason.
+    """
+    from pipeline.errors import ConversionError, ModelLoadError
+    from pipeline.layer_error import layer_errors
+    from pipeline.tflite_info import inspect_tflite
+
+    if getattr(cand_runner, "model_bytes", None) is None or not inspect_tflite(cand_runner.model_bytes).int_op_count:
+        return {"status": "skipped", "reason": "the candidate is not an integer-quantized .tflite model"}
+    if not inputs:
+        return {"status": "skipped", "reason": "--layer-samples 0"}
+    t0 = time.perf_counter()
+    if getattr(ref_runner, "model_bytes", None) is not None:
+        if ref_runner.facts.input_dtype != "float32":
+            return {"status": "skipped", "reason": "the reference .tflite is not a float model"}
+        float_bytes, how = ref_runner.model_bytes, "reference .tflite"
+    else:
+        from pipeline.export import ConvertSettings, convert_bytes
+
+        try:
+            float_bytes = convert_bytes(ref_runner.source, ConvertSettings("float"))
+        except ConversionError as exc:
+            return {"status": "failed", "reason": f"the reference could not be converted to float .tflite: {exc}"}
+        how = "reference converted to float32 .tflite in memory"
+    try:
+        errors = layer_errors(float_bytes, cand_runner.model_bytes, inputs)
+    except ValueError as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    except (RuntimeError, ModelLoadError) as exc:  # an interpreter failing: say so, keep the drift numbers
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    rows = [e.to_dict() for e in errors]
+    return {"status": "ok", "method": "float vs integer .tflite, all tensors preserved, matched by tensor name; "
+            "RMSE of the dequantized output over its scale, accumulated through the network",
+            "float_model": how, "samples": len(inputs), "count": len(rows),
+            "worst": [r["layer"] for r in rows[:10]], "all": rows, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@dataclass
+class _Run:
+    paths: list[str] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    reference: list[np.ndarray] = field(default_factory=list)
+    candidate: list[np.ndarray] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    layer_inputs: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner, cand_runner, workers: int,
+                 layer_samples: int, progress: Progress | None) -> _Run:
+    """Decode a chunk in parallel, give the same batch to both models, repeat: bounded memory, one pass."""
+    run = _Run()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as decode:
+        for start in range(0, len(chosen), CHUNK):
+            chunk = chosen[start:start + CHUNK]
+            loaded = list(decode.map(lambda it: _load(it, spec), chunk))
+            good = [(it, x) for it, (x, skip) in zip(chunk, loaded) if x is not None]
+            run.skipped.extend(skip for _, skip in loaded if skip is not None)
+            if good:
+                batch = np.stack([x for _, x in good])
+                run.reference.append(ref_runner.predict(batch))
+                run.candidate.append(cand_runner.predict(batch))
+                run.paths.extend(str(it.path) for it, _ in good)
+                run.labels.extend(it.label for it, _ in good)
+                run.layer_inputs.extend(batch[:max(layer_samples - len(run.layer_inputs), 0)])
+            if progress:
+                progress(min(start + CHUNK, len(chosen)), len(chosen))
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def _flips(paths, names, labels, ref_pred, cand_pred, ref_conf, cand_conf) -> list[dict]:
+    flips = []
+    for i in np.flatnonzero(ref_pred != cand_pred)[:MAX_FLIPS_LISTED]:
+        label = names[labels[i]] if labels is not None else None
+        ref_name, cand_name = names[ref_pred[i]], names[cand_pred[i]]
+        change = None if label is None else (
+            "broken" if ref_name == label else "fixed" if cand_name == label else "still wrong")
+        flips.append({"path": paths[i], "label": label, "reference": ref_name, "candidate": cand_name,
+                      "reference_confidence": float(ref_conf[i]), "candidate_confidence": float(cand_conf[i]),
+                      "change": change})
+    return flips
+
+
+def _list_hash(paths: list[str], root: Path) -> str:
+    """Which images were used (relative paths), so two reports can be checked for being paired."""
+    listing = "\n".join(os.path.relpath(p, root) for p in paths)
+    return artifacts.sha256_bytes(listing.encode())
+
+
+def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budgets = Budgets(),
+             limit: int | None = None, layer_samples: int = 16, workers: int | None = None,
+             trust_code: bool = False, progress: Progress | None = None) -> ValidationResult:
+    """Measure ``candidate``'s drift from ``reference`` on the images in ``data``; write the reports to ``out_dir``."""
+    from pipeline.metrics import confusion_change, drift_metrics, histogram, topk
+    from pipeline.predict import as_probabilities, default_workers, open_runner
+
+    t0 = time.perf_counter()
+    reference, candidate, out_dir = Path(reference), Path(candidate), Path(out_dir)
+    if limit is not None and limit < 1:
+        raise ValidationError(f"--limit must be at least 1, got {limit}")
+    if layer_samples < 0:
+        raise ValidationError(f"--layer-samples must be >= 0, got {layer_samples}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValidationError(f"report folder {out_dir} is a file")
+    found = discover(data, what="validation folder")
+    if budgets.max_top1_drop_pp is not None and not found.labeled:
+        raise ValidationError(f"--max-top1-drop needs labeled data (one subfolder per class); {data} is flat, "
+                              "so only agreement and KL can be checked")
+    workers = workers or default_workers()
+    runners = []
+    try:
+        ref_runner = open_runner(reference, workers=workers, trust_code=trust_code)
+        runners.append(ref_runner)
+        cand_runner = open_runner(candidate, workers=workers, trust_code=trust_code)
+        runners.append(cand_runner)
+        rf, cf = ref_runner.facts, cand_runner.facts
+        if rf.input_size != cf.input_size:
+            raise ValidationError(f"the models take different input sizes ({rf.input_size} vs {cf.input_size} px); "
+                                  "they cannot be compared on the same inputs")
+        if rf.classes != cf.classes:
+            raise ValidationError(f"the models have different numbers of outputs ({rf.classes} vs {cf.classes})")
+        names, labels_source = resolve_labels(labels, reference, candidate, found.classes, rf.classes)
+        spec = PreprocessSpec(size=rf.input_size)
+        chosen = _select(found.items, limit)
+        run = _predict_all(chosen, spec, ref_runner, cand_runner, workers, layer_samples, progress)
+        if not run.paths:
+            skipped = run.skipped
+            example = f" (e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
+            raise ValidationError(f"no usable images in {data}: all {len(chosen)} files were skipped{example}")
+        ref_p, ref_kind = as_probabilities(np.concatenate(run.reference), "reference")
+        cand_p, cand_kind = as_probabilities(np.concatenate(run.candidate), "candidate")
+        index_of = {name: i for i, name in enumerate(names)}
+        labels_arr = np.asarray([index_of[label] for label in run.labels]) if found.labeled else None
+        summary = drift_metrics(ref_p, cand_p, labels_arr, names)
+        ref_pred, cand_pred = topk(ref_p, 1)[:, 0], topk(cand_p, 1)[:, 0]
+        ref_conf, cand_conf = ref_p.max(axis=1), cand_p.max(axis=1)
+        flips = _flips(run.paths, names, labels_arr, ref_pred, cand_pred, ref_conf, cand_conf)
+        layers = _layer_section(ref_runner, cand_runner, run.layer_inputs)
+    finally:
+        for runner in runners:
+            runner.close()
+    skipped = list(found.skipped) + run.skipped
+    paths, run_s = run.paths, run.seconds
+
+    report = artifacts.base_manifest("validation")
+    report["schema"] = REPORT_SCHEMA
+    report.update({
+        "reference": _facts(ref_runner, reference),
+        "candidate": _facts(cand_runner, candidate),
+        "preprocessing": spec.describe(),
+        "data": {"root": str(found.root.resolve()), "labeled": found.labeled, "labels_source": labels_source,
+                 "classes": names, "folders": found.classes, "found": len(found.items), "limit": limit,
+                 "used": len(paths), "images_sha256": _list_hash(paths, found.root),
+                 "skipped": [s.to_dict() for s in skipped]},
+        "outputs": {"reference": ref_kind, "candidate": cand_kind},
+        **summary,
+        "flips_total": int(np.sum(ref_pred != cand_pred)),
+        "flips": flips,
+        "confusion_change": confusion_change(ref_pred, cand_pred, labels_arr, len(names)),
+        "confidence": {"reference": histogram(ref_conf), "candidate": histogram(cand_conf)},
+        "layers": layers,
+    })
+    verdicts, misses = budgets.check(report)
+    report["budgets"] = verdicts
+    report["passed"] = (not misses) if verdicts else None  # None: no budget given, nothing gated
+    report["timing"] = {"predict_s": round(run_s, 3), "images_per_s": round(len(paths) / run_s, 1) if run_s else None,
+                        "total_s": round(time.perf_counter() - t0, 3), "workers": workers}
+    written = write_reports(report, out_dir, ref_conf=ref_conf, cand_conf=cand_conf)
+    return ValidationResult(report, written, misses)
+
+
+def write_reports(report: dict, out_dir: Path, *, ref_conf=None, cand_conf=None) -> dict[str, Path]:
+    from pipeline.report_html import render_html
+    from pipeline.report_md import render_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
+    artifacts.atomic_write_json(paths["json"], report)
+    artifacts.atomic_write_bytes(paths["md"], render_markdown(report).encode())
+    artifacts.atomic_write_bytes(paths["html"], render_html(report, ref_conf=ref_conf, cand_conf=cand_conf).encode())
+    return paths
+
+
+def read_report(path) -> dict:
+    """A validation report written by this tool (for ``xedge diff``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise DataError(f"cannot read report {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"report {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("kind") != "validation" or data.get("tool") != artifacts.TOOL_NAME:
+        raise DataError(f"{path} is not an xedge validation report (report.json)")
+    if not isinstance(data.get("schema"), int) or data["schema"] > REPORT_SCHEMA:
+        raise DataError(f"report {path} has schema {data.get('schema')}; this version reads up to {REPORT_SCHEMA}")
+    return data
+
+
+__all__ = ["Budgets", "ValidationResult", "validate", "read_report", "resolve_labels", "write_reports"]

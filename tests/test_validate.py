@@ -1,0 +1,355 @@
+"""`xedge validate` and `xedge diff` on the trained tiny digits model: real models, subprocesses, Chromium.
+
+Sample counts are kept small (6 images per class) so the whole file runs in
+well under three minutes on 2 cores; the shared session fixtures provide the
+trained model and its float/int8 .tflite files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.artifacts import sha256_file
+from pipeline.errors import ValidationError
+from pipeline.preprocessing import PreprocessSpec, preprocess_file
+from pipeline.report_html import CANDIDATE_COLOUR, REFERENCE_COLOUR
+from pipeline.validate import Budgets, validate
+from tests.conftest import run_cli
+
+PER_CLASS = 6
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.fixture(scope="module")
+def val_subset(tmp_path_factory, digits) -> Path:
+    """A labeled folder with the first few held-out images of each class."""
+    root = tmp_path_factory.mktemp("val_subset")
+    for class_dir in sorted(Path(digits["val"]).iterdir()):
+        (root / class_dir.name).mkdir()
+        for f in sorted(class_dir.iterdir())[:PER_CLASS]:
+            shutil.copy2(f, root / class_dir.name / f.name)
+    return root
+
+
+def _damage(src: Path, dst: Path, amount: int = 40, seed: int = 0) -> Path:
+    """A copy of an int8 .tflite with every constant int8 weight buffer perturbed."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(src))
+    rng = np.random.default_rng(seed)
+    touched = 0
+    for tensor in model.subgraphs[0].tensors:
+        buffer = model.buffers[tensor.buffer]
+        if tensor.type == schema.TensorType.INT8 and buffer.data is not None and len(buffer.data) > 64:
+            w = np.frombuffer(bytes(bytearray(buffer.data)), dtype=np.int8).astype(np.int16)
+            w = np.clip(w + rng.integers(-amount, amount + 1, w.shape), -127, 127).astype(np.int8)
+            buffer.data = np.frombuffer(w.tobytes(), dtype=np.uint8)
+            touched += 1
+    assert touched > 10
+    flatbuffer_utils.write_model(model, str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def damaged_int8(tmp_path_factory, trained_tflite) -> Path:
+    return _damage(trained_tflite["int8"], tmp_path_factory.mktemp("damaged") / "damaged_int8.tflite")
+
+
+@pytest.fixture(scope="module")
+def damaged_report(tmp_path_factory, trained_tflite, damaged_int8, val_subset):
+    """A report with flips (thumbnails) and layer errors: float .tflite vs a damaged int8 .tflite."""
+    return validate(trained_tflite["float"], damaged_int8, val_subset, tmp_path_factory.mktemp("damaged_report"),
+                    layer_samples=4)
+
+
+@pytest.fixture(scope="module")
+def int8_cli_run(tmp_path_factory, trained_run, trained_tflite, val_subset):
+    out = tmp_path_factory.mktemp("int8_report")
+    proc = run_cli("xedge", "validate", trained_run.model_path, trained_tflite["int8"], "--data", val_subset,
+                   "--report", out, "--max-top1-drop", "20", "--min-agreement", "0.7", "--max-kl", "0.5",
+                   "--layer-samples", "4")
+    return proc, out
+
+
+def test_int8_report_matches_an_independent_recomputation(int8_cli_run, trained_run, trained_tflite, val_subset):
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    proc, out = int8_cli_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "XNNPACK" not in proc.stderr
+    assert "report.html" in proc.stdout and "PASS top1_drop" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+
+    files = sorted(val_subset.rglob("*.png"))
+    classes = json.loads((trained_run.run_dir / "labels.json").read_text())["classes"]
+    y = np.array([classes.index(f.parent.name) for f in files])
+    x = np.stack([preprocess_file(f, PreprocessSpec(size=71)) for f in files])
+    model = keras.saving.load_model(trained_run.model_path, compile=False)
+    p_ref = np.asarray(model(x, training=False), dtype=np.float64)
+    it = Interpreter(model_path=str(trained_tflite["int8"]))
+    it.allocate_tensors()
+    (inp,), (outp,) = it.get_input_details(), it.get_output_details()
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], outp["quantization"]
+    rows = []
+    for sample in x:
+        v = (sample[None].astype(np.float32) / np.float32(s_in)).astype(np.float64)
+        q = np.rint(v) + z_in  # TFLite's QUANTIZE: float32 divide, halves to even
+        it.set_tensor(inp["index"], np.clip(q, -128, 127).astype(np.int8))
+        it.invoke()
+        rows.append((it.get_tensor(outp["index"])[0].astype(np.float64) - z_out) * s_out)
+    p_q = np.array(rows)
+    p_ref, p_q = p_ref / p_ref.sum(1, keepdims=True), p_q / p_q.sum(1, keepdims=True)
+    eps = 1e-7
+    a, b = np.clip(p_ref, eps, 1), np.clip(p_q, eps, 1)
+    a, b = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
+    kl = np.sum(a * np.log(a / b), axis=1)
+
+    n = len(files)
+    assert report["samples"] == n == 10 * PER_CLASS
+    assert report["top1_float"] == pytest.approx(np.mean(p_ref.argmax(1) == y))
+    assert report["top1_quant"] == pytest.approx(np.mean(p_q.argmax(1) == y))
+    assert report["top1_drop_pp"] == pytest.approx(100 * (report["top1_float"] - report["top1_quant"]))
+    assert report["agreement"] == pytest.approx(np.mean(p_ref.argmax(1) == p_q.argmax(1)))
+    assert report["kl_mean"] == pytest.approx(kl.mean(), rel=1e-3, abs=1e-6)
+    assert report["kl_max"] == pytest.approx(kl.max(), rel=1e-3, abs=1e-6)
+    assert report["flips_total"] == int(np.sum(p_ref.argmax(1) != p_q.argmax(1)))
+    assert report["top1_float"] > 0.5  # the tiny model learned something: the comparison means something
+    lo, hi = report["top1_drop_ci95_pp"]
+    assert lo <= report["top1_drop_pp"] <= hi
+    assert set(report["per_class"]) == set(classes)
+    assert sum(c["n"] for c in report["per_class"].values()) == n
+    assert report["reference"]["sha256"] == sha256_file(trained_run.model_path)
+    assert report["candidate"]["sha256"] == sha256_file(trained_tflite["int8"])
+    assert report["candidate"]["mode"] == "int8"
+    assert report["preprocessing"]["fingerprint"] == PreprocessSpec(size=71).fingerprint
+    assert report["data"]["labels_source"] == str(trained_run.run_dir / "labels.json")
+    assert report["passed"] and set(report["budgets"]) == {"top1_drop", "agreement", "kl_mean"}
+    layers = report["layers"]
+    assert layers["status"] == "ok", layers
+    assert layers["samples"] == 4 and len(layers["worst"]) == 10
+    assert all(e["rmse_over_scale"] >= 0 for e in layers["all"])
+    assert any(w.startswith("block") for w in layers["worst"])
+    md = (out / "report.md").read_text()
+    assert "Verdict: **PASS**" in md and "## Worst layers" in md
+
+
+@pytest.mark.parametrize("flag,value,name", [("--max-top1-drop", "1", "top1 drop"),
+                                             ("--min-agreement", "0.95", "agreement"),
+                                             ("--max-kl", "0.05", "kl mean")])
+def test_damaged_candidate_trips_each_budget(tmp_path, trained_tflite, damaged_int8, val_subset, flag, value, name):
+    proc = run_cli("xedge", "validate", trained_tflite["float"], damaged_int8, "--data", val_subset,
+                   "--report", tmp_path / "r", flag, value, "--layer-samples", "0")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.search(rf"budget exceeded: {name}: .* vs budget .* \(over by ", proc.stderr), proc.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())  # the report is still written
+    assert report["passed"] is False
+
+
+def test_damaged_candidate_is_visible_in_the_numbers(damaged_report, trained_tflite):
+    r = damaged_report.report
+    assert r["top1_drop_pp"] > 10 and r["agreement"] < 0.9 and r["kl_mean"] > 0.1
+    assert r["flips"] and {"path", "label", "reference", "candidate", "reference_confidence",
+                           "candidate_confidence"} <= set(r["flips"][0])
+    assert r["reference"]["kind"] == "tflite" and r["layers"]["status"] == "ok"
+    assert r["layers"]["float_model"] == "reference .tflite"
+
+
+def test_two_float_tflite_models_agree_and_skip_layers(tmp_path, trained_tflite, val_subset):
+    result = validate(trained_tflite["float"], trained_tflite["float"], val_subset, tmp_path, limit=20,
+                      budgets=Budgets(max_top1_drop_pp=0.0, min_agreement=1.0, max_kl=1e-9))
+    r = result.report
+    assert result.passed and r["samples"] == 20 and r["agreement"] == 1.0 and r["kl_max"] < 1e-9
+    assert r["top1_drop_pp"] == 0.0 and r["mcnemar"]["p_value"] == 1.0
+    assert r["layers"]["status"] == "skipped" and "not an integer-quantized" in r["layers"]["reason"]
+    assert len({tuple(sorted(c)) for c in [r["per_class"]]}) == 1 and len(r["per_class"]) == 10
+
+
+def test_unlabeled_flat_folder_gives_agreement_only(tmp_path, trained_tflite, val_subset):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted(val_subset.rglob("*.png"))[::3]):
+        shutil.copy2(f, flat / f"{i:03d}.png")
+    (flat / "notes.txt").write_text("not an image")
+    result = validate(trained_tflite["float"], trained_tflite["int8"], flat, tmp_path / "r", layer_samples=0)
+    r = result.report
+    assert r["data"]["labeled"] is False and r["samples"] == 20
+    assert r["top1_float"] is None and r["top1_drop_pp"] is None and r["agreement"] > 0.5
+    assert r["per_class_by"] == "reference prediction"
+    assert any("notes.txt" in s["path"] for s in r["data"]["skipped"])
+    with pytest.raises(ValidationError, match="needs labeled data"):
+        validate(trained_tflite["float"], trained_tflite["int8"], flat, tmp_path / "r2",
+                 budgets=Budgets(max_top1_drop_pp=1.0))
+
+
+def test_labels_from_labels_json_versus_sorted_folders(tmp_path, trained_run, trained_tflite, val_subset):
+    bare = tmp_path / "bare"  # no manifest, no labels.json beside the models
+    bare.mkdir()
+    ref, cand = shutil.copy2(trained_tflite["float"], bare / "f.tflite"), shutil.copy2(trained_tflite["int8"],
+                                                                                        bare / "q.tflite")
+    kw = dict(limit=30, layer_samples=0)
+    by_folders = validate(ref, cand, val_subset, tmp_path / "a", **kw).report
+    assert by_folders["data"]["labels_source"] == "sorted class folder names"
+
+    beside = tmp_path / "run_copy"
+    beside.mkdir()
+    ref2 = shutil.copy2(ref, beside / "f.tflite")
+    shutil.copy2(trained_run.run_dir / "labels.json", beside / "labels.json")
+    by_json = validate(ref2, cand, val_subset, tmp_path / "b", **kw).report
+    assert by_json["data"]["labels_source"] == str(beside / "labels.json")
+    assert by_json["top1_float"] == by_folders["top1_float"]  # digits folders sort like the run's labels
+
+    shifted = json.loads((trained_run.run_dir / "labels.json").read_text())["classes"]
+    shifted = shifted[1:] + shifted[:1]  # output i is called class i+1: the mapping must be honoured
+    (tmp_path / "shifted.json").write_text(json.dumps({"classes": shifted}))
+    by_flag = validate(ref, cand, val_subset, tmp_path / "c", labels=tmp_path / "shifted.json", **kw).report
+    assert by_flag["data"]["labels_source"].startswith("--labels")
+    assert by_flag["top1_float"] < 0.3 < by_folders["top1_float"]
+
+    (tmp_path / "wrong.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(10)]}))
+    with pytest.raises(ValidationError, match="not among the model's labels"):
+        validate(ref, cand, val_subset, tmp_path / "d", labels=tmp_path / "wrong.json", **kw)
+
+
+@pytest.fixture(scope="module")
+def nan_keras(tmp_path_factory) -> Path:
+    """A tiny Keras model whose classifier weights are NaN."""
+    import keras
+
+    inputs = keras.Input((71, 71, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(inputs)
+    outputs = keras.layers.Dense(10, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs)
+    kernel, bias = model.get_layer("predictions").get_weights()
+    model.get_layer("predictions").set_weights([np.full_like(kernel, np.nan), bias])
+    path = tmp_path_factory.mktemp("nan") / "nan.keras"
+    model.save(path)
+    return path
+
+
+def test_nan_outputs_and_unusable_data_are_errors_not_passes(tmp_path, nan_keras, trained_tflite, val_subset):
+    proc = run_cli("xedge", "validate", nan_keras, trained_tflite["float"], "--data", val_subset,
+                   "--report", tmp_path / "r", "--limit", "10")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "NaN" in proc.stderr and "reference" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r" / "report.json").exists()
+
+    broken = tmp_path / "broken" / "3"
+    broken.mkdir(parents=True)
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (broken / "b.png").write_bytes(b"")
+    with pytest.raises(ValidationError, match="no usable images"):
+        validate(trained_tflite["float"], trained_tflite["int8"], tmp_path / "broken", tmp_path / "r2")
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _chromium(*args, user_dir: Path) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={user_dir}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+IMG_CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const marker = document.createElement("div");
+  marker.id = "img-check";
+  marker.textContent = `images-decoded ${ok}/${imgs.length}`;
+  document.body.appendChild(marker);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make system-deps installs it)")
+def test_html_report_renders_in_headless_chromium(tmp_path, damaged_report):
+    page = damaged_report.paths["html"]
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained: nothing fetched
+    checked = tmp_path / "checked.html"
+    checked.write_text(text.replace("</body>", IMG_CHECK + "</body>"))
+    dom = _chromium("--virtual-time-budget=5000", "--dump-dom", checked.as_uri(), user_dir=tmp_path / "u1")
+    found = re.search(r"images-decoded (\d+)/(\d+)", dom.stdout)
+    assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
+    ok, total = map(int, found.groups())
+    flips = min(len(damaged_report.report["flips"]), 48)
+    assert total == 4 + flips and ok == total  # per-class, confidence, confusion, layers + thumbnails
+
+    shot = tmp_path / "shot.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri(), user_dir=tmp_path / "u2")
+    assert shot.exists(), "chromium wrote no screenshot"
+    pixels = _png_pixels(shot).reshape(-1, 3).astype(int)
+    assert pixels.std() > 20  # not a blank page
+
+    def share(hex_colour, tol=40):
+        rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+        return np.mean(np.abs(pixels - rgb).sum(axis=1) < tol)
+
+    assert share(REFERENCE_COLOUR) > 0.002, "reference bars/histogram not rendered"
+    assert share(CANDIDATE_COLOUR) > 0.002, "candidate bars/layer chart not rendered"
+
+
+def test_diff_of_three_reports(tmp_path, damaged_report, int8_cli_run, trained_tflite, val_subset):
+    _, int8_out = int8_cli_run
+    float_out = tmp_path / "float"
+    validate(trained_tflite["float"], trained_tflite["float"], val_subset, float_out, limit=20)
+    (float_out / "latency.json").write_text(json.dumps({"latency_ms": {"p50": 3.21, "p90": 4.0}}))
+    reports = [float_out / "report.json", int8_out / "report.json", damaged_report.paths["json"]]
+    proc = run_cli("xedge", "diff", *reports, "--html", tmp_path / "diff.html", "--md", tmp_path / "diff.md")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "damaged_int8.tflite" in proc.stdout and "int8.tflite" in proc.stdout
+    assert "different reference models" in proc.stderr  # Keras vs .tflite references are flagged
+    page = (tmp_path / "diff.html").read_text()
+    assert page.count("<tr>") == 4 and "float" in page and "MiB" in page and "3.21 ms (p50)" in page
+    md = (tmp_path / "diff.md").read_text().splitlines()
+    assert sum(1 for line in md if line.startswith("| ") and "MiB" in line) == 3
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    proc = run_cli("xedge", "diff", reports[0], bad)
+    assert proc.returncode == 2 and "not an xedge validation report" in proc.stderr
+
+
+
+def test_layer_errors_is_usable_on_its_own(trained_tflite, val_subset):
+    from pipeline.layer_error import layer_errors
+
+    float_bytes, int8_bytes = trained_tflite["float"].read_bytes(), trained_tflite["int8"].read_bytes()
+    inputs = [preprocess_file(f, PreprocessSpec(size=71)) for f in sorted(val_subset.rglob("*.png"))[:3]]
+    errors = layer_errors(float_bytes, int8_bytes, inputs)
+    assert len(errors) > 20 and all(e.samples == 3 for e in errors)
+    ratios = [e.rmse_over_scale for e in errors]
+    assert ratios == sorted(ratios, reverse=True)
+    first_conv = next(e for e in errors if e.layer == "block1_conv1")
+    assert 0.1 < first_conv.rmse_over_scale < 2.0  # near rounding noise (0.29) this early in the network
+    assert {e.op for e in errors} >= {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+    with pytest.raises(ValueError, match="no quantized tensor"):
+        layer_errors(float_bytes, float_bytes, inputs)
+
+
+def test_a_failing_layer_step_is_reported_and_the_rest_stands(tmp_path, monkeypatch, trained_tflite, val_subset):
+    import pipeline.layer_error
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tensor 12 is not preserved")  # how upstream's debugger breaks (tensorflow#86949)
+
+    monkeypatch.setattr(pipeline.layer_error, "layer_errors", broken)
+    r = validate(trained_tflite["float"], trained_tflite["int8"], val_subset, tmp_path, limit=10).report
+    assert r["layers"]["status"] == "failed" and "not preserved" in r["layers"]["reason"]
+    assert r["samples"] == 10 and r["agreement"] is not None
+    assert "Per-layer errors failed" in (tmp_path / "report.html").read_text()
