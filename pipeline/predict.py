@@ -76,11 +76,12 @@ class TfliteRunner:
     """A pool of batch-1 LiteRT interpreters (XNNPACK), one per worker thread."""
 
     def __init__(self, path: str | os.PathLike, *, workers: int | None = None):
+        from pipeline.safe_tflite import load_untrusted
+
         path = Path(path)
-        try:
-            self.model_bytes = path.read_bytes()
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+        # Untrusted files get their first load and invoke in a limited child: a corrupt
+        # flatbuffer then ends in "invalid model: ...", never a crash of this process.
+        self.model_bytes = load_untrusted(path)
         self.workers = workers or default_workers()
         first = open_interpreter(self.model_bytes, name=str(path))
         ins, outs = first.get_input_details(), first.get_output_details()

@@ -388,3 +388,21 @@ def test_decoder_never_crashes_on_arbitrary_bytes(data):
         assert exc.reason
     else:
         assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+
+
+def test_bench_and_validate_report_invalid_models(small_tflite, converted, digits, tmp_path):
+    """Both commands that load .tflite files from users go through the sandboxed loader."""
+    for name, data in _broken_models(small_tflite).items():
+        bad = tmp_path / "bad.tflite"
+        bad.write_bytes(data)
+        manifest_path_for(bad).unlink(missing_ok=True)
+        if name == "bit-flipped":
+            import shutil
+
+            shutil.copy(converted.manifest_path, manifest_path_for(bad))
+        for args in (["xedge", "bench", bad, "--runs", "2"],
+                     ["xedge", "validate", converted.path, bad, "--data", digits["val"], "--report",
+                      tmp_path / "r", "--limit", "10"]):
+            proc = run_cli(*args, cwd=tmp_path)
+            assert proc.returncode == 2, (name, args[1], proc.stderr)
+            assert proc.stderr.startswith("error: invalid model: ") and "Traceback" not in proc.stderr, proc.stderr
