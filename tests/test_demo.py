@@ -21,3 +21,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert manifest["ops"]["left_float"] == []
     assert len(list((out / "data" / "train").iterdir())) == 10
     assert "validation accuracy of the float model" in proc.stdout
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["samples"] > 300 and report["top1_drop_pp"] <= 5.0
+    assert (out / "report" / "report.html").stat().st_size > 10_000
+    assert "int8 drift" in proc.stdout and "model_int8 / model_float" in proc.stdout
+    assert "XNNPACK partitions │ 1" in proc.stdout

@@ -137,3 +137,36 @@ def test_connection_refused_is_one_clear_error(sshd, trained_tflite):
     profile = replace(sshd["profile"], port=_free_port())
     with pytest.raises(DeviceError, match="connection refused"):
         bench([trained_tflite["float"]], profile)
+
+
+def test_device_dropping_mid_run_is_an_error_and_cleans_up(sshd, trained_tflite):
+    """The connection dies while the runner runs (its sshd session is killed): a clear error, no leftovers."""
+    import threading
+
+    profile = replace(sshd["profile"], command_timeout_s=60, runs=1_000_000, warmup=0)
+    outcome = {}
+
+    def run():
+        try:
+            bench([trained_tflite["float"]], profile)
+        except DeviceError as exc:
+            outcome["error"] = str(exc)
+
+    worker = threading.Thread(target=run)
+    start = time.monotonic()
+    worker.start()
+    time.sleep(4)
+    main_pid = int((sshd["dir"] / "sshd.pid").read_text().split()[0]) if (sshd["dir"] / "sshd.pid").exists() else None
+    pids = subprocess.run(["pgrep", "-P", str(main_pid)] if main_pid else ["pgrep", "-f", "sshd: "],
+                          capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), 9)  # the device "drops": its session processes die mid-run
+    worker.join(timeout=90)
+    assert not worker.is_alive() and time.monotonic() - start < 90
+    assert "error" in outcome, "a dropped device must be an error"
+    assert "ssh" in outcome["error"].lower() or "connection" in outcome["error"].lower(), outcome["error"]
+    subprocess.run(["pkill", "-f", str(sshd["workdir"])], check=False)  # the orphaned runner, if any
+    deadline = time.monotonic() + 10
+    while list(sshd["workdir"].iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(sshd["workdir"].iterdir()) == [], "the remote temp folder must be removed when the device is back"
