@@ -1,0 +1,109 @@
+"""Every conversion mode of one model, validated and benched, in one table.
+
+A user choosing between float16, int8 and int8-with-fallback needs accuracy,
+latency and size side by side, measured the same way. Each mode is converted
+with ``export_tflite`` (the fallback with ``convert_within_budget``), checked
+with ``validate`` against the float source, and benched with the ``bench``
+callable the caller passes in (``devices`` may not be imported from here).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline import artifacts
+from pipeline.errors import BudgetNotReached, ConversionError
+from pipeline.export import ConvertSettings, export_tflite
+
+# name -> (mode, settings overrides); "int8-fallback" is int8 under an accuracy budget
+SWEEP_MODES: dict[str, tuple[str, dict]] = {
+    "float": ("float", {}),
+    "dynamic": ("dynamic", {}),
+    "fp16": ("fp16", {}),
+    "int8": ("int8", {}),
+    "int8-per-tensor": ("int8", {"per_channel": False}),
+    "int8-fallback": ("int8", {}),
+    "int16x8": ("int16x8", {}),
+}
+Bench = Callable[[Path], dict]  # .tflite -> {"p50_ms": ..., "p90_ms": ...}
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    paths: dict[str, Path]
+    record: dict
+
+
+def run_sweep(model_path, *, representative, eval_dir, out_dir, bench: Bench | None = None,
+              max_drop_pp: float = 1.0, max_float_layers: int = 8, eval_limit: int | None = None,
+              modes=tuple(SWEEP_MODES), force: bool = False, say: Callable[[str], None] = lambda s: None,
+              trust_model_code: bool = False) -> SweepResult:
+    from pipeline.accuracy_budget import convert_within_budget
+    from pipeline.modelio import load_source
+    from pipeline.validate import validate
+
+    unknown = [m for m in modes if m not in SWEEP_MODES]
+    if unknown:
+        raise ConversionError(f"unknown sweep mode(s) {', '.join(unknown)}; choose from {', '.join(SWEEP_MODES)}")
+    t0 = time.perf_counter()
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = load_source(model_path, trust_code=trust_model_code)
+    rows = []
+    for name in modes:
+        mode, overrides = SWEEP_MODES[name]
+        settings = ConvertSettings(mode, trust_model_code=trust_model_code, **overrides)
+        target = out_dir / f"model_{name}.tflite"
+        t = time.perf_counter()
+        say(f"{name}: converting")
+        note, float_layers = "", []
+        calibration = representative if mode in ("int8", "int16x8") else None
+        if name == "int8-fallback":
+            try:
+                exported = convert_within_budget(model_path, settings, representative=calibration, eval_dir=eval_dir,
+                                                 max_drop_pp=max_drop_pp, max_float_layers=max_float_layers,
+                                                 eval_limit=eval_limit, out=target, force=force,
+                                                 source=source).export
+            except BudgetNotReached as exc:
+                note = f"budget {max_drop_pp:g} pp not reached"
+                target = target.with_name(f"{target.stem}_over_budget.tflite")
+                exported = None
+                say(f"{name}: {exc}")
+            manifest = artifacts.read_manifest(artifacts.manifest_path_for(target))
+            float_layers = manifest["float_fallback"]["layers"]
+            if not note:
+                note = (f"{len(float_layers)} float layers" if float_layers
+                        else f"int8 already within {max_drop_pp:g} pp: no fallback")
+            path = exported.path if exported else target
+        else:
+            path = export_tflite(model_path, settings, out=target, representative=calibration, force=force,
+                                 source=source).path
+        convert_s = time.perf_counter() - t
+        say(f"{name}: validating")
+        report = validate(model_path, path, eval_dir, out_dir / "reports" / name, limit=eval_limit, layer_samples=0,
+                          trust_code=trust_model_code).report
+        latency = bench(path) if bench is not None else None
+        rows.append({"mode": name, "path": str(path), "bytes": path.stat().st_size,
+                     "top1": report["top1_quant"], "top1_float": report["top1_float"],
+                     "top1_drop_pp": report["top1_drop_pp"], "drop_ci95_pp": report["top1_drop_ci95_pp"],
+                     "agreement": report["agreement"], "kl_mean": report["kl_mean"],
+                     "p50_ms": latency["p50_ms"] if latency else None,
+                     "p90_ms": latency["p90_ms"] if latency else None,
+                     "float_layers": float_layers, "note": note, "convert_s": round(convert_s, 2),
+                     "report": str(Path("reports") / name / "report.html")})
+    record = artifacts.base_manifest("sweep")
+    record.update({"model": {"path": str(model_path), "sha256": artifacts.sha256_any(model_path)},
+                   "eval": {"folder": str(eval_dir), "limit": eval_limit, "images": report["samples"]},
+                   "budget_top1_drop_pp": max_drop_pp, "max_float_layers": max_float_layers,
+                   "latency": "p50/p90 ms from the bench callable" if bench is not None else None,
+                   "rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
+    from pipeline.sweep_report import render_html, render_markdown
+
+    paths = {"json": artifacts.atomic_write_json(out_dir / "sweep.json", record),
+             "md": artifacts.atomic_write_bytes(out_dir / "sweep.md", render_markdown(record).encode()),
+             "html": artifacts.atomic_write_bytes(out_dir / "sweep.html", render_html(record).encode())}
+    return SweepResult(rows, paths, record)

@@ -1,0 +1,89 @@
+"""`xedge sweep`: every mode converted, validated and benched, on the trained tiny digits model.
+
+One real CLI run (subprocess, real local bench) on a small eval sample; the
+HTML is rendered in headless Chromium as in tests/test_validate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.sweep import SWEEP_MODES
+from tests.conftest import run_cli
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+EVAL_LIMIT = 40
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory, trained_run, digits):
+    out = tmp_path_factory.mktemp("sweep")
+    proc = run_cli("xedge", "sweep", trained_run.model_path, "--calib", digits["samples"], "--calib-size", 32,
+                   "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--out", out, "--max-drop", 2.5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_sweep_writes_one_row_per_mode(sweep_run):
+    out, proc = sweep_run
+    record = json.loads((out / "sweep.json").read_text())
+    rows = {r["mode"]: r for r in record["rows"]}
+    assert list(rows) == list(SWEEP_MODES)
+    for name, row in rows.items():
+        assert Path(row["path"]).is_file() and row["bytes"] == Path(row["path"]).stat().st_size, name
+        assert row["p50_ms"] > 0 and row["p90_ms"] >= row["p50_ms"], name
+        assert 0 <= row["top1"] <= 1 and row["top1_float"] == rows["float"]["top1_float"], name
+        assert (out / row["report"]).is_file(), name
+    assert rows["float"]["top1_drop_pp"] == 0 and rows["float"]["agreement"] == 1.0
+    assert rows["int8"]["bytes"] < rows["fp16"]["bytes"] < rows["float"]["bytes"]
+    fallback = rows["int8-fallback"]
+    assert fallback["top1_drop_pp"] <= 2.5
+    if not fallback["float_layers"]:
+        assert "no fallback" in fallback["note"]
+    assert record["eval"]["images"] == EVAL_LIMIT
+    md = (out / "sweep.md").read_text()
+    assert all(f"| {name} |" in md for name in SWEEP_MODES)
+    assert "int8-per-tensor" in proc.stdout and "sweep.html" in proc.stdout
+
+
+def _chromium(*args, user_dir: Path) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={user_dir}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+IMG_CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 100).length;
+  const rows = document.querySelectorAll("table tr").length;
+  const marker = document.createElement("div");
+  marker.id = "img-check";
+  marker.textContent = `images-decoded ${ok}/${imgs.length} rows ${rows}`;
+  document.body.appendChild(marker);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make system-deps installs it)")
+def test_sweep_html_renders_in_headless_chromium(sweep_run, tmp_path):
+    out, _ = sweep_run
+    text = (out / "sweep.html").read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained
+    checked = out / "checked.html"  # beside sweep.html, so the relative report links resolve
+    checked.write_text(text.replace("</body>", IMG_CHECK + "</body>"))
+    dom = _chromium("--virtual-time-budget=5000", "--dump-dom", checked.as_uri(), user_dir=tmp_path / "u")
+    found = re.search(r"images-decoded (\d+)/(\d+) rows (\d+)", dom.stdout)
+    assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
+    ok, total, rows = map(int, found.groups())
+    assert total == 2 and ok == 2  # the accuracy-vs-latency scatter and the size bars
+    assert rows == 1 + len(SWEEP_MODES)
+    links = re.findall(r'href="([^"]+)"', text)
+    assert len(links) == len(SWEEP_MODES) and all((out / link).is_file() for link in links)
