@@ -76,6 +76,8 @@ class Bar:
         return False
 
     def __call__(self, done: int, total: int) -> None:
+        if not self._progress.console.is_terminal:
+            return  # no bar in logs and pipes: it would only leave blank lines
         if self._task is None:
             self._progress.start()
             self._task = self._progress.add_task(self._description, total=total)
@@ -152,9 +154,15 @@ def mode_options(fn):
 @click.option("--trust-model-code", is_flag=True,
               help="Allow Lambda layers and other code inside MODEL to run when it loads (unsafe).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
+@click.option("--max-drop", type=click.FloatRange(min=0), metavar="PP", help="Accuracy budget: top-1 drop in "
+              "percentage points on --eval; layers are kept in float until it holds (exit 3 if it cannot).")
+@click.option("--eval", "eval_dir", type=click.Path(), help="Labeled images (one subfolder per class) for --max-drop.")
+@click.option("--eval-limit", type=click.IntRange(1), help="Use at most N --eval images (round-robin over classes).")
+@click.option("--max-float-layers", default=8, show_default=True, type=click.IntRange(0),
+              help="With --max-drop: at most this many layers kept in float.")
 @guarded
 def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
-                    out, force, trust_model_code, as_json):
+                    out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, max_float_layers):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
     Without MODEL, the latest training run (runs/latest/model.keras) is used.
@@ -177,6 +185,10 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         raise click.UsageError(f"--calib is only used by --int8 and --int16x8, not --{mode}")
     if float_io and mode not in CALIBRATED_MODES:
         raise click.UsageError("--float-io only applies to --int8 and --int16x8")
+    if (max_drop is None) != (eval_dir is None):
+        raise click.UsageError("--max-drop and --eval go together")
+    if max_drop is not None and mode not in CALIBRATED_MODES:
+        raise click.UsageError(f"--max-drop applies to --int8 and --int16x8, not --{mode}")
     path = _resolve_model(model)
     settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
                                per_channel=not per_tensor, trust_model_code=trust_model_code,
@@ -199,6 +211,9 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
     elif mode in CALIBRATED_MODES and not _is_qat(source):
         raise CalibrationError(f"--{mode} needs --calib DIR: a folder of representative images "
                                "(a few hundred from the training distribution)")
+    if max_drop is not None:
+        return _convert_within_budget(path, settings, representative, source, eval_dir, max_drop, max_float_layers,
+                                      eval_limit, out, force, as_json)
     with Bar("calibrating") as bar:
         result = export_tflite(path, settings, out=out, representative=representative, force=force,
                                progress=bar, source=source)
@@ -215,6 +230,42 @@ def _is_qat(source) -> bool:
     from pipeline.export import is_qat_model
 
     return is_qat_model(source)
+
+
+def _fallback_latency(before: Path, after: Path) -> dict:
+    """A quick local A/B bench: the latency cost of the layers kept in float."""
+    from devices.bench import compare
+
+    result = compare(before, after, runs=30, warmup=3, reference=False)
+    a, b = (r["latency_ms"]["p50"] for r in result["results"])
+    return {"device": "local", "runs": 30, "all_quantized_p50_ms": a, "with_fallback_p50_ms": b,
+            "ratio_p50": result["compare"]["ratio_b_over_a"]["p50"]}
+
+
+def _convert_within_budget(path, settings, representative, source, eval_dir, max_drop, max_float_layers, eval_limit,
+                           out, force, as_json):
+    from pipeline.accuracy_budget import convert_within_budget
+
+    say = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
+    result = convert_within_budget(path, settings, representative=representative, eval_dir=eval_dir,
+                                   max_drop_pp=max_drop, max_float_layers=max_float_layers, eval_limit=eval_limit,
+                                   out=out, force=force, source=source, latency=_fallback_latency, say=say)
+    record = result.record
+    if as_json:
+        import json
+
+        click.echo(json.dumps({**result.export.summary, "manifest": str(result.export.manifest_path),
+                               "float_fallback": record["layers"], "final_top1_drop_pp": record["final_top1_drop_pp"],
+                               "latency": record["latency"]}))
+        return
+    _print_summary(result.export.summary)
+    layers = ", ".join(record["layers"]) or "none needed"
+    click.echo(f"top-1 drop {record['final_top1_drop_pp']:.2f} pp (budget {max_drop:g} pp); float layers: {layers}")
+    if record["latency"]:
+        lat = record["latency"]
+        click.echo(f"latency cost of the fallback (local, p50): {lat['all_quantized_p50_ms']:.3f} ms -> "
+                   f"{lat['with_fallback_p50_ms']:.3f} ms (x{lat['ratio_p50']:.2f})")
+    click.echo(f"wrote {result.export.path} and {result.export.manifest_path}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -352,6 +403,65 @@ def diff_command(reports, html_out, md_out):
         click.echo(f"wrote {path}")
 
 
+def _sweep_bench(path: Path) -> dict:
+    from devices.bench import bench
+
+    latency = bench([path], runs=30, warmup=3)["latency_ms"]
+    return {"p50_ms": latency["p50"], "p90_ms": latency["p90"]}
+
+
+@cli.command("sweep")
+@click.argument("model", type=click.Path())
+@click.option("--calib", required=True, type=click.Path(), help="Calibration images (for the int8/int16x8 modes).")
+@click.option("--calib-size", default=200, show_default=True, type=click.IntRange(1))
+@click.option("--eval", "eval_dir", required=True, type=click.Path(), help="Labeled images: one subfolder per class.")
+@click.option("--eval-limit", type=click.IntRange(1), help="Use at most N eval images (round-robin over classes).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder for the models, reports and sweep.json/.md/.html.")
+@click.option("--max-drop", default=1.0, show_default=True, type=click.FloatRange(min=0), metavar="PP",
+              help="Budget of the int8-fallback mode (top-1 drop, percentage points).")
+@click.option("--max-float-layers", default=8, show_default=True, type=click.IntRange(0))
+@click.option("--modes", help="Comma-separated subset of: float, dynamic, fp16, int8, int8-per-tensor, "
+              "int8-fallback, int16x8 (default: all).")
+@click.option("--no-bench", is_flag=True, help="Skip the local latency bench.")
+@click.option("--force", is_flag=True, help="Overwrite models from an earlier sweep in --out.")
+@guarded
+def sweep_command(model, calib, calib_size, eval_dir, eval_limit, out, max_drop, max_float_layers, modes, no_bench,
+                  force):
+    """Convert MODEL in every mode, validate and bench each, and write one comparison table.
+
+    \b
+    Example:
+      xedge sweep runs/latest/model.keras --calib ./samples --eval ./val --out sweep
+    """
+    from rich.table import Table
+
+    from calibrate.dataset import build_calibration_set
+    from pipeline.modelio import load_source
+    from pipeline.preprocessing import PreprocessSpec
+    from pipeline.sweep import SWEEP_MODES, run_sweep
+    from pipeline.sweep_report import COLUMNS, table_rows
+
+    size = load_source(Path(model)).input_size
+    with Bar("reading calibration images") as bar:
+        representative = build_calibration_set(calib, PreprocessSpec(size=size), size=calib_size, progress=bar)
+    chosen = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(SWEEP_MODES)
+    result = run_sweep(model, representative=representative, eval_dir=eval_dir, out_dir=out,
+                       bench=None if no_bench else _sweep_bench, max_drop_pp=max_drop,
+                       max_float_layers=max_float_layers, eval_limit=eval_limit, modes=chosen, force=force,
+                       say=lambda s: click.echo(s, err=True))
+    table = Table(title=f"sweep of {model}")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in table_rows(result.record):
+        table.add_row(*row)
+    console = _console(stderr=False)
+    if not console.is_terminal:
+        console.width = 200
+    console.print(table)
+    click.echo(f"wrote {result.paths['html']} (also sweep.json, sweep.md; per-mode reports in {out}/reports)")
+
+
 class EpochBars:
     """One rich progress bar per epoch, fed by the library's (epoch, step, steps) callbacks."""
 
@@ -433,7 +543,10 @@ def train_command(data, val, out, epochs, batch_size, input_size, width, middle_
     m = result.manifest
     click.echo(f"validation accuracy {result.val_accuracy:.4f}; {m['images_per_s']} images/s on "
                f"{m['devices']['kind']} ({m['devices']['replicas']} replicas)")
-    click.echo(f"wrote {result.run_dir}/model.keras, labels.json, manifest.json")
+    if result.wrote:
+        click.echo(f"wrote {result.run_dir}/model.keras, labels.json, manifest.json")
+    else:
+        click.echo("worker finished; the chief worker writes the run folder")
 
 
 def _threads_list(value: str | None) -> list[int] | None:

@@ -26,12 +26,14 @@ class DemoResult:
     val_accuracy: float | None
     exports: dict = field(default_factory=dict)  # mode -> ExportResult
     steps: list[tuple[str, float]] = field(default_factory=list)
+    validation: object | None = None  # pipeline.validate.ValidationResult of int8 vs the float model
+    bench: dict | None = None  # devices.bench.compare of float (A) and int8 (B) on this machine
 
 
 def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], object],
              say: Callable[[str], None] = lambda s: None,
              on_epoch=None, on_calibration=None, config: TrainConfig | None = None,
-             force: bool = True) -> DemoResult:
+             force: bool = True, bench: Callable[[dict[str, Path]], dict] | None = None) -> DemoResult:
     out = Path(out)
     cfg = config or TrainConfig(epochs=6, input_size=71, width=0.25, middle_blocks=2)
     steps: list[tuple[str, float]] = []
@@ -60,4 +62,24 @@ def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], object]
     result.exports["int8"] = export_tflite(run.model_path, ConvertSettings("int8"), out=out / "model_int8.tflite",
                                            representative=calibration, force=force, progress=on_calibration)
     steps.append(("convert int8", time.perf_counter() - t))
+
+    result.validation = validate_step(result, say=say)
+
+    if bench is not None:
+        t = time.perf_counter()
+        say("benching the float and int8 models on this machine (runs alternate, fresh process)")
+        result.bench = bench({mode: exported.path for mode, exported in result.exports.items()})
+        steps.append(("bench", time.perf_counter() - t))
     return result
+
+
+def validate_step(result: DemoResult, *, say: Callable[[str], None] = lambda s: None, progress=None):
+    """Drift of the int8 model against the float Keras model on the held-out digits."""
+    from pipeline.validate import validate
+
+    t = time.perf_counter()
+    say(f"validating int8 against the float model on {result.folders['val']}")
+    validation = validate(result.run_dir / "model.keras", result.exports["int8"].path, result.folders["val"],
+                          result.out / "report", progress=progress)
+    result.steps.append(("validate", time.perf_counter() - t))
+    return validation

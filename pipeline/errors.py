@@ -41,6 +41,26 @@ class TrainingError(XedgeError):
     """Training cannot start or resume with the given settings."""
 
 
+class TrainingInterrupted(TrainingError):
+    """A signal stopped training after a checkpoint was saved; the same command resumes.
+
+    The exit code is the shell's for the signal (130 for SIGINT, 143 for SIGTERM),
+    so job schedulers see a preempted job, not a failed one.
+    """
+
+    def __init__(self, message: str, exit_code: int = 143):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ValidationError(XedgeError):
+    """Drift validation cannot give a trustworthy answer (NaN outputs, no usable images, mismatched models)."""
+
+
+class DeviceError(XedgeError):
+    """A device cannot be reached or used: unknown profile, ssh/adb failure, runner error on the device."""
+
+
 class BudgetExceeded(XedgeError):
     """A measured figure (accuracy drop, latency) is outside its budget.
 
@@ -48,3 +68,11 @@ class BudgetExceeded(XedgeError):
     """
 
     exit_code = 3
+
+
+class BudgetNotReached(BudgetExceeded):
+    """``convert --max-drop``: no model within the accuracy budget using the allowed float layers.
+
+    A budget miss (exit 3) rather than a conversion error: the tool worked and
+    kept its best attempt under a distinct name; the model cannot meet the budget.
+    """

@@ -47,8 +47,12 @@ class ConvertSettings:
     trust_model_code: bool = False
     optimize: bool = True
     calibrator: str = "fast"  # "fast" (min/max under XNNPACK, all cores) or "stock" (the converter's own)
+    float_layers: tuple[str, ...] = ()  # Keras layers kept in float (pipeline.float_fallback)
 
     def __post_init__(self):
+        object.__setattr__(self, "float_layers", tuple(str(name) for name in self.float_layers))
+        if self.float_layers and self.mode not in CALIBRATED_MODES:
+            raise ConversionError(f"float layers only apply to int8 and int16x8, not {self.mode}")
         if self.mode not in MODES:
             raise ConversionError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.calibrator not in ("fast", "stock"):
@@ -184,7 +188,12 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     hook = fast_calibration(record) if use_fast else contextlib.nullcontext()
     if representative is not None and not use_fast:
         record["calibrator"] = "stock"
-    with native_stderr_captured() as log, hook:
+    keeper = contextlib.nullcontext()
+    if settings.float_layers:
+        from pipeline.float_fallback import keep_float
+
+        keeper = keep_float(settings.float_layers, int16=settings.mode == "int16x8", record=record)
+    with native_stderr_captured() as log, hook, keeper:
         try:
             return bytes(converter.convert())
         except (CalibrationError, ConversionError):
@@ -208,8 +217,14 @@ def check_integer_ops(info, settings: ConvertSettings) -> None:
 
 def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, out: str | os.PathLike | None = None,
                   representative: Representative | None = None, force: bool = False,
-                  progress: Progress | None = None, source: SourceModel | None = None) -> ExportResult:
-    """Convert ``model_path`` and write ``out`` plus its manifest atomically."""
+                  progress: Progress | None = None, source: SourceModel | None = None,
+                  annotate: Callable[[bytes], dict] | None = None) -> ExportResult:
+    """Convert ``model_path`` and write ``out`` plus its manifest atomically.
+
+    ``annotate`` sees the final bytes before anything is written and returns
+    manifest entries (the accuracy search records its measurements this way,
+    so they describe exactly the bytes on disk).
+    """
     from pipeline.tflite_info import inspect_tflite
 
     t0 = time.perf_counter()
@@ -262,6 +277,8 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     labels = _labels_beside(model_path)
     if labels is not None:
         manifest["labels"] = labels
+    if annotate is not None:
+        manifest.update(annotate(model_bytes))
     t_end = time.perf_counter()
     manifest["timing"] = {"load_s": round(t_load - t0, 3), "convert_s": round(t_convert - t_load, 3),
                           "optimize_s": round(t_optimize - t_convert, 3), "total_s": round(t_end - t0, 3)}

@@ -151,6 +151,19 @@ def _saved_model_shape(path: Path) -> tuple[tuple, int]:
     return tuple(int(s) for s in shape), int(outs[0].shape[-1])
 
 
+_QUANTIZE_CLASSES = ("QuantizeLayer", "QuantizeWrapper", "QuantizeWrapperV2")
+
+
+def _is_quantized_config(config) -> bool:
+    return any(f'"{name}"' in json.dumps(config) for name in _QUANTIZE_CLASSES)
+
+
+def _quantize_scope():
+    from pipeline.tfmot_import import import_tfmot
+
+    return import_tfmot().quantization.keras.quantize_scope()
+
+
 def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceModel:
     """Load a float model for conversion or evaluation, refusing embedded code."""
     path = Path(path)
@@ -171,10 +184,15 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
 
             model = keras.saving.load_model(path, compile=False, safe_mode=not trust_code)
         else:
+            import contextlib
+
             import tf_keras
 
             kwargs = {} if path.suffix.lower() != ".keras" else {"safe_mode": not trust_code}
-            model = tf_keras.models.load_model(path, compile=False, **kwargs)
+            # Quantization-aware models (``xedge qat``) hold tfmot's wrapper layers, known only in its scope.
+            scope = _quantize_scope() if _is_quantized_config(config) else contextlib.nullcontext()
+            with scope:
+                model = tf_keras.models.load_model(path, compile=False, **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
