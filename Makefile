@@ -39,6 +39,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench
 
 clean:

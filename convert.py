@@ -149,6 +149,8 @@ def mode_options(fn):
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
 @click.option("--no-optimize", is_flag=True, help="Skip the graph rewrites that keep XNNPACK in one partition "
               "(RELU after a shared residual ADD fused into a second ADD; checked on the calibration images).")
+@click.option("--calibrator", type=click.Choice(["fast", "stock"]), default="fast", show_default=True,
+              help="fast: exact min/max under XNNPACK on all cores; stock: TFLite's own logging calibrator.")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--trust-model-code", is_flag=True,
@@ -162,7 +164,7 @@ def mode_options(fn):
               help="With --max-drop: at most this many layers kept in float.")
 @guarded
 def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
-                    out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, max_float_layers):
+                    calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, max_float_layers):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
     Without MODEL, the latest training run (runs/latest/model.keras) is used.
@@ -192,7 +194,7 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
     path = _resolve_model(model)
     settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
                                per_channel=not per_tensor, trust_model_code=trust_model_code,
-                               optimize=not no_optimize)
+                               optimize=not no_optimize, calibrator=calibrator)
     from pipeline.artifacts import check_writable
     from pipeline.export import default_output
 

@@ -107,7 +107,7 @@ def rank_layers(float_bytes: bytes, quant_bytes: bytes, inputs, exclude=()) -> l
 
     errors = layer_errors(float_bytes, quant_bytes, inputs)
     by_tensor = {e.tensor: e for e in errors}
-    interpreter = open_interpreter(quant_bytes, preserve_all_tensors=True)
+    interpreter = open_interpreter(quant_bytes)  # names and op wiring only; nothing runs
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
     scores: dict[str, dict] = {}
     for op in interpreter._get_ops_details():  # noqa: SLF001 - the only API that maps ops to tensors

@@ -3,10 +3,15 @@
 The idea of TFLite's QuantizationDebugger (RMSE over the quantization scale
 per layer), done without it: the upstream debugger has broken between
 releases (tensorflow/tensorflow#86949). Here the float .tflite and the
-integer .tflite of one source run side by side with all tensors preserved,
-and each quantized op output is compared with the float tensor of the same
-name (the converter names both alike, e.g.
-``xception_1/block7_sepconv2_bn_1/batchnorm/add_1;...``).
+integer .tflite of one source run side by side, each quantized op output
+compared with the float tensor of the same name (the converter names both
+alike, e.g. ``xception_1/block7_sepconv2_bn_1/batchnorm/add_1;...``).
+
+The compared tensors are made graph outputs of copies of both models, which
+then run under XNNPACK with normal memory planning. Keeping every tensor
+instead (``experimental_preserve_all_tensors``, reference kernels) kept the
+scratch buffers too and took 24 GB on Xception-299 until the OOM killer
+stepped in; the outputs copy takes the activations of one image.
 
 The error is accumulated, not isolated: each layer sees the integer model's
 own (already perturbed) inputs. An RMSE/scale near 0.29 is pure rounding
@@ -17,6 +22,7 @@ reusable entry point (float fallback ranking uses it too).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -112,6 +118,17 @@ def _quantized_outputs(interpreter) -> list[tuple[int, str, str, float, int]]:
     return found
 
 
+def expose_tensors(model_bytes: bytes, indices) -> bytes:
+    """A copy of the model in which the given tensors are also graph outputs (so they survive planning)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    graph = model.subgraphs[0]
+    keep = list(dict.fromkeys([int(o) for o in graph.outputs] + [int(i) for i in indices]))
+    graph.outputs = np.asarray(keep, dtype=np.int32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.ndarray]) -> list[LayerError]:
     """Per-layer error of ``quant_model`` against ``float_model`` over float ``inputs`` (HxWx3, preprocessed).
 
@@ -121,11 +138,11 @@ def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.nda
     """
     from pipeline.predict import open_interpreter
 
-    ref = open_interpreter(float_model, preserve_all_tensors=True)
-    quant = open_interpreter(quant_model, preserve_all_tensors=True)
-    ref_by_name = {d["name"]: d for d in ref.get_tensor_details() if d["name"]}
+    ref_plain = open_interpreter(float_model)
+    quant_plain = open_interpreter(quant_model)
+    ref_by_name = {d["name"]: d for d in ref_plain.get_tensor_details() if d["name"]}
     pairs = []
-    for index, name, op, scale_, zero in _quantized_outputs(quant):
+    for index, name, op, scale_, zero in _quantized_outputs(quant_plain):
         match = ref_by_name.get(name)
         if match is None or np.dtype(match["dtype"]).kind != "f":
             continue
@@ -135,6 +152,10 @@ def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.nda
     if not pairs:
         raise ValueError("no quantized tensor of the integer model has a float tensor of the same name in the "
                          "reference (not converted from the same source, or the reference is not float)")
+    del ref_plain, quant_plain
+    threads = max(1, os.cpu_count() or 1)
+    ref = open_interpreter(expose_tensors(float_model, [p[1] for p in pairs]), threads=threads)
+    quant = open_interpreter(expose_tensors(quant_model, [p[0] for p in pairs]), threads=threads)
     ref_in, q_in = ref.get_input_details()[0], quant.get_input_details()[0]
     for x in inputs:
         x = np.asarray(x, dtype=np.float32)[None]

@@ -42,10 +42,27 @@ def _img(b64: str, alt: str, cls: str = "plot") -> str:
     return f'<img class="{cls}" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
+MAX_PLOTTED_CLASSES = 30  # a 1000-class figure at full size took 20 GB in Agg; the JSON keeps every class
+
+
+def _changed_most(names: list, rows: list, key) -> tuple[list, list]:
+    """The classes that changed most, when there are too many to draw legibly."""
+    if len(names) <= MAX_PLOTTED_CLASSES:
+        return names, rows
+    order = sorted(range(len(names)), key=lambda i: -key(rows[i]))[:MAX_PLOTTED_CLASSES]
+    order.sort()
+    return [names[i] for i in order], [rows[i] for i in order]
+
+
 def per_class_plot(r: dict) -> str:
     plt = _plt()
     names = list(r["per_class"])
     rows = list(r["per_class"].values())
+    total = len(names)
+    if r["per_class_by"] == "true label":
+        names, rows = _changed_most(names, rows, lambda c: abs(c["top1_float"] - c["top1_quant"]))
+    else:
+        names, rows = _changed_most(names, rows, lambda c: 1.0 - c["agreement"])
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 3.2))
     x = np.arange(len(names))
     if r["per_class_by"] == "true label":
@@ -58,7 +75,8 @@ def per_class_plot(r: dict) -> str:
         ax.set_ylabel("agreement")
     ax.set_ylim(0, 1.05)
     ax.set_xticks(x, names, rotation=45 if len(names) > 12 else 0, ha="right" if len(names) > 12 else "center")
-    ax.set_title(f"per class (by {r['per_class_by']})")
+    shown = "" if len(names) == total else f", the {len(names)} of {total} classes that changed most"
+    ax.set_title(f"per class (by {r['per_class_by']}{shown})")
     return _png(fig)
 
 
@@ -99,7 +117,12 @@ def confidence_plot(r: dict, ref_conf=None, cand_conf=None) -> str:
 def confusion_plot(r: dict) -> str:
     plt = _plt()
     m = np.asarray(r["confusion_change"]["matrix"])
-    names = r["data"]["classes"]
+    names = list(r["data"]["classes"])
+    if len(names) > MAX_PLOTTED_CLASSES:
+        weight = np.abs(m).sum(0) + np.abs(m).sum(1)
+        keep = np.sort(np.argsort(-weight, kind="stable")[:MAX_PLOTTED_CLASSES])
+        m = m[np.ix_(keep, keep)]
+        names = [names[i] for i in keep]
     size = max(4.0, 0.45 * len(names) + 1.5)
     fig, ax = plt.subplots(figsize=(size, size))
     limit = max(1, int(np.abs(m).max()))

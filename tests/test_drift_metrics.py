@@ -106,3 +106,28 @@ def test_top5_overlap_is_tie_aware():
     assert drift_metrics(ref, cand, None, list("abcdef"))["top5_agreement"] == pytest.approx(0.8)
     cand = np.array([[0.5, 0.0, 0.1, 0.1, 0.1, 0.2]])  # class b really fell out of the top five
     assert drift_metrics(ref, cand, None, list("abcdef"))["top5_agreement"] == 0.8
+
+
+def test_thousand_class_plots_stay_small():
+    """ImageNet-sized reports: plots show the classes that changed most (a full 1000-class figure took 20 GB)."""
+    import base64
+    import resource
+    import time
+
+    from pipeline.report_html import MAX_PLOTTED_CLASSES, confusion_plot, per_class_plot
+
+    rng = np.random.default_rng(0)
+    names = [f"class_{i:04d}" for i in range(1000)]
+    m = np.zeros((1000, 1000), int)
+    m[rng.integers(0, 1000, 50), rng.integers(0, 1000, 50)] = rng.integers(-3, 4, 50)
+    r = {"per_class": {n: {"top1_float": float(rng.random()), "top1_quant": float(rng.random())} for n in names},
+         "per_class_by": "true label", "data": {"classes": names},
+         "confusion_change": {"matrix": m.tolist(), "kind": "candidate minus reference"}}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    pngs = [per_class_plot(r), confusion_plot(r)]
+    assert time.perf_counter() - start < 30
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB: under 1 GB more
+    for png in pngs:
+        assert len(base64.b64decode(png)) < 2_000_000
+    assert MAX_PLOTTED_CLASSES == 30
