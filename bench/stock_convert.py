@@ -21,7 +21,9 @@ def main(model_path: str, image_dir: str, out: str, count: int) -> None:
     start = time.perf_counter()
     model = keras.saving.load_model(model_path, compile=False)
     spec = PreprocessSpec(int(model.inputs[0].shape[1]))
-    files = sorted(p for p in __import__("pathlib").Path(image_dir).glob("*.jpg"))[:count]
+    from pipeline.data import discover
+
+    files = [item.path for item in discover(image_dir).items][:count]
 
     def representative():
         for f in files:
