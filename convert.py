@@ -10,7 +10,6 @@ shows its traceback.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 

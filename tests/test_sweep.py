@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from pipeline.sweep import SWEEP_MODES
+from tests.browser import CHROMIUM, chromium as _chromium
 from tests.conftest import run_cli
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 EVAL_LIMIT = 40
 
 
@@ -50,13 +48,6 @@ def test_sweep_writes_one_row_per_mode(sweep_run):
     md = (out / "sweep.md").read_text()
     assert all(f"| {name} |" in md for name in SWEEP_MODES)
     assert "int8-per-tensor" in proc.stdout and "sweep.html" in proc.stdout
-
-
-def _chromium(*args, user_dir: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={user_dir}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 IMG_CHECK = """<script>

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,10 @@ from pipeline.errors import ValidationError
 from pipeline.preprocessing import PreprocessSpec, preprocess_file
 from pipeline.report_html import CANDIDATE_COLOUR, REFERENCE_COLOUR
 from pipeline.validate import Budgets, validate
+from tests.browser import CHROMIUM, chromium as _chromium
 from tests.conftest import run_cli
 
 PER_CLASS = 6
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
 @pytest.fixture(scope="module")
@@ -255,13 +254,6 @@ def _png_pixels(path: Path) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def _chromium(*args, user_dir: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={user_dir}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 IMG_CHECK = """<script>
