@@ -477,14 +477,18 @@ class EpochBars:
         self._epoch = None
 
     def __enter__(self):
-        self._progress.start()
+        if self.console.is_terminal:  # in logs and pipes the per-epoch lines are enough
+            self._progress.start()
         return self
 
     def __exit__(self, *exc):
-        self._progress.stop()
+        if self.console.is_terminal:
+            self._progress.stop()
         return False
 
     def batch(self, epoch: int, step: int, steps: int) -> None:
+        if not self.console.is_terminal:
+            return
         if epoch != self._epoch:
             if self._task is not None:
                 self._progress.remove_task(self._task)
