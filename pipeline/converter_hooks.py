@@ -59,6 +59,17 @@ def _activation_tensors(graph) -> list[int]:
     return list(dict.fromkeys(seen))
 
 
+def _minmax(view) -> tuple[float, float]:
+    """Min and max of an interpreter tensor read in place (no copy); no reference outlives the call,
+    as LiteRT refuses to invoke while a view of its buffers is alive."""
+    values = view()
+    mn, mx = float(values.min()), float(values.max())
+    if np.isnan(mn) or np.isnan(mx):  # the stock logger skips NaNs
+        mn, mx = float(np.nanmin(values)), float(np.nanmax(values))
+    del values
+    return mn, mx
+
+
 def fast_minmax(float_model: bytes, samples, *, workers: int | None = None) -> tuple[bytes, dict]:
     """Calibrate ``float_model`` on ``samples`` (an iterable of input lists); return calibrated bytes."""
     from ai_edge_litert.interpreter import Interpreter
@@ -100,10 +111,7 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None) -> t
                 interpreter.set_tensor(detail["index"], np.asarray(array, dtype=np.float32))
             interpreter.invoke()
             for k, t in enumerate(tracked):
-                values = interpreter.get_tensor(t)
-                mn, mx = float(values.min()), float(values.max())
-                if np.isnan(mn) or np.isnan(mx):  # the stock logger skips NaNs
-                    mn, mx = float(np.nanmin(values)), float(np.nanmax(values))
+                mn, mx = _minmax(interpreter.tensor(t))
                 lo[k] = min(lo[k], mn)
                 hi[k] = max(hi[k], mx)
             count += 1
