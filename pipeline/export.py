@@ -360,9 +360,3 @@ def _labels_beside(model_path: Path) -> list[str] | None:
     if isinstance(data, list):
         return [str(c) for c in data]
     return None
-
-
-def random_inputs(shape, n: int = 1, seed: int = 0) -> np.ndarray:
-    """Realistic stand-in inputs in the model's range (never zeros, which run faster than real data)."""
-    rng = np.random.default_rng(seed)
-    return rng.uniform(-1.0, 1.0, size=(n, *shape)).astype(np.float32)
