@@ -26,11 +26,13 @@ def _console(stderr: bool = True):
     return Console(stderr=stderr, highlight=False)
 
 
-def guarded(fn=None, *, tensorflow: bool = True):
+def guarded(fn=None, *, tensorflow: bool | str = True):
     """Turn library errors into ``error: ...`` and their exit code.
 
     Commands that use TensorFlow import it here, with its start-up log
-    captured, so the user sees the tool's output and not TensorFlow's.
+    captured, so the user sees the tool's output and not TensorFlow's;
+    ``tensorflow="background"`` imports it on a thread while the command
+    starts (``convert`` reads and calibrates a float .tflite meanwhile).
     """
     if fn is None:
         return functools.partial(guarded, tensorflow=tensorflow)
@@ -41,18 +43,33 @@ def guarded(fn=None, *, tensorflow: bool = True):
         from pipeline.quiet import import_tensorflow_quietly, quiet_tensorflow
 
         quiet_tensorflow()
+        background = None
         try:
-            if tensorflow:
+            if tensorflow == "background":
+                from pipeline.quiet import BackgroundImport
+
+                background = BackgroundImport()
+            elif tensorflow:
                 import_tensorflow_quietly()
             return fn(*args, **kwargs)
         except XedgeError as exc:
+            _settle(background)
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
+            _settle(background)
             click.echo("interrupted; no partial output was left behind", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        finally:
+            _settle(background)
 
     return wrapper
+
+
+def _settle(background) -> None:
+    """A TensorFlow import still running holds fd 2 captured: let it finish before writing to stderr."""
+    if background is not None:
+        background.join()
 
 
 class Bar:
@@ -161,9 +178,13 @@ def mode_options(fn):
 @click.option("--eval-limit", type=click.IntRange(1), help="Use at most N --eval images (round-robin over classes).")
 @click.option("--max-float-layers", default=8, show_default=True, type=click.IntRange(0),
               help="With --max-drop: at most this many layers kept in float.")
-@guarded
+@click.option("--fallback", type=click.Choice(["float", "int16"]), default="float", show_default=True,
+              help="With --int8 --max-drop: keep the worst layers in float, or in int16 (16-bit activations, "
+              "spliced from an int16x8 conversion).")
+@guarded(tensorflow="background")
 def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
-                    calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, max_float_layers):
+                    calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, max_float_layers,
+                    fallback):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
     Without MODEL, the latest training run (runs/latest/model.keras) is used.
@@ -190,10 +211,16 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         raise click.UsageError("--max-drop and --eval go together")
     if max_drop is not None and mode not in CALIBRATED_MODES:
         raise click.UsageError(f"--max-drop applies to --int8 and --int16x8, not --{mode}")
+    if fallback != "float" and (mode != "int8" or max_drop is None):
+        raise click.UsageError("--fallback int16 applies to --int8 with --max-drop")
     path = _resolve_model(model)
+    if not (path.suffix.lower() == ".tflite" and mode == "int8" and max_drop is None):
+        from pipeline.quiet import wait_for_tensorflow
+
+        wait_for_tensorflow()  # only `convert X.tflite --int8` works on while TensorFlow loads (pipeline.quiet)
     settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
                                per_channel=not per_tensor, trust_model_code=trust_model_code,
-                               optimize=not no_optimize, calibrator=calibrator)
+                               optimize=not no_optimize, calibrator=calibrator, fallback=fallback)
     from pipeline.artifacts import check_writable
     from pipeline.export import default_output
 
@@ -256,12 +283,14 @@ def _convert_within_budget(path, settings, representative, source, eval_dir, max
         import json
 
         click.echo(json.dumps({**result.export.summary, "manifest": str(result.export.manifest_path),
-                               "float_fallback": record["layers"], "final_top1_drop_pp": record["final_top1_drop_pp"],
+                               "float_fallback": record["layers"], "fallback_method": record["method"],
+                               "kept_in": record["kept_in"], "final_top1_drop_pp": record["final_top1_drop_pp"],
                                "latency": record["latency"]}))
         return
     _print_summary(result.export.summary)
     layers = ", ".join(record["layers"]) or "none needed"
-    click.echo(f"top-1 drop {record['final_top1_drop_pp']:.2f} pp (budget {max_drop:g} pp); float layers: {layers}")
+    click.echo(f"top-1 drop {record['final_top1_drop_pp']:.2f} pp (budget {max_drop:g} pp); "
+               f"{record['kept_in']} layers: {layers}")
     if record["latency"]:
         lat = record["latency"]
         click.echo(f"latency cost of the fallback (local, p50): {lat['all_quantized_p50_ms']:.3f} ms -> "

@@ -4,7 +4,8 @@
     python -m bench --size 71 --width 0.25 --images 20 --skip-peer   # a quick smoke run
 
 Measured: (1) int8 conversion wall time and peak memory, TensorFlow's
-converter as users call it by hand vs ``convert --int8``; (2) LiteRT p50 of
+converter as users call it by hand vs ``convert --int8`` from the Keras
+model and from its float .tflite (the analogue of the peer's ONNX file); (2) LiteRT p50 of
 float32, stock int8 and our int8, with XNNPACK partition counts; (3) the peer,
 ONNX Runtime's quantize_static on the same model and images, and its p50;
 (4) ``xedge validate`` throughput; (5) ``xedge demo`` end to end. Latencies
@@ -122,8 +123,13 @@ def main(argv=None) -> None:
         print(f"model {model.name}, {args.images} calibration photos, {len(inputs)} eval photos", flush=True)
 
         # (1) conversions, alternating A/B
-        conv = {"tf_by_hand": [], "xedge_convert": []}
+        conv = {"tf_by_hand": [], "xedge_convert": [], "xedge_convert_from_tflite": []}
         stock_tfl, ours_tfl = work / "stock_int8.tflite", work / "ours_int8.tflite"
+        # The float .tflite is to our int8 step what the ONNX export is to quantize_static: made beforehand.
+        float_tfl, from_tfl = work / "float.tflite", work / "from_float_int8.tflite"
+        f = run_with_peak([str(BIN / "convert"), str(model), "--float", "--out", str(float_tfl), "--force"],
+                          env=env, cwd=ROOT)
+        assert f["returncode"] == 0, f["stderr"][-2000:]
         for _ in range(args.repeat):
             a = run_with_peak([sys.executable, "-m", "bench.stock_convert", str(model), str(calib), str(stock_tfl),
                                str(args.images)], env=env, cwd=ROOT)
@@ -135,6 +141,11 @@ def main(argv=None) -> None:
             assert b["returncode"] == 0, b["stderr"][-2000:]
             conv["xedge_convert"].append({"wall_s": b["wall_s"], "peak_rss_mib": b["peak_rss_mib"]})
             print(f"  convert --int8: {b['wall_s']} s, {b['peak_rss_mib']} MiB", flush=True)
+            c = run_with_peak([str(BIN / "convert"), str(float_tfl), "--int8", "--calib", str(calib), "--calib-size",
+                               str(args.images), "--out", str(from_tfl), "--force", "--json"], env=env, cwd=ROOT)
+            assert c["returncode"] == 0, c["stderr"][-2000:]
+            conv["xedge_convert_from_tflite"].append({"wall_s": c["wall_s"], "peak_rss_mib": c["peak_rss_mib"]})
+            print(f"  convert float.tflite --int8: {c['wall_s']} s, {c['peak_rss_mib']} MiB", flush=True)
         results["conversion"] = {k: {"wall_s_median": float(np.median([r["wall_s"] for r in v])),
                                      "peak_rss_mib_max": max(r["peak_rss_mib"] for r in v), "runs": v}
                                  for k, v in conv.items()}
@@ -144,9 +155,7 @@ def main(argv=None) -> None:
                                                                                "delegate_partitions", "check")}
                                                        for e in manifest["optimizations"]],
                                      "timing": manifest["timing"]}
-        from pipeline.export import ConvertSettings, export_tflite
-
-        float_tfl = export_tflite(model, ConvertSettings("float"), out=work / "float.tflite", force=True).path
+        results["same_bytes_from_tflite_and_keras"] = from_tfl.read_bytes() == ours_tfl.read_bytes()
 
         # (3) the peer
         peer = {}
@@ -184,6 +193,11 @@ def main(argv=None) -> None:
                                  results["conversion"]["xedge_convert"]["wall_s_median"]
                                  / results["conversion"]["tf_by_hand"]["wall_s_median"], 3)}
         if peer:
+            from_wall = results["conversion"]["xedge_convert_from_tflite"]["wall_s_median"]
+            results["ratios"]["xedge_from_tflite_wall_over_peer_quantize_wall"] = round(
+                from_wall / peer["quantize_wall_s"], 3)
+            results["ratios"]["xedge_from_tflite_wall_over_peer_quantize_static_in_process"] = round(
+                from_wall / peer["quantize_static_s"], 3)
             results["ratios"]["xedge_convert_wall_over_peer_quantize"] = round(
                 results["conversion"]["xedge_convert"]["wall_s_median"] / peer["quantize_static_s"], 3)
             results["ratios"]["xedge_convert_wall_over_peer_export_plus_quantize"] = round(
@@ -235,8 +249,14 @@ def _print_table(r: dict) -> None:
                                              f"{c['tf_by_hand']['peak_rss_mib_max']:.0f} MiB")
     t.add_row("int8 conversion, convert --int8", f"{c['xedge_convert']['wall_s_median']:.1f} s, "
                                                  f"{c['xedge_convert']['peak_rss_mib_max']:.0f} MiB")
+    t.add_row("int8 conversion, convert float.tflite --int8",
+              f"{c['xedge_convert_from_tflite']['wall_s_median']:.1f} s, "
+              f"{c['xedge_convert_from_tflite']['peak_rss_mib_max']:.0f} MiB")
     if r.get("peer_onnxruntime"):
-        t.add_row("peer quantize_static", f"{r['peer_onnxruntime']['quantize_static_s']:.1f} s")
+        p = r["peer_onnxruntime"]
+        t.add_row("peer tf2onnx export", f"{p['export_s']:.1f} s")
+        t.add_row("peer quantize_static", f"{p['quantize_static_s']:.1f} s in process, {p['quantize_wall_s']:.1f} s "
+                  f"wall, {p['quantize_peak_rss_mib']:.0f} MiB")
     for name, v in r["latency"].items():
         extra = f", {v['xnnpack_partitions']} XNNPACK partitions" if "xnnpack_partitions" in v else ""
         t.add_row(f"p50 {name}", f"{v['p50_ms']:.2f} ms{extra}")

@@ -1,4 +1,4 @@
-"""Convert to int8 (or int16x8) within a top-1 drop budget, keeping the most harmful layers in float.
+"""Convert to int8 (or int16x8) within a top-1 drop budget, keeping the most harmful layers in float (or int16).
 
 TFLite has the means (per-layer error, ``denylisted_nodes``) but no loop that
 guarantees a budget; OpenVINO NNCF's ``quantize_with_accuracy_control`` is the
@@ -7,6 +7,13 @@ again. Ranking alone is not trusted: per-layer error is accumulated through
 the network, so the few layers where it *jumps* are candidates, and each
 candidate is measured on the eval images (keep it float, re-quantize, measure
 the drop); the best one is kept. Steps are recorded in the manifest.
+
+How a layer is kept out is ``pipeline.float_fallback.method_for``'s choice:
+int8 to float re-quantizes with the MLIR quantizer's denylist; int16x8 to
+float, and int8 to int16 (``fallback="int16"``), splice the layer's ops from
+a second conversion of the source (``pipeline.splice``): the quantized
+model and the donor are each converted once for the search, and every
+candidate is a splice of the two.
 
 The drop is computed by the same pieces as ``xedge validate`` (discovery,
 round-robin limit, preprocessing, label mapping, ``drift_metrics``), with the
@@ -26,7 +33,7 @@ import numpy as np
 
 from pipeline.errors import BudgetNotReached, ConversionError, ValidationError
 from pipeline.export import (CALIBRATED_MODES, ConvertSettings, ExportResult, convert_bytes, default_output,
-                             export_tflite, optimize_graph)
+                             export_tflite, float_tflite, optimize_graph)
 
 Say = Callable[[str], None]
 # (all quantized, with fallback) .tflite paths -> latency figures; passed in: devices/ is not imported here
@@ -158,6 +165,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     ``<name>_over_budget.tflite`` with its manifest, for inspection.
     """
     from pipeline import artifacts
+    from pipeline.float_fallback import donor_settings, method_for
     from pipeline.modelio import load_source
 
     if settings.mode not in CALIBRATED_MODES:
@@ -173,23 +181,40 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     source = source or load_source(model_path, trust_code=settings.trust_model_code)
     # The gate on float compute ops is what this search relaxes on purpose.
     settings = replace(settings, allow_float_fallback=True, float_layers=())
+    method, kept_in = method_for(settings), settings.fallback
     meter = DropMeter(model_path, eval_dir, limit=eval_limit, trust_code=settings.trust_model_code)
     say(f"measuring on {len(meter.inputs)} eval images (float top-1 {meter.top1_float:.4f}), "
         f"budget {max_drop_pp:g} pp")
 
+    converted: dict[str, bytes] = {}
+
+    def float_model() -> bytes:
+        return float_tflite(source)  # converted once per source, shared with the int8 stages
+
+    def donor() -> bytes:
+        spec = donor_settings(settings)
+        if spec.mode == "float":
+            return float_model()
+        if "donor" not in converted:
+            converted["donor"] = convert_bytes(source, spec, representative)
+        return converted["donor"]
+
     def quantize_with(layers: list[str]) -> _State:
-        model = convert_bytes(source, replace(settings, float_layers=tuple(layers)), representative, progress)
+        if layers and method == "splice":
+            from pipeline.splice import splice
+
+            model = splice(baseline.model, donor(), layers)
+        else:
+            model = convert_bytes(source, replace(settings, float_layers=tuple(layers)), representative, progress)
         return _State(list(layers), model, meter.measure(model))
 
+    baseline = None
     state = quantize_with([])
     steps = [{"float_layers": [], "top1_drop_pp": state.figures["top1_drop_pp"], "top1": state.figures["top1_quant"]}]
     say(f"step 0: all layers quantized: drop {state.figures['top1_drop_pp']:.2f} pp")
     baseline, best = state, state
-    float_bytes = None
-    can_fall_back = settings.mode == "int8"  # see pipeline.float_fallback.INT16_UNSUPPORTED
-    while can_fall_back and state.figures["top1_drop_pp"] > max_drop_pp and len(state.layers) < max_float_layers:
-        if float_bytes is None:
-            float_bytes = convert_bytes(source, ConvertSettings("float"))
+    while state.figures["top1_drop_pp"] > max_drop_pp and len(state.layers) < max_float_layers:
+        float_bytes = float_model()
         ranked = rank_layers(float_bytes, state.model, meter.inputs[:layer_samples], exclude=set(state.layers))
         trials = []
         for entry in ranked[:candidates]:
@@ -204,7 +229,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
                       "ranked": ranked[:candidates],
                       "tried": [{"layer": e["layer"], "top1_drop_pp": t.figures["top1_drop_pp"]} for t, e in trials]})
         tried = ", ".join(e["layer"] for _, e in trials)
-        say(f"step {len(steps) - 1}: {entry['layer']} kept in float (tried {tried}): "
+        say(f"step {len(steps) - 1}: {entry['layer']} kept in {kept_in} (tried {tried}): "
             f"drop {state.figures['top1_drop_pp']:.2f} pp")
         if state.figures["top1_drop_pp"] < best.figures["top1_drop_pp"]:
             best = state
@@ -225,7 +250,8 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
         final.update(meter.measure(model_bytes))  # the bytes on disk, after the graph rewrites
         return {"float_fallback": {
             "budget_top1_drop_pp": max_drop_pp, "max_float_layers": max_float_layers, "reached": reached,
-            "layers": list(best.layers), "steps": steps, "final_top1_drop_pp": final["top1_drop_pp"],
+            "method": method, "kept_in": kept_in, "layers": list(best.layers), "steps": steps,
+            "final_top1_drop_pp": final["top1_drop_pp"],
             "final": final, "eval": {"folder": str(eval_dir), "images": len(meter.inputs), "limit": eval_limit,
                                      "labels": meter.labels_source, "top1_float": meter.top1_float},
             "latency": latency_figures, "search_s": round(time.perf_counter() - t0, 3)}}
@@ -233,15 +259,10 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     exported = export_tflite(model_path, replace(settings, float_layers=tuple(best.layers)), out=target,
                              representative=representative, force=force or not reached, source=source,
                              annotate=annotate)
-    if not reached and not can_fall_back:
-        from pipeline.float_fallback import INT16_UNSUPPORTED
-
-        raise BudgetNotReached(f"top-1 drop {best.figures['top1_drop_pp']:.2f} pp is over the {max_drop_pp:g} pp "
-                               f"budget, and {INT16_UNSUPPORTED}; the model is kept as {exported.path}")
     if not reached:
         raise BudgetNotReached(
             f"top-1 drop {best.figures['top1_drop_pp']:.2f} pp is over the {max_drop_pp:g} pp budget even with "
-            f"{len(best.layers)} layers in float ({', '.join(best.layers) or 'none'}; --max-float-layers "
+            f"{len(best.layers)} layers in {kept_in} ({', '.join(best.layers) or 'none'}; --max-float-layers "
             f"{max_float_layers}); the best model is kept as {exported.path} for inspection")
     if final["top1_drop_pp"] > max_drop_pp:  # the rewrites are checked to do no harm; say it if they did
         raise BudgetNotReached(f"the written model's top-1 drop is {final['top1_drop_pp']:.2f} pp after the graph "

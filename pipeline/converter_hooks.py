@@ -18,9 +18,26 @@ gets its true range; on every other tensor the two agree exactly (a test
 checks this), and accuracy against the float model is measured in
 ``tests/test_converter_hooks.py`` and the bench.
 
+The int8 conversion runs in three stages (``staged_int8``) instead of one
+``converter.convert()``: the float conversion, calibration, and the MLIR
+quantizer, which are the converter's own steps called in its own order
+(``TFLiteConverterBase._quantize``). Why: each stage's result is reused. The
+float model and its calibrated copy are the same for every int8 variant of a
+source, so ``convert --max-drop`` only re-runs the quantizer (about 1 s on
+Xception-299) for each candidate set of float layers, and a float ``.tflite``
+can be quantized directly, as ONNX Runtime's ``quantize_static`` quantizes an
+ONNX graph. The staged model equals the converter's byte for byte apart from
+its CONVERSION_METADATA entry, which the converter would fill with its own
+options (``tests/test_converter_hooks.py``); the manifest says the same.
+
+Freezing (``fast_freeze``): the converter freezes the traced function into a
+GraphDef, then imports that GraphDef back into a new function only to read
+its input and output tensors (1.9 s of 2.1 on Xception-299); the original
+function's tensors have the same names, types and shapes.
+
 Pinned to the TensorFlow version below: on any other version, or if the
-private names are missing, conversion falls back to the stock calibrator and
-the manifest says so.
+private names are missing, conversion falls back to the stock path and the
+manifest says so.
 """
 
 from __future__ import annotations
@@ -70,15 +87,58 @@ def _minmax(view) -> tuple[float, float]:
     return mn, mx
 
 
-def fast_minmax(float_model: bytes, samples, *, workers: int | None = None) -> tuple[bytes, dict]:
+def _flatbuffers():
+    """LiteRT's copy of the flatbuffer tools: calibration needs no TensorFlow, so it can run while that loads."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated as schema
+        from tensorflow.lite.tools import flatbuffer_utils
+    return flatbuffer_utils, schema
+
+
+# Ops for which the converter's calibrator first adds intermediate tensors (TFLite's
+# quantization_wrapper_utils: the LSTM family); for any other model that step changes nothing.
+_NEEDS_INTERMEDIATES = ("LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM")
+
+
+def _add_intermediate_tensors(model_bytes: bytes) -> bytes:
+    """The converter's first calibration step, skipped (no TensorFlow needed) when no op needs it.
+
+    Not LiteRT's copy of the wrapper: loading both pybind modules in one
+    process breaks TensorFlow's own calibrator (measured: its import fails).
+    """
+    _, schema = _flatbuffers()
+    model = schema.Model.GetRootAs(model_bytes, 0)  # reads the op codes in place, unpacking nothing else
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = set()
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        codes.add(names.get(max(int(code.BuiltinCode()), int(code.DeprecatedBuiltinCode()))))
+    if not codes & set(_NEEDS_INTERMEDIATES):
+        return model_bytes
+    from tensorflow.lite.python.optimize import calibrator
+
+    return bytes(calibrator.add_intermediate_tensors(model_bytes))
+
+
+def _drop_conversion_metadata(model) -> None:
+    model.metadata = [m for m in (model.metadata or []) if m.name not in (b"CONVERSION_METADATA",
+                                                                           "CONVERSION_METADATA")]
+
+
+def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
+                drop_conversion_metadata: bool = False) -> tuple[bytes, dict]:
     """Calibrate ``float_model`` on ``samples`` (an iterable of input lists); return calibrated bytes."""
     from ai_edge_litert.interpreter import Interpreter
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
 
     from pipeline.quiet import native_stderr_captured
 
+    flatbuffer_utils, schema = _flatbuffers()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
+    if drop_conversion_metadata:
+        _drop_conversion_metadata(model)
     if len(model.subgraphs) != 1:
         raise NotImplementedError("fast calibration handles single-subgraph models only")
     graph = model.subgraphs[0]
@@ -130,6 +190,104 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None) -> t
         graph.tensors[t].quantization = params
     calibrated = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
     return calibrated, {"calibrator": "fast-minmax", "samples": count, "tensors": len(tracked), "workers": workers}
+
+
+def staged_supported() -> tuple[bool, str]:
+    """Whether the converter's stages can be called one by one here."""
+    ok, why = hooks_supported()
+    if not ok:
+        return ok, why
+    from tensorflow.lite.python import lite
+
+    for name in ("_mlir_quantize", "_deduplicate_readonly_buffers", "_calibrator"):
+        if not hasattr(lite, name):
+            return False, f"tensorflow.lite.python.lite.{name} is gone"
+    if not callable(getattr(lite._calibrator, "add_intermediate_tensors", None)):  # noqa: SLF001
+        return False, "tf.lite calibrator.add_intermediate_tensors is gone"
+    return True, "ok"
+
+
+def without_conversion_metadata(model_bytes: bytes) -> bytes:
+    """The model minus the converter's CONVERSION_METADATA entry (a float conversion's, which would
+    describe the wrong options once quantized; the converter's own calibrator never sees one)."""
+    flatbuffer_utils, _ = _flatbuffers()
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    before = len(model.metadata or [])
+    _drop_conversion_metadata(model)
+    if len(model.metadata) == before:
+        return model_bytes
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))  # the entry's buffer stays, unreferenced
+
+
+def calibrate_float_model(float_model: bytes, samples_factory, record: dict, *, fast: bool = True) -> bytes:
+    """The converter's calibration step on a float .tflite (its CONVERSION_METADATA dropped), fast path first.
+
+    ``samples_factory()`` returns a fresh iterable of input lists; the stock
+    calibrator, the fallback (or the choice, ``fast=False``), replays them.
+    The fast path imports no TensorFlow.
+    """
+    prepared = _add_intermediate_tensors(float_model)
+    if fast:
+        try:
+            calibrated, info = fast_minmax(prepared, samples_factory(), drop_conversion_metadata=True)
+            record.update(info)
+            return calibrated
+        except Exception as exc:  # noqa: BLE001 - the fast path must never fail a conversion
+            record.update({"calibrator": "stock", "fallback": f"fast path failed: {type(exc).__name__}: {exc}"})
+    else:
+        record["calibrator"] = "stock"
+    from tensorflow.lite.python import lite
+
+    stock = lite._calibrator.Calibrator(without_conversion_metadata(prepared))  # noqa: SLF001
+    return bytes(stock.calibrate(samples_factory))
+
+
+def quantize_calibrated(calibrated: bytes, *, int8_io: bool, per_channel: bool, denylisted_nodes=None) -> bytes:
+    """The converter's MLIR quantizer and buffer deduplication, as ``TFLiteConverterBase`` calls them for int8."""
+    import tensorflow as tf
+    from tensorflow.lite.python import lite
+
+    io = tf.int8 if int8_io else tf.float32
+    quantized = lite._mlir_quantize(calibrated, not per_channel, input_data_type=io,  # noqa: SLF001
+                                    output_data_type=io, denylisted_nodes=list(denylisted_nodes or []) or None)
+    return bytes(lite._deduplicate_readonly_buffers(quantized))  # noqa: SLF001
+
+
+@contextlib.contextmanager
+def fast_freeze():
+    """Within this block, the converter freezes a concrete function without re-importing the frozen graph."""
+    from tensorflow.lite.python import lite
+    from tensorflow.python.framework import convert_to_constants as c2c
+    from tensorflow.python.framework import dtypes
+
+    cls = lite.TFLiteFrozenGraphConverterV2
+    stock = cls._freeze_concrete_function  # noqa: SLF001
+    needed = ("_FunctionConverterDataInEager", "_replace_variables_by_constants")
+    if not all(hasattr(c2c, n) for n in needed) or not hooks_supported()[0]:
+        yield False
+        return
+
+    class _Frozen:  # what the converter reads of the frozen function: its graph, for Grappler if it runs
+        def __init__(self, graph):
+            self.graph = graph
+
+    def freeze(self):
+        if len(self._funcs) != 1:  # noqa: SLF001 - the stock method words these errors
+            return stock(self)
+        func = self._funcs[0]  # noqa: SLF001
+        data = c2c._FunctionConverterDataInEager(func=func, lower_control_flow=False,  # noqa: SLF001
+                                                  aggressive_inlining=False)
+        graph_def, converted = c2c._replace_variables_by_constants(converter_data=data)  # noqa: SLF001
+        captures = func.graph.internal_captures  # what ``converted`` indexes (see _construct_concrete_function)
+        frozen = {id(captures[i]) for i in converted}
+        inputs = [t for t in func.inputs if id(t) not in frozen and t.dtype != dtypes.resource]
+        return graph_def, inputs, list(func.outputs), _Frozen(func.graph)
+
+    cls._freeze_concrete_function = freeze  # noqa: SLF001
+    try:
+        yield True
+    finally:
+        cls._freeze_concrete_function = stock  # noqa: SLF001
 
 
 @contextlib.contextmanager

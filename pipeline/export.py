@@ -47,12 +47,18 @@ class ConvertSettings:
     trust_model_code: bool = False
     optimize: bool = True
     calibrator: str = "fast"  # "fast" (min/max under XNNPACK, all cores) or "stock" (the converter's own)
-    float_layers: tuple[str, ...] = ()  # Keras layers kept in float (pipeline.float_fallback)
+    float_layers: tuple[str, ...] = ()  # Keras layers kept out of the quantized graph (pipeline.float_fallback)
+    fallback: str = "float"  # what float_layers compute in: "float", or "int16" (int8 only; spliced int16x8 ops)
 
     def __post_init__(self):
         object.__setattr__(self, "float_layers", tuple(str(name) for name in self.float_layers))
         if self.float_layers and self.mode not in CALIBRATED_MODES:
             raise ConversionError(f"float layers only apply to int8 and int16x8, not {self.mode}")
+        if self.fallback not in ("float", "int16"):
+            raise ConversionError(f"unknown fallback {self.fallback!r}; choose float or int16")
+        if self.fallback == "int16" and self.mode != "int8":
+            raise ConversionError(f"--fallback int16 keeps layers of an int8 model in int16: it applies to --int8, "
+                                  f"not --{self.mode}")
         if self.mode not in MODES:
             raise ConversionError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.calibrator not in ("fast", "stock"):
@@ -175,16 +181,25 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
 
     ``calibration_record`` (a dict) receives which calibrator ran, for the manifest.
     """
-    from pipeline.converter_hooks import fast_calibration
+    from pipeline.converter_hooks import fast_calibration, fast_freeze
     from pipeline.quiet import native_stderr_captured
 
     qat = is_qat_model(source)
+    if source.kind == "tflite":
+        return _from_float_tflite(source, settings, representative, progress, calibration_record)
     if settings.mode in CALIBRATED_MODES and representative is None and not qat:
         raise CalibrationError(f"--{settings.mode} needs calibration images: pass --calib DIR "
                                "(a folder of representative images), or convert a quantization-aware model")
+    record = calibration_record if calibration_record is not None else {}
+    if settings.float_layers:
+        from pipeline.float_fallback import convert_spliced, method_for
+
+        if method_for(settings) == "splice":  # converted whole, then the layers spliced in from a donor
+            return convert_spliced(source, settings, representative, progress, record)
+    if _use_stages(settings, representative, qat):
+        return _staged_int8(source, settings, representative, progress, record)
     converter = _make_converter(source)
     _configure(converter, settings, representative, progress, qat)
-    record = calibration_record if calibration_record is not None else {}
     # int16x8 goes through the converter's old quantizer, which calibrates on its own: stock only.
     use_fast = settings.calibrator == "fast" and settings.mode == "int8" and representative is not None
     hook = fast_calibration(record) if use_fast else contextlib.nullcontext()
@@ -194,18 +209,105 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     if settings.float_layers:
         from pipeline.float_fallback import keep_float
 
-        keeper = keep_float(settings.float_layers, int16=settings.mode == "int16x8", record=record)
-    with native_stderr_captured() as log, hook, keeper:
+        keeper = keep_float(settings.float_layers, record=record)
+    with native_stderr_captured() as log, hook, keeper, fast_freeze():
         try:
             return bytes(converter.convert())
         except (CalibrationError, ConversionError):
             raise
         except Exception as exc:  # noqa: BLE001 - the converter raises many private types
             error = exc
+    raise _converter_failed(settings, error, log)
+
+
+def _converter_failed(settings: ConvertSettings, error: Exception, log) -> ConversionError:
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     detail = log.tail(4)
-    raise ConversionError(f"TFLite converter failed in {settings.mode} mode: {first}"
-                          + (f"\nconverter log (last lines):\n{detail}" if detail else ""))
+    return ConversionError(f"TFLite converter failed in {settings.mode} mode: {first}"
+                           + (f"\nconverter log (last lines):\n{detail}" if detail else ""))
+
+
+def _use_stages(settings: ConvertSettings, representative, qat: bool) -> bool:
+    """int8 from images runs as the converter's three stages, each kept for reuse (pipeline.converter_hooks)."""
+    if settings.mode != "int8" or qat or representative is None:
+        return False
+    from pipeline.converter_hooks import staged_supported
+
+    return staged_supported()[0]
+
+
+def float_tflite(source: SourceModel) -> bytes:
+    """The source's float32 .tflite, converted once per loaded model."""
+    if "float_tflite" not in source.cache:
+        source.cache["float_tflite"] = convert_bytes(source, ConvertSettings("float"))
+    return source.cache["float_tflite"]
+
+
+def _from_float_tflite(source: SourceModel, settings: ConvertSettings, representative, progress,
+                       record: dict | None) -> bytes:
+    """A float32 .tflite: its float32 conversion is itself; int8 is calibration plus the quantizer."""
+    if settings.mode == "float":
+        return source.cache["float_tflite"]
+    if settings.mode != "int8":
+        raise ConversionError(f"a .tflite model can be quantized with --int8 only, not --{settings.mode}; "
+                              "convert the Keras model or SavedModel it came from for other modes")
+    if representative is None:
+        raise CalibrationError("--int8 needs calibration images: pass --calib DIR (a folder of representative "
+                               "images)")
+    return _staged_int8(source, settings, representative, progress, record if record is not None else {})
+
+
+def _staged_int8(source: SourceModel, settings: ConvertSettings, representative, progress, record: dict) -> bytes:
+    """Float conversion, calibration, quantizer: the first two are reused across calls on the same images."""
+    from pipeline.converter_hooks import calibrate_float_model, quantize_calibrated, staged_supported
+    from pipeline.quiet import native_stderr_captured
+
+    kept = source.cache.get("calibrated")
+    if kept is None or kept[0] is not representative or kept[1] != settings.calibrator:
+        total = len(representative)
+
+        def samples():
+            for i, batch in enumerate(representative.batches(), 1):
+                yield batch
+                if progress:
+                    progress(i, total)
+
+        float_model = float_tflite(source)
+        calibration: dict = {}
+        with native_stderr_captured() as log:
+            try:
+                calibrated = calibrate_float_model(float_model, samples, calibration,
+                                                   fast=settings.calibrator == "fast")
+            except (CalibrationError, ConversionError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
+                raise _converter_failed(settings, exc, log) from None
+        kept = (representative, settings.calibrator, calibrated, calibration)
+        source.cache["calibrated"] = kept
+    _, _, calibrated, calibration = kept
+    record.update(calibration)
+    record["stages"] = "float conversion, calibration, quantizer (pipeline.converter_hooks)"
+    from pipeline.quiet import wait_for_tensorflow
+
+    wait_for_tensorflow()  # for a .tflite source, calibration ran while TensorFlow loaded (pipeline.quiet)
+    ok, why = staged_supported()
+    if not ok:
+        raise ConversionError(f"cannot quantize a .tflite with this TensorFlow: {why}; convert the Keras model")
+    nodes = None
+    if settings.float_layers:
+        from pipeline.float_fallback import hooks_supported, resolve
+
+        ok, why = hooks_supported()
+        if not ok:
+            raise ConversionError(f"cannot keep layers in float: {why}")
+        nodes = resolve(calibrated, settings.float_layers)
+        record.update({"quantizer": "mlir", "float_layers": list(settings.float_layers), "denylisted_nodes": nodes})
+    with native_stderr_captured() as log:
+        try:
+            return quantize_calibrated(calibrated, int8_io=not settings.float_io, per_channel=settings.per_channel,
+                                       denylisted_nodes=nodes)
+        except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
+            raise _converter_failed(settings, exc, log) from None
 
 
 def check_integer_ops(info, settings: ConvertSettings) -> None:
@@ -257,6 +359,12 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
 
     xnnpack = xnnpack_report(model_bytes)
     spec = representative.spec if representative is not None else PreprocessSpec(size=source.input_size)
+    source_manifest = _source_manifest(model_path) if source.kind == "tflite" else {}
+    recorded = (source_manifest.get("preprocessing") or {}).get("fingerprint")
+    if recorded and recorded != spec.fingerprint:
+        raise CalibrationError(f"{model_path.name} was converted for preprocessing {recorded}, but the calibration "
+                               f"images are preprocessed as {spec.fingerprint}; the int8 ranges would not match "
+                               "what the model sees")
 
     manifest = artifacts.base_manifest("tflite")
     manifest.update({
@@ -276,7 +384,7 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
                 "int_ops": info.int_op_count, "float_ops": info.float_op_count,
                 "left_float": info.float_ops, "operators": info.operator_count},
     })
-    labels = _labels_beside(model_path)
+    labels = _labels_beside(model_path) or source_manifest.get("labels")
     if labels is not None:
         manifest["labels"] = labels
     if annotate is not None:
@@ -299,6 +407,10 @@ def float_outputs(source: SourceModel, inputs: np.ndarray) -> np.ndarray:
     chunks = [inputs[i:i + 4] for i in range(0, len(inputs), 4)]
     if source.model is not None:
         return np.concatenate([np.asarray(source.model(c, training=False), dtype=np.float32) for c in chunks])
+    if source.kind == "tflite":
+        from pipeline.tflite_optimize import _outputs
+
+        return _outputs(source.cache["float_tflite"], inputs)[0]
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(source.path)).signatures["serving_default"]
@@ -306,14 +418,39 @@ def float_outputs(source: SourceModel, inputs: np.ndarray) -> np.ndarray:
                            for c in chunks])
 
 
-def optimize_graph(model_bytes: bytes, source: SourceModel, representative) -> tuple[bytes, list[dict]]:
-    """Apply the XNNPACK-friendly rewrites in turn, keeping each only if real data shows it does no harm."""
+def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
+                   rewrites: tuple[Callable, ...] | None = None) -> tuple[bytes, list[dict]]:
+    """Apply the XNNPACK-friendly rewrites, keeping them only if real data shows they do no harm.
+
+    The rewrites are checked together first (stock model against the fully
+    rewritten one: one run of each on the check images); only if that check
+    fails is each rewrite checked on its own, in turn, so a harmful one is
+    dropped and the others kept.
+    """
     from pipeline.tflite_optimize import (check_rewrite, delegate_partitions, fuse_shared_add_relu,
                                           raise_negligible_add_inputs)
 
-    entries: list[dict] = []
+    staged: list[tuple[Callable, dict]] = []  # (rewrite, manifest entry) per rewrite that found work
     current = model_bytes
-    inputs = None
+    for rewrite in rewrites or (fuse_shared_add_relu, raise_negligible_add_inputs):
+        candidate, report = rewrite(current)
+        if not report.count:
+            continue
+        entry = report.to_dict()
+        entry["delegate_partitions"] = {"before": delegate_partitions(current),
+                                        "after": delegate_partitions(candidate)}
+        staged.append((rewrite, entry))
+        current = candidate
+    if not staged:
+        return model_bytes, []
+    entries = [entry for _, entry in staged]
+    if representative is None or not len(representative):
+        for entry in entries:  # a QAT model converted without images: nothing real to check on, keep the stock graph
+            entry["applied"] = False
+            entry["check"] = {"skipped": "no calibration images to check the rewrite on"}
+        return model_bytes, entries
+    n = min(CHECK_SAMPLES, len(representative))
+    inputs = np.stack([representative.inputs(i) for i in range(n)])
     outputs_cache: dict = {}
     reference_cache: list = []
 
@@ -322,26 +459,34 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative) -> t
             reference_cache.append(float_outputs(source, inputs))
         return reference_cache[0]
 
-    for rewrite in (fuse_shared_add_relu, raise_negligible_add_inputs):
-        candidate, report = rewrite(current)
-        if not report.count:
-            continue
-        entry = report.to_dict()
+    together = check_rewrite(model_bytes, current, inputs, reference, outputs_cache)
+    if together["accepted"]:
+        names = [entry["name"] for entry in entries]
+        for entry in entries:
+            entry["check"] = {**together, "together_with": names}
+            entry["applied"] = True
+        return current, entries
+    current = model_bytes
+    for rewrite, entry in staged:  # each rewrite redone on what was kept so far
+        candidate, _ = rewrite(current)
         entry["delegate_partitions"] = {"before": delegate_partitions(current),
                                         "after": delegate_partitions(candidate)}
-        if representative is not None and len(representative):
-            if inputs is None:
-                n = min(CHECK_SAMPLES, len(representative))
-                inputs = np.stack([representative.inputs(i) for i in range(n)])
-            entry["check"] = check_rewrite(current, candidate, inputs, reference, outputs_cache)
-            entry["applied"] = entry["check"]["accepted"]
-        else:  # a QAT model converted without images: nothing real to check on, so keep the stock graph
-            entry["applied"] = False
-            entry["check"] = {"skipped": "no calibration images to check the rewrite on"}
+        entry["check"] = check_rewrite(current, candidate, inputs, reference, outputs_cache)
+        entry["applied"] = entry["check"]["accepted"]
         if entry["applied"]:
             current = candidate
-        entries.append(entry)
     return current, entries
+
+
+def _source_manifest(model_path: Path) -> dict:
+    """Our manifest beside a float .tflite source (its preprocessing and labels carry over), or {}."""
+    import json
+
+    try:
+        data = json.loads(artifacts.manifest_path_for(model_path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("tool") == artifacts.TOOL_NAME else {}
 
 
 def _labels_beside(model_path: Path) -> list[str] | None:

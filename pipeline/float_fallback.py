@@ -1,6 +1,7 @@
-"""The one place that keeps chosen layers in float inside TFLiteConverter's quantizer.
+"""The one place that keeps chosen layers out of the quantized graph: in float, or in int16.
 
-Why private API: TFLite's only way to leave a node unquantized is
+int8 to float goes through TFLiteConverter's own quantizer. Why private API:
+TFLite's only way to leave a node unquantized is
 ``mlir_quantize(..., denylisted_nodes=...)``, which the public converter never
 exposes; ``tf.lite.experimental.QuantizationDebugger`` reaches it the same way
 (``convert.mlir_quantize`` on the calibrated model). Here the converter's own
@@ -17,15 +18,22 @@ match nothing). So the names are resolved inside the wrapper, on the model
 it is given, with ``pipeline.layer_error``'s reading of tensor names: an op
 belongs to the layer of its conv/matmul part.
 
-int16x8 has no float fallback: TF 2.21 quantizes 16-bit activations with its
-older quantizer (``Calibrator.calibrate_and_quantize``), which has no
-denylist, and the MLIR quantizer's ``QUANTIZED_INT16`` output is refused by
-LiteRT's kernels (asymmetric int16 zero points, tensorflow/tensorflow#75558,
-and int32 instead of int64 biases; both measured here on TF 2.21).
+int16x8 models, and int8 models whose chosen layers should compute in int16
+rather than float, are made another way: TF 2.21 quantizes 16-bit
+activations with its older quantizer (``Calibrator.calibrate_and_quantize``),
+which has no denylist, and the MLIR quantizer's ``QUANTIZED_INT16`` output is
+refused by LiteRT's kernels (asymmetric int16 zero points,
+tensorflow/tensorflow#75558, and int32 instead of int64 biases; both measured
+here on TF 2.21). So the model is converted as usual, the same source is
+converted once more as the *donor* (float32, or int16x8), and the layers'
+ops are spliced from the donor into the quantized model
+(``pipeline.splice``), with DEQUANTIZE/QUANTIZE ops at their boundary.
+``method_for`` says which way a setting takes.
 
-Pinned to the TensorFlow version below; on any other version a conversion
-with float layers fails with a clear error (``tests/test_float_fallback.py``
-checks the private names exist and behave).
+The denylist hook is pinned to the TensorFlow version below; on any other
+version an int8 conversion with float layers fails with a clear error
+(``tests/test_float_fallback.py`` checks the private names exist and behave).
+The splice uses only the flatbuffer schema and is not pinned.
 """
 
 from __future__ import annotations
@@ -86,19 +94,45 @@ def resolve(model_bytes: bytes, layers) -> list[str]:
     return [name for layer in layers for name in by_layer[layer]]
 
 
-INT16_UNSUPPORTED = ("keeping layers in float is not available for --int16x8 with TensorFlow 2.21: its int16 "
-                     "quantizer has no per-layer denylist, and the MLIR quantizer's int16 models do not load in "
-                     "LiteRT (tensorflow/tensorflow#75558)")
+def method_for(settings) -> str:
+    """How ``settings.float_layers`` are kept out of the quantized graph (``ConvertSettings``)."""
+    return "mlir-denylist" if settings.mode == "int8" and settings.fallback == "float" else "splice"
+
+
+def donor_settings(settings):
+    """The conversion the spliced layers are taken from: float32, or int16x8 for ``fallback="int16"``."""
+    from pipeline.export import ConvertSettings
+
+    if settings.fallback == "int16":
+        return ConvertSettings("int16x8", float_io=settings.float_io, per_channel=settings.per_channel,
+                               trust_model_code=settings.trust_model_code)
+    return ConvertSettings("float", trust_model_code=settings.trust_model_code)
+
+
+def convert_spliced(source, settings, representative=None, progress=None, record: dict | None = None) -> bytes:
+    """Convert with ``settings.float_layers`` spliced in from the donor conversion (see ``method_for``)."""
+    from dataclasses import replace
+
+    from pipeline.export import convert_bytes, float_tflite
+    from pipeline.splice import splice
+
+    record = record if record is not None else {}
+    host = convert_bytes(source, replace(settings, float_layers=()), representative, progress, record)
+    donor_spec = donor_settings(settings)
+    donor = (float_tflite(source) if donor_spec.mode == "float"
+             else convert_bytes(source, donor_spec, representative))
+    report: dict = {}
+    spliced = splice(host, donor, settings.float_layers, record=report)
+    record.update({"fallback_method": "splice", "float_layers": list(settings.float_layers), "splice": report})
+    return spliced
 
 
 @contextlib.contextmanager
-def keep_float(layers, *, int16: bool, record: dict):
+def keep_float(layers, *, record: dict):
     """Within this block, the converter leaves the ops of ``layers`` (Keras layer names) in float.
 
     ``record`` receives the quantizer used and the tensor names denylisted.
     """
-    if int16:
-        raise ConversionError(INT16_UNSUPPORTED)
     ok, why = hooks_supported()
     if not ok:
         raise ConversionError(f"cannot keep layers in float: {why}")
@@ -109,7 +143,8 @@ def keep_float(layers, *, int16: bool, record: dict):
 
     def mlir_quantize(calibrated, *args, **kwargs):
         nodes = resolve(calibrated, layers)
-        record.update({"quantizer": "mlir", "float_layers": layers, "denylisted_nodes": nodes})
+        record.update({"fallback_method": "mlir-denylist", "quantizer": "mlir", "float_layers": layers,
+                       "denylisted_nodes": nodes})
         return stock_quantize(calibrated, *args, denylisted_nodes=nodes, **kwargs)
 
     lite._mlir_quantize = mlir_quantize  # noqa: SLF001

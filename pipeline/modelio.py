@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ModelLoadError
@@ -28,10 +28,12 @@ class SourceModel:
     """A float model ready for conversion or evaluation."""
 
     path: Path
-    kind: str  # "keras3" | "tf_keras" | "saved_model"
-    model: object | None  # the Keras model; None for a SavedModel
+    kind: str  # "keras3" | "tf_keras" | "saved_model" | "tflite" (a float32 .tflite, to quantize)
+    model: object | None  # the Keras model; None for a SavedModel or a .tflite
     input_shape: tuple  # (H, W, C)
     classes: int
+    # Conversion stages already computed for this model (pipeline.export: the float .tflite, its calibration)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def input_size(self) -> int:
@@ -114,8 +116,9 @@ def detect_kind(path: Path) -> str:
     if suffix in (".h5", ".hdf5"):
         return "tf_keras"
     if suffix == ".tflite":
-        raise ModelLoadError(f"{path} is already a TFLite model; convert takes a Keras file or a SavedModel")
-    raise ModelLoadError(f"unsupported model file {path}: expected a SavedModel folder, .keras or .h5")
+        return "tflite"
+    raise ModelLoadError(f"unsupported model file {path}: expected a SavedModel folder, .keras, .h5 or a float "
+                         ".tflite")
 
 
 def _shape_of(model) -> tuple[tuple, int]:
@@ -170,6 +173,8 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
     kind = detect_kind(path)
+    if kind == "tflite":
+        return _float_tflite_source(path)
     if kind == "saved_model":
         shape, classes = _saved_model_shape(path)
         return SourceModel(path, kind, None, shape, classes)
@@ -199,3 +204,31 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
         raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     shape, classes = _shape_of(model)
     return SourceModel(path, kind, model, shape, classes)
+
+
+def _float_tflite_source(path: Path) -> SourceModel:
+    """A float32 .tflite to quantize: loaded once in a sandboxed child first, as any .tflite nobody vouched for."""
+    import numpy as np
+
+    from pipeline.predict import open_interpreter
+    from pipeline.safe_tflite import load_untrusted
+
+    data = load_untrusted(path)
+    interpreter = open_interpreter(data)
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelLoadError(f"expected a .tflite with one image input and one output, got {len(inputs)} inputs "
+                             f"and {len(outputs)} outputs")
+    shape, out_shape = tuple(int(d) for d in inputs[0]["shape"]), tuple(int(d) for d in outputs[0]["shape"])
+    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
+        raise ModelLoadError(f"expected a square RGB image input (1, H, H, 3) in {path.name}, got {shape}")
+    if len(out_shape) != 2:
+        raise ModelLoadError(f"expected a (1, classes) output in {path.name}, got {out_shape}")
+    quantized = [d["name"] for d in interpreter.get_tensor_details()
+                 if np.dtype(d["dtype"]).kind in "iu" and d["quantization"][0] != 0.0]
+    if quantized:
+        raise ModelLoadError(f"{path.name} is already quantized ({len(quantized)} integer tensors, e.g. "
+                             f"{quantized[0]}); quantize from the float32 .tflite or the Keras model")
+    source = SourceModel(path, "tflite", None, shape[1:], out_shape[1])
+    source.cache["float_tflite"] = data
+    return source

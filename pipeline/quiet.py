@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 
 
 class Captured:
@@ -22,31 +23,52 @@ class Captured:
         return "\n".join(keep[-lines:])
 
 
+# fd 2 is one per process: captures overlapping in time (TensorFlow loading in a background thread
+# while calibration builds interpreters) share one redirection, made by the first and undone by the last.
+_lock = threading.Lock()
+_shared: dict = {"depth": 0, "saved": -1, "tmp": None}
+
+
 @contextlib.contextmanager
 def native_stderr_captured():
+    """fd 2 goes to a temporary file inside the block; ``captured.text`` has what was written meanwhile."""
     captured = Captured()
     if os.environ.get("XEDGE_VERBOSE"):
         yield captured
         return
+    with _lock:
+        if _shared["depth"] == 0:
+            try:
+                sys.stderr.flush()
+                saved = os.dup(2)
+            except (OSError, ValueError):
+                saved = -1
+            if saved < 0:
+                tmp = None
+            else:
+                tmp = tempfile.TemporaryFile(mode="w+b")
+                os.dup2(tmp.fileno(), 2)
+            _shared.update(saved=saved, tmp=tmp)
+        _shared["depth"] += 1
+        tmp = _shared["tmp"]
+        start = os.lseek(tmp.fileno(), 0, os.SEEK_END) if tmp is not None else 0
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
         yield captured
-        return
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield captured
-        finally:
+    finally:
+        with _lock:
             try:
                 sys.stderr.flush()
             except (OSError, ValueError):
                 pass
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            captured.text = tmp.read().decode("utf-8", "replace")
+            if tmp is not None:
+                end = os.lseek(tmp.fileno(), 0, os.SEEK_END)
+                captured.text = os.pread(tmp.fileno(), end - start, start).decode("utf-8", "replace")
+            _shared["depth"] -= 1
+            if _shared["depth"] == 0 and tmp is not None:
+                os.dup2(_shared["saved"], 2)
+                os.close(_shared["saved"])
+                tmp.close()
+                _shared.update(saved=-1, tmp=None)
 
 
 def quiet_tensorflow() -> None:
@@ -80,3 +102,39 @@ def import_tensorflow_quietly():
             pass
         tf.get_logger().setLevel(logging.ERROR)
     return tf
+
+
+_background: list = []  # the BackgroundImport in flight, if any
+
+
+class BackgroundImport:
+    """``import_tensorflow_quietly`` on a thread, so work that needs no TensorFlow (reading a .tflite,
+    decoding images, calibrating under LiteRT) runs while it loads.
+
+    Whoever starts one must call ``wait_for_tensorflow()`` before anything
+    imports TensorFlow or Keras on another thread: two threads importing the
+    same packages in different orders make Python hand one of them a partly
+    initialised module (measured: Keras then fails on a missing attribute).
+    """
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xedge-import-tensorflow", daemon=True)
+        _background.append(self)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            import_tensorflow_quietly()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by whoever imports it next
+            self.error = exc
+
+    def join(self) -> None:
+        """Wait for it (fd 2 is captured until then: join before printing anything to stderr)."""
+        self._thread.join()
+
+
+def wait_for_tensorflow() -> None:
+    """Return once no background TensorFlow import is in flight (a no-op when none was started)."""
+    while _background:
+        _background.pop().join()

@@ -147,3 +147,43 @@ def test_negligible_add_inputs_are_coarsened_so_xnnpack_takes_the_adds(calibrati
                                                                    "raise_negligible_add_inputs"]
     assert all(e["applied"] for e in full.manifest["optimizations"])
     assert full.manifest["xnnpack"]["partitions"] == 1
+
+
+def _scramble_classifier(model_bytes):
+    """A harmful 'rewrite': the classifier's weight rows reversed, so classes swap."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from pipeline.tflite_optimize import RewriteReport
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    graph = model.subgraphs[0]
+    report = RewriteReport("scramble_classifier")
+    for op in graph.operators:
+        if model.operatorCodes[op.opcodeIndex].builtinCode == schema.BuiltinOperator.FULLY_CONNECTED:
+            weights = graph.tensors[op.inputs[1]]
+            data = np.frombuffer(bytes(model.buffers[weights.buffer].data), np.int8).reshape(weights.shape)
+            model.buffers[weights.buffer].data = np.ascontiguousarray(data[::-1]).view(np.uint8).ravel()
+            report.rewritten.append({"op": "FULLY_CONNECTED"})
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), report
+
+
+def test_a_harmful_rewrite_is_dropped_and_the_good_one_kept(stock_int8, trained_run, calibration):
+    """The rewrites are checked together first; when that fails, each is checked alone."""
+    from pipeline.export import optimize_graph
+    from pipeline.modelio import load_source
+
+    source = load_source(trained_run.model_path)
+    out, entries = optimize_graph(stock_int8.model_bytes, source, calibration,
+                                  rewrites=(_scramble_classifier, fuse_shared_add_relu))
+    by_name = {e["name"]: e for e in entries}
+    assert by_name["scramble_classifier"]["applied"] is False
+    assert by_name["scramble_classifier"]["check"]["top1_agreement"] < 0.5
+    assert by_name["fuse_shared_add_relu"]["applied"] is True
+    assert out == fuse_shared_add_relu(stock_int8.model_bytes)[0]
+
+
+def test_rewrites_that_pass_together_are_checked_once(stock_int8, trained_tflite):
+    manifest = json.loads(manifest_path_for(trained_tflite["int8"]).read_text())
+    names = [e["name"] for e in manifest["optimizations"]]
+    assert names and all(e["check"]["together_with"] == names for e in manifest["optimizations"])
