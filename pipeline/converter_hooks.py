@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -88,14 +89,10 @@ def _minmax(view) -> tuple[float, float]:
 
 
 def _flatbuffers():
-    """LiteRT's copy of the flatbuffer tools: calibration needs no TensorFlow, so it can run while that loads."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-        from ai_edge_litert.tools import flatbuffer_utils
-    except ImportError:
-        from tensorflow.lite.python import schema_py_generated as schema
-        from tensorflow.lite.tools import flatbuffer_utils
-    return flatbuffer_utils, schema
+    """LiteRT's copy of the flatbuffer tools: calibration needs no TensorFlow (pipeline.flatbuffers)."""
+    from pipeline.flatbuffers import tools
+
+    return tools()
 
 
 # Ops for which the converter's calibrator first adds intermediate tensors (TFLite's
@@ -192,8 +189,23 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
     return calibrated, {"calibrator": "fast-minmax", "samples": count, "tensors": len(tracked), "workers": workers}
 
 
+def _tf_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("tensorflow")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def staged_supported() -> tuple[bool, str]:
-    """Whether the converter's stages can be called one by one here."""
+    """Whether the converter's stages can be called one by one here (without importing TensorFlow
+    when it is not loaded yet: a float .tflite source then needs only its quantizer, see ``_converter_api``)."""
+    version = _tf_version()
+    if version is None or not version.startswith(SUPPORTED_TF):
+        return False, f"the staged int8 conversion is pinned to TensorFlow {'/'.join(SUPPORTED_TF)}x, found {version}"
+    if "tensorflow" not in sys.modules:
+        return (True, "ok") if _converter_api_path() is not None else (False, "TensorFlow's MLIR quantizer is gone")
     ok, why = hooks_supported()
     if not ok:
         return ok, why
@@ -205,6 +217,93 @@ def staged_supported() -> tuple[bool, str]:
     if not callable(getattr(lite._calibrator, "add_intermediate_tensors", None)):  # noqa: SLF001
         return False, "tf.lite calibrator.add_intermediate_tensors is gone"
     return True, "ok"
+
+
+def _converter_api_path():
+    """Where TensorFlow's converter extension lies, found without importing TensorFlow."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("tensorflow")  # finds the package; runs none of it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "compiler" / "mlir" / "lite" / "python"
+    found = sorted(folder.glob("_pywrap_converter_api*.so"))
+    return found[0] if found else None
+
+
+_API: list = []
+
+
+def _converter_api():
+    """TensorFlow's MLIR quantizer extension, loaded by path so that TensorFlow's Python package (2.7 s
+    of CPU to import) stays unloaded. Only while nothing has imported TensorFlow: its own import would
+    load the same extension under its own name."""
+    if not _API:
+        import importlib.machinery
+        import importlib.util
+
+        path = _converter_api_path()
+        loader = importlib.machinery.ExtensionFileLoader("_pywrap_converter_api", str(path))  # its PyInit name
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(loader.name, path,
+                                                                                       loader=loader))
+        loader.exec_module(module)
+        _API.append(module)
+    return _API[0]
+
+
+# tflite.IODataType (tensorflow/compiler/mlir/lite/types.proto): what TensorFlow's
+# convert_tensor_tf_type_to_tflite_type hands the quantizer (a test checks these against it).
+IO_FLOAT, IO_INT8, QUANTIZED_INT8 = 1, 18, 9
+
+
+def _deduplicate_readonly_buffers(model_bytes: bytes) -> bytes:
+    """TensorFlow's ``deduplicate_readonly_buffers`` (tensorflow/lite/python/convert.py, Apache-2.0),
+    on LiteRT's flatbuffer tools: constant buffers with equal bytes are stored once."""
+    import hashlib
+
+    flatbuffer_utils, _ = _flatbuffers()
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
+    read_only: set[int] = set()
+    for graph in model.subgraphs:
+        inputs: set[int] = set()
+        for op in graph.operators:
+            for i, t in enumerate(op.inputs if op.inputs is not None else []):
+                if op.mutatingVariableInputs is not None and i < len(op.mutatingVariableInputs) \
+                        and op.mutatingVariableInputs[i]:
+                    continue
+                if graph.tensors[t].isVariable:
+                    continue
+                inputs.add(t)
+        for op in graph.operators:
+            inputs.difference_update(op.outputs if op.outputs is not None else [])
+            inputs.difference_update(op.intermediates if op.intermediates is not None else [])
+        inputs.difference_update(graph.inputs if graph.inputs is not None else [])
+        inputs.difference_update(graph.outputs if graph.outputs is not None else [])
+        read_only.update(graph.tensors[t].buffer for t in inputs)
+    read_only = {b for b in read_only if b >= 0 and model.buffers[b].data is not None
+                 and not isinstance(model.buffers[b].data, list) and model.buffers[b].data.size != 0}
+    entries = sorted(((model.buffers[b].data.size, hashlib.md5(model.buffers[b].data.data.tobytes()).hexdigest(), b)
+                      for b in read_only), key=lambda e: (e[0], e[1]), reverse=True)
+    duplicate: dict[int, int] = {}
+    for i, (size, digest, index) in enumerate(entries):
+        if index in duplicate:
+            continue
+        for other_size, other_digest, other in entries[i + 1:]:
+            if other in duplicate:
+                continue
+            if other_size != size:
+                break
+            if other_digest == digest:
+                duplicate[other] = index
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            for t in op.inputs if op.inputs is not None else []:
+                if graph.tensors[t].buffer in duplicate:
+                    graph.tensors[t].buffer = duplicate[graph.tensors[t].buffer]
+    for index in duplicate:
+        model.buffers[index].data = None
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def without_conversion_metadata(model_bytes: bytes) -> bytes:
@@ -244,12 +343,18 @@ def calibrate_float_model(float_model: bytes, samples_factory, record: dict, *, 
 
 def quantize_calibrated(calibrated: bytes, *, int8_io: bool, per_channel: bool, denylisted_nodes=None) -> bytes:
     """The converter's MLIR quantizer and buffer deduplication, as ``TFLiteConverterBase`` calls them for int8."""
+    nodes = list(denylisted_nodes or []) or None
+    if "tensorflow" not in sys.modules:  # a float .tflite source: TensorFlow's Python package never loaded
+        io = IO_INT8 if int8_io else IO_FLOAT
+        quantized = _converter_api().ExperimentalMlirQuantizeModel(
+            calibrated, not per_channel, False, QUANTIZED_INT8, io, io, False, False, None, nodes, False, False, "")
+        return _deduplicate_readonly_buffers(quantized)
     import tensorflow as tf
     from tensorflow.lite.python import lite
 
     io = tf.int8 if int8_io else tf.float32
     quantized = lite._mlir_quantize(calibrated, not per_channel, input_data_type=io,  # noqa: SLF001
-                                    output_data_type=io, denylisted_nodes=list(denylisted_nodes or []) or None)
+                                    output_data_type=io, denylisted_nodes=nodes)
     return bytes(lite._deduplicate_readonly_buffers(quantized))  # noqa: SLF001
 
 

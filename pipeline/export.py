@@ -237,7 +237,11 @@ def _use_stages(settings: ConvertSettings, representative, qat: bool) -> bool:
 
 
 def float_tflite(source: SourceModel) -> bytes:
-    """The source's float32 .tflite, converted once per loaded model."""
+    """The source's float32 .tflite, converted once per loaded model (a .tflite source: once its probe passed)."""
+    if "unverified_tflite" in source.cache:
+        data, pending = source.cache.pop("unverified_tflite")
+        pending.result()  # raises ModelLoadError if the sandboxed load failed
+        source.cache["float_tflite"] = data
     if "float_tflite" not in source.cache:
         source.cache["float_tflite"] = convert_bytes(source, ConvertSettings("float"))
     return source.cache["float_tflite"]
@@ -247,7 +251,7 @@ def _from_float_tflite(source: SourceModel, settings: ConvertSettings, represent
                        record: dict | None) -> bytes:
     """A float32 .tflite: its float32 conversion is itself; int8 is calibration plus the quantizer."""
     if settings.mode == "float":
-        return source.cache["float_tflite"]
+        return float_tflite(source)
     if settings.mode != "int8":
         raise ConversionError(f"a .tflite model can be quantized with --int8 only, not --{settings.mode}; "
                               "convert the Keras model or SavedModel it came from for other modes")
@@ -287,9 +291,6 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
     _, _, calibrated, calibration = kept
     record.update(calibration)
     record["stages"] = "float conversion, calibration, quantizer (pipeline.converter_hooks)"
-    from pipeline.quiet import wait_for_tensorflow
-
-    wait_for_tensorflow()  # for a .tflite source, calibration ran while TensorFlow loaded (pipeline.quiet)
     ok, why = staged_supported()
     if not ok:
         raise ConversionError(f"cannot quantize a .tflite with this TensorFlow: {why}; convert the Keras model")
@@ -302,6 +303,9 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
             raise ConversionError(f"cannot keep layers in float: {why}")
         nodes = resolve(calibrated, settings.float_layers)
         record.update({"quantizer": "mlir", "float_layers": list(settings.float_layers), "denylisted_nodes": nodes})
+    import sys
+
+    record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
     with native_stderr_captured() as log:
         try:
             return quantize_calibrated(calibrated, int8_io=not settings.float_io, per_channel=settings.per_channel,
@@ -410,7 +414,7 @@ def float_outputs(source: SourceModel, inputs: np.ndarray) -> np.ndarray:
     if source.kind == "tflite":
         from pipeline.tflite_optimize import _outputs
 
-        return _outputs(source.cache["float_tflite"], inputs)[0]
+        return _outputs(float_tflite(source), inputs)[0]
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(source.path)).signatures["serving_default"]

@@ -207,28 +207,59 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
 
 
 def _float_tflite_source(path: Path) -> SourceModel:
-    """A float32 .tflite to quantize: loaded once in a sandboxed child first, as any .tflite nobody vouched for."""
-    import numpy as np
+    """A float32 .tflite to quantize. Nobody vouched for it, so it is first loaded and run in a sandboxed
+    child (``pipeline.safe_tflite``); that probe runs while the caller reads its calibration images, and
+    ``pipeline.export.float_tflite`` waits for it before anything loads the model in this process. Its
+    shapes and tensor types are read here from the flatbuffer, in Python, without executing anything."""
+    from pipeline.safe_tflite import check_manifest, read_model_bytes, start_probe
 
-    from pipeline.predict import open_interpreter
-    from pipeline.safe_tflite import load_untrusted
-
-    data = load_untrusted(path)
-    interpreter = open_interpreter(data)
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    data = read_model_bytes(path)
+    check_manifest(path, data)
+    pending = start_probe(data, str(path))
+    try:
+        inputs, outputs, quantized = _tflite_signature(data)
+    except ModelLoadError:
+        raise
+    except Exception:  # noqa: BLE001 - a malformed flatbuffer: let the probe say what is wrong with it
+        pending.result()
+        raise ModelLoadError(f"invalid model: cannot read the tensors of {path}") from None
     if len(inputs) != 1 or len(outputs) != 1:
         raise ModelLoadError(f"expected a .tflite with one image input and one output, got {len(inputs)} inputs "
                              f"and {len(outputs)} outputs")
-    shape, out_shape = tuple(int(d) for d in inputs[0]["shape"]), tuple(int(d) for d in outputs[0]["shape"])
+    shape, out_shape = inputs[0], outputs[0]
     if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
-        raise ModelLoadError(f"expected a square RGB image input (1, H, H, 3) in {path.name}, got {shape}")
+        raise ModelLoadError(f"expected a square RGB image input (1, H, H, 3) in {path.name}, got {tuple(shape)}")
     if len(out_shape) != 2:
-        raise ModelLoadError(f"expected a (1, classes) output in {path.name}, got {out_shape}")
-    quantized = [d["name"] for d in interpreter.get_tensor_details()
-                 if np.dtype(d["dtype"]).kind in "iu" and d["quantization"][0] != 0.0]
+        raise ModelLoadError(f"expected a (1, classes) output in {path.name}, got {tuple(out_shape)}")
     if quantized:
         raise ModelLoadError(f"{path.name} is already quantized ({len(quantized)} integer tensors, e.g. "
                              f"{quantized[0]}); quantize from the float32 .tflite or the Keras model")
-    source = SourceModel(path, "tflite", None, shape[1:], out_shape[1])
-    source.cache["float_tflite"] = data
+    source = SourceModel(path, "tflite", None, tuple(shape[1:]), int(out_shape[1]))
+    source.cache["unverified_tflite"] = (data, pending)
     return source
+
+
+def _tflite_signature(data: bytes) -> tuple[list, list, list[str]]:
+    """Input shapes, output shapes and the names of quantized integer tensors, read in place."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    if model.SubgraphsLength() < 1:
+        raise ModelLoadError("invalid model: the .tflite has no graph")
+    graph = model.Subgraphs(0)
+    integer = {schema.TensorType.INT8, schema.TensorType.UINT8, schema.TensorType.INT16}
+
+    def shape(index: int) -> list[int]:
+        return [int(d) for d in graph.Tensors(index).ShapeAsNumpy()] if graph.Tensors(index).ShapeLength() else []
+
+    quantized = []
+    for k in range(graph.TensorsLength()):
+        tensor = graph.Tensors(k)
+        q = tensor.Quantization()
+        if tensor.Type() in integer and q is not None and q.ScaleLength():
+            quantized.append(tensor.Name().decode("utf-8", "replace"))
+    return ([shape(int(i)) for i in graph.InputsAsNumpy()], [shape(int(i)) for i in graph.OutputsAsNumpy()],
+            quantized)

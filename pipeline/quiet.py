@@ -23,8 +23,8 @@ class Captured:
         return "\n".join(keep[-lines:])
 
 
-# fd 2 is one per process: captures overlapping in time (TensorFlow loading in a background thread
-# while calibration builds interpreters) share one redirection, made by the first and undone by the last.
+# fd 2 is one per process: captures overlapping in time on different threads (calibration workers
+# building interpreters) share one redirection, made by the first and undone by the last.
 _lock = threading.Lock()
 _shared: dict = {"depth": 0, "saved": -1, "tmp": None}
 
@@ -102,39 +102,3 @@ def import_tensorflow_quietly():
             pass
         tf.get_logger().setLevel(logging.ERROR)
     return tf
-
-
-_background: list = []  # the BackgroundImport in flight, if any
-
-
-class BackgroundImport:
-    """``import_tensorflow_quietly`` on a thread, so work that needs no TensorFlow (reading a .tflite,
-    decoding images, calibrating under LiteRT) runs while it loads.
-
-    Whoever starts one must call ``wait_for_tensorflow()`` before anything
-    imports TensorFlow or Keras on another thread: two threads importing the
-    same packages in different orders make Python hand one of them a partly
-    initialised module (measured: Keras then fails on a missing attribute).
-    """
-
-    def __init__(self):
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="xedge-import-tensorflow", daemon=True)
-        _background.append(self)
-        self._thread.start()
-
-    def _run(self):
-        try:
-            import_tensorflow_quietly()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by whoever imports it next
-            self.error = exc
-
-    def join(self) -> None:
-        """Wait for it (fd 2 is captured until then: join before printing anything to stderr)."""
-        self._thread.join()
-
-
-def wait_for_tensorflow() -> None:
-    """Return once no background TensorFlow import is in flight (a no-op when none was started)."""
-    while _background:
-        _background.pop().join()

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 from pipeline.errors import ModelLoadError
@@ -108,38 +109,82 @@ def _limits(memory_mb: int, cpu_s: int):
     return apply
 
 
-def probe(data: bytes, name: str = "model", *, timeout: float = DEFAULT_TIMEOUT_S,
-          memory_mb: int = DEFAULT_MEMORY_MB) -> dict:
-    """Load and invoke ``data`` once in a limited child process; return its input/output details."""
-    precheck(data, name)
-    with tempfile.TemporaryDirectory(prefix="xedge-probe-") as tmp:
-        model = Path(tmp) / "model.tflite"
+_PENDING: weakref.WeakSet = weakref.WeakSet()  # probes started and not yet waited for
+
+
+class Probe:
+    """A probe running in its child process; ``result()`` waits for it (``start_probe``)."""
+
+    def __init__(self, data: bytes, name: str, timeout: float, memory_mb: int):
+        import shutil
+
+        precheck(data, name)
+        self.name, self.timeout, self.memory_mb = name, timeout, memory_mb
+        self._tmp = tempfile.mkdtemp(prefix="xedge-probe-")
+        model = Path(self._tmp) / "model.tflite"
         model.write_bytes(data)
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH")}
         env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(model)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, preexec_fn=_limits(memory_mb, int(timeout) + 5))
+        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(model)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=env,
+                                      preexec_fn=_limits(memory_mb, int(timeout) + 5))
+        # never waited for (the caller failed first): kill the child and remove its copy of the model
+        self._cleanup = weakref.finalize(self, _abandon, self._proc, self._tmp, shutil.rmtree)
+        _PENDING.add(self)
+
+    def result(self) -> dict:
+        proc, name = self._proc, self.name
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise ModelLoadError(f"invalid model: loading {name} did not finish in {timeout:.0f} s") from None
-    if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        raise ModelLoadError(f"invalid model: the TFLite loader crashed on {name} ({sig}); the file is corrupt "
-                             "or was built for another runtime")
-    if proc.returncode != 0:
-        lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "Error" in ln or "error" in ln or "failed" in ln]
-        reason = (errors or lines or ["unknown error"])[-1].strip()[:300]
-        if "MemoryError" in reason or "bad_alloc" in reason:
-            reason = f"it needs more than {memory_mb} MiB to load"
-        raise ModelLoadError(f"invalid model: LiteRT cannot load {name}: {reason}")
-    try:
-        return json.loads(out.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise ModelLoadError(f"invalid model: probing {name} gave no result") from None
+            raise ModelLoadError(f"invalid model: loading {name} did not finish in {self.timeout:.0f} s") from None
+        finally:
+            self._cleanup()
+        if proc.returncode < 0:
+            sig = signal.Signals(-proc.returncode).name
+            raise ModelLoadError(f"invalid model: the TFLite loader crashed on {name} ({sig}); the file is corrupt "
+                                 "or was built for another runtime")
+        if proc.returncode != 0:
+            lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+            errors = [ln for ln in lines if "Error" in ln or "error" in ln or "failed" in ln]
+            reason = (errors or lines or ["unknown error"])[-1].strip()[:300]
+            if "MemoryError" in reason or "bad_alloc" in reason:
+                reason = f"it needs more than {self.memory_mb} MiB to load"
+            raise ModelLoadError(f"invalid model: LiteRT cannot load {name}: {reason}")
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise ModelLoadError(f"invalid model: probing {name} gave no result") from None
+
+
+def _abandon(proc, tmp, rmtree) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+    rmtree(tmp, ignore_errors=True)
+
+
+def abandon_pending() -> None:
+    """Kill probes nobody waited for and remove their files (for exits that skip finalizers: ``os._exit``)."""
+    for pending in list(_PENDING):
+        pending._cleanup()  # noqa: SLF001
+
+
+def start_probe(data: bytes, name: str = "model", *, timeout: float = DEFAULT_TIMEOUT_S,
+                memory_mb: int = DEFAULT_MEMORY_MB) -> Probe:
+    """Start loading and invoking ``data`` once in a limited child process; the caller goes on meanwhile."""
+    return Probe(data, name, timeout, memory_mb)
+
+
+def probe(data: bytes, name: str = "model", *, timeout: float = DEFAULT_TIMEOUT_S,
+          memory_mb: int = DEFAULT_MEMORY_MB) -> dict:
+    """Load and invoke ``data`` once in a limited child process; return its input/output details."""
+    return start_probe(data, name, timeout=timeout, memory_mb=memory_mb).result()
 
 
 def check_manifest(path: str | os.PathLike, data: bytes) -> None:

@@ -43,15 +43,15 @@ class TfliteInfo:
 
 
 def _type_names():
-    from tensorflow.lite.python import schema_py_generated as schema
+    from pipeline import flatbuffers
 
-    return {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    return {v: k.lower() for k, v in vars(flatbuffers.schema().TensorType).items() if not k.startswith("_")}
 
 
 def _op_names():
-    from tensorflow.lite.python import schema_py_generated as schema
+    from pipeline import flatbuffers
 
-    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    return {v: k for k, v in vars(flatbuffers.schema().BuiltinOperator).items() if not k.startswith("_")}
 
 
 def _tensor_desc(tensor, types) -> dict:
@@ -65,9 +65,9 @@ def _tensor_desc(tensor, types) -> dict:
 
 
 def read_model_object(model_bytes: bytes):
-    from tensorflow.lite.tools import flatbuffer_utils
+    from pipeline.flatbuffers import read
 
-    return flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    return read(model_bytes)
 
 
 def inspect_tflite(model_bytes: bytes) -> TfliteInfo:

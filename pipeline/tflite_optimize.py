@@ -46,9 +46,9 @@ class RewriteReport:
 
 
 def _schema():
-    from tensorflow.lite.python import schema_py_generated as schema
+    from pipeline.flatbuffers import schema
 
-    return schema
+    return schema()
 
 
 def fuse_shared_add_relu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
@@ -57,7 +57,9 @@ def fuse_shared_add_relu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
     Returns the new model bytes and what was rewritten; the input is returned
     unchanged (same bytes) when nothing matches.
     """
-    from tensorflow.lite.tools import flatbuffer_utils
+    from pipeline.flatbuffers import tools
+
+    flatbuffer_utils = tools()[0]
 
     schema = _schema()
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -123,7 +125,9 @@ def raise_negligible_add_inputs(model_bytes: bytes) -> tuple[bytes, RewriteRepor
     Typical of untrained or freshly initialised residual nets; checked on real
     data by ``export_tflite`` before it is kept.
     """
-    from tensorflow.lite.tools import flatbuffer_utils
+    from pipeline.flatbuffers import tools
+
+    flatbuffer_utils = tools()[0]
 
     schema = _schema()
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}

@@ -107,7 +107,12 @@ def test_a_float_tflite_quantizes_to_the_same_bytes_as_its_keras_model(trained_r
     run_cli("convert", trained_run.model_path, *common, "--out", tmp_path / "from_keras.tflite", check=True)
     assert (tmp_path / "from_tflite.tflite").read_bytes() == (tmp_path / "from_keras.tflite").read_bytes()
     manifest = json.loads((tmp_path / "from_tflite.manifest.json").read_text())
-    assert manifest["source"]["kind"] == "tflite" and manifest["calibration"]["method"]["calibrator"] == "fast-minmax"
+    method = manifest["calibration"]["method"]
+    assert manifest["source"]["kind"] == "tflite" and method["calibrator"] == "fast-minmax"
+    # quantized without TensorFlow's Python package, and still the same bytes as the TensorFlow route
+    assert method["quantizer_route"] == "extension"
+    assert json.loads((tmp_path / "from_keras.manifest.json").read_text())["calibration"]["method"][
+        "quantizer_route"] == "tensorflow"
     assert manifest["labels"] == json.loads((tmp_path / "from_keras.manifest.json").read_text())["labels"]
 
     again = run_cli("convert", tmp_path / "from_tflite.tflite", *common, "--out", tmp_path / "twice.tflite")
@@ -163,3 +168,32 @@ def test_a_broken_tflite_source_is_refused_in_one_line(trained_tflite, digits, t
     proc = run_cli("convert", broken, "--int8", "--calib", digits["samples"], "--out", tmp_path / "q.tflite")
     assert proc.returncode == 2 and proc.stderr.startswith("error: invalid model") and "Traceback" not in proc.stderr
     assert not (tmp_path / "q.tflite").exists()
+
+
+def test_the_extension_route_speaks_the_quantizers_own_constants(trained_run, calibration):
+    """The enum values handed to the extension, and the copied deduplication, against TensorFlow's own."""
+    import tensorflow as tf
+    from tensorflow.compiler.mlir.lite import types_pb2
+    from tensorflow.lite.python import convert
+
+    assert convert.convert_tensor_tf_type_to_tflite_type(tf.int8) == converter_hooks.IO_INT8
+    assert convert.convert_tensor_tf_type_to_tflite_type(tf.float32) == converter_hooks.IO_FLOAT
+    assert types_pb2.QUANTIZED_INT8 == converter_hooks.QUANTIZED_INT8
+    source = load_source(trained_run.model_path)
+    convert_bytes(source, ConvertSettings("int8"), calibration)
+    quantized = convert.mlir_quantize(source.cache["calibrated"][2], input_data_type=tf.int8,
+                                      output_data_type=tf.int8)
+    ours = converter_hooks._deduplicate_readonly_buffers(quantized)
+    theirs = convert.deduplicate_readonly_buffers(quantized)
+    assert _structure(ours)[:2] == _structure(bytes(theirs))[:2]
+    assert converter_hooks._converter_api_path() is not None
+
+
+def test_a_failed_conversion_leaves_no_sandbox_probe_behind(trained_tflite, tmp_path):
+    """The probe of a .tflite source runs while the command goes on; an error first must still clean it up."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = run_cli("convert", trained_tflite["float"], "--int8", "--calib", tmp_path / "no_such_folder",
+                   "--out", tmp_path / "q.tflite", env={"TMPDIR": str(tmp)})
+    assert proc.returncode == 2 and "calibration folder not found" in proc.stderr
+    assert list(tmp.iterdir()) == []

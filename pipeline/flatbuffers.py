@@ -1,0 +1,36 @@
+"""The TFLite flatbuffer schema and its object API, from LiteRT when it is there.
+
+Why not TensorFlow's copy: reading and rewriting a .tflite (inspection, the
+graph rewrites, calibration) needs only these generated Python classes, and
+importing them from ``tensorflow.lite`` imports all of TensorFlow (about
+2.7 s of CPU). LiteRT ships the same schema, newer (the schema only ever
+gains fields), so ``convert X.tflite --int8`` runs without TensorFlow's
+Python package loaded. Use one pair for one model: objects of the two
+copies do not mix.
+"""
+
+from __future__ import annotations
+
+
+def tools():
+    """(flatbuffer_utils, schema_py_generated)."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated as schema
+        from tensorflow.lite.tools import flatbuffer_utils
+    return flatbuffer_utils, schema
+
+
+def schema():
+    return tools()[1]
+
+
+def read(model_bytes: bytes):
+    """The model as mutable objects."""
+    return tools()[0].read_model_from_bytearray(bytearray(model_bytes))
+
+
+def write(model) -> bytes:
+    return bytes(tools()[0].convert_object_to_bytearray(model))
