@@ -143,15 +143,7 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
         converter.target_spec.supported_types = [tf.float16]
         return
     if representative is not None:
-        total = len(representative)
-
-        def gen():
-            for i, batch in enumerate(representative.batches(), 1):
-                yield batch
-                if progress:
-                    progress(i, total)
-
-        converter.representative_dataset = gen
+        converter.representative_dataset = _replayable(representative, progress)
     if mode == "int8":
         # Builtins stay allowed so an unquantizable op falls back visibly; the
         # gate in export_tflite then names any heavy op left in float.
@@ -173,6 +165,19 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
             converter.inference_output_type = tf.int16
     if not settings.per_channel:
         converter._experimental_disable_per_channel = True  # noqa: SLF001 - the converter's only switch for it
+
+
+def _replayable(representative, progress: Progress | None):
+    """The converter's representative_dataset: a generator function (called again, it replays the samples)."""
+    total = len(representative)
+
+    def samples():
+        for i, batch in enumerate(representative.batches(), 1):
+            yield batch
+            if progress:
+                progress(i, total)
+
+    return samples
 
 
 def convert_bytes(source: SourceModel, settings: ConvertSettings, representative=None,
@@ -268,14 +273,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
 
     kept = source.cache.get("calibrated")
     if kept is None or kept[0] is not representative or kept[1] != settings.calibrator:
-        total = len(representative)
-
-        def samples():
-            for i, batch in enumerate(representative.batches(), 1):
-                yield batch
-                if progress:
-                    progress(i, total)
-
+        samples = _replayable(representative, progress)
         float_model = float_tflite(source)
         calibration: dict = {}
         with native_stderr_captured() as log:
