@@ -172,6 +172,8 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
                     fallback):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
+    A float32 .tflite MODEL is quantized directly with --int8 (calibration
+    and TensorFlow's quantizer only, as ONNX Runtime's quantize_static does).
     Without MODEL, the latest training run (runs/latest/model.keras) is used.
     The .tflite and its manifest (MODEL_<mode>.manifest.json: hashes, versions,
     settings, calibration files, ops left in float) are written atomically.
@@ -180,6 +182,7 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
     Example:
       convert --int8 --calib ./samples
       convert runs/digits/model.keras --fp16 --out model_fp16.tflite
+      convert model_float.tflite --int8 --calib ./samples
     """
     from pipeline.errors import CalibrationError
     from pipeline.export import CALIBRATED_MODES, ConvertSettings, export_tflite
