@@ -111,12 +111,18 @@ def _print_summary(summary: dict, title: str = "conversion") -> None:
     table.add_row("ops int / float", f"{summary['int_ops']} / {summary['float_ops']}")
     if summary.get("calibration_samples"):
         table.add_row("calibration images", str(summary["calibration_samples"]))
-    table.add_row("XNNPACK partitions", str(summary["xnnpack_partitions"]) + (" (one is best)"
-                  if summary["xnnpack_partitions"] > 1 else ""))
+    table.add_row("XNNPACK partitions", str(summary["xnnpack_partitions"]) + (
+        " (XNNPACK refuses the model)" if summary.get("xnnpack_refused")
+        else " (one is best)" if summary["xnnpack_partitions"] > 1 else ""))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     _console(stderr=False).print(table)
     outside = summary.get("xnnpack_outside") or []
-    if outside:
+    if summary.get("xnnpack_refused"):
+        click.echo(f"warning: LiteRT's XNNPACK delegate refuses this model ({summary['xnnpack_refused']}): it runs "
+                   "on the slow builtin kernels only, and runtimes that apply XNNPACK by default fail to load it. "
+                   "Activations with extreme ranges are the usual cause: keep those layers in float "
+                   "(--max-drop PP --eval DIR), or use --int16x8.", err=True)
+    elif outside:
         click.echo(f"note: {len(outside)} ops run outside XNNPACK (slower); first: {outside[0]['op']} "
                    f"({outside[0]['output']}): {outside[0]['reason']}. All are listed in the manifest.", err=True)
 

@@ -31,9 +31,10 @@ def describe_machine(r: dict) -> str:
     m = r.get("machine") or {}
     device = r.get("device") or {}
     inputs = (r.get("inputs") or {}).get("source", "?")
+    xnnpack = "refused the model" if r.get("xnnpack_refused") else "on" if r.get("xnnpack", True) else "off"
     return (f"{device.get('name', '?')} ({device.get('transport', '?')}), {_runtime(r)}: {m.get('cpu') or '?'}, "
             f"{m.get('cpu_count') or '?'} cores, {m.get('machine') or '?'}; {r.get('runs')} runs after "
-            f"{r.get('warmup')} warm-up, XNNPACK {'on' if r.get('xnnpack', True) else 'off'}, {inputs} inputs; "
+            f"{r.get('warmup')} warm-up, XNNPACK {xnnpack}, {inputs} inputs; "
             "latencies in ms")
 
 

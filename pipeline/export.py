@@ -83,7 +83,7 @@ class ExportResult:
                 "int_ops": m["ops"]["int_ops"], "float_ops": m["ops"]["float_ops"],
                 "calibration_samples": (m.get("calibration") or {}).get("count", 0),
                 "xnnpack_partitions": m["xnnpack"]["partitions"], "xnnpack_outside": m["xnnpack"]["outside"],
-                "seconds": m["timing"]["total_s"]}
+                "xnnpack_refused": m["xnnpack"].get("refused"), "seconds": m["timing"]["total_s"]}
 
 
 def default_output(model_path: Path, mode: str) -> Path:

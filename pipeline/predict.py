@@ -46,6 +46,17 @@ def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, 
             return interpreter
         except (ValueError, RuntimeError) as exc:
             error = exc
+        if "XNNPACK" in str(error) and resolver == OpResolverType.AUTO:
+            # XNNPACK refuses the graph (extreme requantization scales): the builtin kernels compute
+            # the same numbers, slower; `convert` warns about such models when it writes them.
+            builtin = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            try:
+                interpreter = Interpreter(model_content=model_bytes, num_threads=threads,
+                                          experimental_op_resolver_type=builtin)
+                interpreter.allocate_tensors()
+                return interpreter
+            except (ValueError, RuntimeError) as exc:
+                error = exc
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     detail = log.tail(3)
     raise ModelLoadError(f"LiteRT cannot load {name}: {first}" + (f"\n{detail}" if detail else ""))

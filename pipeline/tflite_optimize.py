@@ -202,9 +202,16 @@ def _outputs(model_bytes: bytes, inputs):
     from pipeline.preprocessing import dequantize, quantize
     from pipeline.quiet import native_stderr_captured
 
+    from ai_edge_litert.interpreter import OpResolverType
+
     with native_stderr_captured():
         interpreter = Interpreter(model_content=model_bytes, num_threads=os.cpu_count() or 1)
-        interpreter.allocate_tensors()
+        try:
+            interpreter.allocate_tensors()
+        except RuntimeError:  # XNNPACK refuses the graph: compare on the builtin kernels instead
+            interpreter = Interpreter(model_content=model_bytes, num_threads=os.cpu_count() or 1,
+                                      experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     rows, raw = [], []
     for x in inputs:
@@ -291,9 +298,15 @@ def _xnnpack_report(model_bytes: bytes, threads: int = 1) -> dict:
 
     from pipeline.quiet import native_stderr_captured
 
-    with native_stderr_captured():
+    with native_stderr_captured() as log:
         interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
-        interpreter.allocate_tensors()
+        try:
+            interpreter.allocate_tensors()
+        except RuntimeError as exc:  # XNNPACK refuses the whole graph (measured: extreme requantization scales)
+            import re
+
+            refused = re.sub(r"(?<=[a-z])(?=Node number)", "; ", str(exc).strip().splitlines()[0][:200]) or log.tail(1)
+            return {"partitions": 0, "outside": [], "refused": refused}
     nodes = interpreter._get_ops_details()  # noqa: SLF001 - the only per-node view
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     delegate_in, delegate_out = set(), set()

@@ -328,3 +328,23 @@ def test_int8_can_keep_layers_in_int16_instead(sensitive_model, calibration, dig
     assert info.float_ops == [] and info.inputs[0]["dtype"] == "int8"
     assert info.op_histogram["CONV_2D/int16"] == len(record["layers"])
     assert result.export.manifest["settings"]["fallback"] == "int16"
+
+
+def test_an_int8_model_xnnpack_refuses_is_written_with_a_warning_and_still_runs(int16_sensitive_model, digits,
+                                                                                 tmp_path):
+    """A 1e5 outlier gives requantization scales XNNPACK refuses for the whole graph: no traceback, a warning,
+    the manifest says so, and bench/validate still measure it (on the builtin kernels)."""
+    out = tmp_path / "refused.tflite"
+    proc = run_cli("convert", int16_sensitive_model, "--int8", "--calib", digits["samples"], "--calib-size", 64,
+                   "--out", out)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "XNNPACK delegate refuses this model" in proc.stderr and "--max-drop" in proc.stderr
+    xnnpack = json.loads(out.with_name("refused.manifest.json").read_text())["xnnpack"]
+    assert xnnpack["partitions"] == 0 and "XNNPACK" in xnnpack["refused"]
+    result = tmp_path / "bench.json"
+    bench = run_cli("xedge", "bench", out, "--runs", 5, "--json", result)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "refused the model" in bench.stdout
+    measured = json.loads(result.read_text())
+    assert measured["xnnpack"] is False and "XNNPACK" in measured["xnnpack_refused"]
+    assert measured["latency_ms"]["p50"] > 0
