@@ -732,7 +732,9 @@ def main():
     buffers, and Python's orderly teardown of them took 0.7 s of a 12 s
     Xception-299 conversion while writing nothing (the .tflite and its
     manifest are already written atomically and fsynced). So the process
-    ends with ``os._exit`` once its output streams are flushed.
+    runs its exit handlers (they remove temporary files, such as
+    TensorFlow's autograph sources), flushes its output streams and ends
+    with ``os._exit``.
     """
     try:
         convert_command(prog_name="convert")  # click's standalone mode always ends in SystemExit
@@ -744,6 +746,9 @@ def main():
         code = 1
     if "pipeline.safe_tflite" in sys.modules:  # a sandboxed probe nobody waited for (an error came first)
         sys.modules["pipeline.safe_tflite"].abandon_pending()
+    import atexit
+
+    atexit._run_exitfuncs()  # noqa: SLF001 - what does clean up (TensorFlow's autograph temp files, logging)
     import logging
 
     logging.shutdown()

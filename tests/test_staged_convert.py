@@ -197,3 +197,14 @@ def test_a_failed_conversion_leaves_no_sandbox_probe_behind(trained_tflite, tmp_
                    "--out", tmp_path / "q.tflite", env={"TMPDIR": str(tmp)})
     assert proc.returncode == 2 and "calibration folder not found" in proc.stderr
     assert list(tmp.iterdir()) == []
+
+
+def test_convert_leaves_no_temporary_files(trained_run, digits, tmp_path):
+    """The convert script skips Python's teardown (os._exit) but still runs the exit handlers that clean up,
+    such as TensorFlow's autograph sources."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = run_cli("convert", trained_run.model_path, "--int8", "--calib", digits["samples"], "--calib-size", 16,
+                   "--out", tmp_path / "q.tflite", env={"TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(tmp.iterdir()) == []
