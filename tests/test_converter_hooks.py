@@ -2,7 +2,6 @@
 as accurate on real images, and falling back to the stock path when it cannot run."""
 
 import numpy as np
-import pytest
 
 from pipeline import converter_hooks
 from pipeline.export import ConvertSettings, export_tflite, float_outputs

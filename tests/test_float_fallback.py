@@ -111,6 +111,7 @@ def test_budget_already_met_needs_no_fallback(trained_run, calibration, digits, 
     result = convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,
                                    eval_dir=digits["val"], max_drop_pp=2.0, eval_limit=EVAL_LIMIT,
                                    out=tmp_path / "m.tflite", latency=lambda a, b: pytest.fail("no fallback, no bench"))
+    assert result.float_layers == [] and result.final["top1_drop_pp"] <= 2.0
     manifest = json.loads((tmp_path / "m.manifest.json").read_text())
     record = manifest["float_fallback"]
     assert record["layers"] == [] and manifest["settings"]["float_layers"] == []
