@@ -165,7 +165,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     ``<name>_over_budget.tflite`` with its manifest, for inspection.
     """
     from pipeline import artifacts
-    from pipeline.float_fallback import donor_settings, method_for
+    from pipeline.float_fallback import donor_model, method_for
     from pipeline.modelio import load_source
 
     if settings.mode not in CALIBRATED_MODES:
@@ -188,15 +188,9 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
 
     converted: dict[str, bytes] = {}
 
-    def float_model() -> bytes:
-        return float_tflite(source)  # converted once per source, shared with the int8 stages
-
     def donor() -> bytes:
-        spec = donor_settings(settings)
-        if spec.mode == "float":
-            return float_model()
         if "donor" not in converted:
-            converted["donor"] = convert_bytes(source, spec, representative)
+            converted["donor"] = donor_model(source, settings, representative)
         return converted["donor"]
 
     def quantize_with(layers: list[str]) -> _State:
@@ -214,7 +208,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     say(f"step 0: all layers quantized: drop {state.figures['top1_drop_pp']:.2f} pp")
     baseline, best = state, state
     while state.figures["top1_drop_pp"] > max_drop_pp and len(state.layers) < max_float_layers:
-        float_bytes = float_model()
+        float_bytes = float_tflite(source)  # converted once per source, shared with the int8 stages
         ranked = rank_layers(float_bytes, state.model, meter.inputs[:layer_samples], exclude=set(state.layers))
         trials = []
         for entry in ranked[:candidates]:

@@ -88,13 +88,6 @@ def _minmax(view) -> tuple[float, float]:
     return mn, mx
 
 
-def _flatbuffers():
-    """LiteRT's copy of the flatbuffer tools: calibration needs no TensorFlow (pipeline.flatbuffers)."""
-    from pipeline.flatbuffers import tools
-
-    return tools()
-
-
 # Ops for which the converter's calibrator first adds intermediate tensors (TFLite's
 # quantization_wrapper_utils: the LSTM family); for any other model that step changes nothing.
 _NEEDS_INTERMEDIATES = ("LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM")
@@ -106,9 +99,10 @@ def _add_intermediate_tensors(model_bytes: bytes) -> bytes:
     Not LiteRT's copy of the wrapper: loading both pybind modules in one
     process breaks TensorFlow's own calibrator (measured: its import fails).
     """
-    _, schema = _flatbuffers()
-    model = schema.Model.GetRootAs(model_bytes, 0)  # reads the op codes in place, unpacking nothing else
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    from pipeline import flatbuffers
+
+    model = flatbuffers.schema().Model.GetRootAs(model_bytes, 0)  # reads the op codes in place, nothing else
+    names = flatbuffers.op_names()
     codes = set()
     for i in range(model.OperatorCodesLength()):
         code = model.OperatorCodes(i)
@@ -130,9 +124,10 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
     """Calibrate ``float_model`` on ``samples`` (an iterable of input lists); return calibrated bytes."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from pipeline.flatbuffers import tools
     from pipeline.quiet import native_stderr_captured
 
-    flatbuffer_utils, schema = _flatbuffers()
+    flatbuffer_utils, schema = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
     if drop_conversion_metadata:
         _drop_conversion_metadata(model)
@@ -262,7 +257,9 @@ def _deduplicate_readonly_buffers(model_bytes: bytes) -> bytes:
     on LiteRT's flatbuffer tools: constant buffers with equal bytes are stored once."""
     import hashlib
 
-    flatbuffer_utils, _ = _flatbuffers()
+    from pipeline.flatbuffers import tools
+
+    flatbuffer_utils, _ = tools()
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
     read_only: set[int] = set()
     for graph in model.subgraphs:
@@ -309,7 +306,9 @@ def _deduplicate_readonly_buffers(model_bytes: bytes) -> bytes:
 def without_conversion_metadata(model_bytes: bytes) -> bytes:
     """The model minus the converter's CONVERSION_METADATA entry (a float conversion's, which would
     describe the wrong options once quantized; the converter's own calibrator never sees one)."""
-    flatbuffer_utils, _ = _flatbuffers()
+    from pipeline.flatbuffers import tools
+
+    flatbuffer_utils, _ = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
     before = len(model.metadata or [])
     _drop_conversion_metadata(model)

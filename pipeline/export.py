@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -294,15 +295,12 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
         raise ConversionError(f"cannot quantize a .tflite with this TensorFlow: {why}; convert the Keras model")
     nodes = None
     if settings.float_layers:
-        from pipeline.float_fallback import hooks_supported, resolve
+        from pipeline.float_fallback import denylist, hooks_supported
 
         ok, why = hooks_supported()
         if not ok:
             raise ConversionError(f"cannot keep layers in float: {why}")
-        nodes = resolve(calibrated, settings.float_layers)
-        record.update({"quantizer": "mlir", "float_layers": list(settings.float_layers), "denylisted_nodes": nodes})
-    import sys
-
+        nodes = denylist(calibrated, settings.float_layers, record)
     record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
     with native_stderr_captured() as log:
         try:

@@ -11,6 +11,8 @@ copies do not mix.
 
 from __future__ import annotations
 
+import functools
+
 
 def tools():
     """(flatbuffer_utils, schema_py_generated)."""
@@ -34,3 +36,15 @@ def read(model_bytes: bytes):
 
 def write(model) -> bytes:
     return bytes(tools()[0].convert_object_to_bytearray(model))
+
+
+@functools.cache
+def op_names() -> dict[int, str]:
+    """Builtin operator code -> name (``CONV_2D``); read-only, shared."""
+    return {v: k for k, v in vars(schema().BuiltinOperator).items() if not k.startswith("_")}
+
+
+@functools.cache
+def type_names() -> dict[int, str]:
+    """Tensor type code -> name (``INT8``); read-only, shared."""
+    return {v: k for k, v in vars(schema().TensorType).items() if not k.startswith("_")}

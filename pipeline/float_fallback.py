@@ -113,18 +113,31 @@ def convert_spliced(source, settings, representative=None, progress=None, record
     """Convert with ``settings.float_layers`` spliced in from the donor conversion (see ``method_for``)."""
     from dataclasses import replace
 
-    from pipeline.export import convert_bytes, float_tflite
+    from pipeline.export import convert_bytes
     from pipeline.splice import splice
 
     record = record if record is not None else {}
     host = convert_bytes(source, replace(settings, float_layers=()), representative, progress, record)
-    donor_spec = donor_settings(settings)
-    donor = (float_tflite(source) if donor_spec.mode == "float"
-             else convert_bytes(source, donor_spec, representative))
     report: dict = {}
-    spliced = splice(host, donor, settings.float_layers, record=report)
+    spliced = splice(host, donor_model(source, settings, representative), settings.float_layers, record=report)
     record.update({"fallback_method": "splice", "float_layers": list(settings.float_layers), "splice": report})
     return spliced
+
+
+def denylist(calibrated: bytes, layers, record: dict) -> list[str]:
+    """The MLIR quantizer's ``denylisted_nodes`` for ``layers`` of this calibrated model, recorded."""
+    nodes = resolve(calibrated, layers)
+    record.update({"fallback_method": "mlir-denylist", "quantizer": "mlir", "float_layers": list(layers),
+                   "denylisted_nodes": nodes})
+    return nodes
+
+
+def donor_model(source, settings, representative=None) -> bytes:
+    """The conversion the spliced layers come from (``donor_settings``); the float one is the source's cached one."""
+    from pipeline.export import convert_bytes, float_tflite
+
+    spec = donor_settings(settings)
+    return float_tflite(source) if spec.mode == "float" else convert_bytes(source, spec, representative)
 
 
 @contextlib.contextmanager
@@ -142,10 +155,7 @@ def keep_float(layers, *, record: dict):
     stock_quantize = lite._mlir_quantize  # noqa: SLF001
 
     def mlir_quantize(calibrated, *args, **kwargs):
-        nodes = resolve(calibrated, layers)
-        record.update({"fallback_method": "mlir-denylist", "quantizer": "mlir", "float_layers": layers,
-                       "denylisted_nodes": nodes})
-        return stock_quantize(calibrated, *args, denylisted_nodes=nodes, **kwargs)
+        return stock_quantize(calibrated, *args, denylisted_nodes=denylist(calibrated, layers, record), **kwargs)
 
     lite._mlir_quantize = mlir_quantize  # noqa: SLF001
     try:

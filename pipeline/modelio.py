@@ -241,11 +241,9 @@ def _float_tflite_source(path: Path) -> SourceModel:
 
 def _tflite_signature(data: bytes) -> tuple[list, list, list[str]]:
     """Input shapes, output shapes and the names of quantized integer tensors, read in place."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        from tensorflow.lite.python import schema_py_generated as schema
+    from pipeline import flatbuffers
 
+    schema = flatbuffers.schema()
     model = schema.Model.GetRootAs(data, 0)
     if model.SubgraphsLength() < 1:
         raise ModelLoadError("invalid model: the .tflite has no graph")

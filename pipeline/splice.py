@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline import flatbuffers
 from pipeline.errors import ConversionError
 
 
@@ -57,11 +58,10 @@ class _Graph:
     def __post_init__(self):
         from pipeline.layer_error import _primary, layer_names
 
-        schema = _schema()
         if len(self.model.subgraphs) != 1:
             raise ConversionError(f"cannot splice a model with {len(self.model.subgraphs)} subgraphs "
                                   "(only single-graph models)")
-        codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        codes = flatbuffers.op_names()
         self.graph = self.model.subgraphs[0]
         self.op_names, self.op_layers, self.producer = [], [], {}
         for index, op in enumerate(self.graph.operators or []):
@@ -107,7 +107,7 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
     from tensorflow.lite.tools import flatbuffer_utils
 
     schema = _schema()
-    types = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    types = {code: name.lower() for code, name in flatbuffers.type_names().items()}
     layers = list(dict.fromkeys(str(layer) for layer in layers))
     host = _Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(host_bytes)))
     donor = _Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(donor_bytes)))

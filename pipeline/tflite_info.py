@@ -45,13 +45,13 @@ class TfliteInfo:
 def _type_names():
     from pipeline import flatbuffers
 
-    return {v: k.lower() for k, v in vars(flatbuffers.schema().TensorType).items() if not k.startswith("_")}
+    return {code: name.lower() for code, name in flatbuffers.type_names().items()}
 
 
 def _op_names():
     from pipeline import flatbuffers
 
-    return {v: k for k, v in vars(flatbuffers.schema().BuiltinOperator).items() if not k.startswith("_")}
+    return flatbuffers.op_names()
 
 
 def _tensor_desc(tensor, types) -> dict:

@@ -45,28 +45,19 @@ class RewriteReport:
         return {"name": self.name, "count": self.count, "rewritten": self.rewritten}
 
 
-def _schema():
-    from pipeline.flatbuffers import schema
-
-    return schema()
-
-
 def fuse_shared_add_relu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
     """Replace each integer ``RELU(ADD(a, b))`` that blocks fusion by a fused ``ADD(a, b)``.
 
     Returns the new model bytes and what was rewritten; the input is returned
     unchanged (same bytes) when nothing matches.
     """
-    from pipeline.flatbuffers import tools
+    from pipeline import flatbuffers
 
-    flatbuffer_utils = tools()[0]
-
-    schema = _schema()
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    schema = flatbuffers.schema()
+    op_names, type_names = flatbuffers.op_names(), flatbuffers.type_names()
     act = schema.ActivationFunctionType
     report = RewriteReport("fuse_shared_add_relu")
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    model = flatbuffers.read(model_bytes)
 
     def op_name(op):
         code = model.operatorCodes[op.opcodeIndex]
@@ -107,7 +98,7 @@ def fuse_shared_add_relu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
                                      "add_inputs": [int(i) for i in add.inputs]})
     if not report.count:
         return model_bytes, report
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), report
+    return flatbuffers.write(model), report
 
 
 _FREE_SCALE_PRODUCERS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL"}
@@ -125,15 +116,11 @@ def raise_negligible_add_inputs(model_bytes: bytes) -> tuple[bytes, RewriteRepor
     Typical of untrained or freshly initialised residual nets; checked on real
     data by ``export_tflite`` before it is kept.
     """
-    from pipeline.flatbuffers import tools
+    from pipeline import flatbuffers
 
-    flatbuffer_utils = tools()[0]
-
-    schema = _schema()
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    op_names, type_names = flatbuffers.op_names(), flatbuffers.type_names()
     report = RewriteReport("raise_negligible_add_inputs")
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    model = flatbuffers.read(model_bytes)
 
     def name_of(op):
         code = model.operatorCodes[op.opcodeIndex]
@@ -186,7 +173,7 @@ def raise_negligible_add_inputs(model_bytes: bytes) -> tuple[bytes, RewriteRepor
                                          "ratio_before": s / out_scale})
     if not report.count:
         return model_bytes, report
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), report
+    return flatbuffers.write(model), report
 
 
 def delegate_partitions(model_bytes: bytes, threads: int = 1) -> int:
@@ -197,21 +184,11 @@ def delegate_partitions(model_bytes: bytes, threads: int = 1) -> int:
 def _outputs(model_bytes: bytes, inputs):
     """Dequantized outputs of a batch-1 model for float inputs (the model's own I/O quantization applied)."""
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
 
+    from pipeline.predict import open_interpreter  # falls back to the builtin kernels if XNNPACK refuses
     from pipeline.preprocessing import dequantize, quantize
-    from pipeline.quiet import native_stderr_captured
 
-    from ai_edge_litert.interpreter import OpResolverType
-
-    with native_stderr_captured():
-        interpreter = Interpreter(model_content=model_bytes, num_threads=os.cpu_count() or 1)
-        try:
-            interpreter.allocate_tensors()
-        except RuntimeError:  # XNNPACK refuses the graph: compare on the builtin kernels instead
-            interpreter = Interpreter(model_content=model_bytes, num_threads=os.cpu_count() or 1,
-                                      experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-            interpreter.allocate_tensors()
+    interpreter = open_interpreter(model_bytes, threads=os.cpu_count() or 1)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     rows, raw = [], []
     for x in inputs:
