@@ -29,9 +29,19 @@ def run_cli(*args, cwd=None, timeout=600, env=None, check=False, input=None):
     cmd = [str(exe) if exe.exists() else args[0], *map(str, args[1:])]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env, input=input)
+    _log_cli(args, proc.returncode)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def _log_cli(args, returncode: int) -> None:
+    """Append the command's name and exit code to $XEDGE_CLI_LOG: the transcript that proves a refactor kept them."""
+    log = os.environ.get("XEDGE_CLI_LOG")
+    if log:
+        words = [a for a in map(str, args) if a.startswith("-") or "/" not in a][:6]
+        with open(log, "a") as fh:
+            fh.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{' '.join(words)}\t{returncode}\n")
 
 
 @pytest.fixture(scope="session")
