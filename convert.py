@@ -39,8 +39,8 @@ def guarded(fn=None, *, tensorflow: bool = True):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pipeline.errors import XedgeError
-        from pipeline.quiet import import_tensorflow_quietly, quiet_tensorflow
+        from pipeline.core.errors import XedgeError
+        from pipeline.core.quiet import import_tensorflow_quietly, quiet_tensorflow
 
         quiet_tensorflow()
         try:
@@ -86,7 +86,7 @@ class Bar:
 
 
 def _resolve_model(model: str | None) -> Path:
-    from pipeline.errors import ModelLoadError
+    from pipeline.core.errors import ModelLoadError
 
     if model:
         return Path(model)
@@ -190,10 +190,10 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
       convert runs/digits/model.keras --fp16 --out model_fp16.tflite
       convert model_float.tflite --int8 --calib ./samples
     """
-    from pipeline.errors import CalibrationError
-    from pipeline.export import CALIBRATED_MODES, ConvertSettings, export_tflite
-    from pipeline.modelio import load_source
-    from pipeline.preprocessing import PreprocessSpec
+    from pipeline.core.errors import CalibrationError
+    from pipeline.conversion.export import CALIBRATED_MODES, ConvertSettings, export_tflite
+    from pipeline.model.modelio import load_source
+    from pipeline.core.preprocessing import PreprocessSpec
 
     if mode is None:
         raise click.UsageError("choose a mode: --float, --dynamic, --fp16, --int8 or --int16x8")
@@ -209,14 +209,14 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         raise click.UsageError("--fallback int16 applies to --int8 with --max-drop")
     path = _resolve_model(model)
     if not (path.suffix.lower() == ".tflite" and mode == "int8" and max_drop is None):
-        from pipeline.quiet import import_tensorflow_quietly
+        from pipeline.core.quiet import import_tensorflow_quietly
 
-        import_tensorflow_quietly()  # `convert X.tflite --int8` alone runs without it (pipeline.converter_hooks)
+        import_tensorflow_quietly()  # `convert X.tflite --int8` alone runs without it (pipeline.conversion.converter_hooks)
     settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
                                per_channel=not per_tensor, trust_model_code=trust_model_code,
                                optimize=not no_optimize, calibrator=calibrator, fallback=fallback)
-    from pipeline.artifacts import check_writable
-    from pipeline.export import default_output
+    from pipeline.core.artifacts import check_writable
+    from pipeline.conversion.export import default_output
 
     check_writable(Path(out) if out else default_output(path, mode), force=force)
     source = load_source(path, trust_code=trust_model_code)
@@ -249,7 +249,7 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
 
 
 def _is_qat(source) -> bool:
-    from pipeline.export import is_qat_model
+    from pipeline.conversion.export import is_qat_model
 
     return is_qat_model(source)
 
@@ -266,7 +266,7 @@ def _fallback_latency(before: Path, after: Path) -> dict:
 
 def _convert_within_budget(path, settings, representative, source, eval_dir, max_drop, max_float_layers, eval_limit,
                            out, force, as_json):
-    from pipeline.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import convert_within_budget
 
     say = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
     result = convert_within_budget(path, settings, representative=representative, eval_dir=eval_dir,
@@ -314,7 +314,7 @@ def demo_command(out, epochs):
     """
     from calibrate.dataset import build_calibration_set
     from pipeline.demo import run_demo
-    from pipeline.train import TrainConfig
+    from pipeline.model.train import TrainConfig
 
     console = _console(stderr=False)
 
@@ -378,8 +378,8 @@ def validate_command(reference, candidate, data, report_dir, labels, max_top1_dr
     Example:
       xedge validate runs/latest/model.keras model_int8.tflite --data ./val --report drift --max-top1-drop 1
     """
-    from pipeline.report_md import budget_lines, summary_rows
-    from pipeline.validate import Budgets, validate
+    from pipeline.validation.report_md import budget_lines, summary_rows
+    from pipeline.validation.validate import Budgets, validate
     from rich.table import Table
 
     budgets = Budgets(max_top1_drop, min_agreement, max_kl)
@@ -408,7 +408,7 @@ def validate_command(reference, candidate, data, report_dir, labels, max_top1_dr
 @guarded(tensorflow=False)
 def diff_command(reports, html_out, md_out):
     """Show several validation reports (report.json) side by side."""
-    from pipeline.diff import COLUMNS, compare, write_diff
+    from pipeline.validation.diff import COLUMNS, compare, write_diff
     from rich.table import Table
 
     comparison = compare(list(reports))
@@ -461,10 +461,10 @@ def sweep_command(model, calib, calib_size, eval_dir, eval_limit, out, max_drop,
     from rich.table import Table
 
     from calibrate.dataset import build_calibration_set
-    from pipeline.modelio import load_source
-    from pipeline.preprocessing import PreprocessSpec
-    from pipeline.sweep import SWEEP_MODES, run_sweep
-    from pipeline.sweep_report import COLUMNS, table_rows
+    from pipeline.model.modelio import load_source
+    from pipeline.core.preprocessing import PreprocessSpec
+    from pipeline.validation.sweep import SWEEP_MODES, run_sweep
+    from pipeline.validation.sweep_report import COLUMNS, table_rows
 
     size = load_source(Path(model)).input_size
     with Bar("reading calibration images") as bar:
@@ -560,7 +560,7 @@ def train_command(data, val, out, epochs, batch_size, input_size, width, middle_
       xedge train --data ./images --out runs/parts --epochs 10
       convert --int8 --calib ./images
     """
-    from pipeline.train import TrainConfig, default_run_dir, train
+    from pipeline.model.train import TrainConfig, default_run_dir, train
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, width=width,
                       middle_blocks=middle_blocks, optimizer=optimizer, lr=lr, seed=seed, augment=augment, flip=flip,
@@ -597,7 +597,7 @@ def _device_inputs(inputs_dir: str | None, model: str):
 
     from calibrate.dataset import build_calibration_set
     from devices.bench import model_input_shape
-    from pipeline.preprocessing import PreprocessSpec
+    from pipeline.core.preprocessing import PreprocessSpec
 
     cal = build_calibration_set(inputs_dir, PreprocessSpec(size=model_input_shape(Path(model))[1]), size=32)
     return np.stack([cal.inputs(i) for i in range(len(cal))])
@@ -650,7 +650,7 @@ def bench_command(model, device, runs, warmup, threads, inputs, outputs, other, 
         for note in result["notes"]:
             console.print(f"[yellow]note:[/yellow] {note}")
     if json_out:
-        from pipeline.artifacts import atomic_write_json
+        from pipeline.core.artifacts import atomic_write_json
 
         click.echo(f"wrote {atomic_write_json(json_out, result)}")
 
@@ -675,7 +675,7 @@ def latency_test_command(models, device, runs, warmup, out):
     from devices.latency import run_latency_tests, write_report
     from devices.profile import load_profile
     from devices.tables import latency_table
-    from pipeline.errors import BudgetExceeded
+    from pipeline.core.errors import BudgetExceeded
 
     with Bar("benching") as bar:
         report = run_latency_tests(load_profile(device), list(models) or None, runs=runs, warmup=warmup,
@@ -714,8 +714,8 @@ def qat_command(model, data, val, out, epochs, batch_size, lr, seed, augment, fl
       xedge qat runs/parts/model.keras --data ./images --out runs/parts-qat
       convert --int8
     """
-    from pipeline.qat import QatConfig, qat
-    from pipeline.train import default_run_dir
+    from pipeline.model.qat import QatConfig, qat
+    from pipeline.model.train import default_run_dir
 
     cfg = QatConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment, flip=flip)
     with EpochBars(epochs) as bars:
@@ -744,8 +744,8 @@ def main():
     if code is not None and not isinstance(code, int):
         click.echo(str(code), err=True)
         code = 1
-    if "pipeline.safe_tflite" in sys.modules:  # a sandboxed probe nobody waited for (an error came first)
-        sys.modules["pipeline.safe_tflite"].abandon_pending()
+    if "pipeline.tflite.safe_tflite" in sys.modules:  # a sandboxed probe nobody waited for (an error came first)
+        sys.modules["pipeline.tflite.safe_tflite"].abandon_pending()
     import atexit
 
     atexit._run_exitfuncs()  # noqa: SLF001 - what does clean up (TensorFlow's autograph temp files, logging)

@@ -35,7 +35,7 @@ def export_onnx(model_path: str, onnx_path: str) -> float:
 def quantize(onnx_path: str, out_path: str, image_dir: str, count: int) -> float:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from pipeline.preprocessing import PreprocessSpec, preprocess_file
+    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
 
     import onnx
 

@@ -39,7 +39,7 @@ def _model(cache: Path, size: int, width: float, middle: int) -> Path:
     if not path.exists():
         import keras
 
-        from pipeline.model import build_xception
+        from pipeline.model.xception import build_xception
 
         keras.utils.set_random_seed(0)
         build_xception(size, 1000, width, middle).save(path)
@@ -50,8 +50,8 @@ def _fidelity(model_path: Path, val_dir: Path, candidates: dict) -> dict:
     """Each integer model against its float Keras model on labeled held-out images."""
     import keras
 
-    from pipeline.data import discover
-    from pipeline.preprocessing import PreprocessSpec, preprocess_file
+    from pipeline.core.data import discover
+    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
 
     model = keras.saving.load_model(model_path, compile=False)
     found = discover(val_dir)
@@ -71,7 +71,7 @@ def _fidelity(model_path: Path, val_dir: Path, candidates: dict) -> dict:
 def _tflite_predict(path: Path):
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.preprocessing import dequantize, quantize
+    from pipeline.core.preprocessing import dequantize, quantize
 
     it = Interpreter(model_content=path.read_bytes(), num_threads=2)
     it.allocate_tensors()
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = ap.parse_args(argv)
 
-    from pipeline.quiet import import_tensorflow_quietly
+    from pipeline.core.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     cache = ROOT / ".cache" / "bench"
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
         model = _model(cache, args.size, args.width, args.middle_blocks)
         calib = write_photo_crops(cache / f"calib_{args.images}", args.images, seed=1)
         evals = write_photo_crops(cache / f"eval_{args.eval_images}", args.eval_images, seed=2)
-        from pipeline.preprocessing import PreprocessSpec, preprocess_file
+        from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
 
         spec = PreprocessSpec(args.size)
         inputs = np.stack([preprocess_file(p, spec) for p in sorted(evals.glob("*.jpg"))])
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
         results["peer_onnxruntime"] = peer
 
         # (2) latency, alternating
-        from pipeline.tflite_optimize import delegate_partitions
+        from pipeline.tflite.tflite_optimize import delegate_partitions
 
         runners = {"litert_float32": LiteRT(float_tfl, args.threads), "litert_int8_stock": LiteRT(stock_tfl, args.threads),
                    "litert_int8_xedge": LiteRT(ours_tfl, args.threads)}

@@ -16,12 +16,12 @@ def main(model_path: str, image_dir: str, out: str, count: int) -> None:
     import tensorflow as tf
     import keras
 
-    from pipeline.preprocessing import PreprocessSpec, preprocess_file
+    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
 
     start = time.perf_counter()
     model = keras.saving.load_model(model_path, compile=False)
     spec = PreprocessSpec(int(model.inputs[0].shape[1]))
-    from pipeline.data import discover
+    from pipeline.core.data import discover
 
     files = [item.path for item in discover(image_dir).items][:count]
 

@@ -18,7 +18,7 @@ class LiteRT:
         self.input = self.interpreter.get_input_details()[0]
 
     def feed(self, x: np.ndarray) -> None:
-        from pipeline.preprocessing import quantize
+        from pipeline.core.preprocessing import quantize
 
         self.interpreter.set_tensor(self.input["index"], quantize(x[None], self.input["dtype"],
                                                                   *self.input["quantization"]))

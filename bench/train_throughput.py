@@ -1,7 +1,7 @@
 """Training images/s of Xception for a size, width and batch sweep, on whatever devices are visible.
 
-The measured step is the product's own (``pipeline.loop.Steps`` under the
-strategy ``xedge train`` would pick, fed by ``pipeline.tfdata`` with
+The measured step is the product's own (``pipeline.model.loop.Steps`` under the
+strategy ``xedge train`` would pick, fed by ``pipeline.model.tfdata`` with
 augmentation on), so the figure is what a user gets, input pipeline included.
 The images are synthetic uint8 pixels held in memory: decoding is a one-off
 cost in ``xedge train`` (the decoded pixels are cached), not a per-step one.
@@ -33,10 +33,12 @@ def measure(args) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from pipeline import artifacts, tfdata
-    from pipeline.loop import Steps
-    from pipeline.preprocessing import PreprocessSpec
-    from pipeline.train import TrainConfig, build_model, make_optimizer, select_devices
+    from pipeline.core import artifacts
+
+    from pipeline.model import tfdata
+    from pipeline.model.loop import Steps
+    from pipeline.core.preprocessing import PreprocessSpec
+    from pipeline.model.train import TrainConfig, build_model, make_optimizer, select_devices
 
     cfg = TrainConfig(input_size=args.input_size, width=args.width, middle_blocks=args.middle_blocks,
                       mixed_precision=args.mixed_precision, xla=args.xla, optimizer=args.optimizer)
@@ -111,13 +113,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
 
-    from pipeline.quiet import import_tensorflow_quietly
+    from pipeline.core.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     report = measure(args)
     text = json.dumps(report, indent=2)
     if args.out:
-        from pipeline.artifacts import atomic_write_bytes
+        from pipeline.core.artifacts import atomic_write_bytes
 
         atomic_write_bytes(args.out, (text + "\n").encode())
     print(text)

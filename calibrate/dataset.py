@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 
 from calibrate.sampling import stratified_order
-from pipeline.data import NPY_SUFFIX, Skip, discover
-from pipeline.errors import CalibrationError, DataError
-from pipeline.preprocessing import ImageError, PreprocessSpec, decode_rgb, read_bytes, resize_rgb, scale
+from pipeline.core.data import NPY_SUFFIX, Skip, discover
+from pipeline.core.errors import CalibrationError, DataError
+from pipeline.core.preprocessing import ImageError, PreprocessSpec, decode_rgb, read_bytes, resize_rgb, scale
 
 DEFAULT_SIZE = 200
 MAX_NPY_BYTES = 256 * 1024 * 1024

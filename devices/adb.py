@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from devices.benchmark_model import parse_benchmark_model
-from devices.transport import RUNNER, BenchRequest, parse_runner_output, register
-from pipeline.errors import DeviceError
+from devices.transport import RUNNER, BenchRequest, parse_runner_output
+from pipeline.core.errors import DeviceError
 
 DEFAULT_WORKDIR = "/data/local/tmp"
 
@@ -42,7 +42,6 @@ def parse_devices(text: str) -> dict[str, str]:
     return found
 
 
-@register("adb")
 class AdbTransport:
     def __init__(self, profile):
         self.profile = profile
@@ -161,7 +160,7 @@ class AdbTransport:
         if proc.returncode != 0:
             raise DeviceError(f"adb {self.serial}: benchmark_model exited {proc.returncode}")
         model_path = request.models[0]
-        from pipeline.artifacts import sha256_file
+        from pipeline.core.artifacts import sha256_file
 
         result.update({"threads": request.threads, "xnnpack": request.xnnpack,
                        "inputs": {"source": "random (benchmark_model)"},

@@ -16,8 +16,9 @@ import numpy as np
 
 from devices.diagnose import explain_pair
 from devices.profile import DeviceProfile, load_profile
-from devices.transport import BenchRequest, get_transport
-from pipeline.errors import DeviceError
+from devices.transport import BenchRequest
+from devices.transports import get_transport
+from pipeline.core.errors import DeviceError
 
 REFERENCE_RUNS = 20
 
@@ -29,7 +30,7 @@ def model_input_shape(model: Path) -> list[int]:
 
 @functools.lru_cache(maxsize=16)
 def _probe_cached(path: str, mtime_ns: int, size: int) -> dict:
-    from pipeline.safe_tflite import check_manifest, probe, read_model_bytes
+    from pipeline.tflite.safe_tflite import check_manifest, probe, read_model_bytes
 
     data = read_model_bytes(path)
     check_manifest(path, data)

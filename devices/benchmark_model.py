@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline.errors import DeviceError
+from pipeline.core.errors import DeviceError
 
 _STAT = re.compile(r"count=(?P<count>\d+)\s+first=(?P<first>[\d.]+)\s+curr=(?P<curr>[\d.]+)\s+min=(?P<min>[\d.]+)"
                    r"\s+max=(?P<max>[\d.]+)\s+avg=(?P<avg>[\d.e+]+)\s+std=(?P<std>[\d.]+)"

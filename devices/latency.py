@@ -15,8 +15,8 @@ from pathlib import Path
 
 from devices.bench import bench
 from devices.profile import Budget, DeviceProfile
-from pipeline.artifacts import atomic_write_bytes, atomic_write_json, now_iso
-from pipeline.errors import DeviceError
+from pipeline.core.artifacts import atomic_write_bytes, atomic_write_json, now_iso
+from pipeline.core.errors import DeviceError
 
 
 @dataclass

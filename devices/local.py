@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 
-from devices.transport import RUNNER, BenchRequest, parse_runner_output, register
-from pipeline.errors import DeviceError
+from devices.transport import RUNNER, BenchRequest, parse_runner_output
+from pipeline.core.errors import DeviceError
 
 _KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
 
@@ -24,7 +24,6 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-@register("local")
 class LocalTransport:
     def __init__(self, profile):
         self.profile = profile

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipeline.errors import DeviceError
+from pipeline.core.errors import DeviceError
 
 TRANSPORTS = ("local", "ssh", "adb")
 PACKAGED = Path(__file__).resolve().parent / "profiles"

@@ -14,7 +14,7 @@ Why it is done this way:
   any check, and a truncated or foreign file can crash it natively;
 * inputs are real preprocessed samples (a float32 ``.npy`` batch in the
   model's float range, quantized here with the model's own scale and zero
-  point, the same formula as ``pipeline.preprocessing.quantize``) or random
+  point, the same formula as ``pipeline.core.preprocessing.quantize``) or random
   values in that range; never zeros, which some kernels run faster than real
   data;
 * only ``invoke()`` is timed; inputs are set between runs, outside the clock;
@@ -150,7 +150,7 @@ def peak_rss_mb():
 
 
 def quantize(x, dtype, scale, zero_point):
-    """Float model input -> the model's integer input; mirrors pipeline.preprocessing.quantize."""
+    """Float model input -> the model's integer input; mirrors pipeline.core.preprocessing.quantize."""
     import numpy as np
 
     dtype = np.dtype(dtype)

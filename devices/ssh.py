@@ -21,8 +21,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from devices.transport import RUNNER, BenchRequest, parse_runner_output, register
-from pipeline.errors import DeviceError
+from devices.transport import RUNNER, BenchRequest, parse_runner_output
+from pipeline.core.errors import DeviceError
 
 _TMP_PATTERN = re.compile(r"^/[^\n]*/xedge\.[A-Za-z0-9]{6,}$")
 
@@ -31,7 +31,6 @@ def _quote(args) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
-@register("ssh")
 class SshTransport:
     def __init__(self, profile):
         self.profile = profile

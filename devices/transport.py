@@ -1,8 +1,8 @@
 """What every transport does: run the runner (or a native tool) on a device, return its JSON.
 
 A transport gets a ``BenchRequest`` (host paths) and returns the runner's
-result dict; ``local``, ``ssh`` and ``adb`` are registered the same way, so a
-test transport would be too.
+result dict. ``local``, ``ssh`` and ``adb`` implement it; ``devices.transports``
+maps a profile's ``transport`` name to one of them.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import DeviceError
+from pipeline.core.errors import DeviceError
 
 RUNNER = Path(__file__).resolve().parent / "runner.py"
-_TRANSPORTS: dict[str, type] = {}
 
 
 @dataclass(frozen=True)
@@ -52,21 +51,6 @@ class BenchRequest:
         if self.keep_times:
             args.append("--keep-times")
         return args
-
-
-def register(name: str):
-    def deco(cls):
-        _TRANSPORTS[name] = cls
-        return cls
-
-    return deco
-
-
-def get_transport(profile):
-    # Importing the modules registers them; done here so that importing this module stays cheap.
-    from devices import adb, local, ssh  # noqa: F401
-
-    return _TRANSPORTS[profile.transport](profile)
 
 
 def parse_runner_output(proc: subprocess.CompletedProcess, where: str) -> dict:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.digits import write_digits
-from pipeline.export import ConvertSettings, export_tflite
-from pipeline.preprocessing import PreprocessSpec
-from pipeline.train import TrainConfig, train
+from pipeline.core.digits import write_digits
+from pipeline.conversion.export import ConvertSettings, export_tflite
+from pipeline.core.preprocessing import PreprocessSpec
+from pipeline.model.train import TrainConfig, train
 
 
 @dataclass
@@ -26,7 +26,7 @@ class DemoResult:
     val_accuracy: float | None
     exports: dict = field(default_factory=dict)  # mode -> ExportResult
     steps: list[tuple[str, float]] = field(default_factory=list)
-    validation: object | None = None  # pipeline.validate.ValidationResult of int8 vs the float model
+    validation: object | None = None  # pipeline.validation.validate.ValidationResult of int8 vs the float model
     bench: dict | None = None  # devices.bench.compare of float (A) and int8 (B) on this machine
 
 
@@ -75,7 +75,7 @@ def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], object]
 
 def validate_step(result: DemoResult, *, say: Callable[[str], None] = lambda s: None, progress=None):
     """Drift of the int8 model against the float Keras model on the held-out digits."""
-    from pipeline.validate import validate
+    from pipeline.validation.validate import validate
 
     t = time.perf_counter()
     say(f"validating int8 against the float model on {result.folders['val']}")

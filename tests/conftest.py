@@ -47,7 +47,7 @@ def _log_cli(args, returncode: int) -> None:
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> dict:
     """scikit-learn's digits as train/val/samples image folders (class subfolders)."""
-    from pipeline.digits import write_digits
+    from pipeline.core.digits import write_digits
 
     return write_digits(tmp_path_factory.mktemp("digits"))
 
@@ -55,7 +55,7 @@ def digits(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_keras_path(tmp_path_factory) -> Path:
     """An untrained tiny Xception saved as a Keras 3 .keras file."""
-    from pipeline.model import build_xception
+    from pipeline.model.xception import build_xception
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
     build_xception(**TINY).save(path)
@@ -65,7 +65,7 @@ def tiny_keras_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, digits):
     """A tiny Xception trained briefly on digits: a real run folder (model.keras, labels.json)."""
-    from pipeline.train import TrainConfig, train
+    from pipeline.model.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=3, input_size=71, width=0.25, middle_blocks=1, batch_size=32, seed=0)
     return train(digits["train"], tmp_path_factory.mktemp("run"), cfg, val_dir=digits["val"])
@@ -74,7 +74,7 @@ def trained_run(tmp_path_factory, digits):
 @pytest.fixture(scope="session")
 def calibration(digits):
     from calibrate.dataset import build_calibration_set
-    from pipeline.preprocessing import PreprocessSpec
+    from pipeline.core.preprocessing import PreprocessSpec
 
     return build_calibration_set(digits["samples"], PreprocessSpec(size=71), size=64, seed=0)
 
@@ -82,7 +82,7 @@ def calibration(digits):
 @pytest.fixture(scope="session")
 def trained_tflite(tmp_path_factory, trained_run, calibration) -> dict:
     """The trained tiny model as float32 and int8 .tflite files (with manifests)."""
-    from pipeline.export import ConvertSettings, export_tflite
+    from pipeline.conversion.export import ConvertSettings, export_tflite
 
     out = tmp_path_factory.mktemp("tflite")
     return {

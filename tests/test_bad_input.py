@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from calibrate.dataset import build_calibration_set
-from pipeline.artifacts import manifest_path_for, read_manifest
-from pipeline.errors import ArtifactError, CalibrationError, ModelLoadError
-from pipeline.preprocessing import PreprocessSpec, decode_rgb, pixels_for
-from pipeline.safe_tflite import load_untrusted, probe
+from pipeline.core.artifacts import manifest_path_for, read_manifest
+from pipeline.core.errors import ArtifactError, CalibrationError, ModelLoadError
+from pipeline.core.preprocessing import PreprocessSpec, decode_rgb, pixels_for
+from pipeline.tflite.safe_tflite import load_untrusted, probe
 from tests.conftest import VENV_BIN, run_cli
 
 SPEC = PreprocessSpec(32)
@@ -134,7 +134,7 @@ def test_pillow_bomb_warning_becomes_a_skip(tmp_path, monkeypatch):
 
 
 def test_exif_rotation_is_the_same_everywhere(tmp_path, copy_of):
-    from pipeline.train import load_labeled
+    from pipeline.model.train import load_labeled
 
     (tmp_path / "c" / "x").mkdir(parents=True)
     (tmp_path / "c" / "x" / "r.jpg").write_bytes(_exif_rotated())
@@ -162,7 +162,7 @@ def test_a_folder_of_only_bad_files_is_one_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_keras_path):
-    from pipeline.export import ConvertSettings, export_tflite
+    from pipeline.conversion.export import ConvertSettings, export_tflite
 
     return export_tflite(tiny_keras_path, ConvertSettings("float"), out=tmp_path_factory.mktemp("m") / "float.tflite")
 
@@ -218,7 +218,7 @@ def test_mutation_loop_never_crashes_or_hangs_the_parent(small_tflite):
 
 
 def test_a_loader_that_hangs_is_stopped(small_tflite, tmp_path, monkeypatch):
-    import pipeline.safe_tflite as safe
+    import pipeline.tflite.safe_tflite as safe
 
     monkeypatch.setattr(safe, "_CHILD", "import time\ntime.sleep(60)\n")
     start = time.perf_counter()
@@ -238,7 +238,7 @@ def _marker_lambda(marker: Path):
 def test_keras3_lambda_is_refused_and_never_runs(tmp_path):
     import keras
 
-    from pipeline.modelio import load_source
+    from pipeline.model.modelio import load_source
 
     marker = tmp_path / "code-ran"
     x = inputs = keras.Input((71, 71, 3))
@@ -261,7 +261,7 @@ def test_keras3_lambda_is_refused_and_never_runs(tmp_path):
 def test_tf_keras_h5_lambda_is_refused_before_tf_keras_sees_it(tmp_path):
     import tf_keras
 
-    from pipeline.modelio import load_source
+    from pipeline.model.modelio import load_source
 
     marker = tmp_path / "code-ran"
     model = tf_keras.Sequential([tf_keras.layers.InputLayer((71, 71, 3)),
@@ -292,8 +292,8 @@ def _convert_args(trained_run, digits, out):
 
 
 def _is_complete_model(path: Path) -> bool:
-    from pipeline.safe_tflite import precheck
-    from pipeline.tflite_info import inspect_tflite
+    from pipeline.tflite.safe_tflite import precheck
+    from pipeline.tflite.tflite_info import inspect_tflite
 
     data = path.read_bytes()
     try:
@@ -348,7 +348,7 @@ def test_read_only_output_folder_is_a_clear_error(tiny_keras_path, tmp_path):
     try:
         proc = run_cli("convert", tiny_keras_path, "--float", "--out", ro / "m.tflite")
         assert proc.returncode == 2 and "read-only" in proc.stderr and "Traceback" not in proc.stderr
-        from pipeline.artifacts import atomic_write_bytes
+        from pipeline.core.artifacts import atomic_write_bytes
 
         with pytest.raises(ArtifactError, match="read-only"):
             atomic_write_bytes(ro / "x.bin", b"data")
@@ -380,7 +380,7 @@ def test_manifest_reader_never_crashes(tmp_path_factory, data):
 @settings(max_examples=60, deadline=None)
 @given(st.binary(min_size=0, max_size=300))
 def test_decoder_never_crashes_on_arbitrary_bytes(data):
-    from pipeline.preprocessing import ImageError
+    from pipeline.core.preprocessing import ImageError
 
     try:
         out = decode_rgb(data)

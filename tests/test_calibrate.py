@@ -11,8 +11,8 @@ from PIL import Image
 
 from calibrate.dataset import build_calibration_set
 from calibrate.sampling import stratified_order
-from pipeline.errors import CalibrationError
-from pipeline.preprocessing import PreprocessSpec
+from pipeline.core.errors import CalibrationError
+from pipeline.core.preprocessing import PreprocessSpec
 
 SPEC = PreprocessSpec(32)
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.artifacts import manifest_path_for, sha256_bytes, sha256_file
-from pipeline.errors import CalibrationError, ConversionError, ModelLoadError, OutputExistsError
-from pipeline.export import ConvertSettings, check_integer_ops, export_tflite
-from pipeline.tflite_info import inspect_tflite
+from pipeline.core.artifacts import manifest_path_for, sha256_bytes, sha256_file
+from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError, OutputExistsError
+from pipeline.conversion.export import ConvertSettings, check_integer_ops, export_tflite
+from pipeline.tflite.tflite_info import inspect_tflite
 
 HEAVY = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
@@ -76,8 +76,8 @@ def test_int8_tracks_the_float_model(trained_run, trained_tflite, digits):
     """The calibrated int8 model predicts like the Keras model it came from."""
     import keras
 
-    from pipeline.data import discover
-    from pipeline.preprocessing import PreprocessSpec, preprocess_file, quantize
+    from pipeline.core.data import discover
+    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file, quantize
 
     model = keras.saving.load_model(trained_run.model_path)
     items = discover(digits["val"]).items[::6]
@@ -175,7 +175,7 @@ def test_input_quantization_matches_tflite_quantize_op_bit_for_bit(tiny_keras_pa
     """Our quantize() is the QUANTIZE op a --float-io model runs first, halves and saturation included."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from pipeline.preprocessing import quantize
+    from pipeline.core.preprocessing import quantize
 
     export_tflite(tiny_keras_path, ConvertSettings("int8", float_io=True, optimize=False),
                   out=tmp_path / "fio.tflite", representative=calibration)

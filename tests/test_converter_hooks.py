@@ -3,14 +3,14 @@ as accurate on real images, and falling back to the stock path when it cannot ru
 
 import numpy as np
 
-from pipeline import converter_hooks
-from pipeline.export import ConvertSettings, export_tflite, float_outputs
-from pipeline.modelio import load_source
-from pipeline.tflite_optimize import _outputs
+from pipeline.conversion import converter_hooks
+from pipeline.conversion.export import ConvertSettings, export_tflite, float_outputs
+from pipeline.model.modelio import load_source
+from pipeline.tflite.runtime import run_batch
 
 
 def test_hooks_are_supported_on_the_pinned_tensorflow():
-    ok, why = converter_hooks.hooks_supported()
+    ok, why = converter_hooks.calibrator_supported()
     assert ok, f"the private calibrator hook broke ({why}): re-check pipeline/converter_hooks.py for this TF"
 
 
@@ -18,7 +18,7 @@ def _stock_calibration(source, calibration):
     """The converter's own calibrated model, and the float model it calibrated."""
     from tensorflow.lite.python.optimize import calibrator
 
-    from pipeline.export import _configure, _make_converter
+    from pipeline.conversion.export import _configure, _make_converter
 
     seen = {}
     original = calibrator.Calibrator.calibrate
@@ -71,8 +71,8 @@ def test_ranges_equal_stock_except_tensors_an_add_overwrites(trained_run, calibr
 
 
 def test_fast_calibration_is_as_accurate_on_real_images(trained_run, calibration, digits, tmp_path):
-    from pipeline.data import discover
-    from pipeline.preprocessing import preprocess_file
+    from pipeline.core.data import discover
+    from pipeline.core.preprocessing import preprocess_file
 
     items = discover(digits["val"]).items[::3]
     x = np.stack([preprocess_file(i.path, calibration.spec) for i in items])
@@ -83,7 +83,7 @@ def test_fast_calibration_is_as_accurate_on_real_images(trained_run, calibration
     for method in ("stock", "fast"):
         r = export_tflite(trained_run.model_path, ConvertSettings("int8", calibrator=method, optimize=False),
                           out=tmp_path / f"{method}.tflite", representative=calibration, source=source)
-        out, _ = _outputs(r.model_bytes, x)
+        out, _ = run_batch(r.model_bytes, x)
         results[method] = {"mae": float(np.abs(out - reference).mean()),
                            "top1": float(np.mean(out.argmax(1) == labels)),
                            "agree": float(np.mean(out.argmax(1) == reference.argmax(1))),

@@ -22,7 +22,7 @@ import pytest
 from devices.bench import bench
 from devices.benchmark_model import parse_benchmark_model
 from devices.profile import DeviceProfile
-from pipeline.errors import DeviceError
+from pipeline.core.errors import DeviceError
 
 DATA = Path(__file__).parent / "data"
 

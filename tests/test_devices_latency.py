@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, run_cli
 from devices.diagnose import explain_pair
 from devices.profile import load_profile
-from pipeline.errors import DeviceError
+from pipeline.core.errors import DeviceError
 from test_runner import tflite_runtime_python  # noqa: F401  (a fixture: the tflite-runtime 2.14 venv)
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from devices.bench import bench
 from devices.profile import DeviceProfile
-from pipeline.errors import DeviceError
+from pipeline.core.errors import DeviceError
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.data import Item
-from pipeline.errors import ValidationError
-from pipeline.layer_error import layer_names
-from pipeline.metrics import drift_metrics, kl_rows, mcnemar_exact, paired_drop_ci, topk
-from pipeline.predict import as_probabilities
-from pipeline.validate import Budgets, _select
+from pipeline.core.data import Item
+from pipeline.core.errors import ValidationError
+from pipeline.tflite.layers import layer_names
+from pipeline.validation.metrics import drift_metrics, kl_rows, mcnemar_exact, paired_drop_ci, topk
+from pipeline.validation.predict import as_probabilities
+from pipeline.validation.validate import Budgets, _select
 
 
 def brute_mcnemar(b, c):
@@ -114,7 +114,7 @@ def test_thousand_class_plots_stay_small():
     import resource
     import time
 
-    from pipeline.report_html import MAX_PLOTTED_CLASSES, confusion_plot, per_class_plot
+    from pipeline.validation.report_html import MAX_PLOTTED_CLASSES, confusion_plot, per_class_plot
 
     rng = np.random.default_rng(0)
     names = [f"class_{i:04d}" for i in range(1000)]

@@ -10,7 +10,7 @@ those layers in float restores accuracy.
 
 For int16x8 the same plant needs a far larger factor (``OUTLIER_INT16``):
 16-bit activations absorb a 300x outlier. There the layers are kept float by
-splicing them in from the float32 conversion (``pipeline.splice``), which is
+splicing them in from the float32 conversion (``pipeline.tflite.splice``), which is
 also how an int8 model keeps layers in int16 (``fallback="int16"``).
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.export import ConvertSettings, convert_bytes
-from pipeline.tflite_info import inspect_tflite
+from pipeline.conversion.export import ConvertSettings, convert_bytes
+from pipeline.tflite.tflite_info import inspect_tflite
 from tests.conftest import run_cli
 
 OUTLIER = 300.0
@@ -62,11 +62,11 @@ def test_private_quantizer_hook_is_pinned_and_works(trained_run, calibration):
     """Fails on a TensorFlow upgrade that moves or changes the private quantizer entry point."""
     import tensorflow as tf
 
-    from pipeline.float_fallback import SUPPORTED_TF, hooks_supported
+    from pipeline.conversion.converter_hooks import SUPPORTED_TF, denylist_supported
 
-    assert tf.__version__.startswith(SUPPORTED_TF), "re-check pipeline/float_fallback.py against this TensorFlow"
-    assert hooks_supported() == (True, "ok")
-    from pipeline.modelio import load_source
+    assert tf.__version__.startswith(SUPPORTED_TF), "re-check pipeline/conversion/converter_hooks.py against this TensorFlow"
+    assert denylist_supported() == (True, "ok")
+    from pipeline.model.modelio import load_source
 
     source = load_source(trained_run.model_path)
     record: dict = {}
@@ -82,8 +82,8 @@ def test_private_quantizer_hook_is_pinned_and_works(trained_run, calibration):
 def test_unknown_layer_and_unpinned_tensorflow_are_clear_errors(trained_run, calibration, monkeypatch):
     import tensorflow as tf
 
-    from pipeline.errors import ConversionError
-    from pipeline.modelio import load_source
+    from pipeline.core.errors import ConversionError
+    from pipeline.model.modelio import load_source
 
     source = load_source(trained_run.model_path)
     with pytest.raises(ConversionError, match="no such layer"):
@@ -94,8 +94,8 @@ def test_unknown_layer_and_unpinned_tensorflow_are_clear_errors(trained_run, cal
 
 
 def test_drop_meter_agrees_with_xedge_validate(trained_run, trained_tflite, digits, tmp_path):
-    from pipeline.accuracy_budget import DropMeter
-    from pipeline.validate import validate
+    from pipeline.validation.accuracy_budget import DropMeter
+    from pipeline.validation.validate import validate
 
     meter = DropMeter(trained_run.model_path, digits["val"], limit=60)
     measured = meter.measure(Path(trained_tflite["int8"]).read_bytes())
@@ -106,7 +106,7 @@ def test_drop_meter_agrees_with_xedge_validate(trained_run, trained_tflite, digi
 
 
 def test_budget_already_met_needs_no_fallback(trained_run, calibration, digits, tmp_path):
-    from pipeline.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import convert_within_budget
 
     result = convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,
                                    eval_dir=digits["val"], max_drop_pp=2.0, eval_limit=EVAL_LIMIT,
@@ -156,7 +156,7 @@ def test_cli_unreachable_budget_keeps_best_under_distinct_name(sensitive_model, 
 
 def test_int16x8_is_the_other_lever(sensitive_model, calibration, digits, tmp_path):
     """16-bit activations absorb the planted outliers that int8 cannot; no layer needs to stay float."""
-    from pipeline.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import convert_within_budget
 
     result = convert_within_budget(sensitive_model, ConvertSettings("int16x8"), representative=calibration,
                                    eval_dir=digits["val"], max_drop_pp=2.0, eval_limit=EVAL_LIMIT,
@@ -168,7 +168,7 @@ def test_int16x8_is_the_other_lever(sensitive_model, calibration, digits, tmp_pa
 
 @pytest.fixture(scope="module")
 def sensitive_conversions(sensitive_model, calibration) -> dict:
-    from pipeline.modelio import load_source
+    from pipeline.model.modelio import load_source
 
     source = load_source(sensitive_model)
     return {"source": source, "float": convert_bytes(source, ConvertSettings("float")),
@@ -177,7 +177,7 @@ def sensitive_conversions(sensitive_model, calibration) -> dict:
 
 def test_conversions_of_one_source_name_their_ops_alike(sensitive_conversions):
     """What the splice relies on: float32, int8 and int16x8 have the same ops per layer, by output name."""
-    from pipeline.float_fallback import op_outputs_by_layer
+    from pipeline.conversion.float_fallback import op_outputs_by_layer
 
     by_mode = {mode: op_outputs_by_layer(sensitive_conversions[mode]) for mode in ("float", "int8", "int16x8")}
     assert by_mode["float"] == by_mode["int8"] == by_mode["int16x8"]
@@ -186,9 +186,9 @@ def test_conversions_of_one_source_name_their_ops_alike(sensitive_conversions):
 
 def _tensor_outputs(model_bytes: bytes, name: str, inputs) -> tuple[np.ndarray, str]:
     """The named tensor (dequantized) for each input, read under XNNPACK, and its stored dtype."""
-    from pipeline.layer_error import expose_tensors
-    from pipeline.predict import open_interpreter
-    from pipeline.preprocessing import dequantize, quantize
+    from pipeline.tflite.layers import expose_tensors
+    from pipeline.tflite.runtime import open_interpreter
+    from pipeline.core.preprocessing import dequantize, quantize
 
     detail = next(d for d in open_interpreter(model_bytes).get_tensor_details() if d["name"] == name)
     interpreter = open_interpreter(expose_tensors(model_bytes, [detail["index"]]))
@@ -207,7 +207,7 @@ DEPTHWISE_OUT = "xception_1/block3_sepconv1_1/separable_conv2d/depthwise1"  # in
 @pytest.mark.parametrize("host_mode,kept_in", [("int8", "float"), ("int16x8", "float"), ("int8", "int16")])
 def test_splice_puts_the_donor_layer_in_the_host(sensitive_conversions, calibration, host_mode, kept_in):
     """A planted layer spliced in runs under XNNPACK, computes in the donor's type and tracks the float model."""
-    from pipeline.splice import splice
+    from pipeline.tflite.splice import splice
 
     source, float_model = sensitive_conversions["source"], sensitive_conversions["float"]
     host = sensitive_conversions[host_mode]
@@ -254,7 +254,7 @@ def test_splice_puts_the_donor_layer_in_the_host(sensitive_conversions, calibrat
 
 
 def _delegate_partitions(model_bytes: bytes) -> int:
-    from pipeline.predict import open_interpreter
+    from pipeline.tflite.runtime import open_interpreter
 
     return sum(op["op_name"] == "DELEGATE" for op in open_interpreter(model_bytes)._get_ops_details())  # noqa: SLF001
 
@@ -262,8 +262,8 @@ def _delegate_partitions(model_bytes: bytes) -> int:
 def test_splice_errors_name_the_layer(sensitive_conversions):
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from pipeline.errors import ConversionError
-    from pipeline.splice import splice
+    from pipeline.core.errors import ConversionError
+    from pipeline.tflite.splice import splice
 
     host, float_model = sensitive_conversions["int16x8"], sensitive_conversions["float"]
     with pytest.raises(ConversionError, match="block99_conv .*no such layer"):
@@ -316,7 +316,7 @@ def test_cli_int16x8_budget_keeps_planted_layers_in_float_by_splicing(int16_sens
 
 def test_int8_can_keep_layers_in_int16_instead(sensitive_model, calibration, digits, tmp_path):
     """The other lever inside one int8 model: the worst layers in int16x8 (slower than float: see README)."""
-    from pipeline.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import convert_within_budget
 
     result = convert_within_budget(sensitive_model, ConvertSettings("int8", fallback="int16"),
                                    representative=calibration, eval_dir=digits["val"], max_drop_pp=2.0,

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from pipeline.model import MIN_INPUT_SIZE, XceptionConfig, build_xception, scaled_channels
+from pipeline.model.xception import MIN_INPUT_SIZE, XceptionConfig, build_xception, scaled_channels
 
 NAME = re.compile(r"^(image|avg_pool|predictions|block\d+_(conv\d|conv\d_bn|conv\d_act|sepconv\d|sepconv\d_bn|"
                   r"sepconv\d_act|residual_conv|residual_bn|pool|add))$")

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.artifacts import manifest_path_for
-from pipeline.export import ConvertSettings, export_tflite
-from pipeline.tflite_info import inspect_tflite
-from pipeline.tflite_optimize import check_rewrite, delegate_partitions, fuse_shared_add_relu
+from pipeline.core.artifacts import manifest_path_for
+from pipeline.conversion.export import ConvertSettings, export_tflite
+from pipeline.tflite.tflite_info import inspect_tflite
+from pipeline.tflite.tflite_optimize import check_rewrite, delegate_partitions, fuse_shared_add_relu
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +31,17 @@ def test_rewrite_leaves_one_partition_and_no_relu(stock_int8, calibration, train
     # Same I/O contract, and on real digits the same predictions within a quantum or two.
     assert inspect_tflite(after).inputs == inspect_tflite(before).inputs
     inputs = np.stack([calibration.inputs(i) for i in range(32)])
-    from pipeline.export import float_outputs
-    from pipeline.modelio import load_source
+    from pipeline.conversion.export import float_outputs
+    from pipeline.model.modelio import load_source
 
     reference = float_outputs(load_source(trained_run.model_path), inputs)
     check = check_rewrite(before, after, inputs, reference)
     assert check["top1_agreement"] == 1.0 and check["max_abs_quanta"] <= 8 and check["accepted"]
     # The fused Add rounds once where the stock graph rounded twice: no further from the float model.
-    from pipeline.tflite_optimize import _outputs
+    from pipeline.tflite.runtime import run_batch
 
-    stock_err = np.abs(_outputs(before, inputs)[0] - reference).mean()
-    fused_err = np.abs(_outputs(after, inputs)[0] - reference).mean()
+    stock_err = np.abs(run_batch(before, inputs)[0] - reference).mean()
+    fused_err = np.abs(run_batch(after, inputs)[0] - reference).mean()
     assert fused_err <= stock_err * 1.05
 
 
@@ -108,7 +108,7 @@ def test_float_models_are_left_alone(trained_tflite):
 
 
 def test_xnnpack_report_names_what_splits_the_graph(stock_int8, trained_tflite):
-    from pipeline.tflite_optimize import xnnpack_report
+    from pipeline.tflite.tflite_optimize import xnnpack_report
 
     stock = xnnpack_report(stock_int8.model_bytes)
     assert stock["partitions"] > 1
@@ -123,8 +123,8 @@ def test_negligible_add_inputs_are_coarsened_so_xnnpack_takes_the_adds(calibrati
     """A freshly initialised deep Xception: residual branches ~1/2000 of the sum, which XNNPACK refuses."""
     import keras
 
-    from pipeline.model import build_xception
-    from pipeline.tflite_optimize import raise_negligible_add_inputs, xnnpack_report
+    from pipeline.model.xception import build_xception
+    from pipeline.tflite.tflite_optimize import raise_negligible_add_inputs, xnnpack_report
 
     keras.utils.set_random_seed(0)
     build_xception(71, 10, 0.25, 8).save(tmp_path / "fresh.keras")
@@ -154,7 +154,7 @@ def _scramble_classifier(model_bytes):
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from pipeline.tflite_optimize import RewriteReport
+    from pipeline.tflite.tflite_optimize import RewriteReport
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
     graph = model.subgraphs[0]
@@ -170,8 +170,8 @@ def _scramble_classifier(model_bytes):
 
 def test_a_harmful_rewrite_is_dropped_and_the_good_one_kept(stock_int8, trained_run, calibration):
     """The rewrites are checked together first; when that fails, each is checked alone."""
-    from pipeline.export import optimize_graph
-    from pipeline.modelio import load_source
+    from pipeline.conversion.export import optimize_graph
+    from pipeline.model.modelio import load_source
 
     source = load_source(trained_run.model_path)
     out, entries = optimize_graph(stock_int8.model_bytes, source, calibration,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.preprocessing import (ImageError, PreprocessSpec, decode_rgb, dequantize, load_rgb, preprocess_file,
+from pipeline.core.preprocessing import (ImageError, PreprocessSpec, decode_rgb, dequantize, load_rgb, preprocess_file,
                                     preprocess_pixels, quantize, resize_rgb, scale)
 
 

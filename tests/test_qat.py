@@ -12,8 +12,8 @@ from tests.conftest import TINY, run_cli
 
 def test_translation_to_tf_keras_is_exact():
     """The tf_keras twin (separable convs split) computes what the Keras 3 model computes."""
-    from pipeline.model import build_xception
-    from pipeline.model_tfkeras import translate
+    from pipeline.model.xception import build_xception
+    from pipeline.model.model_tfkeras import translate
 
     model = build_xception(**TINY)
     twin = translate(model)
@@ -34,8 +34,8 @@ def test_qat_one_epoch_then_convert_to_full_int8_without_calibration(tmp_path, t
     assert m["history"][0]["val_accuracy"] > 0.3  # far above chance after QAT on a briefly trained model
     assert os.readlink(tmp_path / "runs/latest") == "qat"
 
-    from pipeline.export import is_qat_model
-    from pipeline.modelio import load_source
+    from pipeline.conversion.export import is_qat_model
+    from pipeline.model.modelio import load_source
 
     source = load_source(run / "model.h5")  # under tfmot's quantize_scope
     assert source.kind == "tf_keras" and is_qat_model(source) and source.classes == 10
@@ -55,6 +55,6 @@ def test_qat_one_epoch_then_convert_to_full_int8_without_calibration(tmp_path, t
 
 def _ops_by_type(path):
     """(op, dtype) -> count, from the shared inspector's ``OP/dtype`` histogram."""
-    from pipeline.tflite_info import inspect_tflite
+    from pipeline.tflite.tflite_info import inspect_tflite
 
     return {tuple(key.split("/", 1)): n for key, n in inspect_tflite(path.read_bytes()).op_histogram.items()}

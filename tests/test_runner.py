@@ -67,7 +67,7 @@ def test_litert_result_has_every_field(trained_tflite):
     # The runner's own peak, not this (TensorFlow-sized) parent's: ru_maxrss would survive the exec.
     assert out["init_ms"] > 0 and 10 < out["peak_rss_mb"] < 400
     assert out["machine"]["cpu"] and out["machine"]["cpu_count"] >= 1
-    from pipeline.artifacts import sha256_file
+    from pipeline.core.artifacts import sha256_file
 
     assert out["model"]["sha256"] == sha256_file(trained_tflite["int8"])
     assert out["model"]["precision"] == "int8" and out["model"]["input_dtype"] == "int8"
@@ -86,9 +86,9 @@ def test_random_inputs_are_never_zeros(trained_tflite):
 
 
 def test_quantization_matches_the_pipeline(trained_tflite, digit_inputs):
-    """The runner's copy of quantize() gives bit for bit what pipeline.preprocessing.quantize gives."""
+    """The runner's copy of quantize() gives bit for bit what pipeline.core.preprocessing.quantize gives."""
     from devices.runner import quantize as runner_quantize
-    from pipeline.preprocessing import quantize
+    from pipeline.core.preprocessing import quantize
 
     x = np.load(digit_inputs)
     assert np.array_equal(runner_quantize(x, np.int8, 2 / 255, -1), quantize(x, np.int8, 2 / 255, -1))
@@ -97,7 +97,7 @@ def test_quantization_matches_the_pipeline(trained_tflite, digit_inputs):
 def test_outputs_for_real_inputs_match_the_build_machine(trained_tflite, digit_inputs, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.preprocessing import dequantize, quantize
+    from pipeline.core.preprocessing import dequantize, quantize
 
     proc, out = run_runner(sys.executable, trained_tflite["int8"], "--inputs", digit_inputs, "--outputs",
                            tmp_path, "--runs", 3, "--warmup", 0)

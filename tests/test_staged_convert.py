@@ -9,12 +9,12 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline import converter_hooks
-from pipeline import export as export_module
-from pipeline.errors import CalibrationError
-from pipeline.export import ConvertSettings, convert_bytes, export_tflite
-from pipeline.modelio import load_source
-from pipeline.quiet import native_stderr_captured
+from pipeline.conversion import converter_hooks
+from pipeline.conversion import export as export_module
+from pipeline.core.errors import CalibrationError
+from pipeline.conversion.export import ConvertSettings, convert_bytes, export_tflite
+from pipeline.model.modelio import load_source
+from pipeline.core.quiet import native_stderr_captured
 from tests.conftest import run_cli
 
 
@@ -72,7 +72,7 @@ def test_staged_int8_is_the_converters_own_model(trained_run, calibration, monke
 
 
 def test_float_layer_choices_reuse_the_float_model_and_calibration(trained_run, calibration, monkeypatch):
-    from pipeline.float_fallback import op_outputs_by_layer
+    from pipeline.conversion.float_fallback import op_outputs_by_layer
 
     calls = {"convert": 0, "calibrate": 0}
     real_make, real_minmax = export_module._make_converter, converter_hooks.fast_minmax

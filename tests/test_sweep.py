@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sweep import SWEEP_MODES
+from pipeline.validation.sweep import SWEEP_MODES
 from tests.browser import CHROMIUM, chromium as _chromium
 from tests.conftest import run_cli
 

@@ -20,7 +20,7 @@ TINY_ARGS = ["--input-size", "71", "--width", "0.25", "--middle-blocks", "1"]
 @pytest.fixture(scope="module")
 def small_digits(tmp_path_factory):
     """300 digits: enough for several steps per epoch, small enough to decode in a blink."""
-    from pipeline.digits import write_digits
+    from pipeline.core.digits import write_digits
 
     return write_digits(tmp_path_factory.mktemp("small_digits"), limit=300)
 
@@ -131,7 +131,7 @@ def test_sigterm_saves_a_checkpoint_and_a_changed_config_is_refused(tmp_path, sm
 
 
 def test_stratified_split_is_deterministic_and_per_class():
-    from pipeline.tfdata import stratified_split
+    from pipeline.model.tfdata import stratified_split
 
     labels = np.repeat(np.arange(4), [10, 20, 30, 1])
     train, val = stratified_split(labels, 0.1, seed=3)
@@ -143,8 +143,8 @@ def test_stratified_split_is_deterministic_and_per_class():
 
 def test_epoch_batches_are_reproducible_for_resume():
     """A run resumed at step k sees exactly the batches k.. of the interrupted run."""
-    from pipeline.preprocessing import PreprocessSpec
-    from pipeline.tfdata import Images, train_dataset
+    from pipeline.core.preprocessing import PreprocessSpec
+    from pipeline.model.tfdata import Images, train_dataset
 
     rng = np.random.default_rng(0)
     images = Images(rng.integers(0, 10, 40), PreprocessSpec(size=71),
@@ -161,8 +161,8 @@ def test_keras_xception_weights_map_by_order(tmp_path):
     """A Keras applications Xception .weights.h5 initialises build_xception; the classifier is skipped."""
     import keras
 
-    from pipeline.model import build_xception
-    from pipeline.pretrained import load_by_order
+    from pipeline.model.xception import build_xception
+    from pipeline.model.pretrained import load_by_order
 
     reference = keras.applications.Xception(weights=None, include_top=True, input_shape=(71, 71, 3), classes=1000)
     path = tmp_path / "xception.weights.h5"
@@ -180,8 +180,8 @@ def test_an_earlier_run_initialises_fine_tuning(trained_run):
     """--weights runs/old/model.keras: same classes, so the classifier is loaded too."""
     import keras
 
-    from pipeline.pretrained import load_by_order
-    from pipeline.train import TrainConfig, build_model
+    from pipeline.model.pretrained import load_by_order
+    from pipeline.model.train import TrainConfig, build_model
 
     model = build_model(TrainConfig(input_size=71, width=0.25, middle_blocks=1, freeze=5), 10)
     report = load_by_order(model, trained_run.model_path)
@@ -228,8 +228,8 @@ def test_mixed_bfloat16_step_trains_and_saves_float32(tmp_path):
     import keras
     import tensorflow as tf
 
-    from pipeline.loop import Steps
-    from pipeline.train import TrainConfig, _write_outputs, build_model, make_optimizer
+    from pipeline.model.loop import Steps
+    from pipeline.model.train import TrainConfig, _write_outputs, build_model, make_optimizer
 
     cfg = TrainConfig(input_size=71, width=0.25, middle_blocks=0)
     model = build_model(cfg, 3, "mixed_bfloat16")
@@ -251,8 +251,8 @@ def test_mixed_bfloat16_step_trains_and_saves_float32(tmp_path):
 
 def test_streaming_decode_matches_the_in_memory_cache(small_digits):
     """Datasets too big for memory are decoded per epoch through the same preprocessing."""
-    from pipeline.preprocessing import PreprocessSpec
-    from pipeline.tfdata import eval_dataset, list_labeled, load_images
+    from pipeline.core.preprocessing import PreprocessSpec
+    from pipeline.model.tfdata import eval_dataset, list_labeled, load_images
 
     folder = list_labeled(small_digits["val"])
     spec = PreprocessSpec(size=71)
@@ -268,8 +268,8 @@ MIRRORED_SCRIPT = """
 import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from pipeline.loop import Steps
-from pipeline.train import TrainConfig, build_model, make_optimizer
+from pipeline.model.loop import Steps
+from pipeline.model.train import TrainConfig, build_model, make_optimizer
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 cfg = TrainConfig(input_size=71, width=0.25, middle_blocks=0)
 with strategy.scope():

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.artifacts import sha256_file
-from pipeline.errors import ValidationError
-from pipeline.preprocessing import PreprocessSpec, preprocess_file
-from pipeline.report_html import CANDIDATE_COLOUR, REFERENCE_COLOUR
-from pipeline.validate import Budgets, validate
+from pipeline.core.artifacts import sha256_file
+from pipeline.core.errors import ValidationError
+from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
+from pipeline.validation.report_html import CANDIDATE_COLOUR, REFERENCE_COLOUR
+from pipeline.validation.validate import Budgets, validate
 from tests.browser import CHROMIUM, chromium as _chromium
 from tests.conftest import run_cli
 
@@ -319,7 +319,7 @@ def test_diff_of_three_reports(tmp_path, damaged_report, int8_cli_run, trained_t
 
 
 def test_layer_errors_is_usable_on_its_own(trained_tflite, val_subset):
-    from pipeline.layer_error import layer_errors
+    from pipeline.validation.layer_error import layer_errors
 
     float_bytes, int8_bytes = trained_tflite["float"].read_bytes(), trained_tflite["int8"].read_bytes()
     inputs = [preprocess_file(f, PreprocessSpec(size=71)) for f in sorted(val_subset.rglob("*.png"))[:3]]
@@ -335,12 +335,12 @@ def test_layer_errors_is_usable_on_its_own(trained_tflite, val_subset):
 
 
 def test_a_failing_layer_step_is_reported_and_the_rest_stands(tmp_path, monkeypatch, trained_tflite, val_subset):
-    import pipeline.layer_error
+    import pipeline.validation.layer_error
 
     def broken(*args, **kwargs):
         raise RuntimeError("tensor 12 is not preserved")  # how upstream's debugger breaks (tensorflow#86949)
 
-    monkeypatch.setattr(pipeline.layer_error, "layer_errors", broken)
+    monkeypatch.setattr(pipeline.validation.layer_error, "layer_errors", broken)
     r = validate(trained_tflite["float"], trained_tflite["int8"], val_subset, tmp_path, limit=10).report
     assert r["layers"]["status"] == "failed" and "not preserved" in r["layers"]["reason"]
     assert r["samples"] == 10 and r["agreement"] is not None

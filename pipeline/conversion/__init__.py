@@ -1,0 +1,7 @@
+"""Keras or SavedModel to .tflite in five modes: settings, the staged converter, float fallback, export.
+
+Everything that touches TensorFlow's private converter API lives in
+``converter_hooks`` behind one version pin.
+
+May import: ``pipeline.core``, ``pipeline.tflite``, ``pipeline.model``.
+"""

@@ -43,30 +43,84 @@ manifest says so.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
+
+from pipeline.core.errors import ConversionError
 
 SUPPORTED_TF = ("2.21.",)
 _FLT_MAX = float(np.finfo(np.float32).max)
 _FLT_MIN = float(np.finfo(np.float32).tiny)  # the stock logger starts max at FLT_MIN, not -FLT_MAX
 
 
-def hooks_supported() -> tuple[bool, str]:
+def tf_supported() -> tuple[bool, str]:
+    """The one version pin for every private converter entry point used in this module."""
+    version = _tf_version()
+    if version is None or not version.startswith(SUPPORTED_TF):
+        return False, f"pinned to TensorFlow {'/'.join(SUPPORTED_TF)}x, found {version}"
+    return True, "ok"
+
+
+def calibrator_supported() -> tuple[bool, str]:
     """Whether this TensorFlow has the private calibrator the fast path replaces."""
+    ok, why = tf_supported()
+    if not ok:
+        return False, f"fast calibration is {why}"
     try:
-        import tensorflow as tf
         from tensorflow.lite.python.optimize import calibrator
     except ImportError as exc:
         return False, f"cannot import the TFLite calibrator ({exc})"
-    if not tf.__version__.startswith(SUPPORTED_TF):
-        return False, f"fast calibration is pinned to TensorFlow {'/'.join(SUPPORTED_TF)}x, found {tf.__version__}"
     if not callable(getattr(calibrator.Calibrator, "calibrate", None)):
         return False, "tf.lite Calibrator.calibrate is gone"
     return True, "ok"
+
+
+def denylist_supported() -> tuple[bool, str]:
+    """Whether this TensorFlow's MLIR quantizer still takes ``denylisted_nodes`` (per-layer float fallback)."""
+    ok, why = tf_supported()
+    if not ok:
+        return False, f"per-layer float fallback is {why}"
+    try:
+        from tensorflow.lite.python import lite
+    except ImportError as exc:
+        return False, f"cannot import the TFLite converter internals ({exc})"
+    if not callable(getattr(lite, "_mlir_quantize", None)):
+        return False, "tensorflow.lite.python.lite._mlir_quantize is gone"
+    if "denylisted_nodes" not in inspect.signature(lite._mlir_quantize).parameters:  # noqa: SLF001
+        return False, "tensorflow.lite.python.lite._mlir_quantize no longer takes denylisted_nodes"
+    return True, "ok"
+
+
+@contextlib.contextmanager
+def keep_float(denylist_for: Callable[[bytes], list[str]]):
+    """Within this block, the converter's MLIR quantizer leaves the nodes ``denylist_for(calibrated)`` names in float.
+
+    TFLite's only way to leave a node unquantized is ``mlir_quantize(...,
+    denylisted_nodes=...)``, which the public converter never exposes; the
+    converter's own call (made after calibration) is wrapped, so every other
+    step (int8 I/O, buffer deduplication) stays the stock one.
+    """
+    ok, why = denylist_supported()
+    if not ok:
+        raise ConversionError(f"cannot keep layers in float: {why}")
+    from tensorflow.lite.python import lite
+
+    stock_quantize = lite._mlir_quantize  # noqa: SLF001
+
+    def mlir_quantize(calibrated, *args, **kwargs):
+        return stock_quantize(calibrated, *args, denylisted_nodes=denylist_for(calibrated), **kwargs)
+
+    lite._mlir_quantize = mlir_quantize  # noqa: SLF001
+    try:
+        yield
+    finally:
+        lite._mlir_quantize = stock_quantize  # noqa: SLF001
 
 
 def _activation_tensors(graph) -> list[int]:
@@ -99,14 +153,13 @@ def _add_intermediate_tensors(model_bytes: bytes) -> bytes:
     Not LiteRT's copy of the wrapper: loading both pybind modules in one
     process breaks TensorFlow's own calibrator (measured: its import fails).
     """
-    from pipeline import flatbuffers
-
+    from pipeline.tflite import flatbuffers
     model = flatbuffers.schema().Model.GetRootAs(model_bytes, 0)  # reads the op codes in place, nothing else
     names = flatbuffers.op_names()
     codes = set()
     for i in range(model.OperatorCodesLength()):
         code = model.OperatorCodes(i)
-        codes.add(names.get(max(int(code.BuiltinCode()), int(code.DeprecatedBuiltinCode()))))
+        codes.add(names.get(flatbuffers.builtin_code(code)))
     if not codes & set(_NEEDS_INTERMEDIATES):
         return model_bytes
     from tensorflow.lite.python.optimize import calibrator
@@ -124,8 +177,8 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
     """Calibrate ``float_model`` on ``samples`` (an iterable of input lists); return calibrated bytes."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.flatbuffers import tools
-    from pipeline.quiet import native_stderr_captured
+    from pipeline.tflite.flatbuffers import tools
+    from pipeline.core.quiet import native_stderr_captured
 
     flatbuffer_utils, schema = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
@@ -196,12 +249,12 @@ def _tf_version() -> str | None:
 def staged_supported() -> tuple[bool, str]:
     """Whether the converter's stages can be called one by one here (without importing TensorFlow
     when it is not loaded yet: a float .tflite source then needs only its quantizer, see ``_converter_api``)."""
-    version = _tf_version()
-    if version is None or not version.startswith(SUPPORTED_TF):
-        return False, f"the staged int8 conversion is pinned to TensorFlow {'/'.join(SUPPORTED_TF)}x, found {version}"
+    ok, why = tf_supported()
+    if not ok:
+        return False, f"the staged int8 conversion is {why}"
     if "tensorflow" not in sys.modules:
         return (True, "ok") if _converter_api_path() is not None else (False, "TensorFlow's MLIR quantizer is gone")
-    ok, why = hooks_supported()
+    ok, why = calibrator_supported()
     if not ok:
         return ok, why
     from tensorflow.lite.python import lite
@@ -257,7 +310,7 @@ def _deduplicate_readonly_buffers(model_bytes: bytes) -> bytes:
     on LiteRT's flatbuffer tools: constant buffers with equal bytes are stored once."""
     import hashlib
 
-    from pipeline.flatbuffers import tools
+    from pipeline.tflite.flatbuffers import tools
 
     flatbuffer_utils, _ = tools()
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
@@ -306,7 +359,7 @@ def _deduplicate_readonly_buffers(model_bytes: bytes) -> bytes:
 def without_conversion_metadata(model_bytes: bytes) -> bytes:
     """The model minus the converter's CONVERSION_METADATA entry (a float conversion's, which would
     describe the wrong options once quantized; the converter's own calibrator never sees one)."""
-    from pipeline.flatbuffers import tools
+    from pipeline.tflite.flatbuffers import tools
 
     flatbuffer_utils, _ = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
@@ -367,7 +420,7 @@ def fast_freeze():
     cls = lite.TFLiteFrozenGraphConverterV2
     stock = cls._freeze_concrete_function  # noqa: SLF001
     needed = ("_FunctionConverterDataInEager", "_replace_variables_by_constants")
-    if not all(hasattr(c2c, n) for n in needed) or not hooks_supported()[0]:
+    if not all(hasattr(c2c, n) for n in needed) or not calibrator_supported()[0]:
         yield False
         return
 
@@ -402,7 +455,7 @@ def fast_calibration(record: dict):
     one ran instead. Any failure of the fast path falls back to the stock
     calibrator on the same data, so a conversion never fails because of it.
     """
-    ok, why = hooks_supported()
+    ok, why = calibrator_supported()
     if not ok:
         record.update({"calibrator": "stock", "fallback": why})
         yield record

@@ -12,62 +12,21 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
-from pipeline import artifacts
-from pipeline.errors import CalibrationError, ConversionError
-from pipeline.modelio import SourceModel, load_source
-from pipeline.preprocessing import PreprocessSpec
-
-MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
-CALIBRATED_MODES = ("int8", "int16x8")
-
-Progress = Callable[[int, int], None]
-
-
-class Representative(Protocol):
-    spec: PreprocessSpec
-
-    def __len__(self) -> int: ...
-
-    def batches(self): ...
-
-    def to_manifest(self) -> dict: ...
-
-
-@dataclass(frozen=True)
-class ConvertSettings:
-    mode: str
-    float_io: bool = False
-    allow_float_fallback: bool = False
-    per_channel: bool = True
-    trust_model_code: bool = False
-    optimize: bool = True
-    calibrator: str = "fast"  # "fast" (min/max under XNNPACK, all cores) or "stock" (the converter's own)
-    float_layers: tuple[str, ...] = ()  # Keras layers kept out of the quantized graph (pipeline.float_fallback)
-    fallback: str = "float"  # what float_layers compute in: "float", or "int16" (int8 only; spliced int16x8 ops)
-
-    def __post_init__(self):
-        object.__setattr__(self, "float_layers", tuple(str(name) for name in self.float_layers))
-        if self.float_layers and self.mode not in CALIBRATED_MODES:
-            raise ConversionError(f"float layers only apply to int8 and int16x8, not {self.mode}")
-        if self.fallback not in ("float", "int16"):
-            raise ConversionError(f"unknown fallback {self.fallback!r}; choose float or int16")
-        if self.fallback == "int16" and self.mode != "int8":
-            raise ConversionError(f"--fallback int16 keeps layers of an int8 model in int16: it applies to --int8, "
-                                  f"not --{self.mode}")
-        if self.mode not in MODES:
-            raise ConversionError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.calibrator not in ("fast", "stock"):
-            raise ConversionError(f"unknown calibrator {self.calibrator!r}; choose fast or stock")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+from pipeline.core import artifacts
+from pipeline.core.errors import CalibrationError, ConversionError
+from pipeline.core.preprocessing import PreprocessSpec
+from pipeline.tflite.splice import splice
+from pipeline.model.modelio import SourceModel, load_source
+from pipeline.conversion import float_fallback
+from pipeline.conversion.converter_hooks import denylist_supported, keep_float
+from pipeline.conversion.settings import (CALIBRATED_MODES, ConvertSettings, Progress, Representative,
+                                          default_output)
 
 @dataclass
 class ExportResult:
@@ -85,14 +44,6 @@ class ExportResult:
                 "calibration_samples": (m.get("calibration") or {}).get("count", 0),
                 "xnnpack_partitions": m["xnnpack"]["partitions"], "xnnpack_outside": m["xnnpack"]["outside"],
                 "xnnpack_refused": m["xnnpack"].get("refused"), "seconds": m["timing"]["total_s"]}
-
-
-def default_output(model_path: Path, mode: str) -> Path:
-    """``runs/x/model.keras`` -> ``runs/x/model_int8.tflite``; a SavedModel folder gets a sibling file."""
-    model_path = Path(model_path)
-    if model_path.is_dir():
-        return model_path.parent / f"{model_path.name}_{mode}.tflite"
-    return model_path.with_name(f"{model_path.stem}_{mode}.tflite")
 
 
 def is_qat_model(source: SourceModel) -> bool:
@@ -187,8 +138,8 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
 
     ``calibration_record`` (a dict) receives which calibrator ran, for the manifest.
     """
-    from pipeline.converter_hooks import fast_calibration, fast_freeze
-    from pipeline.quiet import native_stderr_captured
+    from pipeline.conversion.converter_hooks import fast_calibration, fast_freeze
+    from pipeline.core.quiet import native_stderr_captured
 
     qat = is_qat_model(source)
     if source.kind == "tflite":
@@ -198,9 +149,7 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
                                "(a folder of representative images), or convert a quantization-aware model")
     record = calibration_record if calibration_record is not None else {}
     if settings.float_layers:
-        from pipeline.float_fallback import convert_spliced, method_for
-
-        if method_for(settings) == "splice":  # converted whole, then the layers spliced in from a donor
+        if float_fallback.method_for(settings) == "splice":  # converted whole, then the layers spliced in from a donor
             return convert_spliced(source, settings, representative, progress, record)
     if _use_stages(settings, representative, qat):
         return _staged_int8(source, settings, representative, progress, record)
@@ -213,9 +162,8 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
         record["calibrator"] = "stock"
     keeper = contextlib.nullcontext()
     if settings.float_layers:
-        from pipeline.float_fallback import keep_float
-
-        keeper = keep_float(settings.float_layers, record=record)
+        layers = settings.float_layers
+        keeper = keep_float(lambda calibrated: float_fallback.denylist(calibrated, layers, record))
     with native_stderr_captured() as log, hook, keeper, fast_freeze():
         try:
             return bytes(converter.convert())
@@ -226,6 +174,22 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     raise _converter_failed(settings, error, log)
 
 
+def convert_spliced(source, settings, representative=None, progress=None, record: dict | None = None) -> bytes:
+    """Convert with ``settings.float_layers`` spliced in from the donor conversion (see ``float_fallback.method_for``)."""
+    record = record if record is not None else {}
+    host = convert_bytes(source, replace(settings, float_layers=()), representative, progress, record)
+    report: dict = {}
+    spliced = splice(host, donor_model(source, settings, representative), settings.float_layers, record=report)
+    record.update({"fallback_method": "splice", "float_layers": list(settings.float_layers), "splice": report})
+    return spliced
+
+
+def donor_model(source, settings, representative=None) -> bytes:
+    """The conversion the spliced layers come from (``donor_settings``); the float one is the source's cached one."""
+    spec = float_fallback.donor_settings(settings)
+    return float_tflite(source) if spec.mode == "float" else convert_bytes(source, spec, representative)
+
+
 def _converter_failed(settings: ConvertSettings, error: Exception, log) -> ConversionError:
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     detail = log.tail(4)
@@ -234,10 +198,10 @@ def _converter_failed(settings: ConvertSettings, error: Exception, log) -> Conve
 
 
 def _use_stages(settings: ConvertSettings, representative, qat: bool) -> bool:
-    """int8 from images runs as the converter's three stages, each kept for reuse (pipeline.converter_hooks)."""
+    """int8 from images runs as the converter's three stages, each kept for reuse (pipeline.conversion.converter_hooks)."""
     if settings.mode != "int8" or qat or representative is None:
         return False
-    from pipeline.converter_hooks import staged_supported
+    from pipeline.conversion.converter_hooks import staged_supported
 
     return staged_supported()[0]
 
@@ -269,8 +233,8 @@ def _from_float_tflite(source: SourceModel, settings: ConvertSettings, represent
 
 def _staged_int8(source: SourceModel, settings: ConvertSettings, representative, progress, record: dict) -> bytes:
     """Float conversion, calibration, quantizer: the first two are reused across calls on the same images."""
-    from pipeline.converter_hooks import calibrate_float_model, quantize_calibrated, staged_supported
-    from pipeline.quiet import native_stderr_captured
+    from pipeline.conversion.converter_hooks import calibrate_float_model, quantize_calibrated, staged_supported
+    from pipeline.core.quiet import native_stderr_captured
 
     kept = source.cache.get("calibrated")
     if kept is None or kept[0] is not representative or kept[1] != settings.calibrator:
@@ -289,18 +253,16 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
         source.cache["calibrated"] = kept
     _, _, calibrated, calibration = kept
     record.update(calibration)
-    record["stages"] = "float conversion, calibration, quantizer (pipeline.converter_hooks)"
+    record["stages"] = "float conversion, calibration, quantizer (pipeline.conversion.converter_hooks)"
     ok, why = staged_supported()
     if not ok:
         raise ConversionError(f"cannot quantize a .tflite with this TensorFlow: {why}; convert the Keras model")
     nodes = None
     if settings.float_layers:
-        from pipeline.float_fallback import denylist, hooks_supported
-
-        ok, why = hooks_supported()
+        ok, why = denylist_supported()
         if not ok:
             raise ConversionError(f"cannot keep layers in float: {why}")
-        nodes = denylist(calibrated, settings.float_layers, record)
+        nodes = float_fallback.denylist(calibrated, settings.float_layers, record)
     record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
     with native_stderr_captured() as log:
         try:
@@ -329,7 +291,7 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     manifest entries (the accuracy search records its measurements this way,
     so they describe exactly the bytes on disk).
     """
-    from pipeline.tflite_info import inspect_tflite
+    from pipeline.tflite.tflite_info import inspect_tflite
 
     t0 = time.perf_counter()
     model_path = Path(model_path)
@@ -355,7 +317,7 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     t_optimize = time.perf_counter()
     info = inspect_tflite(model_bytes)
     check_integer_ops(info, settings)
-    from pipeline.tflite_optimize import xnnpack_report
+    from pipeline.tflite.tflite_optimize import xnnpack_report
 
     xnnpack = xnnpack_report(model_bytes)
     spec = representative.spec if representative is not None else PreprocessSpec(size=source.input_size)
@@ -408,9 +370,9 @@ def float_outputs(source: SourceModel, inputs: np.ndarray) -> np.ndarray:
     if source.model is not None:
         return np.concatenate([np.asarray(source.model(c, training=False), dtype=np.float32) for c in chunks])
     if source.kind == "tflite":
-        from pipeline.tflite_optimize import _outputs
+        from pipeline.tflite.runtime import run_batch
 
-        return _outputs(float_tflite(source), inputs)[0]
+        return run_batch(float_tflite(source), inputs)[0]
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(source.path)).signatures["serving_default"]
@@ -427,7 +389,7 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
     fails is each rewrite checked on its own, in turn, so a harmful one is
     dropped and the others kept.
     """
-    from pipeline.tflite_optimize import (check_rewrite, delegate_partitions, fuse_shared_add_relu,
+    from pipeline.tflite.tflite_optimize import (check_rewrite, delegate_partitions, fuse_shared_add_relu,
                                           raise_negligible_add_inputs)
 
     staged: list[tuple[Callable, dict]] = []  # (rewrite, manifest entry) per rewrite that found work

@@ -1,0 +1,4 @@
+"""Shared plumbing every stage uses: errors, artifacts and manifests, preprocessing, image folders, quiet TensorFlow.
+
+May import: nothing else from the project.
+"""

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.errors import ArtifactError, OutputExistsError
+from pipeline.core.errors import ArtifactError, OutputExistsError
 
 MANIFEST_SCHEMA = 1
 TOOL_NAME = "xception-edge"

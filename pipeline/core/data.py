@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import DataError
-from pipeline.preprocessing import IMAGE_SUFFIXES
+from pipeline.core.errors import DataError
+from pipeline.core.preprocessing import IMAGE_SUFFIXES
 
 NPY_SUFFIX = ".npy"
 

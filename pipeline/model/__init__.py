@@ -1,0 +1,8 @@
+"""The Keras model and its training: Xception, its tf_keras twin, users' models, pretrained weights, training, QAT.
+
+May import: ``pipeline.core``, ``pipeline.tflite``.
+"""
+
+from pipeline.model.xception import XceptionConfig, build_xception
+
+__all__ = ["XceptionConfig", "build_xception"]

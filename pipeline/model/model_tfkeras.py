@@ -17,7 +17,7 @@ so per-layer reports still point at ``block7_sepconv2_bn`` and friends.
 
 from __future__ import annotations
 
-from pipeline.errors import ModelLoadError
+from pipeline.core.errors import ModelLoadError
 
 SUPPORTED = ("InputLayer", "Conv2D", "SeparableConv2D", "DepthwiseConv2D", "BatchNormalization", "Activation",
              "ReLU", "MaxPooling2D", "AveragePooling2D", "Add", "GlobalAveragePooling2D", "Dense")

@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import ModelLoadError
+from pipeline.core.errors import ModelLoadError
 
 TRUST_HINT = "pass --trust-model-code only if you trust whoever made this file"
 # Layers whose configuration carries executable Python.
@@ -32,7 +32,7 @@ class SourceModel:
     model: object | None  # the Keras model; None for a SavedModel or a .tflite
     input_shape: tuple  # (H, W, C)
     classes: int
-    # Conversion stages already computed for this model (pipeline.export: the float .tflite, its calibration)
+    # Conversion stages already computed for this model (pipeline.conversion.export: the float .tflite, its calibration)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -162,7 +162,7 @@ def _is_quantized_config(config) -> bool:
 
 
 def _quantize_scope():
-    from pipeline.tfmot_import import import_tfmot
+    from pipeline.model.tfmot_import import import_tfmot
 
     return import_tfmot().quantization.keras.quantize_scope()
 
@@ -208,10 +208,10 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
 
 def _float_tflite_source(path: Path) -> SourceModel:
     """A float32 .tflite to quantize. Nobody vouched for it, so it is first loaded and run in a sandboxed
-    child (``pipeline.safe_tflite``); that probe runs while the caller reads its calibration images, and
-    ``pipeline.export.float_tflite`` waits for it before anything loads the model in this process. Its
+    child (``pipeline.tflite.safe_tflite``); that probe runs while the caller reads its calibration images, and
+    ``pipeline.conversion.export.float_tflite`` waits for it before anything loads the model in this process. Its
     shapes and tensor types are read here from the flatbuffer, in Python, without executing anything."""
-    from pipeline.safe_tflite import check_manifest, read_model_bytes, start_probe
+    from pipeline.tflite.safe_tflite import check_manifest, read_model_bytes, start_probe
 
     data = read_model_bytes(path)
     check_manifest(path, data)
@@ -241,8 +241,7 @@ def _float_tflite_source(path: Path) -> SourceModel:
 
 def _tflite_signature(data: bytes) -> tuple[list, list, list[str]]:
     """Input shapes, output shapes and the names of quantized integer tensors, read in place."""
-    from pipeline import flatbuffers
-
+    from pipeline.tflite import flatbuffers
     schema = flatbuffers.schema()
     model = schema.Model.GetRootAs(data, 0)
     if model.SubgraphsLength() < 1:

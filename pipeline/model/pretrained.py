@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import TrainingError
+from pipeline.core.errors import TrainingError
 
 
 def _legacy_h5_arrays(f) -> list[np.ndarray] | None:
@@ -50,8 +50,8 @@ def _keras3_arrays(path: Path) -> list[np.ndarray]:
 
 def _model_file_arrays(path: Path) -> list[np.ndarray]:
     """A whole model (e.g. an earlier run's ``model.keras``): its layers' arrays in order."""
-    from pipeline.errors import ModelLoadError
-    from pipeline.modelio import load_source
+    from pipeline.core.errors import ModelLoadError
+    from pipeline.model.modelio import load_source
 
     try:
         source = load_source(path)

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline import artifacts
-from pipeline.errors import TrainingError
-from pipeline.tfmot_import import import_tfmot
-from pipeline.train import BatchHook, EpochHook, TrainResult, link_latest, _prepare_data, _throughput
+from pipeline.core import artifacts
+from pipeline.core.errors import TrainingError
+from pipeline.model.tfmot_import import import_tfmot
+from pipeline.model.train import BatchHook, EpochHook, TrainResult, link_latest, _prepare_data, _throughput
 
 QAT_MODEL = "model.h5"
 
@@ -52,7 +52,7 @@ class QatConfig:
 
 def quantize_aware(model):
     """A tf_keras QAT model with the float ``model``'s weights."""
-    from pipeline.model_tfkeras import translate
+    from pipeline.model.model_tfkeras import translate
 
     tfmot = import_tfmot()
     twin = translate(model)
@@ -69,8 +69,8 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
     import tensorflow as tf
     import tf_keras
 
-    from pipeline import tfdata
-    from pipeline.modelio import load_source
+    from pipeline.model import tfdata
+    from pipeline.model.modelio import load_source
 
     out = Path(out_dir)
     if (out / QAT_MODEL).exists() or (out / "manifest.json").exists():
@@ -86,7 +86,7 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
         raise TrainingError(f"{data_dir} has {len(classes)} classes but the model predicts {source.classes}")
     labels_beside = Path(model_path).parent / "labels.json"
     if labels_beside.is_file():
-        from pipeline.train import read_labels
+        from pipeline.model.train import read_labels
 
         if read_labels(labels_beside) != classes:
             raise TrainingError(f"the class folders of {data_dir} differ from {labels_beside}; QAT must see the "

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.data import Skip, discover
-from pipeline.errors import DataError
-from pipeline.preprocessing import ImageError, PreprocessSpec, pixels_for, scale_tf
+from pipeline.core.data import Skip, discover
+from pipeline.core.errors import DataError
+from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for, scale_tf
 
 CACHE_BUDGET_BYTES = int(os.environ.get("XEDGE_CACHE_BYTES", 8 * 2**30))
 

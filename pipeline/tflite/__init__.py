@@ -1,0 +1,7 @@
+"""The .tflite file itself: flatbuffer access, inspection, the sandboxed loader, the interpreter, rewrites, splicing.
+
+Nothing here imports TensorFlow's Python package: a float .tflite can be
+inspected, checked, rewritten and run with LiteRT alone.
+
+May import: ``pipeline.core``.
+"""

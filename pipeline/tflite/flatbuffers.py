@@ -48,3 +48,20 @@ def op_names() -> dict[int, str]:
 def type_names() -> dict[int, str]:
     """Tensor type code -> name (``INT8``); read-only, shared."""
     return {v: k for k, v in vars(schema().TensorType).items() if not k.startswith("_")}
+
+
+def builtin_code(code) -> int:
+    """An OperatorCode's builtin operator, from the object or the reader API.
+
+    The schema keeps the old int8 field ``deprecated_builtin_code`` beside the
+    int32 ``builtin_code``; writers fill one or both, so the operator is the
+    larger of the two (codes above 127 exist only in the new field).
+    """
+    if hasattr(code, "builtinCode"):
+        return max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+    return max(int(code.BuiltinCode()), int(code.DeprecatedBuiltinCode()))
+
+
+def op_name(model, op) -> str:
+    """The builtin name (``CONV_2D``) of an operator of ``model`` (object API); ``?`` for custom ops."""
+    return op_names().get(builtin_code(model.operatorCodes[op.opcodeIndex]), "?")

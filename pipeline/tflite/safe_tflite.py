@@ -22,7 +22,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from pipeline.errors import ModelLoadError
+from pipeline.core.errors import ModelLoadError
 
 MAX_TFLITE_BYTES = 2 * 1024**3  # flatbuffers cannot address more
 DEFAULT_TIMEOUT_S = 120
@@ -208,7 +208,7 @@ def check_manifest(path: str | os.PathLike, data: bytes) -> None:
     import hashlib
     import json
 
-    from pipeline.artifacts import TOOL_NAME, manifest_path_for
+    from pipeline.core.artifacts import TOOL_NAME, manifest_path_for
 
     manifest = manifest_path_for(path)
     if not manifest.is_file():

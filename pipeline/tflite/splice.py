@@ -1,7 +1,7 @@
 """Put chosen layers of one conversion into another: flatbuffer surgery on two .tflite models of one source.
 
 Why: TensorFlow 2.21 can keep a layer out of int8 only through the MLIR
-quantizer's ``denylisted_nodes`` (``pipeline.float_fallback``); its int16x8
+quantizer's ``denylisted_nodes`` (``pipeline.conversion.float_fallback``); its int16x8
 models come from the older quantizer, which has no such list, and mixing
 int8 and int16 layers is not offered at all. But every conversion of one
 source names its tensors alike (``xception_1/block7_sepconv2_bn_1/...``: the
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import flatbuffers
-from pipeline.errors import ConversionError
+from pipeline.tflite import flatbuffers
+from pipeline.core.errors import ConversionError
 
 
 def _schema():
@@ -56,24 +56,22 @@ class _Graph:
     producer: dict[int, int] = field(init=False)
 
     def __post_init__(self):
-        from pipeline.layer_error import _primary, layer_names
+        from pipeline.tflite.layers import layer_names, primary_layer
 
         if len(self.model.subgraphs) != 1:
             raise ConversionError(f"cannot splice a model with {len(self.model.subgraphs)} subgraphs "
                                   "(only single-graph models)")
-        codes = flatbuffers.op_names()
         self.graph = self.model.subgraphs[0]
         self.op_names, self.op_layers, self.producer = [], [], {}
         for index, op in enumerate(self.graph.operators or []):
-            code = self.model.operatorCodes[op.opcodeIndex]
-            self.op_names.append(codes.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode)), "?"))
+            self.op_names.append(flatbuffers.op_name(self.model, op))
             layer = None
             for t in _ints(op.outputs):
                 self.producer[t] = index
                 name = self.name(t)
                 names = layer_names(name)
                 if names and layer is None:
-                    layer = _primary(name, names)
+                    layer = primary_layer(name, names)
             self.op_layers.append(layer)
 
     def name(self, t: int) -> str:
@@ -139,7 +137,7 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
         key = (builtin, version, _text(custom) if custom else None)
         if key not in opcode_cache:
             for i, code in enumerate(model.operatorCodes):
-                if (max(int(code.builtinCode), int(code.deprecatedBuiltinCode)), int(code.version),
+                if (flatbuffers.builtin_code(code), int(code.version),
                         _text(code.customCode) if code.customCode else None) == key:
                     opcode_cache[key] = i
                     break
@@ -261,7 +259,7 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
         layer = donor.op_layers[d]
         op = copy.deepcopy(source_op)
         code = donor.model.operatorCodes[source_op.opcodeIndex]
-        op.opcodeIndex = opcode(max(int(code.builtinCode), int(code.deprecatedBuiltinCode)), int(code.version),
+        op.opcodeIndex = opcode(flatbuffers.builtin_code(code), int(code.version),
                                 code.customCode)
         op.inputs = [read(t, layer, rank[d]) if t >= 0 else t for t in _ints(source_op.inputs)]
         op.outputs = [mapped[t] for t in _ints(source_op.outputs)]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.tflite import flatbuffers
+
 HEAVY_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
 _FLOAT = {"float32", "float16", "float64", "bfloat16"}
@@ -43,14 +45,12 @@ class TfliteInfo:
 
 
 def _type_names():
-    from pipeline import flatbuffers
-
+    from pipeline.tflite import flatbuffers
     return {code: name.lower() for code, name in flatbuffers.type_names().items()}
 
 
 def _op_names():
-    from pipeline import flatbuffers
-
+    from pipeline.tflite import flatbuffers
     return flatbuffers.op_names()
 
 
@@ -65,7 +65,7 @@ def _tensor_desc(tensor, types) -> dict:
 
 
 def read_model_object(model_bytes: bytes):
-    from pipeline.flatbuffers import read
+    from pipeline.tflite.flatbuffers import read
 
     return read(model_bytes)
 
@@ -82,11 +82,11 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInfo:
     produced_by_dequantize = {}
     for op in graph.operators or []:
         code = model.operatorCodes[op.opcodeIndex]
-        if ops.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode))) == "DEQUANTIZE":
+        if ops.get(flatbuffers.builtin_code(code)) == "DEQUANTIZE":
             produced_by_dequantize[int(op.outputs[0])] = int(op.inputs[0])
     for op in graph.operators or []:
         code = model.operatorCodes[op.opcodeIndex]
-        builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+        builtin = flatbuffers.builtin_code(code)
         name = ops.get(builtin, f"OP_{builtin}")
         if name == "CUSTOM":
             custom = code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode

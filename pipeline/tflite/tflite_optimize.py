@@ -23,10 +23,11 @@ on the calibration images and records the difference in the manifest.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from pipeline.tflite.runtime import run_batch
 
 _FUSABLE = {"RELU": "RELU", "RELU6": "RELU6", "RELU_N1_TO_1": "RELU_N1_TO_1"}
 _INTEGER_TYPES = {"INT8", "UINT8"}
@@ -51,17 +52,15 @@ def fuse_shared_add_relu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
     Returns the new model bytes and what was rewritten; the input is returned
     unchanged (same bytes) when nothing matches.
     """
-    from pipeline import flatbuffers
-
+    from pipeline.tflite import flatbuffers
     schema = flatbuffers.schema()
-    op_names, type_names = flatbuffers.op_names(), flatbuffers.type_names()
+    type_names = flatbuffers.type_names()
     act = schema.ActivationFunctionType
     report = RewriteReport("fuse_shared_add_relu")
     model = flatbuffers.read(model_bytes)
 
     def op_name(op):
-        code = model.operatorCodes[op.opcodeIndex]
-        return op_names.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode)), "?")
+        return flatbuffers.op_name(model, op)
 
     for graph in model.subgraphs:
         producers = {}
@@ -116,15 +115,13 @@ def raise_negligible_add_inputs(model_bytes: bytes) -> tuple[bytes, RewriteRepor
     Typical of untrained or freshly initialised residual nets; checked on real
     data by ``export_tflite`` before it is kept.
     """
-    from pipeline import flatbuffers
-
-    op_names, type_names = flatbuffers.op_names(), flatbuffers.type_names()
+    from pipeline.tflite import flatbuffers
+    type_names = flatbuffers.type_names()
     report = RewriteReport("raise_negligible_add_inputs")
     model = flatbuffers.read(model_bytes)
 
     def name_of(op):
-        code = model.operatorCodes[op.opcodeIndex]
-        return op_names.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode)), "?")
+        return flatbuffers.op_name(model, op)
 
     def scale_of(tensor):
         q = tensor.quantization
@@ -181,25 +178,6 @@ def delegate_partitions(model_bytes: bytes, threads: int = 1) -> int:
     return xnnpack_report(model_bytes, threads)["partitions"]
 
 
-def _outputs(model_bytes: bytes, inputs):
-    """Dequantized outputs of a batch-1 model for float inputs (the model's own I/O quantization applied)."""
-    import numpy as np
-
-    from pipeline.predict import open_interpreter  # falls back to the builtin kernels if XNNPACK refuses
-    from pipeline.preprocessing import dequantize, quantize
-
-    interpreter = open_interpreter(model_bytes, threads=os.cpu_count() or 1)
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    rows, raw = [], []
-    for x in inputs:
-        interpreter.set_tensor(inp["index"], quantize(x[None], inp["dtype"], *inp["quantization"]))
-        interpreter.invoke()
-        q = interpreter.get_tensor(out["index"]).copy()
-        raw.append(q.astype(np.int64) if q.dtype.kind in "iu" else q)
-        rows.append(dequantize(q, *out["quantization"]))
-    return np.concatenate(rows), np.concatenate(raw)
-
-
 def check_rewrite(stock: bytes, rewritten: bytes, inputs, reference=None, cache: dict | None = None) -> dict:
     """Measure the rewrite on real inputs: against the stock model and, when needed, the float model.
 
@@ -219,7 +197,7 @@ def check_rewrite(stock: bytes, rewritten: bytes, inputs, reference=None, cache:
     def outputs(model_bytes):
         key = hashlib.sha256(model_bytes).hexdigest()
         if key not in cache:
-            cache[key] = _outputs(model_bytes, inputs)
+            cache[key] = run_batch(model_bytes, inputs)
         return cache[key]
 
     a, qa = outputs(stock)
@@ -273,7 +251,7 @@ def _xnnpack_report(model_bytes: bytes, threads: int = 1) -> dict:
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.quiet import native_stderr_captured
+    from pipeline.core.quiet import native_stderr_captured
 
     with native_stderr_captured() as log:
         interpreter = Interpreter(model_content=model_bytes, num_threads=threads)

@@ -8,10 +8,10 @@ the network, so the few layers where it *jumps* are candidates, and each
 candidate is measured on the eval images (keep it float, re-quantize, measure
 the drop); the best one is kept. Steps are recorded in the manifest.
 
-How a layer is kept out is ``pipeline.float_fallback.method_for``'s choice:
+How a layer is kept out is ``pipeline.conversion.float_fallback.method_for``'s choice:
 int8 to float re-quantizes with the MLIR quantizer's denylist; int16x8 to
 float, and int8 to int16 (``fallback="int16"``), splice the layer's ops from
-a second conversion of the source (``pipeline.splice``): the quantized
+a second conversion of the source (``pipeline.tflite.splice``): the quantized
 model and the donor are each converted once for the search, and every
 candidate is a splice of the two.
 
@@ -31,8 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.errors import BudgetNotReached, ConversionError, ValidationError
-from pipeline.export import (CALIBRATED_MODES, ConvertSettings, ExportResult, convert_bytes, default_output,
+from pipeline.core.errors import BudgetNotReached, ConversionError, ValidationError
+from pipeline.conversion.export import (CALIBRATED_MODES, ConvertSettings, ExportResult, convert_bytes, default_output,
                              export_tflite, float_tflite, optimize_graph)
 
 Say = Callable[[str], None]
@@ -45,11 +45,11 @@ class DropMeter:
 
     def __init__(self, reference, data, *, limit: int | None = None, workers: int | None = None,
                  trust_code: bool = False):
-        from pipeline.data import discover
-        from pipeline.metrics import topk
-        from pipeline.predict import as_probabilities, default_workers, open_runner
-        from pipeline.preprocessing import PreprocessSpec
-        from pipeline.validate import _load, _select, resolve_labels
+        from pipeline.core.data import discover
+        from pipeline.validation.metrics import topk
+        from pipeline.validation.predict import as_probabilities, default_workers, open_runner
+        from pipeline.core.preprocessing import PreprocessSpec
+        from pipeline.validation.validate import _load, _select, resolve_labels
 
         found = discover(data, what="eval folder")
         if not found.labeled:
@@ -75,8 +75,8 @@ class DropMeter:
 
     def predict(self, model_bytes: bytes) -> np.ndarray:
         """Outputs of bytes this process just converted (trusted: no sandboxed first load needed)."""
-        from pipeline.predict import open_interpreter
-        from pipeline.preprocessing import dequantize, quantize
+        from pipeline.tflite.runtime import open_interpreter
+        from pipeline.core.preprocessing import dequantize, quantize
 
         interpreters = [open_interpreter(model_bytes) for _ in range(self.workers)]
         inp, out = interpreters[0].get_input_details()[0], interpreters[0].get_output_details()[0]
@@ -97,8 +97,8 @@ class DropMeter:
         return np.stack(rows)
 
     def measure(self, model_bytes: bytes) -> dict:
-        from pipeline.metrics import drift_metrics
-        from pipeline.predict import as_probabilities
+        from pipeline.validation.metrics import drift_metrics
+        from pipeline.validation.predict import as_probabilities
 
         cand, _ = as_probabilities(self.predict(model_bytes), "candidate")
         m = drift_metrics(self.reference, cand, self.labels, self.names)
@@ -109,8 +109,8 @@ class DropMeter:
 
 def rank_layers(float_bytes: bytes, quant_bytes: bytes, inputs, exclude=()) -> list[dict]:
     """Layers by the error each one *adds* (its RMSE/scale minus the worst of its inputs'), worst first."""
-    from pipeline.layer_error import layer_errors
-    from pipeline.predict import open_interpreter
+    from pipeline.validation.layer_error import layer_errors
+    from pipeline.tflite.runtime import open_interpreter
 
     errors = layer_errors(float_bytes, quant_bytes, inputs)
     by_tensor = {e.tensor: e for e in errors}
@@ -164,9 +164,10 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     are not enough; the best model found is then written beside the output as
     ``<name>_over_budget.tflite`` with its manifest, for inspection.
     """
-    from pipeline import artifacts
-    from pipeline.float_fallback import donor_model, method_for
-    from pipeline.modelio import load_source
+    from pipeline.core import artifacts
+    from pipeline.conversion.export import donor_model
+    from pipeline.conversion.float_fallback import method_for
+    from pipeline.model.modelio import load_source
 
     if settings.mode not in CALIBRATED_MODES:
         raise ConversionError(f"--max-drop applies to --int8 and --int16x8, not --{settings.mode}")
@@ -195,7 +196,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
 
     def quantize_with(layers: list[str]) -> _State:
         if layers and method == "splice":
-            from pipeline.splice import splice
+            from pipeline.tflite.splice import splice
 
             model = splice(baseline.model, donor(), layers)
         else:

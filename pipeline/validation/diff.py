@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import artifacts
-from pipeline.errors import DataError
-from pipeline.report_md import md_cell
+from pipeline.core import artifacts
+from pipeline.core.errors import DataError
+from pipeline.validation.report_md import md_cell
 
 COLUMNS = ("report", "candidate", "mode", "top-1", "drop (pp)", "95% CI", "agreement", "top-5 overlap", "KL mean",
            "size", "latency")
@@ -70,7 +70,7 @@ def _row(path: Path, r: dict) -> dict:
 
 
 def compare(paths: list[str | os.PathLike]) -> Comparison:
-    from pipeline.validate import read_report
+    from pipeline.validation.validate import read_report
 
     if not paths:
         raise DataError("give at least one report.json")

@@ -23,16 +23,14 @@ reusable entry point (float fallback ranking uses it too).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
 
-from pipeline.preprocessing import dequantize, quantize
+from pipeline.core.preprocessing import dequantize, quantize
+from pipeline.tflite.layers import expose_tensors, layer_names, primary_layer
 
-_COMPUTE_HINTS = ("convolution", "separable_conv2d", "depthwise", "MatMul", "Conv2D", "BiasAdd")
-_SCOPE_SUFFIX = re.compile(r"_\d+$")
 
 
 @dataclass
@@ -73,34 +71,6 @@ class LayerError:
                 "float_abs_max": self._range, "samples": self.samples}
 
 
-def layer_names(tensor_name: str) -> list[str]:
-    """Keras layer names inside a (possibly fused, ``;``-joined) tensor name.
-
-    Keras 3 suffixes scopes with ``_1`` inside a traced function (``xception_1/block7_add_1/Add``);
-    the suffix is removed only when the model scope has it too, so a layer really named ``conv_2`` survives.
-    """
-    names: list[str] = []
-    for part in tensor_name.split(";"):
-        segments = part.split("/")
-        if len(segments) < 2:
-            continue
-        layer = segments[1]
-        if _SCOPE_SUFFIX.search(segments[0]):
-            layer = _SCOPE_SUFFIX.sub("", layer)
-        if layer not in names:
-            names.append(layer)
-    return names
-
-
-def _primary(tensor_name: str, names: list[str]) -> str:
-    for part in tensor_name.split(";"):
-        if any(h in part for h in _COMPUTE_HINTS):
-            found = layer_names(part)
-            if found:
-                return found[0]
-    return names[0] if names else tensor_name
-
-
 def _quantized_outputs(interpreter) -> list[tuple[int, str, str, float, int]]:
     """(index, name, op, scale, zero point) of every integer op output that has a quantization scale."""
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
@@ -118,17 +88,6 @@ def _quantized_outputs(interpreter) -> list[tuple[int, str, str, float, int]]:
     return found
 
 
-def expose_tensors(model_bytes: bytes, indices) -> bytes:
-    """A copy of the model in which the given tensors are also graph outputs (so they survive planning)."""
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
-    graph = model.subgraphs[0]
-    keep = list(dict.fromkeys([int(o) for o in graph.outputs] + [int(i) for i in indices]))
-    graph.outputs = np.asarray(keep, dtype=np.int32)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
 def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.ndarray]) -> list[LayerError]:
     """Per-layer error of ``quant_model`` against ``float_model`` over float ``inputs`` (HxWx3, preprocessed).
 
@@ -136,7 +95,7 @@ def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.nda
     ``ValueError`` when the two models share no tensor names, i.e. when they
     were not converted from the same source.
     """
-    from pipeline.predict import open_interpreter
+    from pipeline.tflite.runtime import open_interpreter
 
     ref_plain = open_interpreter(float_model)
     quant_plain = open_interpreter(quant_model)
@@ -148,7 +107,7 @@ def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.nda
             continue
         names = layer_names(name)
         pairs.append((index, match["index"], zero,
-                      LayerError(_primary(name, names), names, op, name, scale_)))
+                      LayerError(primary_layer(name, names), names, op, name, scale_)))
     if not pairs:
         raise ValueError("no quantized tensor of the integer model has a float tensor of the same name in the "
                          "reference (not converted from the same source, or the reference is not float)")

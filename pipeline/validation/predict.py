@@ -18,48 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import artifacts
-from pipeline.errors import ModelLoadError, ValidationError
-from pipeline.preprocessing import dequantize, quantize
-
-
-def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, threads: int = 1,
-                     name: str = "this model"):
-    """The one place where .tflite bytes become an interpreter.
-
-    Loading untrusted flatbuffers will move to a child process (a later issue);
-    everything here goes through this function so that swap is one edit.
-    ``preserve_all_tensors`` turns off the default XNNPACK delegate, whose
-    internal tensors are not kept.
-    """
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    from pipeline.quiet import native_stderr_captured
-
-    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if preserve_all_tensors else OpResolverType.AUTO
-    with native_stderr_captured() as log:  # "INFO: Created TensorFlow Lite XNNPACK delegate", or the real error
-        try:
-            interpreter = Interpreter(model_content=model_bytes, num_threads=threads,
-                                      experimental_op_resolver_type=resolver,
-                                      experimental_preserve_all_tensors=preserve_all_tensors)
-            interpreter.allocate_tensors()
-            return interpreter
-        except (ValueError, RuntimeError) as exc:
-            error = exc
-        if "XNNPACK" in str(error) and resolver == OpResolverType.AUTO:
-            # XNNPACK refuses the graph (extreme requantization scales): the builtin kernels compute
-            # the same numbers, slower; `convert` warns about such models when it writes them.
-            builtin = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-            try:
-                interpreter = Interpreter(model_content=model_bytes, num_threads=threads,
-                                          experimental_op_resolver_type=builtin)
-                interpreter.allocate_tensors()
-                return interpreter
-            except (ValueError, RuntimeError) as exc:
-                error = exc
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    detail = log.tail(3)
-    raise ModelLoadError(f"LiteRT cannot load {name}: {first}" + (f"\n{detail}" if detail else ""))
+from pipeline.core import artifacts
+from pipeline.core.errors import ModelLoadError, ValidationError
+from pipeline.core.preprocessing import dequantize
+from pipeline.tflite.runtime import invoke_one, open_interpreter
 
 
 def default_workers() -> int:
@@ -87,7 +49,7 @@ class TfliteRunner:
     """A pool of batch-1 LiteRT interpreters (XNNPACK), one per worker thread."""
 
     def __init__(self, path: str | os.PathLike, *, workers: int | None = None):
-        from pipeline.safe_tflite import load_untrusted
+        from pipeline.tflite.safe_tflite import load_untrusted
 
         path = Path(path)
         # Untrusted files get their first load and invoke in a limited child: a corrupt
@@ -117,10 +79,7 @@ class TfliteRunner:
     def _one(self, x: np.ndarray) -> np.ndarray:
         interpreter = self._pool.get()
         try:
-            scale_, zero = self._in["quantization"]
-            interpreter.set_tensor(self._in["index"], quantize(x[None], self._in["dtype"], scale_, zero))
-            interpreter.invoke()
-            raw = interpreter.get_tensor(self._out["index"])[0]
+            raw = invoke_one(interpreter, x)[0]
         finally:
             self._pool.put(interpreter)
         scale_, zero = self._out["quantization"]
@@ -139,7 +98,7 @@ class KerasRunner:
     batch_size = 16  # Xception-299 activations at batch 64 would need gigabytes
 
     def __init__(self, path: str | os.PathLike, *, trust_code: bool = False):
-        from pipeline.modelio import load_source
+        from pipeline.model.modelio import load_source
 
         path = Path(path)
         self.source = load_source(path, trust_code=trust_code)

@@ -14,8 +14,8 @@ import io
 
 import numpy as np
 
-from pipeline.report_md import budget_lines, pct, summary_rows
-from pipeline.report_md import verdict as verdict_of
+from pipeline.validation.report_md import budget_lines, pct, summary_rows
+from pipeline.validation.report_md import verdict as verdict_of
 
 REFERENCE_COLOUR = "#1f77b4"
 CANDIDATE_COLOUR = "#d62728"
@@ -142,7 +142,7 @@ def confusion_plot(r: dict) -> str:
 def _thumbnail(path: str, size: int) -> str | None:
     from PIL import Image
 
-    from pipeline.preprocessing import ImageError, PreprocessSpec, pixels_for
+    from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for
 
     try:
         pixels = pixels_for(path, PreprocessSpec(size=size))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline import artifacts
-from pipeline.errors import BudgetNotReached, ConversionError
-from pipeline.export import ConvertSettings, export_tflite
+from pipeline.core import artifacts
+from pipeline.core.errors import BudgetNotReached, ConversionError
+from pipeline.conversion.export import ConvertSettings, export_tflite
 
 # name -> (mode, settings overrides); "int8-fallback" is int8 under an accuracy budget
 SWEEP_MODES: dict[str, tuple[str, dict]] = {
@@ -42,9 +42,9 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, bench: Bench | N
               max_drop_pp: float = 1.0, max_float_layers: int = 8, eval_limit: int | None = None,
               modes=tuple(SWEEP_MODES), force: bool = False, say: Callable[[str], None] = lambda s: None,
               trust_model_code: bool = False) -> SweepResult:
-    from pipeline.accuracy_budget import convert_within_budget
-    from pipeline.modelio import load_source
-    from pipeline.validate import validate
+    from pipeline.validation.accuracy_budget import convert_within_budget
+    from pipeline.model.modelio import load_source
+    from pipeline.validation.validate import validate
 
     unknown = [m for m in modes if m not in SWEEP_MODES]
     if unknown:
@@ -101,7 +101,7 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, bench: Bench | N
                    "budget_top1_drop_pp": max_drop_pp, "max_float_layers": max_float_layers,
                    "latency": "p50/p90 ms from the bench callable" if bench is not None else None,
                    "rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
-    from pipeline.sweep_report import render_html, render_markdown
+    from pipeline.validation.sweep_report import render_html, render_markdown
 
     paths = {"json": artifacts.atomic_write_json(out_dir / "sweep.json", record),
              "md": artifacts.atomic_write_bytes(out_dir / "sweep.md", render_markdown(record).encode()),

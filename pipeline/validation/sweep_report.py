@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 
-from pipeline.report_html import _img, _plt, _png
+from pipeline.validation.report_html import _img, _plt, _png
 
 COLUMNS = ("mode", "size (MiB)", "top-1", "drop (pp)", "agreement", "p50 (ms)", "p90 (ms)", "float layers", "note")
 

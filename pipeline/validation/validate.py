@@ -20,10 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import artifacts
-from pipeline.data import Item, Skip, discover
-from pipeline.errors import BudgetExceeded, DataError, ValidationError
-from pipeline.preprocessing import ImageError, PreprocessSpec, preprocess_file
+from pipeline.core import artifacts
+from pipeline.core.data import Item, Skip, discover
+from pipeline.core.errors import BudgetExceeded, DataError, ValidationError
+from pipeline.core.preprocessing import ImageError, PreprocessSpec, preprocess_file
 
 REPORT_SCHEMA = 1
 CHUNK = 64  # images decoded and predicted per step: bounded memory, steady progress
@@ -199,9 +199,9 @@ def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
     Failures are reported in the section (the drift numbers stand on their own);
     a mismatch of models is "skipped", with the reason.
     """
-    from pipeline.errors import ConversionError, ModelLoadError
-    from pipeline.layer_error import layer_errors
-    from pipeline.tflite_info import inspect_tflite
+    from pipeline.core.errors import ConversionError, ModelLoadError
+    from pipeline.validation.layer_error import layer_errors
+    from pipeline.tflite.tflite_info import inspect_tflite
 
     if getattr(cand_runner, "model_bytes", None) is None or not inspect_tflite(cand_runner.model_bytes).int_op_count:
         return {"status": "skipped", "reason": "the candidate is not an integer-quantized .tflite model"}
@@ -213,7 +213,7 @@ def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
             return {"status": "skipped", "reason": "the reference .tflite is not a float model"}
         float_bytes, how = ref_runner.model_bytes, "reference .tflite"
     else:
-        from pipeline.export import ConvertSettings, convert_bytes
+        from pipeline.conversion.export import ConvertSettings, convert_bytes
 
         try:
             float_bytes = convert_bytes(ref_runner.source, ConvertSettings("float"))
@@ -291,8 +291,8 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
              limit: int | None = None, layer_samples: int = 16, workers: int | None = None,
              trust_code: bool = False, progress: Progress | None = None) -> ValidationResult:
     """Measure ``candidate``'s drift from ``reference`` on the images in ``data``; write the reports to ``out_dir``."""
-    from pipeline.metrics import confusion_change, drift_metrics, histogram, topk
-    from pipeline.predict import as_probabilities, default_workers, open_runner
+    from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
+    from pipeline.validation.predict import as_probabilities, default_workers, open_runner
 
     t0 = time.perf_counter()
     reference, candidate, out_dir = Path(reference), Path(candidate), Path(out_dir)
@@ -370,8 +370,8 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
 
 
 def write_reports(report: dict, out_dir: Path, *, ref_conf=None, cand_conf=None) -> dict[str, Path]:
-    from pipeline.report_html import render_html
-    from pipeline.report_md import render_markdown
+    from pipeline.validation.report_html import render_html
+    from pipeline.validation.report_md import render_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}

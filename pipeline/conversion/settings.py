@@ -1,0 +1,67 @@
+"""What a conversion is asked to do: the five modes and their settings, checked once, and where the output goes.
+
+Kept apart from the converter so that float fallback, the budget search and
+the CLI can name settings without importing the conversion machinery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from pipeline.core.errors import ConversionError
+from pipeline.core.preprocessing import PreprocessSpec
+
+MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
+CALIBRATED_MODES = ("int8", "int16x8")
+
+Progress = Callable[[int, int], None]
+
+
+class Representative(Protocol):
+    spec: PreprocessSpec
+
+    def __len__(self) -> int: ...
+
+    def batches(self): ...
+
+    def to_manifest(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    mode: str
+    float_io: bool = False
+    allow_float_fallback: bool = False
+    per_channel: bool = True
+    trust_model_code: bool = False
+    optimize: bool = True
+    calibrator: str = "fast"  # "fast" (min/max under XNNPACK, all cores) or "stock" (the converter's own)
+    float_layers: tuple[str, ...] = ()  # Keras layers kept out of the quantized graph (pipeline.conversion.float_fallback)
+    fallback: str = "float"  # what float_layers compute in: "float", or "int16" (int8 only; spliced int16x8 ops)
+
+    def __post_init__(self):
+        object.__setattr__(self, "float_layers", tuple(str(name) for name in self.float_layers))
+        if self.float_layers and self.mode not in CALIBRATED_MODES:
+            raise ConversionError(f"float layers only apply to int8 and int16x8, not {self.mode}")
+        if self.fallback not in ("float", "int16"):
+            raise ConversionError(f"unknown fallback {self.fallback!r}; choose float or int16")
+        if self.fallback == "int16" and self.mode != "int8":
+            raise ConversionError(f"--fallback int16 keeps layers of an int8 model in int16: it applies to --int8, "
+                                  f"not --{self.mode}")
+        if self.mode not in MODES:
+            raise ConversionError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.calibrator not in ("fast", "stock"):
+            raise ConversionError(f"unknown calibrator {self.calibrator!r}; choose fast or stock")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_output(model_path: Path, mode: str) -> Path:
+    """``runs/x/model.keras`` -> ``runs/x/model_int8.tflite``; a SavedModel folder gets a sibling file."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path.parent / f"{model_path.name}_{mode}.tflite"
+    return model_path.with_name(f"{model_path.stem}_{mode}.tflite")
