@@ -16,7 +16,7 @@ before each entry-flow Add, the last separable conv of each middle-flow
 block) are the union of their true range and the sum's. Here every tensor
 gets its true range; on every other tensor the two agree exactly (a test
 checks this), and accuracy against the float model is measured in
-``tests/test_converter_hooks.py`` and the bench.
+``tests/conversion/test_converter_hooks.py`` and the bench.
 
 The int8 conversion runs in three stages (``staged_int8``) instead of one
 ``converter.convert()``: the float conversion, calibration, and the MLIR
@@ -28,7 +28,7 @@ Xception-299) for each candidate set of float layers, and a float ``.tflite``
 can be quantized directly, as ONNX Runtime's ``quantize_static`` quantizes an
 ONNX graph. The staged model equals the converter's byte for byte apart from
 its CONVERSION_METADATA entry, which the converter would fill with its own
-options (``tests/test_converter_hooks.py``); the manifest says the same.
+options (``tests/conversion/test_converter_hooks.py``); the manifest says the same.
 
 Freezing (``fast_freeze``): the converter freezes the traced function into a
 GraphDef, then imports that GraphDef back into a new function only to read

@@ -32,7 +32,7 @@ ops are spliced from the donor into the quantized model
 
 The denylist hook is pinned to the TensorFlow version below; on any other
 version an int8 conversion with float layers fails with a clear error
-(``tests/test_float_fallback.py`` checks the private names exist and behave).
+(``tests/conversion/test_float_fallback.py`` checks the private names exist and behave).
 The splice uses only the flatbuffer schema and is not pinned.
 """
 

@@ -204,7 +204,7 @@ def quantize(x: np.ndarray, dtype, scale_: float, zero_point: int) -> np.ndarray
     """Float model input -> the integer input of a quantized model, exactly as TFLite's QUANTIZE op.
 
     TFLite divides in float32 and rounds halves to even (measured against the
-    op itself, with and without XNNPACK, in tests/test_convert.py), then
+    op itself, with and without XNNPACK, in tests/conversion/test_convert.py), then
     saturates; a float64 division differs on thousands of pixels of a 71x71
     image. ``devices/runner.py`` mirrors this function (it cannot import it).
     """

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from pipeline.core import artifacts
 from pipeline.core.errors import TrainingError
 from pipeline.model.tfmot_import import import_tfmot
-from pipeline.model.train import BatchHook, EpochHook, TrainResult, link_latest, _prepare_data, _throughput
+from pipeline.model.train import BatchHook, EpochHook, TrainResult, link_latest, prepare_data, mean_throughput
 
 QAT_MODEL = "model.h5"
 
@@ -81,7 +81,7 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
                             "xedge train")
     tf_keras.utils.set_random_seed(cfg.seed)
     prep = SimpleNamespace(input_size=source.input_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    spec, classes, train_images, val_images, data = _prepare_data(data_dir, val_dir, prep)
+    spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, prep)
     if len(classes) != source.classes:
         raise TrainingError(f"{data_dir} has {len(classes)} classes but the model predicts {source.classes}")
     labels_beside = Path(model_path).parent / "labels.json"
@@ -138,7 +138,7 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
                          "separable_convs": "split into depthwise + 1x1 conv before quantize_model"},
         "devices": {"kind": "gpu" if tf.config.list_physical_devices("GPU") else "cpu", "replicas": 1,
                     "global_batch": cfg.batch_size},
-        "history": history, "images_per_s": _throughput(history),
+        "history": history, "images_per_s": mean_throughput(history),
         "model": {"path": QAT_MODEL, "sha256": artifacts.sha256_file(model_path_out),
                   "parameters": int(model.count_params())},
     })

@@ -329,7 +329,7 @@ def link_latest(run_dir: Path) -> Path | None:
     return link
 
 
-def _prepare_data(data_dir, val_dir, cfg: TrainConfig):
+def prepare_data(data_dir, val_dir, cfg: TrainConfig):
     from pipeline.model import tfdata
     spec = PreprocessSpec(size=cfg.input_size)
     folder = tfdata.list_labeled(data_dir)
@@ -368,7 +368,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
         raise TrainingError(f"{out} already holds a finished run; choose another --out")
     devices = select_devices(cfg)
     keras.utils.set_random_seed(cfg.seed)
-    spec, classes, train_images, val_images, data = _prepare_data(data_dir, val_dir, cfg)
+    spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, cfg)
 
     global_batch = cfg.batch_size * devices.replicas
     steps = max(1, -(-len(train_images) // global_batch))
@@ -445,7 +445,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
                     "tensorflow_devices": [d.name for d in tf.config.list_logical_devices()]},
         "optimizer": {"name": cfg.optimizer, "lr": _schedule_lr(cfg, global_batch), "steps_per_epoch": steps},
         "pretrained": pretrained, "resumed_from": resumed, "history": history,
-        "images_per_s": _throughput(history),
+        "images_per_s": mean_throughput(history),
     })
     model_path = out / "model.keras"
     if devices.is_chief:
@@ -483,7 +483,7 @@ def _interrupted(signum: int | None, epoch: int, ckpt: Checkpoint) -> TrainingIn
                                exit_code=130 if signum == signal.SIGINT else 143)
 
 
-def _throughput(history: list[dict]) -> float | None:
+def mean_throughput(history: list[dict]) -> float | None:
     """Mean training images/s, leaving out the first epoch (tracing, XLA compilation) when there are more."""
     rates = [r["images_per_s"] for r in history]
     rates = rates[1:] if len(rates) > 1 else rates

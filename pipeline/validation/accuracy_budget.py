@@ -49,7 +49,7 @@ class DropMeter:
         from pipeline.validation.metrics import topk
         from pipeline.validation.predict import as_probabilities, default_workers, open_runner
         from pipeline.core.preprocessing import PreprocessSpec
-        from pipeline.validation.validate import _load, _select, resolve_labels
+        from pipeline.validation.validate import load_item, select_round_robin, resolve_labels
 
         found = discover(data, what="eval folder")
         if not found.labeled:
@@ -60,7 +60,7 @@ class DropMeter:
             names, self.labels_source = resolve_labels(None, Path(reference), Path(reference), found.classes,
                                                        runner.facts.classes)
             spec = PreprocessSpec(size=runner.facts.input_size)
-            loaded = [(item, _load(item, spec)[0]) for item in _select(found.items, limit)]
+            loaded = [(item, load_item(item, spec)[0]) for item in select_round_robin(found.items, limit)]
             loaded = [(item, x) for item, x in loaded if x is not None]
             if not loaded:
                 raise ValidationError(f"no usable images in {data}")

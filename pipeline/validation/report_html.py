@@ -22,7 +22,7 @@ CANDIDATE_COLOUR = "#d62728"
 MAX_THUMBNAILS = 48
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -31,14 +31,14 @@ def _plt():
     return plt
 
 
-def _png(fig) -> str:
+def png_base64(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _img(b64: str, alt: str, cls: str = "plot") -> str:
+def img_tag(b64: str, alt: str, cls: str = "plot") -> str:
     return f'<img class="{cls}" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
@@ -55,7 +55,7 @@ def _changed_most(names: list, rows: list, key) -> tuple[list, list]:
 
 
 def per_class_plot(r: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     names = list(r["per_class"])
     rows = list(r["per_class"].values())
     total = len(names)
@@ -77,14 +77,14 @@ def per_class_plot(r: dict) -> str:
     ax.set_xticks(x, names, rotation=45 if len(names) > 12 else 0, ha="right" if len(names) > 12 else "center")
     shown = "" if len(names) == total else f", the {len(names)} of {total} classes that changed most"
     ax.set_title(f"per class (by {r['per_class_by']}{shown})")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def layer_plot(r: dict, top: int = 15) -> str | None:
     layers = r.get("layers") or {}
     if layers.get("status") != "ok" or not layers["all"]:
         return None
-    plt = _plt()
+    plt = pyplot()
     worst = layers["all"][:top][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(worst) + 1.2))
     ax.barh([f"{e['layer']} ({e['op']})" for e in worst], [e["rmse_over_scale"] for e in worst],
@@ -93,11 +93,11 @@ def layer_plot(r: dict, top: int = 15) -> str | None:
     ax.set_xlabel("RMSE / scale (accumulated)")
     ax.set_title(f"worst {len(worst)} layers")
     ax.legend(loc="lower right")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def confidence_plot(r: dict, ref_conf=None, cand_conf=None) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     if ref_conf is not None and cand_conf is not None:
         bins = np.linspace(0, 1, 21)
@@ -111,11 +111,11 @@ def confidence_plot(r: dict, ref_conf=None, cand_conf=None) -> str:
     ax.set_ylabel("images")
     ax.legend(loc="upper left")
     ax.set_title("confidence")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def confusion_plot(r: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     m = np.asarray(r["confusion_change"]["matrix"])
     names = list(r["data"]["classes"])
     if len(names) > MAX_PLOTTED_CLASSES:
@@ -136,7 +136,7 @@ def confusion_plot(r: dict) -> str:
                         color="white" if abs(v) > limit / 2 else "black")
     fig.colorbar(image, ax=ax, shrink=0.7)
     ax.set_title(r["confusion_change"]["kind"].split("(")[0].strip(), fontsize=9)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _thumbnail(path: str, size: int) -> str | None:
@@ -163,7 +163,7 @@ def flips_section(r: dict) -> str:
     cells = []
     for f in r["flips"][:MAX_THUMBNAILS]:
         b64 = _thumbnail(f["path"], size)
-        picture = _img(b64, f["path"], "thumb") if b64 else '<div class="missing">unreadable now</div>'
+        picture = img_tag(b64, f["path"], "thumb") if b64 else '<div class="missing">unreadable now</div>'
         label = f"label {html.escape(f['label'])}<br>" if f["label"] is not None else ""
         cells.append(f'<figure class="{html.escape(f["change"] or "moved")}">{picture}<figcaption>{label}'
                      f"ref {html.escape(f['reference'])} ({f['reference_confidence']:.2f})<br>"
@@ -193,12 +193,12 @@ def render_html(r: dict, *, ref_conf=None, cand_conf=None) -> str:
         f"<tr><td>{esc(n)}</td><td>{c['n']}</td><td>{pct(c['top1_float'])}</td><td>{pct(c['top1_quant'])}</td>"
         f"<td>{'n/a' if c['drop_pp'] is None else format(c['drop_pp'], '+.2f')}</td><td>{pct(c['agreement'])}</td></tr>"
         for n, c in r["per_class"].items())
-    plots = [_img(per_class_plot(r), "per-class drift"), _img(confidence_plot(r, ref_conf, cand_conf), "confidence"),
-             _img(confusion_plot(r), "confusion change")]
+    plots = [img_tag(per_class_plot(r), "per-class drift"), img_tag(confidence_plot(r, ref_conf, cand_conf), "confidence"),
+             img_tag(confusion_plot(r), "confusion change")]
     layer_png = layer_plot(r)
     layers = r.get("layers") or {}
     cand_mode = str(r["candidate"].get("mode") or r["candidate"]["kind"])
-    layer_html = (_img(layer_png, "worst layers") + f"<p>{esc(layers['method'])}</p>" if layer_png
+    layer_html = (img_tag(layer_png, "worst layers") + f"<p>{esc(layers['method'])}</p>" if layer_png
                   else f"<p>Per-layer errors {esc(layers.get('status', 'n/a'))}: {esc(layers.get('reason', ''))}</p>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>xedge drift report</title><style>{_CSS}</style></head>

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 
-from pipeline.validation.report_html import _img, _plt, _png
+from pipeline.validation.report_html import img_tag, pyplot, png_base64
 
 COLUMNS = ("mode", "size (MiB)", "top-1", "drop (pp)", "agreement", "p50 (ms)", "p90 (ms)", "float layers", "note")
 
@@ -39,7 +39,7 @@ def scatter_plot(record: dict) -> str | None:
     rows = [r for r in record["rows"] if r["p50_ms"] is not None and r["top1"] is not None]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in rows:
         ax.scatter(r["p50_ms"], r["top1"] * 100, s=40 + r["bytes"] / 2**20 * 20, alpha=0.7)
@@ -48,18 +48,18 @@ def scatter_plot(record: dict) -> str | None:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("accuracy vs latency (marker area ~ size)")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def size_plot(record: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     rows = record["rows"]
     fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(rows) + 1))
     ax.barh([r["mode"] for r in rows], [r["bytes"] / 2**20 for r in rows], color="#1f77b4")
     ax.invert_yaxis()
     ax.set_xlabel("size (MiB)")
     ax.set_title("model size")
-    return _png(fig)
+    return png_base64(fig)
 
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}
@@ -74,7 +74,7 @@ def render_html(record: dict) -> str:
                    + f"<td>{esc(cells[-1])} <a href=\"{esc(row['report'])}\">report</a></td></tr>"
                    for cells, row in zip(table_rows(record), record["rows"]))
     scatter = scatter_plot(record)
-    plots = ([_img(scatter, "accuracy vs latency")] if scatter else []) + [_img(size_plot(record), "model size")]
+    plots = ([img_tag(scatter, "accuracy vs latency")] if scatter else []) + [img_tag(size_plot(record), "model size")]
     layers = "".join(f"<li>{esc(r['mode'])}: {esc(', '.join(r['float_layers']))}</li>"
                      for r in record["rows"] if r["float_layers"])
     return f"""<!DOCTYPE html>

@@ -153,7 +153,7 @@ def resolve_labels(labels_file, reference: Path, candidate: Path, folders: list[
 # ---------------------------------------------------------------- data
 
 
-def _select(items: list[Item], limit: int | None) -> list[Item]:
+def select_round_robin(items: list[Item], limit: int | None) -> list[Item]:
     """The first ``limit`` items taken round-robin over classes, so a limit never drops whole classes."""
     if limit is None or limit >= len(items):
         return items
@@ -171,7 +171,7 @@ def _select(items: list[Item], limit: int | None) -> list[Item]:
     return chosen
 
 
-def _load(item: Item, spec: PreprocessSpec):
+def load_item(item: Item, spec: PreprocessSpec):
     try:
         return preprocess_file(item.path, spec), None
     except ImageError as exc:
@@ -252,7 +252,7 @@ def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner, cand_runn
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as decode:
         for start in range(0, len(chosen), CHUNK):
             chunk = chosen[start:start + CHUNK]
-            loaded = list(decode.map(lambda it: _load(it, spec), chunk))
+            loaded = list(decode.map(lambda it: load_item(it, spec), chunk))
             good = [(it, x) for it, (x, skip) in zip(chunk, loaded) if x is not None]
             run.skipped.extend(skip for _, skip in loaded if skip is not None)
             if good:
@@ -321,7 +321,7 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
             raise ValidationError(f"the models have different numbers of outputs ({rf.classes} vs {cf.classes})")
         names, labels_source = resolve_labels(labels, reference, candidate, found.classes, rf.classes)
         spec = PreprocessSpec(size=rf.input_size)
-        chosen = _select(found.items, limit)
+        chosen = select_round_robin(found.items, limit)
         run = _predict_all(chosen, spec, ref_runner, cand_runner, workers, layer_samples, progress)
         if not run.paths:
             skipped = run.skipped

@@ -12,7 +12,7 @@ from pipeline.core.errors import ValidationError
 from pipeline.tflite.layers import layer_names
 from pipeline.validation.metrics import drift_metrics, kl_rows, mcnemar_exact, paired_drop_ci, topk
 from pipeline.validation.predict import as_probabilities
-from pipeline.validation.validate import Budgets, _select
+from pipeline.validation.validate import Budgets, select_round_robin
 
 
 def brute_mcnemar(b, c):
@@ -77,7 +77,7 @@ def test_outputs_logits_and_nan():
 
 def test_limit_takes_every_class():
     items = [Item(f"{c}/{i}.png", c) for c in "abc" for i in range(10)]
-    chosen = _select(items, 7)
+    chosen = select_round_robin(items, 7)
     assert len(chosen) == 7 and {i.label for i in chosen} == {"a", "b", "c"}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli
 from devices.diagnose import explain_pair
 from devices.profile import load_profile
 from pipeline.core.errors import DeviceError

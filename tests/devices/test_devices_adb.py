@@ -24,7 +24,7 @@ from devices.benchmark_model import parse_benchmark_model
 from devices.profile import DeviceProfile
 from pipeline.core.errors import DeviceError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 FAKE_ADB = """#!{python}
 import json, os, shutil, subprocess, sys
@@ -91,7 +91,7 @@ def test_python_on_device_exact_commands(fake_adb, trained_tflite, calibration, 
     assert re.fullmatch(re.escape(str(fake_adb["device"])) + r"/xedge-[0-9a-f]{8}", folder)
     q = shlex.quote
     assert cmds[1] == ["-s", "R58M123ABC", "shell", f"mkdir -p {q(folder)}"]
-    assert cmds[2][2:] == ["push", str(Path(__file__).resolve().parents[1] / "devices" / "runner.py"),
+    assert cmds[2][2:] == ["push", str(Path(__file__).resolve().parents[2] / "devices" / "runner.py"),
                            f"{folder}/runner.py"]
     assert cmds[3][2:] == ["push", str(trained_tflite["int8"]), f"{folder}/model0.tflite"]
     assert cmds[4][2] == "push" and cmds[4][4] == f"{folder}/inputs.npy"

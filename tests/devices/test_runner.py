@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "devices" / "runner.py"
 TFLITE_RUNTIME_VENV = ROOT / ".cache" / "tflite-runtime-2.14"
 

@@ -1,7 +1,7 @@
 """`xedge sweep`: every mode converted, validated and benched, on the trained tiny digits model.
 
 One real CLI run (subprocess, real local bench) on a small eval sample; the
-HTML is rendered in headless Chromium as in tests/test_validate.py.
+HTML is rendered in headless Chromium as in tests/validation/test_validate.py.
 """
 
 from __future__ import annotations

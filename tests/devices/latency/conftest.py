@@ -1,21 +1,13 @@
 """``pytest devices --device NAME``: the on-device latency tests as a pytest run.
 
-Loaded only when pytest is pointed at this folder (the default testpaths is
-``tests``), so the project's own suite is unaffected. One test per model with
-a budget in the profile; ``--junitxml`` gives CI its report.
+One test per model with a budget in the profile; ``--junitxml`` gives CI its
+report. Without ``--device`` (the project's own suite) the one test skips by
+design. The options are registered in the project's root ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import pytest
-
-
-def pytest_addoption(parser):
-    group = parser.getgroup("xedge devices")
-    group.addoption("--device", help="device profile (name or .toml path) whose latency budgets to test")
-    group.addoption("--model", action="append", default=[], help="a .tflite to test (repeatable); default: "
-                    "each budget's path in the profile")
-    group.addoption("--runs", type=int, default=None, help="timed runs per model (default: the profile's)")
 
 
 def pytest_generate_tests(metafunc):
