@@ -43,6 +43,7 @@ manifest says so.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import os
 import sys
@@ -67,34 +68,34 @@ def tf_supported() -> tuple[bool, str]:
     return True, "ok"
 
 
-def calibrator_supported() -> tuple[bool, str]:
-    """Whether this TensorFlow has the private calibrator the fast path replaces."""
+def _private_module(what: str, name: str):
+    """(module, "ok") when TensorFlow is the pinned version and ``name`` imports; (None, why) otherwise."""
     ok, why = tf_supported()
     if not ok:
-        return False, f"fast calibration is {why}"
+        return None, f"{what} is {why}"
     try:
-        from tensorflow.lite.python.optimize import calibrator
+        return importlib.import_module(name), "ok"
     except ImportError as exc:
-        return False, f"cannot import the TFLite calibrator ({exc})"
-    if not callable(getattr(calibrator.Calibrator, "calibrate", None)):
-        return False, "tf.lite Calibrator.calibrate is gone"
-    return True, "ok"
+        return None, f"cannot import {name} ({exc})"
+
+
+def calibrator_supported() -> tuple[bool, str]:
+    """Whether this TensorFlow has the private calibrator the fast path replaces."""
+    calibrator, why = _private_module("fast calibration", "tensorflow.lite.python.optimize.calibrator")
+    if calibrator is not None and not callable(getattr(calibrator.Calibrator, "calibrate", None)):
+        why = "tf.lite Calibrator.calibrate is gone"
+    return why == "ok", why
 
 
 def denylist_supported() -> tuple[bool, str]:
     """Whether this TensorFlow's MLIR quantizer still takes ``denylisted_nodes`` (per-layer float fallback)."""
-    ok, why = tf_supported()
-    if not ok:
-        return False, f"per-layer float fallback is {why}"
-    try:
-        from tensorflow.lite.python import lite
-    except ImportError as exc:
-        return False, f"cannot import the TFLite converter internals ({exc})"
-    if not callable(getattr(lite, "_mlir_quantize", None)):
-        return False, "tensorflow.lite.python.lite._mlir_quantize is gone"
-    if "denylisted_nodes" not in inspect.signature(lite._mlir_quantize).parameters:  # noqa: SLF001
-        return False, "tensorflow.lite.python.lite._mlir_quantize no longer takes denylisted_nodes"
-    return True, "ok"
+    lite, why = _private_module("per-layer float fallback", "tensorflow.lite.python.lite")
+    quantize = getattr(lite, "_mlir_quantize", None)
+    if lite is not None and not callable(quantize):
+        why = "tensorflow.lite.python.lite._mlir_quantize is gone"
+    elif lite is not None and "denylisted_nodes" not in inspect.signature(quantize).parameters:
+        why = "tensorflow.lite.python.lite._mlir_quantize no longer takes denylisted_nodes"
+    return why == "ok", why
 
 
 @contextlib.contextmanager
