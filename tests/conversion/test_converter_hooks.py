@@ -11,7 +11,7 @@ from pipeline.tflite.runtime import run_batch
 
 def test_hooks_are_supported_on_the_pinned_tensorflow():
     ok, why = converter_hooks.calibrator_supported()
-    assert ok, f"the private calibrator hook broke ({why}): re-check pipeline/converter_hooks.py for this TF"
+    assert ok, f"the private calibrator hook broke ({why}): re-check pipeline/conversion/converter_hooks.py for this TF"
 
 
 def _stock_calibration(source, calibration):
