@@ -28,7 +28,7 @@ from PIL import Image
 from calibrate.dataset import build_calibration_set
 from pipeline.artifacts import manifest_path_for, read_manifest
 from pipeline.errors import ArtifactError, CalibrationError, ModelLoadError
-from pipeline.preprocessing import PreprocessSpec, decode_rgb, pixels_for
+from pipeline.preprocessing import ImageError, PreprocessSpec, decode_rgb, pixels_for
 from pipeline.safe_tflite import load_untrusted, probe
 from tests.conftest import VENV_BIN, run_cli
 
@@ -155,6 +155,38 @@ def test_a_folder_of_only_bad_files_is_one_clear_error(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     with pytest.raises(CalibrationError, match="all 3 files were skipped"):
         build_calibration_set(tmp_path, SPEC)
+
+
+# A real Encapsulated PostScript page: Pillow's EPS plugin renders it by running Ghostscript (``gs``).
+_EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+        b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_postscript_named_jpg_is_a_skip_and_ghostscript_never_runs(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\n")  # any call leaves a trace
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where it found gs
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "page.jpg").write_bytes(_EPS)
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), 7).save(buf, format="PPM")  # a valid image, but not a format the README lists
+    (images / "netpbm.png").write_bytes(buf.getvalue())
+    (images / "ok.png").write_bytes(_png(Image.new("RGB", (20, 20), 9)))
+    cal = build_calibration_set(images, SPEC, size=10)
+    assert [Path(f["path"]).name for f in cal.files] == ["ok.png"]
+    skipped = {Path(s.path).name: s.reason for s in cal.skipped}
+    assert set(skipped) == {"page.jpg", "netpbm.png"}
+    for reason in skipped.values():
+        assert "not a recognised image format" in reason and "JPEG, PNG, BMP, GIF, WebP, TIFF" in reason
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        decode_rgb(_EPS, "page.jpg")
+    assert not marker.exists(), marker.read_text()
 
 
 # ---------------------------------------------------------------- model files
