@@ -25,10 +25,12 @@ from pipeline.preprocessing import dequantize, quantize
 
 def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, threads: int = 1,
                      name: str = "this model"):
-    """The one place where .tflite bytes become an interpreter.
+    """The one place where .tflite bytes become an interpreter, in this process.
 
-    Loading untrusted flatbuffers will move to a child process (a later issue);
-    everything here goes through this function so that swap is one edit.
+    Bytes of a file nobody vouched for get here only after they loaded and ran
+    once in ``pipeline.safe_tflite``'s limited child process (``TfliteRunner``
+    and ``export.float_tflite`` wait for that probe); the other callers pass
+    bytes this process converted.
     ``preserve_all_tensors`` turns off the default XNNPACK delegate, whose
     internal tensors are not kept.
     """

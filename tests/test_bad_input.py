@@ -259,6 +259,39 @@ def test_a_loader_that_hangs_is_stopped(small_tflite, tmp_path, monkeypatch):
     assert time.perf_counter() - start < 10
 
 
+# Replaces the probe's body (after the limits it sets first): reports what the child sees.
+_CHILD_REPORT = r"""
+import json, os, resource, sys
+try:
+    bytearray(1024 * 2**20)
+    big = "allocated"
+except MemoryError:
+    big = "MemoryError"
+print(json.dumps({"isolated": sys.flags.isolated, "path": sys.path, "env": sorted(os.environ), "big": big,
+                  "as": resource.getrlimit(resource.RLIMIT_AS), "cpu": resource.getrlimit(resource.RLIMIT_CPU),
+                  "core": resource.getrlimit(resource.RLIMIT_CORE), "own_session": os.getsid(0) == os.getpid()}))
+"""
+
+
+def test_probe_child_is_isolated_and_sets_its_own_limits(small_tflite, tmp_path, monkeypatch):
+    import pipeline.safe_tflite as safe
+
+    planted, marker = tmp_path / "planted", tmp_path / "planted-ran"
+    planted.mkdir()
+    (planted / "numpy.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
+    monkeypatch.setenv("PYTHONPATH", str(planted))
+    monkeypatch.setenv("XEDGE_TEST_SECRET", "not for the child")
+    monkeypatch.chdir(planted)  # nor is the working directory importable
+    assert probe(small_tflite, timeout=60)["inputs"][0]["shape"] == [1, 71, 71, 3]  # the real child, unharmed
+    assert not marker.exists()
+    monkeypatch.setattr(safe, "_CHILD", _CHILD_REPORT)
+    seen = probe(small_tflite, timeout=30, memory_mb=512)
+    assert seen["isolated"] == 1 and not any(str(planted) in p or p in ("", ".") for p in seen["path"])
+    assert set(seen["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TF_CPP_MIN_LOG_LEVEL"}
+    assert seen["as"] == [512 * 2**20] * 2 and seen["big"] == "MemoryError"  # the limit is in effect
+    assert seen["cpu"] == [35, 40] and seen["core"] == [0, 0] and seen["own_session"]
+
+
 # ---------------------------------------------------------------- Keras files with code
 
 
