@@ -136,6 +136,10 @@ MODE_FLAGS = [
 ]
 
 
+TRUST_HELP = ("Let the model files run code when they load or run (unsafe): Lambda/TFSMLayer layers in Keras files, "
+              "TensorFlow ops outside the safe list in a SavedModel.")
+
+
 def mode_options(fn):
     for flag, value, help_text in reversed(MODE_FLAGS):
         fn = click.option(flag, "mode", flag_value=value, help=help_text)(fn)
@@ -160,8 +164,7 @@ def mode_options(fn):
               help="fast: exact min/max under XNNPACK on all cores; stock: TFLite's own logging calibrator.")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-@click.option("--trust-model-code", is_flag=True,
-              help="Allow Lambda layers and other code inside MODEL to run when it loads (unsafe).")
+@click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 @click.option("--max-drop", type=click.FloatRange(min=0), metavar="PP", help="Accuracy budget: top-1 drop in "
               "percentage points on --eval; layers are kept in float until it holds (exit 3 if it cannot).")
@@ -366,7 +369,7 @@ def _demo_bench(models: dict) -> dict:
 @click.option("--limit", type=click.IntRange(1), help="Use at most N images (taken round-robin over classes).")
 @click.option("--layer-samples", default=16, show_default=True, type=click.IntRange(0),
               help="Images for the per-layer error of an int8 candidate (0: skip).")
-@click.option("--trust-model-code", is_flag=True, help="Allow code inside Keras models to run (unsafe).")
+@click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
 @guarded
 def validate_command(reference, candidate, data, report_dir, labels, max_top1_drop, min_agreement, max_kl, limit,
                      layer_samples, trust_model_code):
@@ -449,9 +452,10 @@ def _sweep_bench(path: Path) -> dict:
               "int8-fallback, int16x8 (default: all).")
 @click.option("--no-bench", is_flag=True, help="Skip the local latency bench.")
 @click.option("--force", is_flag=True, help="Overwrite models from an earlier sweep in --out.")
+@click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
 @guarded
 def sweep_command(model, calib, calib_size, eval_dir, eval_limit, out, max_drop, max_float_layers, modes, no_bench,
-                  force):
+                  force, trust_model_code):
     """Convert MODEL in every mode, validate and bench each, and write one comparison table.
 
     \b
@@ -466,14 +470,14 @@ def sweep_command(model, calib, calib_size, eval_dir, eval_limit, out, max_drop,
     from pipeline.validation.sweep import SWEEP_MODES, run_sweep
     from pipeline.validation.sweep_report import COLUMNS, table_rows
 
-    size = load_source(Path(model)).input_size
+    size = load_source(Path(model), trust_code=trust_model_code).input_size
     with Bar("reading calibration images") as bar:
         representative = build_calibration_set(calib, PreprocessSpec(size=size), size=calib_size, progress=bar)
     chosen = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(SWEEP_MODES)
     result = run_sweep(model, representative=representative, eval_dir=eval_dir, out_dir=out,
                        bench=None if no_bench else _sweep_bench, max_drop_pp=max_drop,
                        max_float_layers=max_float_layers, eval_limit=eval_limit, modes=chosen, force=force,
-                       say=lambda s: click.echo(s, err=True))
+                       say=lambda s: click.echo(s, err=True), trust_model_code=trust_model_code)
     table = Table(title=f"sweep of {model}")
     for column in COLUMNS:
         table.add_column(column)
@@ -701,8 +705,9 @@ def latency_test_command(models, device, runs, warmup, out):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crops.")
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Random horizontal flips.")
+@click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
 @guarded
-def qat_command(model, data, val, out, epochs, batch_size, lr, seed, augment, flip):
+def qat_command(model, data, val, out, epochs, batch_size, lr, seed, augment, flip, trust_model_code):
     """Fine-tune MODEL (a model.keras from xedge train) quantization-aware.
 
     The run folder holds model.h5 (a tf_keras QAT model), labels.json and
@@ -720,7 +725,7 @@ def qat_command(model, data, val, out, epochs, batch_size, lr, seed, augment, fl
     cfg = QatConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment, flip=flip)
     with EpochBars(epochs) as bars:
         result = qat(model, data, out or default_run_dir(), cfg, val_dir=val, on_epoch=bars.epoch,
-                     on_batch=bars.batch)
+                     on_batch=bars.batch, trust_code=trust_model_code)
     click.echo(f"validation accuracy (fake-quantized) {result.val_accuracy:.4f}")
     click.echo(f"wrote {result.run_dir}/model.h5, labels.json, manifest.json")
 

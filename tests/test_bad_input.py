@@ -28,7 +28,7 @@ from PIL import Image
 from calibrate.dataset import build_calibration_set
 from pipeline.core.artifacts import manifest_path_for, read_manifest
 from pipeline.core.errors import ArtifactError, CalibrationError, ModelLoadError
-from pipeline.core.preprocessing import PreprocessSpec, decode_rgb, pixels_for
+from pipeline.core.preprocessing import ImageError, PreprocessSpec, decode_rgb, pixels_for
 from pipeline.tflite.safe_tflite import load_untrusted, probe
 from tests.conftest import VENV_BIN, run_cli
 
@@ -157,6 +157,38 @@ def test_a_folder_of_only_bad_files_is_one_clear_error(tmp_path):
         build_calibration_set(tmp_path, SPEC)
 
 
+# A real Encapsulated PostScript page: Pillow's EPS plugin renders it by running Ghostscript (``gs``).
+_EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+        b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_postscript_named_jpg_is_a_skip_and_ghostscript_never_runs(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\n")  # any call leaves a trace
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where it found gs
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "page.jpg").write_bytes(_EPS)
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), 7).save(buf, format="PPM")  # a valid image, but not a format the README lists
+    (images / "netpbm.png").write_bytes(buf.getvalue())
+    (images / "ok.png").write_bytes(_png(Image.new("RGB", (20, 20), 9)))
+    cal = build_calibration_set(images, SPEC, size=10)
+    assert [Path(f["path"]).name for f in cal.files] == ["ok.png"]
+    skipped = {Path(s.path).name: s.reason for s in cal.skipped}
+    assert set(skipped) == {"page.jpg", "netpbm.png"}
+    for reason in skipped.values():
+        assert "not a recognised image format" in reason and "JPEG, PNG, BMP, GIF, WebP, TIFF" in reason
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        decode_rgb(_EPS, "page.jpg")
+    assert not marker.exists(), marker.read_text()
+
+
 # ---------------------------------------------------------------- model files
 
 
@@ -227,6 +259,39 @@ def test_a_loader_that_hangs_is_stopped(small_tflite, tmp_path, monkeypatch):
     assert time.perf_counter() - start < 10
 
 
+# Replaces the probe's body (after the limits it sets first): reports what the child sees.
+_CHILD_REPORT = r"""
+import json, os, resource, sys
+try:
+    bytearray(1024 * 2**20)
+    big = "allocated"
+except MemoryError:
+    big = "MemoryError"
+print(json.dumps({"isolated": sys.flags.isolated, "path": sys.path, "env": sorted(os.environ), "big": big,
+                  "as": resource.getrlimit(resource.RLIMIT_AS), "cpu": resource.getrlimit(resource.RLIMIT_CPU),
+                  "core": resource.getrlimit(resource.RLIMIT_CORE), "own_session": os.getsid(0) == os.getpid()}))
+"""
+
+
+def test_probe_child_is_isolated_and_sets_its_own_limits(small_tflite, tmp_path, monkeypatch):
+    import pipeline.tflite.safe_tflite as safe
+
+    planted, marker = tmp_path / "planted", tmp_path / "planted-ran"
+    planted.mkdir()
+    (planted / "numpy.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
+    monkeypatch.setenv("PYTHONPATH", str(planted))
+    monkeypatch.setenv("XEDGE_TEST_SECRET", "not for the child")
+    monkeypatch.chdir(planted)  # nor is the working directory importable
+    assert probe(small_tflite, timeout=60)["inputs"][0]["shape"] == [1, 71, 71, 3]  # the real child, unharmed
+    assert not marker.exists()
+    monkeypatch.setattr(safe, "_CHILD", _CHILD_REPORT)
+    seen = probe(small_tflite, timeout=30, memory_mb=512)
+    assert seen["isolated"] == 1 and not any(str(planted) in p or p in ("", ".") for p in seen["path"])
+    assert set(seen["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TF_CPP_MIN_LOG_LEVEL"}
+    assert seen["as"] == [512 * 2**20] * 2 and seen["big"] == "MemoryError"  # the limit is in effect
+    assert seen["cpu"] == [35, 40] and seen["core"] == [0, 0] and seen["own_session"]
+
+
 # ---------------------------------------------------------------- Keras files with code
 
 
@@ -272,6 +337,113 @@ def test_tf_keras_h5_lambda_is_refused_before_tf_keras_sees_it(tmp_path):
     with pytest.raises(ModelLoadError, match="refused"):
         load_source(tmp_path / "lambda.h5")
     assert not marker.exists()  # tf_keras ignores safe_mode for .h5; our own check stopped it
+
+
+def _saved_model(path: Path, side_effect=None) -> Path:
+    """A small classifier SavedModel (71x71x3 -> 10); ``side_effect(x)`` runs inside its serving signature."""
+    import tensorflow as tf
+
+    class Classifier(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(tf.ones((3, 10)))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 71, 71, 3], tf.float32)])
+        def __call__(self, x):
+            if side_effect is not None:
+                side_effect(self)
+            return {"output_0": tf.nn.softmax(tf.reduce_mean(x, axis=[1, 2]) @ self.w)}
+
+    model = Classifier()
+    tf.saved_model.save(model, str(path), signatures={"serving_default": model.__call__})
+    return path
+
+
+def test_saved_model_ops_outside_the_safe_list_are_refused_and_never_run(tmp_path):
+    import tensorflow as tf
+
+    from pipeline.model.modelio import load_source, unsafe_saved_model_ops
+    from pipeline.validation.predict import open_runner
+
+    marker = tmp_path / "written-by-the-model"
+    sm = _saved_model(tmp_path / "sm", lambda m: tf.io.write_file(str(marker), "pwned"))
+    # The saver's own SaveV2 is accepted in its save function, but not in the serving signature.
+    saver_op = _saved_model(tmp_path / "save_v2", lambda m: tf.raw_ops.SaveV2(
+        prefix=str(tmp_path / "ckpt"), tensor_names=["w"], shape_and_slices=[""], tensors=[m.w]))
+    assert list(unsafe_saved_model_ops(sm)) == ["WriteFile"]
+    assert list(unsafe_saved_model_ops(saver_op)) == ["SaveV2"]
+    for path, op in ((sm, "WriteFile"), (saver_op, "SaveV2")):
+        with pytest.raises(ModelLoadError, match=f"{op} \\(in .*refused before loading.*--trust-model-code"):
+            load_source(path)
+    proc = run_cli("convert", sm, "--float", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "WriteFile" in lines[0] and "--trust-model-code" in lines[0]
+    proc = run_cli("xedge", "sweep", sm, "--calib", tmp_path, "--eval", tmp_path, "--out", tmp_path / "sweep",
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and "WriteFile" in proc.stderr and "--trust-model-code" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "ckpt.index").exists()
+    assert not list(tmp_path.glob("*.tflite")) and not (tmp_path / "sweep").exists()
+    runner = open_runner(sm, trust_code=True)  # the explicit opt-in: the model's graph runs, file write included
+    assert runner.predict(np.zeros((1, 71, 71, 3), np.float32)).shape == (1, 10)
+    assert marker.read_text() == "pwned"
+
+
+def test_normal_saved_models_pass_the_safe_list(tiny_keras_path, tmp_path):
+    import keras
+    import tf_keras
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from pipeline.model.modelio import load_source, unsafe_saved_model_ops
+
+    keras.saving.load_model(tiny_keras_path).export(str(tmp_path / "xception"), verbose=False)
+    small = tf_keras.Sequential([tf_keras.layers.InputLayer((71, 71, 3)), tf_keras.layers.Conv2D(4, 3),
+                                 tf_keras.layers.BatchNormalization(), tf_keras.layers.ReLU(),
+                                 tf_keras.layers.GlobalAveragePooling2D(), tf_keras.layers.Dense(3, "softmax")])
+    small.save(tmp_path / "tf_keras")
+    for path in (tmp_path / "xception", tmp_path / "tf_keras", _saved_model(tmp_path / "module")):
+        assert unsafe_saved_model_ops(path) == {}, path
+        proto = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+        ops = {n.op for g in proto.meta_graphs for f in g.graph_def.library.function for n in f.node_def}
+        assert {"SaveV2", "RestoreV2"} <= ops  # the saver's functions are there, and were told apart
+    assert load_source(tmp_path / "xception").classes == 10
+
+
+def test_safe_op_list_is_registered_ops_and_names_each_stateful_one():
+    from tensorflow.python.framework import op_def_registry
+
+    from pipeline.model.modelio import SAFE_TF_OPS
+
+    defs = {op: op_def_registry.get(op) for op in SAFE_TF_OPS}
+    assert not [op for op, d in defs.items() if d is None]
+    # Stateful ops on the list, each reviewed: variables of the model itself, calls and control flow (bodies
+    # checked), asserts, random numbers. ReadFile, for one, is *not* stateful: statefulness is no safety test.
+    assert {op for op, d in defs.items() if d.is_stateful} == {
+        "CheckNumerics", "CheckNumericsV2", "Assert", "VarHandleOp", "ReadVariableOp", "AssignVariableOp",
+        "AssignAddVariableOp", "AssignSubVariableOp", "VarIsInitializedOp", "VariableV2", "Variable",
+        "StatefulPartitionedCall", "If", "While", "Case", "RandomUniform", "RandomStandardNormal", "TruncatedNormal",
+        "RandomUniformInt"}
+    assert not {"ReadFile", "WriteFile", "PyFunc", "EagerPyFunc", "PrintV2", "MatchingFiles", "SaveV2",
+                "RestoreV2"} & SAFE_TF_OPS
+
+
+def test_keras3_tfsmlayer_is_refused_by_us_and_by_keras_safe_mode(tmp_path, monkeypatch):
+    import keras
+    import tensorflow as tf
+
+    import pipeline.model.modelio as modelio
+
+    marker = tmp_path / "written-by-the-model"
+    sm = _saved_model(tmp_path / "sm", lambda m: tf.io.write_file(str(marker), "pwned"))
+    inputs = keras.Input((71, 71, 3))
+    outside = keras.layers.TFSMLayer(str(sm), call_endpoint="serving_default", name="outside")
+    model = keras.Model(inputs, outside(inputs))
+    model.save(tmp_path / "wrapper.keras")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="TFSMLayer layer 'outside'.*--trust-model-code"):
+        modelio.load_source(tmp_path / "wrapper.keras")
+    monkeypatch.setattr(modelio, "code_carrying_layers", lambda config: [])  # without our check: safe_mode alone
+    with pytest.raises(ModelLoadError, match="TFSMLayer"):
+        modelio.load_source(tmp_path / "wrapper.keras")
+    assert not marker.exists()
 
 
 def test_no_pickle_anywhere():

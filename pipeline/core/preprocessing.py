@@ -7,7 +7,11 @@ garbage", so there is deliberately no other place that scales pixels.
 
 Policy (``PreprocessSpec`` version 1):
 
-* decode with Pillow; first frame of animations; EXIF orientation applied;
+* decode with Pillow, and only as JPEG, PNG, BMP, GIF, WebP or TIFF
+  (``DECODED_FORMATS``): any other content is refused whatever the file's
+  name, so a PostScript file named ``.jpg`` never reaches Pillow's EPS plugin,
+  which would run Ghostscript on it; first frame of animations; EXIF
+  orientation applied;
 * every mode becomes RGB uint8 without silent clamping: 16-bit images are
   rescaled (``v / 257``), palette and alpha images are composited over white
   (what a viewer shows), CMYK goes through Pillow's conversion;
@@ -34,6 +38,9 @@ import numpy as np
 
 from pipeline.core.errors import DataError
 
+# The formats the README lists; Pillow tries no other plugin (``Image.open(..., formats=...)``).
+DECODED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+_FORMATS_TEXT = "JPEG, PNG, BMP, GIF, WebP, TIFF"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # about 7000x7000: larger images are rejected before any decoding
@@ -131,7 +138,7 @@ def decode_rgb(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise ImageError(path, f"image too large ({width}x{height} pixels > {MAX_PIXELS:,}); "
@@ -146,7 +153,7 @@ def decode_rgb(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
             raise ImageError(path, "image too large; possible decompression bomb") from None
         except Image.UnidentifiedImageError:
-            raise ImageError(path, "not a recognised image format") from None
+            raise ImageError(path, f"not a recognised image format (decoded: {_FORMATS_TEXT})") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
             raise ImageError(path, f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
 

@@ -1,11 +1,24 @@
 """Loading the models users bring: Keras 3 ``.keras``, tf_keras ``.keras``/``.h5``, SavedModel.
 
-Model files come from colleagues and the internet, so nothing in them runs:
-configurations are read as JSON first and a Lambda layer (pickled Python
-bytecode) or any custom class is refused before Keras sees the file, unless
-the caller passes ``trust_code=True``. Keras 3's own ``safe_mode`` is kept
-on as a second line; tf_keras ignores ``safe_mode`` for ``.h5`` files, which
-is why the check here does not rely on it.
+Model files come from colleagues and the internet, and TensorFlow's security
+guidance says it plainly: models are programs. Without ``trust_code=True``:
+
+* Keras files: the configuration is read as JSON first, and a Lambda layer
+  (marshalled Python bytecode), any layer whose config carries a
+  ``function``, or a TFSMLayer (which loads and runs a SavedModel) is refused
+  before Keras sees the file. Keras 3's own ``safe_mode`` stays on as a second
+  line (in Keras 3.15 it refuses Python lambdas anywhere in the config and
+  TFSMLayer; independently of it, Keras imports classes only from its own
+  packages). tf_keras ignores ``safe_mode`` for ``.h5`` files, which is why
+  the check here does not rely on it. The weights are numbers and run nothing.
+* SavedModels: validation and the rewrite check execute the signature, and
+  loading one runs its resource initializers, so its graph is a program. Every
+  op of the meta graph and of every function in its library is checked
+  against ``SAFE_TF_OPS`` (tensor maths, the model's own variables, calls and
+  control flow whose bodies are checked too) before TensorFlow loads it; the
+  checkpoint ops are accepted only in what the saver alone reaches (its save
+  and restore functions). Anything else (ReadFile, WriteFile, PyFunc, PrintV2, lookup
+  tables, datasets, ...) is refused, naming the ops.
 """
 
 from __future__ import annotations
@@ -19,8 +32,43 @@ from pathlib import Path
 from pipeline.core.errors import ModelLoadError
 
 TRUST_HINT = "pass --trust-model-code only if you trust whoever made this file"
-# Layers whose configuration carries executable Python.
-_CODE_LAYERS = {"Lambda"}
+# Layers whose configuration carries executable Python, or loads a SavedModel and runs it (TFSMLayer).
+_CODE_LAYERS = {"Lambda", "TFSMLayer"}
+
+# TensorFlow ops a SavedModel may hold without --trust-model-code: computation on tensors and on the model's
+# own variables, function calls and control flow (their bodies are checked as functions of the library), asserts
+# and random numbers. No op here reads or writes a file, talks to the network or calls back into Python
+# (tests/test_bad_input.py checks that each name is a registered op and which ones TensorFlow calls stateful).
+SAFE_TF_OPS = frozenset("""
+Const Identity IdentityN NoOp Placeholder PlaceholderWithDefault StopGradient PreventGradient Snapshot EnsureShape
+CheckNumerics CheckNumericsV2 Assert
+VarHandleOp ReadVariableOp AssignVariableOp AssignAddVariableOp AssignSubVariableOp VarIsInitializedOp
+VariableV2 Variable Assign AssignAdd AssignSub IsVariableInitialized
+PartitionedCall StatefulPartitionedCall If StatelessIf While StatelessWhile Case StatelessCase
+Switch Merge Enter Exit NextIteration LoopCond ControlTrigger
+Add AddV2 AddN Sub Mul MulNoNan Div DivNoNan RealDiv TruncateDiv FloorDiv FloorMod Mod TruncateMod
+Maximum Minimum Neg Abs Sign Square Sqrt Rsqrt Reciprocal Inv Exp Expm1 Log Log1p Pow SquaredDifference
+Tanh Sigmoid Erf Erfc Sin Cos Atan Atan2 Floor Ceil Round Rint IsNan IsInf IsFinite
+Equal NotEqual Less LessEqual Greater GreaterEqual LogicalAnd LogicalOr LogicalNot Select SelectV2
+ClipByValue Cast MatMul BatchMatMul BatchMatMulV2 BatchMatMulV3 Einsum
+Sum Mean Max Min Prod All Any ArgMax ArgMin Cumsum Cumprod
+Conv2D Conv3D Conv2DBackpropInput Conv3DBackpropInputV2 DepthwiseConv2dNative BiasAdd
+Relu Relu6 Elu Selu LeakyRelu Softplus Softsign Softmax LogSoftmax
+MaxPool MaxPoolV2 MaxPool3D AvgPool AvgPool3D FusedBatchNorm FusedBatchNormV2 FusedBatchNormV3 LRN
+ResizeBilinear ResizeNearestNeighbor ResizeBicubic ResizeArea TopKV2 InTopKV2
+Reshape Shape ShapeN Size Rank Squeeze ExpandDims Transpose ConcatV2 Concat Pack Unpack Split SplitV
+Slice StridedSlice Tile Pad PadV2 MirrorPad Fill ZerosLike OnesLike Range LinSpace
+Gather GatherV2 GatherNd BroadcastTo BroadcastArgs BroadcastGradientArgs ReverseV2 OneHot Where
+SpaceToBatchND BatchToSpaceND SpaceToDepth DepthToSpace MatrixBandPart
+FakeQuantWithMinMaxVars FakeQuantWithMinMaxVarsPerChannel FakeQuantWithMinMaxArgs
+RandomUniform RandomStandardNormal TruncatedNormal RandomUniformInt
+StatelessRandomUniformV2 StatelessRandomNormalV2 StatelessTruncatedNormalV2 StatelessRandomGetKeyCounter
+""".split())
+# Accepted only in the functions (and graph nodes) that the SavedModel's saver alone reaches: its save function,
+# which nothing here runs, and its restore function, which reads the model's own variables.
+_SAVE_OPS = frozenset({"SaveV2", "MergeV2Checkpoints", "ShardedFilename", "StringJoin", "StaticRegexFullMatch",
+                       "DisableCopyOnRead"})
+_RESTORE_OPS = frozenset({"RestoreV2"})
 
 
 @dataclass
@@ -103,6 +151,133 @@ def _refuse_code(path: Path, config, trust_code: bool) -> None:
                              f"refused. {TRUST_HINT}")
 
 
+def _read_saved_model_proto(path: Path):
+    from google.protobuf import message, text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    binary = path / "saved_model.pb"
+    try:
+        if binary.exists():
+            proto.ParseFromString(binary.read_bytes())
+        else:
+            text_format.Parse((path / "saved_model.pbtxt").read_text(), proto)
+    except (OSError, UnicodeDecodeError, message.DecodeError, text_format.ParseError) as exc:
+        raise ModelLoadError(f"cannot read SavedModel {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    return proto
+
+
+def _tensor_nodes(info) -> set[str]:
+    """Graph node names behind a signature's TensorInfo (plain, sparse or composite)."""
+    encoding = info.WhichOneof("encoding")
+    if encoding == "name":
+        return {info.name.split(":")[0]}
+    if encoding == "coo_sparse":
+        sparse = info.coo_sparse
+        return {n.split(":")[0] for n in (sparse.values_tensor_name, sparse.indices_tensor_name,
+                                           sparse.dense_shape_tensor_name) if n}
+    if encoding == "composite_tensor":
+        return set().union(*(_tensor_nodes(c) for c in info.composite_tensor.components))
+    return set()
+
+
+def _called_functions(node, library: set[str]) -> set[str]:
+    called = {node.op} & library  # a node can call a library function by using its name as the op
+    for attr in node.attr.values():
+        if attr.HasField("func"):
+            called.add(attr.func.name)
+        if attr.HasField("list"):
+            called.update(f.name for f in attr.list.func)
+    return called
+
+
+def unsafe_saved_model_ops(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Ops of a SavedModel outside ``SAFE_TF_OPS``: op name -> where (function or graph node names).
+
+    Read from ``saved_model.pb`` as a protobuf: nothing is loaded or run. A
+    graph node reached from a signature, or from anything but the saver, gets
+    the strict list; so does every function called from such a node, referred
+    to by the object graph, or not called at all. Only what the saver's save
+    (or restore) node alone reaches may also hold the save (or restore) ops.
+    """
+    proto = _read_saved_model_proto(Path(path))
+    found: dict[str, set[str]] = {}
+    for meta in proto.meta_graphs:
+        graph = meta.graph_def
+        nodes = {n.name: n for n in graph.node}
+        functions = {f.signature.name: f for f in graph.library.function}
+        library = set(functions)
+
+        def closure(roots) -> set[str]:
+            seen, stack = set(), [r for r in roots if r in nodes]
+            while stack:
+                name = stack.pop()
+                if name not in seen:
+                    seen.add(name)
+                    stack.extend(ref.lstrip("^").split(":")[0] for ref in nodes[name].input)
+            return seen & nodes.keys()
+
+        saver = meta.saver_def
+        save_side = closure([saver.save_tensor_name.split(":")[0]] if saver.save_tensor_name else [])
+        restore_side = closure([saver.restore_op_name.split(":")[0]] if saver.restore_op_name else [])
+        roots = set(nodes) - save_side - restore_side
+        for signature in meta.signature_def.values():
+            for info in [*signature.inputs.values(), *signature.outputs.values()]:
+                roots |= _tensor_nodes(info)
+        strict = closure(roots)
+
+        def context(name: str) -> str:
+            if name in strict:
+                return "strict"
+            if name in save_side and name not in restore_side:
+                return "save"
+            return "restore" if name in restore_side and name not in save_side else "strict"
+
+        reached: dict[str, set[str]] = {"strict": set(), "save": set(), "restore": set()}
+        for node in graph.node:
+            reached[context(node.name)] |= _called_functions(node, library)
+        for obj in meta.object_graph_def.nodes:
+            kind = obj.WhichOneof("kind")
+            if kind == "function":
+                reached["strict"].update(obj.function.concrete_functions)
+            elif kind == "bare_concrete_function":
+                reached["strict"].add(obj.bare_concrete_function.concrete_function_name)
+        for ctx, names in reached.items():  # functions called from these functions, transitively
+            stack = list(names)
+            while stack:
+                fn = functions.get(stack.pop())
+                for node in fn.node_def if fn is not None else ():
+                    for callee in _called_functions(node, library) - names:
+                        names.add(callee)
+                        stack.append(callee)
+
+        def allowed(op: str, ctx: str) -> bool:
+            return (op in SAFE_TF_OPS or op in functions or (ctx == "save" and op in _SAVE_OPS)
+                    or (ctx == "restore" and op in _RESTORE_OPS))
+
+        for node in graph.node:
+            if not allowed(node.op, context(node.name)):
+                found.setdefault(node.op, set()).add(node.name)
+        for name, fn in functions.items():
+            contexts = {ctx for ctx, names in reached.items() if name in names}
+            ctx = contexts.pop() if contexts in ({"save"}, {"restore"}) else "strict"
+            for node in fn.node_def:
+                if not allowed(node.op, ctx):
+                    found.setdefault(node.op, set()).add(name)
+    return {op: sorted(where) for op, where in sorted(found.items())}
+
+
+def _refuse_unsafe_ops(path: Path, trust_code: bool) -> None:
+    if trust_code:
+        return
+    unsafe = unsafe_saved_model_ops(path)
+    if unsafe:
+        ops = ", ".join(f"{op} (in {where[0]})" for op, where in list(unsafe.items())[:4])
+        more = f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else ""
+        raise ModelLoadError(f"SavedModel {path} holds TensorFlow ops outside the safe list (tensor maths only; "
+                             f"no file, network or Python ops): {ops}{more}; refused before loading. {TRUST_HINT}")
+
+
 def detect_kind(path: Path) -> str:
     if path.is_dir():
         if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
@@ -176,6 +351,7 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
     if kind == "tflite":
         return _float_tflite_source(path)
     if kind == "saved_model":
+        _refuse_unsafe_ops(path, trust_code)
         shape, classes = _saved_model_shape(path)
         return SourceModel(path, kind, None, shape, classes)
     if path.suffix.lower() == ".keras":

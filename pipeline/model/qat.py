@@ -64,7 +64,7 @@ def quantize_aware(model):
 
 
 def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=None,
-        on_epoch: EpochHook | None = None, on_batch: BatchHook | None = None) -> TrainResult:
+        on_epoch: EpochHook | None = None, on_batch: BatchHook | None = None, trust_code: bool = False) -> TrainResult:
     """Fine-tune ``model_path`` quantization-aware on ``data_dir``; write a run folder like ``train``."""
     import tensorflow as tf
     import tf_keras
@@ -75,7 +75,7 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
     out = Path(out_dir)
     if (out / QAT_MODEL).exists() or (out / "manifest.json").exists():
         raise TrainingError(f"{out} already holds a run; choose another --out")
-    source = load_source(model_path)
+    source = load_source(model_path, trust_code=trust_code)
     if source.kind != "keras3":
         raise TrainingError(f"{model_path} is a {source.kind} model; QAT takes a Keras 3 model.keras from "
                             "xedge train")

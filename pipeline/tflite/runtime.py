@@ -17,38 +17,48 @@ from pipeline.core.preprocessing import dequantize, quantize
 from pipeline.core.quiet import native_stderr_captured
 
 
-def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, threads: int = 1,
-                     name: str = "this model"):
-    """The one place where .tflite bytes become an interpreter.
+def allocated(model_bytes: bytes, *, threads: int = 1, preserve_all_tensors: bool = False):
+    """An allocated LiteRT interpreter; when XNNPACK refuses the graph, one on the builtin kernels.
 
-    Files nobody vouched for reach it only after ``safe_tflite.load_untrusted``
-    has loaded and invoked them once in a limited child process.
+    XNNPACK refuses some graphs whole (extreme requantization scales); the
+    builtin kernels compute the same numbers, slower, and ``convert`` warns
+    about such models when it writes them. LiteRT's own error is raised
+    otherwise (the sandboxed probe's child reports it as it is).
     ``preserve_all_tensors`` turns off the default XNNPACK delegate, whose
     internal tensors are not kept.
     """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if preserve_all_tensors else OpResolverType.AUTO
+    builtin = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    resolver = builtin if preserve_all_tensors else OpResolverType.AUTO
+    try:
+        interpreter = Interpreter(model_content=model_bytes, num_threads=threads,
+                                  experimental_op_resolver_type=resolver,
+                                  experimental_preserve_all_tensors=preserve_all_tensors)
+        interpreter.allocate_tensors()
+        return interpreter
+    except (ValueError, RuntimeError) as exc:
+        if "XNNPACK" not in str(exc) or resolver == builtin:
+            raise
+    interpreter = Interpreter(model_content=model_bytes, num_threads=threads, experimental_op_resolver_type=builtin)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, threads: int = 1,
+                     name: str = "this model"):
+    """The one place where .tflite bytes become an interpreter, in this process (``allocated``, errors typed).
+
+    Bytes of a file nobody vouched for get here only after they loaded and ran
+    once in ``pipeline.tflite.safe_tflite``'s limited child process
+    (``TfliteRunner`` and ``export.float_tflite`` wait for that probe); the
+    other callers pass bytes this process converted.
+    """
     with native_stderr_captured() as log:  # "INFO: Created TensorFlow Lite XNNPACK delegate", or the real error
         try:
-            interpreter = Interpreter(model_content=model_bytes, num_threads=threads,
-                                      experimental_op_resolver_type=resolver,
-                                      experimental_preserve_all_tensors=preserve_all_tensors)
-            interpreter.allocate_tensors()
-            return interpreter
+            return allocated(model_bytes, threads=threads, preserve_all_tensors=preserve_all_tensors)
         except (ValueError, RuntimeError) as exc:
             error = exc
-        if "XNNPACK" in str(error) and resolver == OpResolverType.AUTO:
-            # XNNPACK refuses the graph (extreme requantization scales): the builtin kernels compute
-            # the same numbers, slower; `convert` warns about such models when it writes them.
-            builtin = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-            try:
-                interpreter = Interpreter(model_content=model_bytes, num_threads=threads,
-                                          experimental_op_resolver_type=builtin)
-                interpreter.allocate_tensors()
-                return interpreter
-            except (ValueError, RuntimeError) as exc:
-                error = exc
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     detail = log.tail(3)
     raise ModelLoadError(f"LiteRT cannot load {name}: {first}" + (f"\n{detail}" if detail else ""))

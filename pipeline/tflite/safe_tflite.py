@@ -8,6 +8,23 @@ loaded and invoked once in a child process with memory, CPU-time and
 wall-clock limits. Only when the child succeeds does the caller build its own
 interpreter, from the same bytes. Whatever goes wrong becomes one
 ``ModelLoadError("invalid model: ...")``.
+
+The child is ``python -I`` (isolated: no ``PYTHONPATH``, no user
+site-packages, neither the working directory nor the script's folder on
+``sys.path``; the interpreter's own site-packages, which hold
+``ai_edge_litert``, stay) with a minimal environment (``CHILD_ENV``), in a
+session of its own so that a timeout kills everything it started. It sets its
+limits itself, as its first statements: a ``preexec_fn`` would run Python
+between fork and exec while TensorFlow's threads may hold locks, which Python
+documents as a deadlock risk.
+
+What this is: a separate process with resource limits, so that a malformed
+model that crashes, hangs or exhausts memory in LiteRT's loader costs the
+caller an error message instead of its process. What this is not: a security
+boundary. The child runs as the same user, with the same file system and
+network access, and no seccomp filter or namespace; a model crafted to
+exploit a memory-safety bug in the loader to run code could do in the child
+whatever the user can.
 """
 
 from __future__ import annotations
@@ -27,33 +44,29 @@ from pipeline.core.errors import ModelLoadError
 MAX_TFLITE_BYTES = 2 * 1024**3  # flatbuffers cannot address more
 DEFAULT_TIMEOUT_S = 120
 DEFAULT_MEMORY_MB = 8192
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding pipeline/: the child runs this same code
 
-# Runs in the child: imports only numpy and an interpreter, like devices/runner.py.
+# The child's first statements: its limits, from argv (model, memory MiB, CPU seconds).
+_LIMITS = r"""
+import resource, sys
+_memory, _cpu = int(sys.argv[2]) * 2**20, int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_AS, (_memory, _memory))
+resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 5))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+"""
+
+# Environment variables the child keeps; everything else (PYTHONPATH, credentials, ...) is dropped.
+CHILD_ENV = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL")
+
+# Runs in the child after _LIMITS: numpy, LiteRT and the library's interpreter (its XNNPACK fallback), found
+# through the parent's own package root (argv[4]), appended after the isolated interpreter's own paths.
 _CHILD = r"""
 import json, sys
+sys.path.append(sys.argv[4])
 import numpy as np
-try:
-    from ai_edge_litert.interpreter import Interpreter
-except ImportError:
-    try:
-        from tflite_runtime.interpreter import Interpreter
-    except ImportError:
-        from tensorflow.lite.python.interpreter import Interpreter
+from pipeline.tflite.runtime import allocated
 data = open(sys.argv[1], "rb").read()
-interpreter = Interpreter(model_content=data, num_threads=1)
-try:
-    interpreter.allocate_tensors()
-except RuntimeError as exc:
-    if "XNNPACK" not in str(exc):
-        raise
-    from inspect import signature  # XNNPACK refuses the graph: the builtin kernels load what is loadable
-    if "experimental_op_resolver_type" not in signature(Interpreter).parameters:
-        raise
-    import importlib
-    resolver = importlib.import_module(Interpreter.__module__).OpResolverType
-    interpreter = Interpreter(model_content=data, num_threads=1,
-                              experimental_op_resolver_type=resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter.allocate_tensors()
+interpreter = allocated(data)
 rng = np.random.default_rng(0)
 inputs = interpreter.get_input_details()
 for d in inputs:
@@ -109,18 +122,6 @@ def read_model_bytes(path: str | os.PathLike) -> bytes:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _limits(memory_mb: int, cpu_s: int):
-    def apply():
-        import resource
-
-        os.setsid()  # our own process group, so a timeout can kill everything the child started
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
 _PENDING: weakref.WeakSet = weakref.WeakSet()  # probes started and not yet waited for
 
 
@@ -135,11 +136,12 @@ class Probe:
         self._tmp = tempfile.mkdtemp(prefix="xedge-probe-")
         model = Path(self._tmp) / "model.tflite"
         model.write_bytes(data)
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH")}
+        env = {k: v for k, v in os.environ.items() if k in CHILD_ENV}
         env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(model)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env,
-                                      preexec_fn=_limits(memory_mb, int(timeout) + 5))
+        # start_new_session: setsid() in C between fork and exec, so a timeout can kill the whole group
+        argv = [str(model), str(memory_mb), str(int(timeout) + 5), str(PACKAGE_ROOT)]
+        self._proc = subprocess.Popen([sys.executable, "-I", "-c", _LIMITS + _CHILD, *argv], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=env, start_new_session=True)
         # never waited for (the caller failed first): kill the child and remove its copy of the model
         self._cleanup = weakref.finalize(self, _abandon, self._proc, self._tmp, shutil.rmtree)
         _PENDING.add(self)
