@@ -9,11 +9,17 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # Reinstall only when the dependency list changes; the project itself is editable.
+# MediaPipe, the tests' on-device client, declares absl-py~=2.3 where tensorflow-model-optimization 0.8.1
+# declares absl-py~=1.2: no resolver takes both, so it goes in without its dependencies (its image classifier
+# runs with absl-py 1.4), plus the OpenCV its vision module imports.
+MEDIAPIPE := mediapipe>=1.2.2,<1.3
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps '$(MEDIAPIPE)'
+	$(PY) -m pip install --quiet 'opencv-contrib-python>=4.10'
 	touch $(STAMP)
 
 # System packages used by the tests: a real sshd and a real headless browser.

@@ -25,6 +25,7 @@ from pipeline.tflite.splice import splice
 from pipeline.model.modelio import SourceModel, load_source
 from pipeline.conversion import float_fallback
 from pipeline.conversion.converter_hooks import denylist_supported, keep_float
+from pipeline.tflite.tflite_metadata import ModelInfo, add_metadata, read_metadata
 from pipeline.conversion.settings import (CALIBRATED_MODES, ConvertSettings, Progress, Representative,
                                           default_output)
 
@@ -327,6 +328,8 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
         raise CalibrationError(f"{model_path.name} was converted for preprocessing {recorded}, but the calibration "
                                f"images are preprocessed as {spec.fingerprint}; the int8 ranges would not match "
                                "what the model sees")
+    labels = _labels_beside(model_path) or source_manifest.get("labels")
+    model_bytes = add_metadata(model_bytes, _model_info(source, settings, spec, labels))
 
     manifest = artifacts.base_manifest("tflite")
     manifest.update({
@@ -346,7 +349,6 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
                 "int_ops": info.int_op_count, "float_ops": info.float_op_count,
                 "left_float": info.float_ops, "operators": info.operator_count},
     })
-    labels = _labels_beside(model_path) or source_manifest.get("labels")
     if labels is not None:
         manifest["labels"] = labels
     if annotate is not None:
@@ -438,6 +440,18 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
         if entry["applied"]:
             current = candidate
     return current, entries
+
+
+def _model_info(source: SourceModel, settings: ConvertSettings, spec: PreprocessSpec, labels) -> ModelInfo:
+    """The standard metadata's fields; the same for a Keras model and the float .tflite converted from it."""
+    earlier = read_metadata(float_tflite(source)) if source.kind == "tflite" else None
+    name = (earlier.name.decode() if earlier is not None and earlier.name else
+            getattr(source.model, "name", None) or source.path.stem)
+    mean, std = spec.normalization
+    return ModelInfo(name=name, version=artifacts.versions()["xception-edge"] or "unknown",
+                     description=f"{settings.mode} image classifier, {source.classes} classes, "
+                                 f"{source.input_size}x{source.input_size} RGB input; converted by xception-edge",
+                     labels=labels, mean=mean, std=std)
 
 
 def _source_manifest(model_path: Path) -> dict:

@@ -83,6 +83,12 @@ class PreprocessSpec:
     def describe(self) -> dict:
         return {**self.to_dict(), "fingerprint": self.fingerprint}
 
+    @property
+    def normalization(self) -> tuple[float, float]:
+        """(mean, std) with ``scale`` = (pixel - mean) / std: what a client told by the model's metadata
+        (NormalizationOptions) computes to feed a float input."""
+        return {"x/127.5-1": (127.5, 127.5)}[self.scale]
+
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     """Read a file for decoding, refusing oversized or unreadable ones with a reason."""

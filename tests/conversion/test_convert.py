@@ -9,6 +9,7 @@ from pipeline.core.artifacts import manifest_path_for, sha256_bytes, sha256_file
 from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError, OutputExistsError
 from pipeline.conversion.export import ConvertSettings, check_integer_ops, export_tflite
 from pipeline.tflite.tflite_info import inspect_tflite
+from pipeline.tflite.tflite_metadata import read_metadata
 
 HEAVY = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
@@ -62,6 +63,10 @@ def test_each_mode_has_the_promised_types(mode, tiny_keras_path, calibration, tm
     it.set_tensor(detail["index"], x.astype(detail["dtype"]))
     it.invoke()
     assert np.isfinite(it.get_tensor(it.get_output_details()[0]["index"]).astype(np.float32)).all()
+    # every mode carries the standard metadata; clients need NormalizationOptions for a float input only
+    image = read_metadata(out.read_bytes()).subgraphMetadata[0].inputTensorMetadata[0]
+    assert (image.processUnits is not None) == (in_dtype == "float32")
+    assert list(it.get_signature_list()) == ["serving_default"]
 
 
 def test_float_io_keeps_float_interface(tiny_keras_path, calibration, tmp_path):
