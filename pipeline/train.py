@@ -261,7 +261,8 @@ class Checkpoint:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
         state = {"fingerprint": self.fingerprint, "config": self.config, "epoch": epoch, "step": step,
-                 "epoch_sums": {"loss": float(sums[0]), "correct": float(sums[1])}, "history": history, "checkpoint": name, "counter": self.counter, "saved": artifacts.now_iso()}
+                 "epoch_sums": {"loss": float(sums[0]), "correct": float(sums[1])}, "history": history,
+                 "checkpoint": name, "counter": self.counter, "saved": artifacts.now_iso()}
         artifacts.atomic_write_json(self.state_path, state)
         for old in self.dir.glob("ckpt-*.npz"):
             if old.name != name:
