@@ -161,7 +161,8 @@ def mode_options(fn):
 @click.option("--no-optimize", is_flag=True, help="Skip the graph rewrites that keep XNNPACK in one partition "
               "(RELU after a shared residual ADD fused into a second ADD; checked on the calibration images).")
 @click.option("--calibrator", type=click.Choice(["fast", "stock"]), default="fast", show_default=True,
-              help="fast: exact min/max under XNNPACK on all cores; stock: TFLite's own logging calibrator.")
+              help="fast: min/max under XNNPACK, one interpreter per core (at most 4); stock: TFLite's own "
+              "logging calibrator.")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)

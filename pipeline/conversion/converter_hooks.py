@@ -4,19 +4,24 @@ Why: the converter's calibrator runs the float model one sample at a time in
 a single-threaded logging interpreter without XNNPACK (about 0.7 s per
 299x299 image on this project's machine). Calibration only needs each
 activation tensor's min and max, so ``fast_minmax`` runs a copy of the float
-model in which every activation is also a graph output, under XNNPACK, on
-all cores, and writes the exact min/max into the tensors' quantization
-parameters: the same calibrated model the converter's quantizer expects.
+model in which every activation is also a graph output, under XNNPACK, one
+single-threaded interpreter per core and at most 4 (no activation buffer is
+reused, so each interpreter holds all of them at once), and writes the
+min/max over all samples into the tensors' quantization parameters: the same
+calibrated model the converter's quantizer expects. The per-interpreter
+ranges merge exactly, so the result does not depend on how many ran.
 
 What differs from the stock calibrator, and why it is right: the logging
 interpreter records an op's inputs after the op ran, and an ADD whose input
-buffer is reused in place for its output then logs the *sum* as that input.
-So the stock ranges of tensors consumed in place by an ADD (the max pool
-before each entry-flow Add, the last separable conv of each middle-flow
-block) are the union of their true range and the sum's. Here every tensor
-gets its true range; on every other tensor the two agree exactly (a test
-checks this), and accuracy against the float model is measured in
-``tests/conversion/test_converter_hooks.py`` and the bench.
+buffer is reused in place for its output (TFLite's memory planner does this
+for an input nothing else reads) then logs the *sum* as that input. So the
+stock ranges of tensors consumed in place by an ADD (the max pool before
+each entry-flow Add, the last separable conv of each middle-flow block) are
+the union of their true range and the sum's. Here every tensor gets its true
+range; on every other tensor the two agree up to float rounding, since
+XNNPACK and the logging interpreter's kernels sum in different orders
+(``tests/conversion/test_converter_hooks.py`` checks both on exactly those tensors,
+and accuracy against the float model; so does the bench).
 
 The int8 conversion runs in three stages (``staged_int8``) instead of one
 ``converter.convert()``: the float conversion, calibration, and the MLIR
@@ -26,9 +31,10 @@ float model and its calibrated copy are the same for every int8 variant of a
 source, so ``convert --max-drop`` only re-runs the quantizer (about 1 s on
 Xception-299) for each candidate set of float layers, and a float ``.tflite``
 can be quantized directly, as ONNX Runtime's ``quantize_static`` quantizes an
-ONNX graph. The staged model equals the converter's byte for byte apart from
-its CONVERSION_METADATA entry, which the converter would fill with its own
-options (``tests/conversion/test_converter_hooks.py``); the manifest says the same.
+ONNX graph. The staged model equals the converter's in every flatbuffer field
+(op options included) apart from its CONVERSION_METADATA entry, which the
+converter would fill with its own options (``tests/conversion/test_staged_convert.py``);
+the manifest says the same.
 
 Freezing (``fast_freeze``): the converter freezes the traced function into a
 GraphDef, then imports that GraphDef back into a new function only to read

@@ -37,7 +37,7 @@ class ConvertSettings:
     per_channel: bool = True
     trust_model_code: bool = False
     optimize: bool = True
-    calibrator: str = "fast"  # "fast" (min/max under XNNPACK, all cores) or "stock" (the converter's own)
+    calibrator: str = "fast"  # "fast" (min/max under XNNPACK, up to 4 cores) or "stock" (the converter's own)
     float_layers: tuple[str, ...] = ()  # Keras layers kept out of the quantized graph (pipeline.conversion.float_fallback)
     fallback: str = "float"  # what float_layers compute in: "float", or "int16" (int8 only; spliced int16x8 ops)
 

@@ -12,7 +12,11 @@ mid-epoch weights), and it overwrites its ``.weights.h5`` in place, so a kill
 during the write leaves a torn checkpoint. Here a checkpoint is written to a
 new file and then named in ``state.json`` with an atomic rename, and each
 epoch's batches are a pure function of (seed, epoch) (see ``tfdata``), so a
-resumed run continues at the exact step.
+resumed run continues at the exact step. The checkpoint also holds the
+interrupted epoch's loss and accuracy sums (as the float32 values the loop
+had reached), so that epoch's figures cover all its steps; on one CPU with
+the same seed a resumed run ends with the same weights, bit for bit, as one
+that was never stopped (``tests/model/test_train.py``).
 
 BatchNorm momentum defaults to 0.9 rather than Keras's 0.99: on short runs (a
 few hundred steps) the slow moving averages lag the weights so far that
@@ -240,7 +244,9 @@ class Checkpoint:
         self.counter = int(state.get("counter", 0))
         return state
 
-    def save(self, model, optimizer, *, epoch: int, step: int, history: list[dict]) -> None:
+    def save(self, model, optimizer, *, epoch: int, step: int, history: list[dict],
+             sums: tuple[float, float] = (0.0, 0.0)) -> None:
+        """``sums``: the epoch's (loss sum, correct predictions) over steps 1..``step``."""
         if not self.write:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +261,8 @@ class Checkpoint:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
         state = {"fingerprint": self.fingerprint, "config": self.config, "epoch": epoch, "step": step,
-                 "history": history, "checkpoint": name, "counter": self.counter, "saved": artifacts.now_iso()}
+                 "epoch_sums": {"loss": float(sums[0]), "correct": float(sums[1])}, "history": history,
+                 "checkpoint": name, "counter": self.counter, "saved": artifacts.now_iso()}
         artifacts.atomic_write_json(self.state_path, state)
         for old in self.dir.glob("ckpt-*.npz"):
             if old.name != name:
@@ -407,7 +414,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
             ds = tfdata.train_dataset(train_images, epoch=epoch, seed=cfg.seed, steps=steps, batch=global_batch,
                                       start_step=first, augment=augment)
             iterator = iter(loop.distribute(ds))
-            loss_sum = correct = 0.0
+            loss_sum, correct, counted_from = _epoch_sums(state if epoch == start_epoch else None, first)
             t0 = time.perf_counter()
             for step in range(first + 1, steps + 1):
                 l_, c_ = loop.train_step(iterator)
@@ -416,17 +423,20 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
                     on_batch(epoch + 1, step, steps)
                 stopping = honour_signals and stop.signum is not None
                 if step < steps and (stopping or step % cfg.checkpoint_every == 0):
-                    ckpt.save(model, optimizer, epoch=epoch, step=step, history=history)
+                    ckpt.save(model, optimizer, epoch=epoch, step=step, history=history, sums=(loss_sum, correct))
                 if stopping and step < steps:
                     raise _interrupted(stop.signum, epoch, ckpt)
             loss_sum, correct = float(loss_sum), float(correct)  # waits for the last step
             seconds = time.perf_counter() - t0
-            seen = (steps - first) * global_batch
+            seen = (steps - counted_from) * global_batch  # the images the loss and accuracy cover
+            ran = (steps - first) * global_batch  # the images this process trained on, for the rate
             val_loss, val_acc = loop.evaluate(val_ds)
             row = {"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen, "val_loss": val_loss,
-                   "val_accuracy": val_acc, "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 1)}
+                   "val_accuracy": val_acc, "seconds": round(seconds, 2), "images_per_s": round(ran / seconds, 1)}
             if first:
                 row["resumed_at_step"] = first
+            if counted_from:  # a checkpoint from before the sums were saved
+                row["metrics_from_step"] = counted_from
             history.append(row)
             if writers:
                 _write_summaries(writers, row, epoch + 1)
@@ -443,7 +453,8 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
         "devices": {"kind": devices.kind, "names": devices.names, "replicas": devices.replicas,
                     "global_batch": global_batch, "mixed_precision": devices.mixed_policy, "xla": devices.xla,
                     "tensorflow_devices": [d.name for d in tf.config.list_logical_devices()]},
-        "optimizer": {"name": cfg.optimizer, "lr": _schedule_lr(cfg, global_batch), "steps_per_epoch": steps},
+        "optimizer": {"name": cfg.optimizer, "lr": _schedule_lr(cfg, global_batch), "steps_per_epoch": steps,
+                      "steps": int(optimizer.iterations.numpy())},
         "pretrained": pretrained, "resumed_from": resumed, "history": history,
         "images_per_s": mean_throughput(history),
     })
@@ -454,6 +465,17 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
         link_latest(out)
     return TrainResult(out, model_path, classes, history, history[-1]["val_accuracy"] if history else None, manifest,
                        wrote=devices.is_chief)
+
+
+def _epoch_sums(state: dict | None, first: int) -> tuple[float, float, int]:
+    """(loss sum, correct, first step they cover) to start an epoch with: a resumed epoch goes on from the
+    checkpoint's sums, exactly the float32 values the interrupted loop held."""
+    sums = (state or {}).get("epoch_sums")
+    if not first:
+        return 0.0, 0.0, 0
+    if sums is None:
+        return 0.0, 0.0, first
+    return float(sums["loss"]), float(sums["correct"]), 0
 
 
 def _summary_writers(logs: Path) -> dict:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.conversion import converter_hooks
+
+from pipeline.tflite import flatbuffers
 from pipeline.conversion import export as export_module
 from pipeline.core.errors import CalibrationError
 from pipeline.conversion.export import ConvertSettings, convert_bytes, export_tflite
@@ -18,26 +20,27 @@ from pipeline.core.quiet import native_stderr_captured
 from tests.conftest import run_cli
 
 
-def _structure(model_bytes: bytes):
-    """Everything that computes: ops and their wiring, tensors with types, shapes, quantization and data."""
-    from tensorflow.lite.tools import flatbuffer_utils
+def _tree(model):
+    """Every field of a flatbuffer object tree (ops with their options and versions, tensors, buffers,
+    subgraph inputs and outputs, signatures, metadata, description) as plain comparable values."""
+    if isinstance(model, np.ndarray):
+        return ("array", str(model.dtype), model.shape, model.tobytes())
+    if isinstance(model, (list, tuple)):
+        return [_tree(v) for v in model]
+    if model is None or isinstance(model, (bool, int, float, str, bytes, np.generic)):
+        return model
+    return {"class": type(model).__name__, **{k: _tree(v) for k, v in sorted(vars(model).items())}}
 
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
-    graph = model.subgraphs[0]
 
-    def q(t):
-        p = t.quantization
-        if p is None:
-            return None
-        return tuple(None if v is None else tuple(np.ravel(v).tolist()) for v in (p.scale, p.zeroPoint, p.min, p.max))
-
-    ops = [(model.operatorCodes[o.opcodeIndex].builtinCode, tuple(o.inputs), tuple(o.outputs))
-           for o in graph.operators]
-    tensors = [(t.name, t.type, tuple(t.shape), q(t),
-                bytes(model.buffers[t.buffer].data) if model.buffers[t.buffer].data is not None else b"")
-               for t in graph.tensors]
-    metadata = sorted(m.name.decode() if isinstance(m.name, bytes) else m.name for m in model.metadata or [])
-    return ops, tensors, metadata
+def _without_conversion_metadata(model):
+    """Drop the CONVERSION_METADATA entry and its buffer (the last one, used by nothing else)."""
+    entry = [m for m in model.metadata if m.name == b"CONVERSION_METADATA"]
+    assert len(entry) == 1 and entry[0].buffer == len(model.buffers) - 1
+    used = [t.buffer for g in model.subgraphs for t in g.tensors] + [m.buffer for m in model.metadata]
+    assert used.count(entry[0].buffer) == 1
+    model.metadata = [m for m in model.metadata if m is not entry[0]]
+    model.buffers = model.buffers[:-1]
+    return model
 
 
 def test_freezing_without_the_reimport_gives_the_same_float_model(trained_run, monkeypatch):
@@ -59,16 +62,23 @@ def test_freezing_without_the_reimport_gives_the_same_float_model(trained_run, m
 
 
 def test_staged_int8_is_the_converters_own_model(trained_run, calibration, monkeypatch):
+    """Every field equal, op options included; only the converter's CONVERSION_METADATA entry is absent."""
     record: dict = {}
     staged = convert_bytes(load_source(trained_run.model_path), ConvertSettings("int8"), calibration,
                            calibration_record=record)
     assert "stages" in record and record["calibrator"] == "fast-minmax"
     monkeypatch.setattr(export_module, "_use_stages", lambda *a: False)
     once = convert_bytes(load_source(trained_run.model_path), ConvertSettings("int8"), calibration)
-    a_ops, a_tensors, a_meta = _structure(staged)
-    b_ops, b_tensors, b_meta = _structure(once)
-    assert a_ops == b_ops and a_tensors == b_tensors
-    assert "CONVERSION_METADATA" in b_meta and "CONVERSION_METADATA" not in a_meta
+    ours, theirs = flatbuffers.read(staged), flatbuffers.read(once)
+    assert b"CONVERSION_METADATA" not in [m.name for m in ours.metadata]
+    theirs = _without_conversion_metadata(theirs)
+    assert _tree(ours) == _tree(theirs)
+    assert flatbuffers.write(ours) == flatbuffers.write(theirs)
+    # The comparison sees op options: one changed option (a conv's stride) is a difference.
+    conv = next(op for op in ours.subgraphs[0].operators if op.builtinOptions is not None
+                and hasattr(op.builtinOptions, "strideW"))
+    conv.builtinOptions.strideW += 1
+    assert _tree(ours) != _tree(theirs)
 
 
 def test_float_layer_choices_reuse_the_float_model_and_calibration(trained_run, calibration, monkeypatch):
@@ -120,6 +130,31 @@ def test_a_float_tflite_quantizes_to_the_same_bytes_as_its_keras_model(trained_r
     fp16 = run_cli("convert", float_copy, "--fp16", "--out", tmp_path / "h.tflite")
     assert fp16.returncode == 2 and "--int8 only" in fp16.stderr and "Traceback" not in fp16.stderr
     assert not (tmp_path / "twice.tflite").exists() and not (tmp_path / "h.tflite").exists()
+
+
+NO_TENSORFLOW_SCRIPT = """
+import sys
+from click.testing import CliRunner
+import convert
+result = CliRunner().invoke(convert.convert_command, sys.argv[1:])
+print(result.exit_code, "tensorflow" in sys.modules, "keras" in sys.modules)
+"""
+
+
+def test_a_float_tflite_is_quantized_without_ever_importing_tensorflow(trained_tflite, digits, tmp_path):
+    """The README's claim for `convert X.tflite --int8`: calibration on LiteRT and the quantizer's extension
+    module alone; TensorFlow's Python package is never imported, at any point of the command."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    args = [str(trained_tflite["float"]), "--int8", "--calib", str(digits["samples"]), "--calib-size", "16",
+            "--out", str(tmp_path / "q.tflite")]
+    proc = subprocess.run([sys.executable, "-c", NO_TENSORFLOW_SCRIPT, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.split()[-3:] == ["0", "False", "False"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "q.tflite").exists()
 
 
 def test_a_float_tflite_made_for_other_preprocessing_is_refused(trained_tflite, calibration, tmp_path):
@@ -185,7 +220,7 @@ def test_the_extension_route_speaks_the_quantizers_own_constants(trained_run, ca
                                       output_data_type=tf.int8)
     ours = converter_hooks._deduplicate_readonly_buffers(quantized)
     theirs = convert.deduplicate_readonly_buffers(quantized)
-    assert _structure(ours)[:2] == _structure(bytes(theirs))[:2]
+    assert _tree(flatbuffers.read(ours)) == _tree(flatbuffers.read(bytes(theirs)))
     assert converter_hooks._converter_api_path() is not None
 
 
