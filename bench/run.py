@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.machine import describe, load_average
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -106,12 +108,13 @@ def main(argv=None) -> None:
 
     from pipeline.core.quiet import import_tensorflow_quietly
 
+    load_at_start = load_average()
     import_tensorflow_quietly()
     cache = ROOT / ".cache" / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="xedge-bench-"))
     env = _child_env(args.threads)
-    results: dict = {"config": vars(args) | {"out": str(args.out)}, "machine": {"cpus": os.cpu_count()}}
+    results: dict = {"config": vars(args) | {"out": str(args.out)}, "machine": describe(load_at_start)}
     try:
         model = _model(cache, args.size, args.width, args.middle_blocks)
         calib = write_photo_crops(cache / f"calib_{args.images}", args.images, seed=1)
@@ -231,6 +234,7 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    results["machine"] = describe(load_at_start)  # again, for the load average at the end
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     _print_table(results)

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.machine import describe, load_average
+
 
 def _gpu_memory() -> dict | None:
     import tensorflow as tf
@@ -40,6 +42,7 @@ def measure(args) -> dict:
     from pipeline.core.preprocessing import PreprocessSpec
     from pipeline.model.train import TrainConfig, build_model, make_optimizer, select_devices
 
+    load_at_start = load_average()
     cfg = TrainConfig(input_size=args.input_size, width=args.width, middle_blocks=args.middle_blocks,
                       mixed_precision=args.mixed_precision, xla=args.xla, optimizer=args.optimizer)
     devices = select_devices(cfg)
@@ -85,6 +88,7 @@ def measure(args) -> dict:
         if "error" in row:
             break
     return {"bench": "train_throughput", "created": artifacts.now_iso(), "versions": artifacts.versions(),
+            "machine": describe(load_at_start),
             "command": " ".join(["python -m bench.train_throughput", *sys.argv[1:]]),
             "model": {"input_size": args.input_size, "width": args.width, "middle_blocks": args.middle_blocks,
                       "classes": args.classes},

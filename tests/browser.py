@@ -7,15 +7,13 @@ call gets its own user-data folder.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
-
-def chromium(*args, user_dir: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+def chromium(exe: str, *args, user_dir: Path) -> subprocess.CompletedProcess:
+    """``exe`` is the ``chromium_bin`` fixture (tests/conftest.py): a skip, or a failure under .ci/run, if absent."""
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={user_dir}", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -286,7 +286,7 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
                   representative: Representative | None = None, force: bool = False,
                   progress: Progress | None = None, source: SourceModel | None = None,
                   annotate: Callable[[bytes], dict] | None = None) -> ExportResult:
-    """Convert ``model_path`` and write ``out`` plus its manifest atomically.
+    """Convert ``model_path`` and write ``out`` plus its manifest as one unit (``artifacts.atomic_write_pair``).
 
     ``annotate`` sees the final bytes before anything is written and returns
     manifest entries (the accuracy search records its measurements this way,
@@ -357,8 +357,7 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     manifest["timing"] = {"load_s": round(t_load - t0, 3), "convert_s": round(t_convert - t_load, 3),
                           "optimize_s": round(t_optimize - t_convert, 3), "total_s": round(t_end - t0, 3)}
     artifacts.check_writable(out_path, force=force)  # it may have appeared while we worked
-    artifacts.atomic_write_bytes(out_path, model_bytes)
-    artifacts.atomic_write_json(manifest_path, manifest)
+    artifacts.atomic_write_pair(out_path, model_bytes, manifest_path, manifest)  # manifest first, then the model
     return ExportResult(out_path, manifest_path, manifest, model_bytes)
 
 

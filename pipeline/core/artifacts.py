@@ -4,6 +4,12 @@ Every artifact is written to a temporary file in the destination folder,
 fsynced, then renamed over the target: a reader sees the old file or the new
 one, never a torn one, even after SIGKILL or power loss. A manifest (JSON)
 beside each artifact records hashes, versions and settings.
+
+An artifact and its manifest are two files, and no rename covers both. So
+the manifest goes first, naming the new bytes and the ones they replace, and
+the artifact follows: a kill between the two renames leaves the old artifact
+beside a manifest that names it as replaced, which ``integrity`` reports as
+an unfinished write rather than as a modified file.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import tempfile
+import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -101,47 +110,114 @@ def _explain(exc: OSError, target: Path) -> ArtifactError:
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``target`` atomically (temp file, fsync, rename, fsync folder)."""
-    import signal
-
     target = Path(target)
-    tmp_name = None
-    # A file-size limit sends SIGXFSZ, which kills the process before Python can clean up.
+    with _writing(target):
+        _rename_into_place(_staged(target, data), target)
+    return target
+
+
+def atomic_write_pair(target: str | os.PathLike, data: bytes, manifest_target: str | os.PathLike,
+                      manifest: dict) -> Path:
+    """Write an artifact and its manifest as one unit (see the module docstring).
+
+    The artifact's bytes are staged first, so a full disk or a size limit
+    changes nothing; then the manifest is renamed into place with
+    ``output.sha256`` (the new bytes) and ``output.replaces_sha256`` (the
+    file being replaced, or None); then the artifact.
+    """
+    target = Path(target)
+    with _writing(target):
+        staged = _staged(target, data)
+        try:
+            manifest["output"]["sha256"] = sha256_bytes(data)
+            manifest["output"]["replaces_sha256"] = sha256_file(target) if target.is_file() else None
+            atomic_write_json(manifest_target, manifest)
+            _pause_for_tests()
+            _rename_into_place(staged, target)
+        except BaseException:
+            _unlink_quietly(staged)
+            raise
+    return target
+
+
+PAUSE_ENV = "XEDGE_TEST_PAUSE_BETWEEN_WRITES"
+
+
+def _pause_for_tests() -> None:
+    """Fault injection for tests/test_bad_input.py only: with XEDGE_TEST_PAUSE_BETWEEN_WRITES=FILE set,
+    stop between the manifest's rename and the artifact's, after creating FILE, so that a test can
+    SIGKILL the process in that window every time rather than by the luck of a timer."""
+    marker = os.environ.get(PAUSE_ENV)
+    if not marker:
+        return
+    Path(marker).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 600  # a test that never kills us must not leave us behind for ever
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+class _writing:
+    """Around a write: SIGXFSZ ignored (a size limit would kill us before Python can clean up), and an
+    OSError turned into one ArtifactError that says why."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except (ValueError, AttributeError):  # not the main thread, or no such signal here
+            self.previous = None
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if self.previous is not None:
+            signal.signal(signal.SIGXFSZ, self.previous)
+        if isinstance(exc, OSError):
+            raise _explain(exc, self.target) from None
+        return False
+
+
+def _staged(target: Path, data: bytes) -> str:
+    """``data`` in a fsynced temp file beside ``target``; its name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    except (ValueError, AttributeError):  # not the main thread, or no such signal here
-        previous = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quietly(tmp_name)
+        raise
+    return tmp_name
+
+
+def _rename_into_place(tmp_name: str, target: Path) -> None:
+    try:
         os.replace(tmp_name, target)
-        tmp_name = None
-        try:
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-        except OSError:
-            dir_fd = None
-        if dir_fd is not None:
-            try:
-                os.fsync(dir_fd)
-            except OSError:
-                pass  # some file systems cannot fsync a folder; the rename is still atomic
-            finally:
-                os.close(dir_fd)
-    except OSError as exc:
-        raise _explain(exc, target) from None
+    except BaseException:
+        _unlink_quietly(tmp_name)
+        raise
+    try:
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the rename is still atomic
     finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-        if previous is not None:
-            signal.signal(signal.SIGXFSZ, previous)
-    return target
+        os.close(dir_fd)
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
 
 
 def _umask() -> int:
@@ -185,3 +261,43 @@ def read_manifest(path: str | os.PathLike) -> dict:
 def base_manifest(kind: str) -> dict:
     return {"tool": TOOL_NAME, "schema": MANIFEST_SCHEMA, "kind": kind, "created": now_iso(),
             "versions": versions(), "machine": {"platform": platform.platform(), "processor": platform.machine()}}
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """What the manifest beside an artifact says about its bytes (``integrity``).
+
+    ``state``: "unchecked" (no manifest of ours beside it), "ok", "unreadable"
+    (a manifest is there but cannot be read, so nothing could be checked),
+    "unfinished" (the last write stopped between the manifest and the
+    artifact: the bytes are the ones the manifest says were being replaced),
+    or "mismatch" (bytes the manifest never named: modified or corrupted).
+    """
+
+    state: str
+    manifest: Path
+    detail: str = ""
+
+
+def integrity(artifact: str | os.PathLike, data: bytes) -> Integrity:
+    manifest = manifest_path_for(artifact)
+    if not manifest.exists():
+        return Integrity("unchecked", manifest)
+    try:
+        recorded = json.loads(manifest.read_bytes())
+    except OSError as exc:
+        return Integrity("unreadable", manifest, exc.strerror or str(exc))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Integrity("unreadable", manifest, f"not valid JSON: {exc}")
+    if not isinstance(recorded, dict) or recorded.get("tool") != TOOL_NAME:
+        return Integrity("unchecked", manifest)  # another tool's file that happens to share the name
+    output = recorded.get("output")
+    expected = output.get("sha256") if isinstance(output, dict) else None
+    if not isinstance(expected, str) or not expected:
+        return Integrity("unreadable", manifest, "it records no output.sha256")
+    actual = sha256_bytes(data)
+    if actual == expected:
+        return Integrity("ok", manifest)
+    if actual == output.get("replaces_sha256"):
+        return Integrity("unfinished", manifest)
+    return Integrity("mismatch", manifest)

@@ -12,7 +12,10 @@ interpreter, from the same bytes. Whatever goes wrong becomes one
 The child is ``python -I`` (isolated: no ``PYTHONPATH``, no user
 site-packages, neither the working directory nor the script's folder on
 ``sys.path``; the interpreter's own site-packages, which hold
-``ai_edge_litert``, stay) with a minimal environment (``CHILD_ENV``), in a
+``ai_edge_litert``, stay; the folder holding this package is appended after
+them, so the child opens the model with the library's own
+``pipeline.tflite.runtime.allocated``, XNNPACK fallback included) with a
+minimal environment (``CHILD_ENV``), in a
 session of its own so that a timeout kills everything it started. It sets its
 limits itself, as its first statements: a ``preexec_fn`` would run Python
 between fork and exec while TensorFlow's threads may hold locks, which Python
@@ -39,6 +42,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
+from pipeline.core.artifacts import integrity
 from pipeline.core.errors import ModelLoadError
 
 MAX_TFLITE_BYTES = 2 * 1024**3  # flatbuffers cannot address more
@@ -206,22 +210,19 @@ def check_manifest(path: str | os.PathLike, data: bytes) -> None:
 
     Bit flips in the weights leave a structurally valid flatbuffer that loads
     and runs, wrongly; only the sha256 recorded at conversion time shows it.
+    A manifest that is there but unreadable would switch that check off
+    silently, so it is an error too.
     """
-    import hashlib
-    import json
-
-    from pipeline.core.artifacts import TOOL_NAME, manifest_path_for
-
-    manifest = manifest_path_for(path)
-    if not manifest.is_file():
-        return
-    try:
-        recorded = json.loads(manifest.read_text()).get("output", {}).get("sha256")
-        tool = json.loads(manifest.read_text()).get("tool")
-    except (OSError, ValueError, AttributeError):
-        return  # an unreadable manifest says nothing about the model; validate/diff report it separately
-    if tool == TOOL_NAME and recorded and hashlib.sha256(data).hexdigest() != recorded:
-        raise ModelLoadError(f"invalid model: {path} does not match the sha256 in {manifest.name}; it was "
+    found = integrity(path, data)
+    name = found.manifest.name
+    if found.state == "unreadable":
+        raise ModelLoadError(f"cannot check the integrity of {path}: its manifest {found.manifest} is unreadable "
+                             f"({found.detail}); regenerate it (rerun convert) or remove it")
+    if found.state == "unfinished":
+        raise ModelLoadError(f"the last write of {path} did not finish: {name} names new bytes, the file still "
+                             "holds the ones they were to replace; rerun convert")
+    if found.state == "mismatch":
+        raise ModelLoadError(f"invalid model: {path} does not match the sha256 in {name}; it was "
                              "modified or corrupted after conversion")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +24,51 @@ import pytest
 from devices.bench import bench
 from devices.profile import DeviceProfile
 from pipeline.core.errors import DeviceError
+from tests.conftest import missing
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) from /proc/PID/stat, or None once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": the name may hold spaces and ")"
+    return int(fields[1]), int(fields[19])
+
+
+def _descendants(root: int) -> dict[int, tuple[int, int]]:
+    """Every live process below ``root``: pid -> (parent pid, start time); a reused pid has another start time."""
+    stats = {int(e.name): _proc_stat(int(e.name)) for e in Path("/proc").iterdir() if e.name.isdigit()}
+    children: dict[int, list[int]] = {}
+    for pid, stat in stats.items():
+        if stat is not None:
+            children.setdefault(stat[0], []).append(pid)
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = stats[pid]
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill_if_same(pid: int, started: int) -> None:
+    """SIGKILL ``pid`` only if it is still the process this test saw (not a pid reused since)."""
+    stat = _proc_stat(pid)
+    if stat is not None and stat[1] == started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _free_port() -> int:
@@ -40,8 +84,8 @@ def _keygen(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    if not Path(SSHD).exists() or not shutil.which("ssh"):
-        pytest.skip("OpenSSH server/client not installed (make system-deps installs openssh-server)")
+    if not Path(SSHD).exists() or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
+        missing("needs the OpenSSH server and client (make system-deps installs openssh-server)")
     d = tmp_path_factory.mktemp("sshd")
     key_type, host_pub = _keygen(d / "host_key")
     _keygen(d / "user_key")
@@ -69,7 +113,7 @@ LogLevel ERROR
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.skip(f"sshd did not start: {proc.stdout.read().strip()[-300:]}")
+            missing(f"sshd did not start: {proc.stdout.read().strip()[-300:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             break
@@ -81,7 +125,7 @@ LogLevel ERROR
                             identity_file=str(d / "user_key"), known_hosts=str(d / "known_hosts"),
                             python=sys.executable, threads=1, runs=5, warmup=1, workdir=str(workdir),
                             connect_timeout_s=5, command_timeout_s=120)
-    yield {"profile": profile, "dir": d, "workdir": workdir, "port": port}
+    yield {"profile": profile, "dir": d, "workdir": workdir, "port": port, "pid": proc.pid}
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -155,17 +199,27 @@ def test_device_dropping_mid_run_is_an_error_and_cleans_up(sshd, trained_tflite)
     worker = threading.Thread(target=run)
     start = time.monotonic()
     worker.start()
-    time.sleep(4)
-    main_pid = int((sshd["dir"] / "sshd.pid").read_text().split()[0]) if (sshd["dir"] / "sshd.pid").exists() else None
-    pids = subprocess.run(["pgrep", "-P", str(main_pid)] if main_pid else ["pgrep", "-f", "sshd: "],
-                          capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        os.kill(int(pid), 9)  # the device "drops": its session processes die mid-run
+    # Everything this test kills descends from the sshd it started: the session's sshd processes
+    # (children of the listener) and, below them, the runner (runner.py on its command line).
+    deadline = time.monotonic() + 60
+    below = {}
+    while time.monotonic() < deadline and worker.is_alive():
+        below = _descendants(sshd["pid"])
+        if any("runner.py" in _cmdline(pid) for pid in below):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the runner did not start under the test's sshd within 60 s: {outcome}")
+    sessions = [pid for pid, (parent, _) in below.items() if parent == sshd["pid"]]
+    assert sessions, below
+    for pid in sessions:
+        _kill_if_same(pid, below[pid][1])  # the device "drops": its session processes die mid-run
     worker.join(timeout=90)
     assert not worker.is_alive() and time.monotonic() - start < 90
     assert "error" in outcome, "a dropped device must be an error"
     assert "ssh" in outcome["error"].lower() or "connection" in outcome["error"].lower(), outcome["error"]
-    subprocess.run(["pkill", "-f", str(sshd["workdir"])], check=False)  # the orphaned runner, if any
+    for pid, (_, started) in below.items():
+        _kill_if_same(pid, started)  # the orphaned runner, if it outlived its session
     deadline = time.monotonic() + 10
     while list(sshd["workdir"].iterdir()) and time.monotonic() < deadline:
         time.sleep(0.5)

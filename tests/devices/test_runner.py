@@ -1,8 +1,8 @@
 """devices/runner.py as a real subprocess, under every interpreter it supports.
 
 The tflite-runtime 2.14 case runs in its own virtual environment holding only
-numpy<2 and tflite-runtime, created once under .cache/ and reused: that is the
-proof that the runner needs nothing else from this project or its venv.
+numpy<2 and tflite-runtime, made by `make tflite-runtime` under .cache/: that
+is the proof that the runner needs nothing else from this project or its venv.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "devices" / "runner.py"
@@ -39,20 +41,12 @@ def digit_inputs(tmp_path_factory, calibration) -> Path:
 
 @pytest.fixture(scope="session")
 def tflite_runtime_python() -> Path:
-    """Python of a venv with only numpy<2 and tflite-runtime 2.14 (from the local mirror), made once."""
+    """Python of the venv `make tflite-runtime` makes (`make test` depends on it): numpy<2 and tflite-runtime 2.14."""
     python = TFLITE_RUNTIME_VENV / "bin" / "python"
     check = [str(python), "-c", "import tflite_runtime, numpy; assert numpy.__version__ < '2'"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    base = Path("/usr/bin/python3.11") if Path("/usr/bin/python3.11").exists() else Path(sys.executable)
-    made = subprocess.run([str(base), "-m", "venv", "--clear", str(TFLITE_RUNTIME_VENV)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a venv for tflite-runtime: {made.stderr.strip()[-200:]}")
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "tflite-runtime==2.14.0", "numpy<2"],
-                         capture_output=True, text=True, timeout=600)
-    if pip.returncode != 0:
-        pytest.skip(f"tflite-runtime 2.14 is not installable here: {pip.stderr.strip()[-300:]}")
+    if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
+        missing(f"needs the tflite-runtime 2.14 venv {TFLITE_RUNTIME_VENV.relative_to(ROOT)} (make tflite-runtime "
+                "makes it)")
     return python
 
 

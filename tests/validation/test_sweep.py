@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.validation.sweep import SWEEP_MODES
-from tests.browser import CHROMIUM, chromium as _chromium
+from tests.browser import chromium as _chromium
 from tests.conftest import run_cli
 
 EVAL_LIMIT = 40
@@ -63,14 +63,14 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make system-deps installs it)")
-def test_sweep_html_renders_in_headless_chromium(sweep_run, tmp_path):
+def test_sweep_html_renders_in_headless_chromium(chromium_bin, sweep_run, tmp_path):
     out, _ = sweep_run
     text = (out / "sweep.html").read_text()
     assert "http://" not in text and "https://" not in text  # self-contained
     checked = out / "checked.html"  # beside sweep.html, so the relative report links resolve
     checked.write_text(text.replace("</body>", IMG_CHECK + "</body>"))
-    dom = _chromium("--virtual-time-budget=5000", "--dump-dom", checked.as_uri(), user_dir=tmp_path / "u")
+    dom = _chromium(chromium_bin, "--virtual-time-budget=5000", "--dump-dom", checked.as_uri(),
+                    user_dir=tmp_path / "u")
     found = re.search(r"images-decoded (\d+)/(\d+) rows (\d+)", dom.stdout)
     assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
     ok, total, rows = map(int, found.groups())

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.artifacts import sha256_file
+from pipeline.core.artifacts import manifest_path_for, sha256_file
 from pipeline.core.errors import ValidationError
 from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
 from pipeline.validation.report_html import CANDIDATE_COLOUR, REFERENCE_COLOUR
 from pipeline.validation.validate import Budgets, validate
-from tests.browser import CHROMIUM, chromium as _chromium
+from tests.browser import chromium as _chromium
 from tests.conftest import run_cli
 
 PER_CLASS = 6
@@ -173,6 +173,26 @@ def test_two_float_tflite_models_agree_and_skip_layers(tmp_path, trained_tflite,
     assert len({tuple(sorted(c)) for c in [r["per_class"]]}) == 1 and len(r["per_class"]) == 10
 
 
+def test_unreadable_manifest_beside_a_model_is_an_error(tmp_path, trained_tflite, val_subset):
+    """A truncated manifest would switch the sha256 check off without a word: one line, exit 2, the remedy."""
+    candidate = tmp_path / "m.tflite"
+    shutil.copy(trained_tflite["float"], candidate)
+    manifest = manifest_path_for(candidate)
+    manifest.write_text('{"schema": 1, "output": {"sha256": "abc')
+    args = ["xedge", "validate", trained_tflite["float"], candidate, "--data", val_subset, "--report", tmp_path / "r",
+            "--limit", "10", "--layer-samples", "0"]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: cannot check the integrity of {candidate}: its manifest {manifest} is "
+                               "unreadable (not valid JSON"), lines[0]
+    assert lines[0].endswith("; regenerate it (rerun convert) or remove it"), lines[0]
+    assert not (tmp_path / "r").exists()
+    manifest.unlink()  # the remedy the message names
+    assert run_cli(*args).returncode == 0
+
+
 def test_unlabeled_flat_folder_gives_agreement_only(tmp_path, trained_tflite, val_subset):
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -268,14 +288,14 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make system-deps installs it)")
-def test_html_report_renders_in_headless_chromium(tmp_path, damaged_report):
+def test_html_report_renders_in_headless_chromium(chromium_bin, tmp_path, damaged_report):
     page = damaged_report.paths["html"]
     text = page.read_text()
     assert "http://" not in text and "https://" not in text  # self-contained: nothing fetched
     checked = tmp_path / "checked.html"
     checked.write_text(text.replace("</body>", IMG_CHECK + "</body>"))
-    dom = _chromium("--virtual-time-budget=5000", "--dump-dom", checked.as_uri(), user_dir=tmp_path / "u1")
+    dom = _chromium(chromium_bin, "--virtual-time-budget=5000", "--dump-dom", checked.as_uri(),
+                    user_dir=tmp_path / "u1")
     found = re.search(r"images-decoded (\d+)/(\d+)", dom.stdout)
     assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
     ok, total = map(int, found.groups())
@@ -283,7 +303,8 @@ def test_html_report_renders_in_headless_chromium(tmp_path, damaged_report):
     assert total == 4 + flips and ok == total  # per-class, confidence, confusion, layers + thumbnails
 
     shot = tmp_path / "shot.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri(), user_dir=tmp_path / "u2")
+    _chromium(chromium_bin, f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri(),
+              user_dir=tmp_path / "u2")
     assert shot.exists(), "chromium wrote no screenshot"
     pixels = _png_pixels(shot).reshape(-1, 3).astype(int)
     assert pixels.std() > 20  # not a blank page
