@@ -21,11 +21,15 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bench.machine import describe, load_average
+from bench.images import write_photo_crops
+from bench.measure import run_with_peak
+from bench.timing import LiteRT, OnnxRuntime, alternate
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,11 +91,7 @@ def _tflite_predict(path: Path):
     return predict
 
 
-def main(argv=None) -> None:
-    from bench.images import write_photo_crops
-    from bench.measure import run_with_peak
-    from bench.timing import LiteRT, OnnxRuntime, alternate
-
+def _parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=299)
     ap.add_argument("--width", type=float, default=1.0)
@@ -104,7 +104,48 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+@dataclass
+class _Run:
+    """What the steps of one bench run share: options, child environment, scratch folder, model and photos."""
+
+    args: argparse.Namespace
+    env: dict
+    work: Path
+    model: Path
+    calib: Path
+    evals: Path
+    inputs: np.ndarray
+
+    @property
+    def float_tfl(self) -> Path:
+        return self.work / "float.tflite"
+
+    @property
+    def stock_tfl(self) -> Path:
+        return self.work / "stock_int8.tflite"
+
+    @property
+    def ours_tfl(self) -> Path:
+        return self.work / "ours_int8.tflite"
+
+    @property
+    def from_tfl(self) -> Path:
+        return self.work / "from_float_int8.tflite"
+
+    @property
+    def onnx_f(self) -> Path:
+        return self.work / "model.onnx"
+
+    @property
+    def onnx_q(self) -> Path:
+        return self.work / "model_qdq.onnx"
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
 
     from pipeline.core.quiet import import_tensorflow_quietly
 
@@ -116,121 +157,14 @@ def main(argv=None) -> None:
     env = _child_env(args.threads)
     results: dict = {"config": vars(args) | {"out": str(args.out)}, "machine": describe(load_at_start)}
     try:
-        model = _model(cache, args.size, args.width, args.middle_blocks)
-        calib = write_photo_crops(cache / f"calib_{args.images}", args.images, seed=1)
-        evals = write_photo_crops(cache / f"eval_{args.eval_images}", args.eval_images, seed=2)
-        from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
-
-        spec = PreprocessSpec(args.size)
-        inputs = np.stack([preprocess_file(p, spec) for p in sorted(evals.glob("*.jpg"))])
-        print(f"model {model.name}, {args.images} calibration photos, {len(inputs)} eval photos", flush=True)
-
-        # (1) conversions, alternating A/B
-        conv = {"tf_by_hand": [], "xedge_convert": [], "xedge_convert_from_tflite": []}
-        stock_tfl, ours_tfl = work / "stock_int8.tflite", work / "ours_int8.tflite"
-        # The float .tflite is to our int8 step what the ONNX export is to quantize_static: made beforehand.
-        float_tfl, from_tfl = work / "float.tflite", work / "from_float_int8.tflite"
-        f = run_with_peak([str(BIN / "convert"), str(model), "--float", "--out", str(float_tfl), "--force"],
-                          env=env, cwd=ROOT)
-        assert f["returncode"] == 0, f["stderr"][-2000:]
-        for _ in range(args.repeat):
-            a = run_with_peak([sys.executable, "-m", "bench.stock_convert", str(model), str(calib), str(stock_tfl),
-                               str(args.images)], env=env, cwd=ROOT)
-            assert a["returncode"] == 0, a["stderr"][-2000:]
-            conv["tf_by_hand"].append({"wall_s": a["wall_s"], "peak_rss_mib": a["peak_rss_mib"]})
-            print(f"  TF by hand: {a['wall_s']} s, {a['peak_rss_mib']} MiB", flush=True)
-            b = run_with_peak([str(BIN / "convert"), str(model), "--int8", "--calib", str(calib), "--calib-size",
-                               str(args.images), "--out", str(ours_tfl), "--force", "--json"], env=env, cwd=ROOT)
-            assert b["returncode"] == 0, b["stderr"][-2000:]
-            conv["xedge_convert"].append({"wall_s": b["wall_s"], "peak_rss_mib": b["peak_rss_mib"]})
-            print(f"  convert --int8: {b['wall_s']} s, {b['peak_rss_mib']} MiB", flush=True)
-            c = run_with_peak([str(BIN / "convert"), str(float_tfl), "--int8", "--calib", str(calib), "--calib-size",
-                               str(args.images), "--out", str(from_tfl), "--force", "--json"], env=env, cwd=ROOT)
-            assert c["returncode"] == 0, c["stderr"][-2000:]
-            conv["xedge_convert_from_tflite"].append({"wall_s": c["wall_s"], "peak_rss_mib": c["peak_rss_mib"]})
-            print(f"  convert float.tflite --int8: {c['wall_s']} s, {c['peak_rss_mib']} MiB", flush=True)
-        results["conversion"] = {k: {"wall_s_median": float(np.median([r["wall_s"] for r in v])),
-                                     "peak_rss_mib_max": max(r["peak_rss_mib"] for r in v), "runs": v}
-                                 for k, v in conv.items()}
-        manifest = json.loads((work / "ours_int8.manifest.json").read_text())
-        results["xedge_manifest"] = {"calibration_method": manifest["calibration"]["method"],
-                                     "optimizations": [{k: e.get(k) for k in ("name", "count", "applied",
-                                                                               "delegate_partitions", "check")}
-                                                       for e in manifest["optimizations"]],
-                                     "timing": manifest["timing"]}
-        results["same_bytes_from_tflite_and_keras"] = from_tfl.read_bytes() == ours_tfl.read_bytes()
-
-        # (3) the peer
-        peer = {}
-        onnx_f, onnx_q = work / "model.onnx", work / "model_qdq.onnx"
-        if not args.skip_peer:
-            e = run_with_peak([sys.executable, "-m", "bench.peer_onnx", "export", str(model), str(onnx_f)],
-                              env=env, cwd=ROOT)
-            assert e["returncode"] == 0, e["stderr"][-2000:]
-            q = run_with_peak([sys.executable, "-m", "bench.peer_onnx", "quantize", str(onnx_f), str(onnx_q),
-                               str(calib), str(args.images)], env=env, cwd=ROOT)
-            assert q["returncode"] == 0, q["stderr"][-2000:]
-            peer = {"export_s": json.loads(e["stdout"].strip().splitlines()[-1])["export_s"],
-                    "quantize_static_s": json.loads(q["stdout"].strip().splitlines()[-1])["quantize_s"],
-                    "quantize_wall_s": q["wall_s"], "quantize_peak_rss_mib": q["peak_rss_mib"]}
-            print(f"  ONNX Runtime quantize_static: {peer['quantize_static_s']} s", flush=True)
-        results["peer_onnxruntime"] = peer
-
-        # (2) latency, alternating
-        from pipeline.tflite.tflite_optimize import delegate_partitions
-
-        runners = {"litert_float32": LiteRT(float_tfl, args.threads), "litert_int8_stock": LiteRT(stock_tfl, args.threads),
-                   "litert_int8_xedge": LiteRT(ours_tfl, args.threads)}
-        if peer:
-            runners["ort_float32"] = OnnxRuntime(onnx_f, args.threads)
-            runners["ort_int8_qdq"] = OnnxRuntime(onnx_q, args.threads)
-        latency = alternate(runners, inputs, rounds=args.rounds)
-        for name, path in (("litert_float32", float_tfl), ("litert_int8_stock", stock_tfl),
-                           ("litert_int8_xedge", ours_tfl)):
-            latency[name]["xnnpack_partitions"] = delegate_partitions(path.read_bytes(), args.threads)
-        results["latency"] = latency
-        f32 = latency["litert_float32"]["p50_ms"]
-        results["ratios"] = {"xedge_int8_over_float32": round(latency["litert_int8_xedge"]["p50_ms"] / f32, 3),
-                             "stock_int8_over_float32": round(latency["litert_int8_stock"]["p50_ms"] / f32, 3),
-                             "xedge_convert_over_tf_by_hand": round(
-                                 results["conversion"]["xedge_convert"]["wall_s_median"]
-                                 / results["conversion"]["tf_by_hand"]["wall_s_median"], 3)}
-        if peer:
-            from_wall = results["conversion"]["xedge_convert_from_tflite"]["wall_s_median"]
-            results["ratios"]["xedge_from_tflite_wall_over_peer_quantize_wall"] = round(
-                from_wall / peer["quantize_wall_s"], 3)
-            results["ratios"]["xedge_from_tflite_wall_over_peer_quantize_static_in_process"] = round(
-                from_wall / peer["quantize_static_s"], 3)
-            results["ratios"]["xedge_convert_wall_over_peer_quantize"] = round(
-                results["conversion"]["xedge_convert"]["wall_s_median"] / peer["quantize_static_s"], 3)
-            results["ratios"]["xedge_convert_wall_over_peer_export_plus_quantize"] = round(
-                results["conversion"]["xedge_convert"]["wall_s_median"]
-                / (peer["export_s"] + peer["quantize_wall_s"]), 3)
-            results["ratios"]["ort_int8_over_float32"] = round(
-                latency["ort_int8_qdq"]["p50_ms"] / latency["ort_float32"]["p50_ms"], 3)
-        # (4) validate throughput on the 299 model (photos, agreement only: the model is untrained)
-        eval_dir = work / "eval"
-        shutil.copytree(evals, eval_dir)
-        v = run_with_peak([str(BIN / "xedge"), "validate", str(float_tfl), str(ours_tfl), "--data", str(eval_dir),
-                           "--report", str(work / "report")], env=env, cwd=ROOT)
-        report = work / "report" / "report.json"
-        timing = json.loads(report.read_text()).get("timing", {}) if report.exists() else {}
-        results["validate"] = {"wall_s": v["wall_s"], "returncode": v["returncode"],
-                               "peak_rss_mib": v["peak_rss_mib"], **timing}
-        # (5) demo end to end, then (6) fidelity on the demo's trained model: stock vs convert --int8
+        run = _prepare(args, cache, work, env)
+        _conversions(run, results)
+        peer = results["peer_onnxruntime"] = _peer(run)
+        latency = results["latency"] = _latency(run, peer)
+        results["ratios"] = _ratios(results["conversion"], latency, peer)
+        results["validate"] = _validate(run)
         if not args.skip_demo:
-            d = run_with_peak([str(BIN / "xedge"), "demo", "--out", str(work / "demo")], env=env, cwd=ROOT)
-            results["demo"] = {"wall_s": d["wall_s"], "returncode": d["returncode"]}
-            demo = work / "demo"
-            if d["returncode"] == 0:
-                stock_demo = work / "demo_stock_int8.tflite"
-                s = run_with_peak([sys.executable, "-m", "bench.stock_convert", str(demo / "run" / "model.keras"),
-                                   str(demo / "data" / "samples"), str(stock_demo), "100"], env=env, cwd=ROOT)
-                assert s["returncode"] == 0, s["stderr"][-2000:]
-                results["fidelity_trained_digits"] = _fidelity(
-                    demo / "run" / "model.keras", demo / "data" / "val",
-                    {"litert_int8_stock": _tflite_predict(stock_demo),
-                     "litert_int8_xedge": _tflite_predict(demo / "model_int8.tflite")})
+            _demo_and_fidelity(run, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -239,6 +173,138 @@ def main(argv=None) -> None:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     _print_table(results)
     print(f"wrote {args.out}")
+
+
+def _checked(cmd: list[str], env: dict) -> dict:
+    """``cmd`` run and measured; a failed step stops the bench with the end of its stderr."""
+    result = run_with_peak(cmd, env=env, cwd=ROOT)
+    assert result["returncode"] == 0, result["stderr"][-2000:]
+    return result
+
+
+def _prepare(args, cache: Path, work: Path, env: dict) -> _Run:
+    """The model (cached), the calibration and evaluation photos, and the evaluation inputs."""
+    model = _model(cache, args.size, args.width, args.middle_blocks)
+    calib = write_photo_crops(cache / f"calib_{args.images}", args.images, seed=1)
+    evals = write_photo_crops(cache / f"eval_{args.eval_images}", args.eval_images, seed=2)
+    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
+
+    spec = PreprocessSpec(args.size)
+    inputs = np.stack([preprocess_file(p, spec) for p in sorted(evals.glob("*.jpg"))])
+    print(f"model {model.name}, {args.images} calibration photos, {len(inputs)} eval photos", flush=True)
+    return _Run(args, env, work, model, calib, evals, inputs)
+
+
+def _conversions(run: _Run, results: dict) -> None:
+    """(1) int8 conversions, alternating A/B: TF by hand, ``convert --int8`` from Keras and from float .tflite."""
+    args, model, calib = run.args, run.model, run.calib
+    # The float .tflite is to our int8 step what the ONNX export is to quantize_static: made beforehand.
+    _checked([str(BIN / "convert"), str(model), "--float", "--out", str(run.float_tfl), "--force"], run.env)
+    methods = (
+        ("tf_by_hand", "TF by hand",
+         [sys.executable, "-m", "bench.stock_convert", str(model), str(calib), str(run.stock_tfl), str(args.images)]),
+        ("xedge_convert", "convert --int8",
+         [str(BIN / "convert"), str(model), "--int8", "--calib", str(calib), "--calib-size", str(args.images),
+          "--out", str(run.ours_tfl), "--force", "--json"]),
+        ("xedge_convert_from_tflite", "convert float.tflite --int8",
+         [str(BIN / "convert"), str(run.float_tfl), "--int8", "--calib", str(calib), "--calib-size", str(args.images),
+          "--out", str(run.from_tfl), "--force", "--json"]),
+    )
+    conv: dict = {key: [] for key, _, _ in methods}
+    for _ in range(args.repeat):
+        for key, label, cmd in methods:
+            r = _checked(cmd, run.env)
+            conv[key].append({"wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"]})
+            print(f"  {label}: {r['wall_s']} s, {r['peak_rss_mib']} MiB", flush=True)
+    results["conversion"] = {k: {"wall_s_median": float(np.median([r["wall_s"] for r in v])),
+                                 "peak_rss_mib_max": max(r["peak_rss_mib"] for r in v), "runs": v}
+                             for k, v in conv.items()}
+    manifest = json.loads((run.work / "ours_int8.manifest.json").read_text())
+    results["xedge_manifest"] = {"calibration_method": manifest["calibration"]["method"],
+                                 "optimizations": [{k: e.get(k) for k in ("name", "count", "applied",
+                                                                           "delegate_partitions", "check")}
+                                                   for e in manifest["optimizations"]],
+                                 "timing": manifest["timing"]}
+    results["same_bytes_from_tflite_and_keras"] = run.from_tfl.read_bytes() == run.ours_tfl.read_bytes()
+
+
+def _peer(run: _Run) -> dict:
+    """(3) the peer: ONNX export, then ONNX Runtime's quantize_static on the same photos ({} when skipped)."""
+    if run.args.skip_peer:
+        return {}
+    e = _checked([sys.executable, "-m", "bench.peer_onnx", "export", str(run.model), str(run.onnx_f)], run.env)
+    q = _checked([sys.executable, "-m", "bench.peer_onnx", "quantize", str(run.onnx_f), str(run.onnx_q),
+                  str(run.calib), str(run.args.images)], run.env)
+    peer = {"export_s": json.loads(e["stdout"].strip().splitlines()[-1])["export_s"],
+            "quantize_static_s": json.loads(q["stdout"].strip().splitlines()[-1])["quantize_s"],
+            "quantize_wall_s": q["wall_s"], "quantize_peak_rss_mib": q["peak_rss_mib"]}
+    print(f"  ONNX Runtime quantize_static: {peer['quantize_static_s']} s", flush=True)
+    return peer
+
+
+def _latency(run: _Run, peer: dict) -> dict:
+    """(2) p50 latency of every model, alternating, with the XNNPACK partitions of the LiteRT ones."""
+    from pipeline.tflite.tflite_optimize import delegate_partitions
+
+    threads = run.args.threads
+    litert = {"litert_float32": run.float_tfl, "litert_int8_stock": run.stock_tfl, "litert_int8_xedge": run.ours_tfl}
+    runners = {name: LiteRT(path, threads) for name, path in litert.items()}
+    if peer:
+        runners["ort_float32"] = OnnxRuntime(run.onnx_f, threads)
+        runners["ort_int8_qdq"] = OnnxRuntime(run.onnx_q, threads)
+    latency = alternate(runners, run.inputs, rounds=run.args.rounds)
+    for name, path in litert.items():
+        latency[name]["xnnpack_partitions"] = delegate_partitions(path.read_bytes(), threads)
+    return latency
+
+
+def _ratios(conversion: dict, latency: dict, peer: dict) -> dict:
+    """The headline ratios: int8 over float32 latency, our conversion time over the others'."""
+    f32 = latency["litert_float32"]["p50_ms"]
+    ratios = {"xedge_int8_over_float32": round(latency["litert_int8_xedge"]["p50_ms"] / f32, 3),
+              "stock_int8_over_float32": round(latency["litert_int8_stock"]["p50_ms"] / f32, 3),
+              "xedge_convert_over_tf_by_hand": round(
+                  conversion["xedge_convert"]["wall_s_median"] / conversion["tf_by_hand"]["wall_s_median"], 3)}
+    if peer:
+        from_wall = conversion["xedge_convert_from_tflite"]["wall_s_median"]
+        ratios["xedge_from_tflite_wall_over_peer_quantize_wall"] = round(from_wall / peer["quantize_wall_s"], 3)
+        ratios["xedge_from_tflite_wall_over_peer_quantize_static_in_process"] = round(
+            from_wall / peer["quantize_static_s"], 3)
+        ratios["xedge_convert_wall_over_peer_quantize"] = round(
+            conversion["xedge_convert"]["wall_s_median"] / peer["quantize_static_s"], 3)
+        ratios["xedge_convert_wall_over_peer_export_plus_quantize"] = round(
+            conversion["xedge_convert"]["wall_s_median"] / (peer["export_s"] + peer["quantize_wall_s"]), 3)
+        ratios["ort_int8_over_float32"] = round(latency["ort_int8_qdq"]["p50_ms"] / latency["ort_float32"]["p50_ms"], 3)
+    return ratios
+
+
+def _validate(run: _Run) -> dict:
+    """(4) ``xedge validate`` throughput on the bench model (photos, agreement only: the model is untrained)."""
+    work = run.work
+    eval_dir = work / "eval"
+    shutil.copytree(run.evals, eval_dir)
+    v = run_with_peak([str(BIN / "xedge"), "validate", str(run.float_tfl), str(run.ours_tfl), "--data", str(eval_dir),
+                       "--report", str(work / "report")], env=run.env, cwd=ROOT)
+    report = work / "report" / "report.json"
+    timing = json.loads(report.read_text()).get("timing", {}) if report.exists() else {}
+    return {"wall_s": v["wall_s"], "returncode": v["returncode"], "peak_rss_mib": v["peak_rss_mib"], **timing}
+
+
+def _demo_and_fidelity(run: _Run, results: dict) -> None:
+    """(5) ``xedge demo`` end to end, then (6) fidelity on its trained model: stock int8 vs ``convert --int8``."""
+    work = run.work
+    d = run_with_peak([str(BIN / "xedge"), "demo", "--out", str(work / "demo")], env=run.env, cwd=ROOT)
+    results["demo"] = {"wall_s": d["wall_s"], "returncode": d["returncode"]}
+    demo = work / "demo"
+    if d["returncode"] != 0:
+        return
+    stock_demo = work / "demo_stock_int8.tflite"
+    _checked([sys.executable, "-m", "bench.stock_convert", str(demo / "run" / "model.keras"),
+              str(demo / "data" / "samples"), str(stock_demo), "100"], run.env)
+    results["fidelity_trained_digits"] = _fidelity(
+        demo / "run" / "model.keras", demo / "data" / "val",
+        {"litert_int8_stock": _tflite_predict(stock_demo),
+         "litert_int8_xedge": _tflite_predict(demo / "model_int8.tflite")})
 
 
 def _print_table(r: dict) -> None:

@@ -20,6 +20,11 @@ import time
 from pathlib import Path
 
 from bench.machine import describe, load_average
+from pipeline.core import artifacts
+from pipeline.core.preprocessing import PreprocessSpec
+from pipeline.model import tfdata
+from pipeline.model.loop import Steps
+from pipeline.model.train import TrainConfig, build_model, make_optimizer, select_devices
 
 
 def _gpu_memory() -> dict | None:
@@ -32,61 +37,69 @@ def _gpu_memory() -> dict | None:
 
 
 def measure(args) -> dict:
-    import numpy as np
-    import tensorflow as tf
-
-    from pipeline.core import artifacts
-
-    from pipeline.model import tfdata
-    from pipeline.model.loop import Steps
-    from pipeline.core.preprocessing import PreprocessSpec
-    from pipeline.model.train import TrainConfig, build_model, make_optimizer, select_devices
-
     load_at_start = load_average()
     cfg = TrainConfig(input_size=args.input_size, width=args.width, middle_blocks=args.middle_blocks,
                       mixed_precision=args.mixed_precision, xla=args.xla, optimizer=args.optimizer)
     devices = select_devices(cfg)
-    rng = np.random.default_rng(0)
-    pool = args.pool
-    images = tfdata.Images(rng.integers(0, args.classes, pool), PreprocessSpec(size=args.input_size),
-                           pixels=rng.integers(0, 256, (pool, args.input_size, args.input_size, 3), dtype=np.uint8))
+    images = _synthetic_images(args)
     results = []
     for per_replica in args.batch_sizes:
-        global_batch = per_replica * devices.replicas
-        with devices.strategy.scope():
-            model = build_model(cfg, args.classes, devices.mixed_policy)
-            optimizer = make_optimizer(cfg, 100, global_batch)
-            optimizer.build(model.trainable_variables)
-        loop = Steps(model, optimizer, devices.strategy, global_batch, devices.xla)
-        ds = tfdata.train_dataset(images, epoch=0, seed=0, steps=args.warmup + args.steps, batch=global_batch,
-                                  augment=tfdata.Augment(enabled=not args.no_augment))
-        if tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.reset_memory_stats("GPU:0")
-        row = {"batch_per_replica": per_replica, "global_batch": global_batch}
-        try:
-            iterator = iter(loop.distribute(ds))
-            t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                float(loop.train_step(iterator)[0])
-            row["warmup_s"] = round(time.perf_counter() - t0, 2)  # tracing and XLA compilation
-            t0 = time.perf_counter()
-            total = 0.0
-            for _ in range(args.steps):
-                total = total + loop.train_step(iterator)[0]
-            float(total)  # waits for the last step
-            seconds = time.perf_counter() - t0
-            row.update({"steps": args.steps, "seconds": round(seconds, 3),
-                        "images_per_s": round(args.steps * global_batch / seconds, 1), "gpu_memory": _gpu_memory()})
-        except tf.errors.ResourceExhaustedError:
-            row["error"] = "out of memory"
+        row = _measure_batch(args, cfg, devices, images, per_replica)
         mem = (row.get("gpu_memory") or {}).get("peak_gib")
-        print(f"batch {per_replica} per replica ({global_batch} global): "
+        print(f"batch {per_replica} per replica ({row['global_batch']} global): "
               f"{row.get('images_per_s', row.get('error'))} images/s, peak GPU memory {mem} GiB, "
               f"warm-up {row.get('warmup_s')} s", file=sys.stderr, flush=True)
         results.append(row)
-        del loop, model, optimizer
         if "error" in row:
             break
+    return _report(args, devices, results, load_at_start)
+
+
+def _synthetic_images(args) -> tfdata.Images:
+    """``args.pool`` random uint8 images with random labels, held in memory (no decoding in the measured steps)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pool = args.pool
+    return tfdata.Images(rng.integers(0, args.classes, pool), PreprocessSpec(size=args.input_size),
+                         pixels=rng.integers(0, 256, (pool, args.input_size, args.input_size, 3), dtype=np.uint8))
+
+
+def _measure_batch(args, cfg, devices, images, per_replica: int) -> dict:
+    """One batch size: a fresh model, warm-up steps (tracing, XLA), then the timed steps; or out of memory."""
+    import tensorflow as tf
+
+    global_batch = per_replica * devices.replicas
+    with devices.strategy.scope():
+        model = build_model(cfg, args.classes, devices.mixed_policy)
+        optimizer = make_optimizer(cfg, 100, global_batch)
+        optimizer.build(model.trainable_variables)
+    loop = Steps(model, optimizer, devices.strategy, global_batch, devices.xla)
+    ds = tfdata.train_dataset(images, epoch=0, seed=0, steps=args.warmup + args.steps, batch=global_batch,
+                              augment=tfdata.Augment(enabled=not args.no_augment))
+    if tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.reset_memory_stats("GPU:0")
+    row = {"batch_per_replica": per_replica, "global_batch": global_batch}
+    try:
+        iterator = iter(loop.distribute(ds))
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            float(loop.train_step(iterator)[0])
+        row["warmup_s"] = round(time.perf_counter() - t0, 2)  # tracing and XLA compilation
+        t0 = time.perf_counter()
+        total = 0.0
+        for _ in range(args.steps):
+            total = total + loop.train_step(iterator)[0]
+        float(total)  # waits for the last step
+        seconds = time.perf_counter() - t0
+        row.update({"steps": args.steps, "seconds": round(seconds, 3),
+                    "images_per_s": round(args.steps * global_batch / seconds, 1), "gpu_memory": _gpu_memory()})
+    except tf.errors.ResourceExhaustedError:
+        row["error"] = "out of memory"
+    return row
+
+
+def _report(args, devices, results: list[dict], load_at_start) -> dict:
     return {"bench": "train_throughput", "created": artifacts.now_iso(), "versions": artifacts.versions(),
             "machine": describe(load_at_start),
             "command": " ".join(["python -m bench.train_throughput", *sys.argv[1:]]),

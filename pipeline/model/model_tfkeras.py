@@ -57,7 +57,6 @@ def _activation(cfg: dict):
 def translate(model):
     """A tf_keras functional model with the same computation and (split) weights as the Keras 3 ``model``."""
     import tf_keras
-    from tf_keras import layers
 
     config = model.get_config()
     tensors: dict[str, object] = {}
@@ -71,42 +70,7 @@ def translate(model):
             tensors[name] = tf_keras.Input(shape=tuple(cfg["batch_shape"][1:]), name=name)
             continue
         args = [tensors[n] for n in _inputs_of(entry)]
-        x = args if cls == "Add" else args[0]
-        conv = dict(kernel_size=cfg.get("kernel_size"), strides=cfg.get("strides"), padding=cfg.get("padding"))
-        if cls == "Conv2D":
-            layer = layers.Conv2D(cfg["filters"], **conv, use_bias=cfg["use_bias"], activation=_activation(cfg),
-                                  dilation_rate=cfg["dilation_rate"], name=name)
-            copies.append((name, layer, None))
-        elif cls == "SeparableConv2D":
-            depthwise = layers.DepthwiseConv2D(**conv, depth_multiplier=cfg["depth_multiplier"], use_bias=False,
-                                               dilation_rate=cfg["dilation_rate"], name=f"{name}_depthwise")
-            x = depthwise(x)
-            copies.append((name, depthwise, [0]))
-            layer = layers.Conv2D(cfg["filters"], 1, use_bias=cfg["use_bias"], activation=_activation(cfg), name=name)
-            copies.append((name, layer, [1, 2] if cfg["use_bias"] else [1]))
-        elif cls == "DepthwiseConv2D":
-            layer = layers.DepthwiseConv2D(**conv, depth_multiplier=cfg["depth_multiplier"], use_bias=cfg["use_bias"],
-                                           activation=_activation(cfg), name=name)
-            copies.append((name, layer, None))
-        elif cls == "BatchNormalization":
-            layer = layers.BatchNormalization(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
-                                              center=cfg["center"], scale=cfg["scale"], name=name)
-            copies.append((name, layer, None))
-        elif cls == "Activation":
-            layer = layers.Activation(_activation(cfg), name=name)
-        elif cls == "ReLU":
-            layer = layers.ReLU(max_value=cfg.get("max_value"), name=name)
-        elif cls in ("MaxPooling2D", "AveragePooling2D"):
-            layer = getattr(layers, cls)(pool_size=cfg["pool_size"], strides=cfg["strides"], padding=cfg["padding"],
-                                         name=name)
-        elif cls == "Add":
-            layer = layers.Add(name=name)
-        elif cls == "GlobalAveragePooling2D":
-            layer = layers.GlobalAveragePooling2D(keepdims=cfg.get("keepdims", False), name=name)
-        else:  # Dense
-            layer = layers.Dense(cfg["units"], activation=_activation(cfg), use_bias=cfg["use_bias"], name=name)
-            copies.append((name, layer, None))
-        tensors[name] = layer(x)
+        tensors[name] = _apply_twin(cls, cfg, name, args if cls == "Add" else args[0], copies)
     inputs = [tensors[n] for n in _endpoints(config["input_layers"])]
     outputs = [tensors[n] for n in _endpoints(config["output_layers"])]
     twin = tf_keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs[0] if len(outputs) == 1 else outputs,
@@ -115,3 +79,44 @@ def translate(model):
         weights = model.get_layer(source_name).get_weights()
         layer.set_weights(weights if indices is None else [weights[i] for i in indices])
     return twin
+
+
+def _apply_twin(cls: str, cfg: dict, name: str, x, copies: list):
+    """The tf_keras twin of one Keras 3 layer applied to ``x``; layers with weights are added to ``copies``."""
+    from tf_keras import layers
+
+    conv = dict(kernel_size=cfg.get("kernel_size"), strides=cfg.get("strides"), padding=cfg.get("padding"))
+    if cls == "Conv2D":
+        layer = layers.Conv2D(cfg["filters"], **conv, use_bias=cfg["use_bias"], activation=_activation(cfg),
+                              dilation_rate=cfg["dilation_rate"], name=name)
+        copies.append((name, layer, None))
+    elif cls == "SeparableConv2D":
+        depthwise = layers.DepthwiseConv2D(**conv, depth_multiplier=cfg["depth_multiplier"], use_bias=False,
+                                           dilation_rate=cfg["dilation_rate"], name=f"{name}_depthwise")
+        x = depthwise(x)
+        copies.append((name, depthwise, [0]))
+        layer = layers.Conv2D(cfg["filters"], 1, use_bias=cfg["use_bias"], activation=_activation(cfg), name=name)
+        copies.append((name, layer, [1, 2] if cfg["use_bias"] else [1]))
+    elif cls == "DepthwiseConv2D":
+        layer = layers.DepthwiseConv2D(**conv, depth_multiplier=cfg["depth_multiplier"], use_bias=cfg["use_bias"],
+                                       activation=_activation(cfg), name=name)
+        copies.append((name, layer, None))
+    elif cls == "BatchNormalization":
+        layer = layers.BatchNormalization(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
+                                          center=cfg["center"], scale=cfg["scale"], name=name)
+        copies.append((name, layer, None))
+    elif cls == "Activation":
+        layer = layers.Activation(_activation(cfg), name=name)
+    elif cls == "ReLU":
+        layer = layers.ReLU(max_value=cfg.get("max_value"), name=name)
+    elif cls in ("MaxPooling2D", "AveragePooling2D"):
+        layer = getattr(layers, cls)(pool_size=cfg["pool_size"], strides=cfg["strides"], padding=cfg["padding"],
+                                     name=name)
+    elif cls == "Add":
+        layer = layers.Add(name=name)
+    elif cls == "GlobalAveragePooling2D":
+        layer = layers.GlobalAveragePooling2D(keepdims=cfg.get("keepdims", False), name=name)
+    else:  # Dense
+        layer = layers.Dense(cfg["units"], activation=_activation(cfg), use_bias=cfg["use_bias"], name=name)
+        copies.append((name, layer, None))
+    return layer(x)

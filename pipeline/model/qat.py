@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from pipeline.core import artifacts
 from pipeline.core.errors import TrainingError
 from pipeline.model.tfmot_import import import_tfmot
-from pipeline.model.train import BatchHook, EpochHook, TrainResult, link_latest, prepare_data, mean_throughput
+from pipeline.model.train import BatchHook, EpochHook, TrainResult, link_latest, read_labels, prepare_data, mean_throughput
 
 QAT_MODEL = "model.h5"
 
@@ -66,33 +66,55 @@ def quantize_aware(model):
 def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=None,
         on_epoch: EpochHook | None = None, on_batch: BatchHook | None = None, trust_code: bool = False) -> TrainResult:
     """Fine-tune ``model_path`` quantization-aware on ``data_dir``; write a run folder like ``train``."""
-    import tensorflow as tf
     import tf_keras
 
-    from pipeline.model import tfdata
+    out = Path(out_dir)
+    source = _keras3_source(model_path, out)
+    tf_keras.utils.set_random_seed(cfg.seed)
+    prep = SimpleNamespace(input_size=source.input_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, prep)
+    _check_classes(model_path, data_dir, classes, source.classes)
+
+    model = quantize_aware(source.model)
+    history = _fine_tune(model, cfg, train_images, val_images, on_epoch, on_batch)
+    model_path_out = _save_model(model, out)
+    artifacts.atomic_write_json(out / "labels.json", {"classes": classes})
+    manifest = _manifest(model, model_path, model_path_out, cfg, spec, classes, data, history)
+    artifacts.atomic_write_json(out / "manifest.json", manifest)
+    link_latest(out)
+    return TrainResult(out, model_path_out, classes, history, history[-1]["val_accuracy"], manifest)
+
+
+def _keras3_source(model_path, out: Path):
+    """The float model to fine-tune, refused before any work when ``out`` holds a run or it is not Keras 3."""
     from pipeline.model.modelio import load_source
 
-    out = Path(out_dir)
     if (out / QAT_MODEL).exists() or (out / "manifest.json").exists():
         raise TrainingError(f"{out} already holds a run; choose another --out")
     source = load_source(model_path, trust_code=trust_code)
     if source.kind != "keras3":
         raise TrainingError(f"{model_path} is a {source.kind} model; QAT takes a Keras 3 model.keras from "
                             "xedge train")
-    tf_keras.utils.set_random_seed(cfg.seed)
-    prep = SimpleNamespace(input_size=source.input_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, prep)
-    if len(classes) != source.classes:
-        raise TrainingError(f"{data_dir} has {len(classes)} classes but the model predicts {source.classes}")
+    return source
+
+
+def _check_classes(model_path, data_dir, classes: list[str], model_classes: int) -> None:
+    """The data's classes must be the model's: as many, and in the order of its labels.json when one is beside it."""
+    if len(classes) != model_classes:
+        raise TrainingError(f"{data_dir} has {len(classes)} classes but the model predicts {model_classes}")
     labels_beside = Path(model_path).parent / "labels.json"
-    if labels_beside.is_file():
-        from pipeline.model.train import read_labels
+    if labels_beside.is_file() and read_labels(labels_beside) != classes:
+        raise TrainingError(f"the class folders of {data_dir} differ from {labels_beside}; QAT must see the "
+                            "classes the model was trained on, in the same order")
 
-        if read_labels(labels_beside) != classes:
-            raise TrainingError(f"the class folders of {data_dir} differ from {labels_beside}; QAT must see the "
-                                "classes the model was trained on, in the same order")
 
-    model = quantize_aware(source.model)
+def _fine_tune(model, cfg: QatConfig, train_images, val_images, on_epoch: EpochHook | None,
+               on_batch: BatchHook | None) -> list[dict]:
+    """Compile and fit ``model`` one epoch at a time, evaluating after each; the history rows."""
+    import tf_keras
+
+    from pipeline.model import tfdata
+
     steps = max(1, -(-len(train_images) // cfg.batch_size))
     lr = (cfg.lr or 1e-4) * cfg.batch_size / 32
     model.compile(optimizer=tf_keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
@@ -123,13 +145,23 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
         history.append(row)
         if on_epoch:
             on_epoch(epoch + 1, row)
+    return history
 
+
+def _save_model(model, out: Path) -> Path:
+    """Write ``model.h5`` atomically (see the module docstring for why .h5)."""
     out.mkdir(parents=True, exist_ok=True)
     model_path_out = out / QAT_MODEL
     tmp = out / f".model.{os.getpid()}.tmp.h5"
     model.save(tmp, include_optimizer=False)
     os.replace(tmp, model_path_out)
-    artifacts.atomic_write_json(out / "labels.json", {"classes": classes})
+    return model_path_out
+
+
+def _manifest(model, model_path, model_path_out: Path, cfg: QatConfig, spec, classes, data, history) -> dict:
+    """The run's manifest: settings, data, source, quantization scheme, history and the saved model."""
+    import tensorflow as tf
+
     manifest = artifacts.base_manifest("qat-run")
     manifest.update({
         "config": cfg.to_dict(), "preprocessing": spec.describe(), "classes": classes, "data": data,
@@ -142,6 +174,4 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
         "model": {"path": QAT_MODEL, "sha256": artifacts.sha256_file(model_path_out),
                   "parameters": int(model.count_params())},
     })
-    artifacts.atomic_write_json(out / "manifest.json", manifest)
-    link_latest(out)
-    return TrainResult(out, model_path_out, classes, history, history[-1]["val_accuracy"], manifest)
+    return manifest

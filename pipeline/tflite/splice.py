@@ -104,15 +104,23 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
     """
     from tensorflow.lite.tools import flatbuffer_utils
 
-    schema = _schema()
-    types = {code: name.lower() for code, name in flatbuffers.type_names().items()}
     layers = list(dict.fromkeys(str(layer) for layer in layers))
     host = _Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(host_bytes)))
     donor = _Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(donor_bytes)))
-    model, graph = host.model, host.graph
+    edit = _Splice(host, donor, _match_layers(host, donor, layers))
+    edit.add_donor_ops()
+    edit.write_back_outputs()
+    edit.reorder()
+    if record is not None:
+        record.update({"method": "splice", "layers": layers,
+                       "donor": _donor_kind(donor, edit.donor_ops, edit.types),
+                       "ops": len(edit.donor_ops), "conversion_ops": dict(sorted(edit.conversions.items()))})
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(host.model))
 
-    # Match each layer's ops, in graph order, by their output tensor names.
-    pairs: list[tuple[int, int]] = []  # (host op, donor op)
+
+def _match_layers(host: _Graph, donor: _Graph, layers: list[str]) -> list[tuple[int, int]]:
+    """(host op, donor op) pairs for ``layers``, matched in graph order by their output tensor names."""
+    pairs: list[tuple[int, int]] = []
     for layer in layers:
         h_ops, d_ops = host.ops_of(layer), donor.ops_of(layer)
         if not h_ops:
@@ -127,50 +135,79 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
                                   f"against {', '.join(host.op_names[i] for i in h_ops)}); not converted from the "
                                   "same source?")
         pairs.extend(zip(h_ops, d_ops))
-    replaced = {h for h, _ in pairs}
-    donor_ops = {d for _, d in pairs}
-    rank = {d: float(h) for h, d in pairs}
+    return pairs
 
-    opcode_cache: dict[tuple, int] = {}
 
-    def opcode(builtin: int, version: int, custom=None) -> int:
+class _Splice:
+    """The host model under edit: the donor ops being added, the tensors, buffers and opcodes they need.
+
+    Ops are collected with a rank (the host position they replace, plus a
+    fraction for conversions) and put in order once, by ``reorder``.
+    """
+
+    def __init__(self, host: _Graph, donor: _Graph, pairs: list[tuple[int, int]]):
+        self.schema = _schema()
+        self.types = {code: name.lower() for code, name in flatbuffers.type_names().items()}
+        self.host, self.donor = host, donor
+        self.model, self.graph = host.model, host.graph
+        self.replaced = {h for h, _ in pairs}
+        self.donor_ops = {d for _, d in pairs}
+        self.rank = {d: float(h) for h, d in pairs}
+        self.opcode_cache: dict[tuple, int] = {}
+        self.new_ops: list[tuple[float, object]] = []
+        self.conversions: dict[str, int] = {}
+        self.mapped: dict[int, int] = {}  # donor tensor -> host tensor
+        self.buffer_map: dict[int, int] = {}  # donor buffer -> host buffer
+        self.donor_inputs = set(_ints(donor.graph.inputs))
+        self.empty_buffer = self._empty_buffer()
+        # Host activations by name: where the spliced ops read from and write back to.
+        graph_inputs = set(_ints(self.graph.inputs))
+        self.host_activation = {host.name(t): t for t in range(len(self.graph.tensors))
+                                if (t in host.producer and host.producer[t] not in self.replaced) or t in graph_inputs}
+        self.host_written = {host.name(t): t for t in range(len(self.graph.tensors))
+                             if t in host.producer and host.producer[t] in self.replaced}
+
+    def _empty_buffer(self) -> int:
+        """A buffer with no data, for the new activation tensors (the host's own, or one added)."""
+        empty = next((i for i, b in enumerate(self.model.buffers) if b.data is None or not len(b.data)), None)
+        if empty is None:
+            self.model.buffers.append(self.schema.BufferT())
+            empty = len(self.model.buffers) - 1
+        return empty
+
+    def opcode(self, builtin: int, version: int, custom=None) -> int:
+        """The host's operator code index for this op kind, added to the host when it has none."""
         key = (builtin, version, _text(custom) if custom else None)
-        if key not in opcode_cache:
-            for i, code in enumerate(model.operatorCodes):
+        if key not in self.opcode_cache:
+            for i, code in enumerate(self.model.operatorCodes):
                 if (flatbuffers.builtin_code(code), int(code.version),
                         _text(code.customCode) if code.customCode else None) == key:
-                    opcode_cache[key] = i
+                    self.opcode_cache[key] = i
                     break
             else:
-                code = schema.OperatorCodeT()
+                code = self.schema.OperatorCodeT()
                 code.builtinCode, code.deprecatedBuiltinCode = builtin, min(builtin, 127)
                 code.version, code.customCode = version, custom
-                model.operatorCodes.append(code)
-                opcode_cache[key] = len(model.operatorCodes) - 1
-        return opcode_cache[key]
+                self.model.operatorCodes.append(code)
+                self.opcode_cache[key] = len(self.model.operatorCodes) - 1
+        return self.opcode_cache[key]
 
-    empty_buffer = next((i for i, b in enumerate(model.buffers) if b.data is None or not len(b.data)), None)
-    if empty_buffer is None:
-        model.buffers.append(schema.BufferT())
-        empty_buffer = len(model.buffers) - 1
+    def add_tensor(self, tensor) -> int:
+        self.graph.tensors.append(tensor)
+        return len(self.graph.tensors) - 1
 
-    def add_tensor(tensor) -> int:
-        graph.tensors.append(tensor)
-        return len(graph.tensors) - 1
-
-    def activation_like(template, name: str, as_float: bool = False) -> int:
+    def activation_like(self, template, name: str, as_float: bool = False) -> int:
         """A new activation tensor shaped like ``template``, of its type and quantization or plain float32."""
         tensor = copy.deepcopy(template)
-        tensor.name, tensor.buffer = name, empty_buffer
+        tensor.name, tensor.buffer = name, self.empty_buffer
         if as_float:
-            tensor.type, tensor.quantization = schema.TensorType.FLOAT32, None
-        return add_tensor(tensor)
+            tensor.type, tensor.quantization = self.schema.TensorType.FLOAT32, None
+        return self.add_tensor(tensor)
 
-    new_ops: list[tuple[float, object]] = []
-    conversions: dict[str, int] = {}
-
-    def convert_op(kind: str, src: int, dst: int, at: float) -> None:
-        src_type, dst_type = graph.tensors[src].type, graph.tensors[dst].type
+    def convert_op(self, kind: str, src: int, dst: int, at: float) -> None:
+        """Add a QUANTIZE or DEQUANTIZE op from ``src`` to ``dst`` at rank ``at``, and count it."""
+        schema = self.schema
+        src_type, dst_type = self.graph.tensors[src].type, self.graph.tensors[dst].type
         if kind == "DEQUANTIZE":
             version = {schema.TensorType.INT8: 2, schema.TensorType.INT16: 3}.get(src_type, 1)
             options_type, options = schema.BuiltinOptions.DequantizeOptions, schema.DequantizeOptionsT()
@@ -178,124 +215,115 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
             version = 2 if dst_type == schema.TensorType.INT16 else 1
             options_type, options = schema.BuiltinOptions.QuantizeOptions, schema.QuantizeOptionsT()
         op = schema.OperatorT()
-        op.opcodeIndex = opcode(getattr(schema.BuiltinOperator, kind), version)
+        op.opcodeIndex = self.opcode(getattr(schema.BuiltinOperator, kind), version)
         op.inputs, op.outputs = [src], [dst]
         op.builtinOptionsType, op.builtinOptions = options_type, options
-        new_ops.append((at, op))
-        conversions[kind] = conversions.get(kind, 0) + 1
+        self.new_ops.append((at, op))
+        self.conversions[kind] = self.conversions.get(kind, 0) + 1
 
-    float32, int16 = schema.TensorType.FLOAT32, schema.TensorType.INT16
-
-    def same(a, b) -> bool:
+    def same(self, a, b) -> bool:
         """Tensors one op can read in place of the other: same type and, if quantized, same parameters."""
-        return a.type == b.type and (a.type == float32 or _qparams(a) == _qparams(b))
+        return a.type == b.type and (a.type == self.schema.TensorType.FLOAT32 or _qparams(a) == _qparams(b))
 
-    def bridge(src: int, dst: int, at: float, step: float) -> None:
+    def bridge(self, src: int, dst: int, at: float, step: float) -> None:
         """Ops that turn tensor ``src`` into tensor ``dst`` (both in the host, not ``same``), at rank ``at``."""
-        a, b = graph.tensors[src], graph.tensors[dst]
+        float32, int16 = self.schema.TensorType.FLOAT32, self.schema.TensorType.INT16
+        a, b = self.graph.tensors[src], self.graph.tensors[dst]
         if a.type == float32:
-            convert_op("QUANTIZE", src, dst, at)
+            self.convert_op("QUANTIZE", src, dst, at)
         elif b.type == float32:
-            convert_op("DEQUANTIZE", src, dst, at)
+            self.convert_op("DEQUANTIZE", src, dst, at)
         elif b.type == int16 and a.type != int16:  # no int8 -> int16 requantize in LiteRT: through float
-            middle = activation_like(a, f"{_text(a.name)}_float32", as_float=True)
-            convert_op("DEQUANTIZE", src, middle, at)
-            convert_op("QUANTIZE", middle, dst, at + step / 2)
+            middle = self.activation_like(a, f"{_text(a.name)}_float32", as_float=True)
+            self.convert_op("DEQUANTIZE", src, middle, at)
+            self.convert_op("QUANTIZE", middle, dst, at + step / 2)
         else:  # int16 -> int8, or a requantize within one type
-            convert_op("QUANTIZE", src, dst, at)
+            self.convert_op("QUANTIZE", src, dst, at)
 
-    # Host activations by name: where the spliced ops read from and write back to.
-    graph_inputs = set(_ints(graph.inputs))
-    host_activation = {host.name(t): t for t in range(len(graph.tensors))
-                       if (t in host.producer and host.producer[t] not in replaced) or t in graph_inputs}
-    host_written = {host.name(t): t for t in range(len(graph.tensors))
-                    if t in host.producer and host.producer[t] in replaced}
-
-    mapped: dict[int, int] = {}  # donor tensor -> host tensor
-    buffer_map: dict[int, int] = {}
-    produced_inside = {t for d in donor_ops for t in _ints(donor.graph.operators[d].outputs)}
-
-    def constant(t: int) -> int:
-        tensor = copy.deepcopy(donor.graph.tensors[t])
-        source = donor.model.buffers[tensor.buffer]
+    def constant(self, t: int) -> int:
+        """A copy of donor constant ``t`` (weights, biases, axes) in the host, with its buffer copied once."""
+        tensor = copy.deepcopy(self.donor.graph.tensors[t])
+        source = self.donor.model.buffers[tensor.buffer]
         if source.offset:
             raise ConversionError("cannot splice a model whose weights live outside the flatbuffer (over 2 GB)")
-        if tensor.buffer not in buffer_map:
-            buffer = schema.BufferT()
+        if tensor.buffer not in self.buffer_map:
+            buffer = self.schema.BufferT()
             buffer.data = np.array(source.data, dtype=np.uint8, copy=True)
-            model.buffers.append(buffer)
-            buffer_map[tensor.buffer] = len(model.buffers) - 1
-        tensor.buffer = buffer_map[tensor.buffer]
-        return add_tensor(tensor)
+            self.model.buffers.append(buffer)
+            self.buffer_map[tensor.buffer] = len(self.model.buffers) - 1
+        tensor.buffer = self.buffer_map[tensor.buffer]
+        return self.add_tensor(tensor)
 
-    donor_inputs = set(_ints(donor.graph.inputs))
-
-    def read(t: int, layer_of_op: str, at: float) -> int:
+    def read(self, t: int, layer_of_op: str, at: float) -> int:
         """The host tensor a donor op reads in place of donor tensor ``t``."""
-        if t in mapped:  # produced by a spliced op, or already read
-            return mapped[t]
-        if t not in donor.producer and t not in donor_inputs:  # weights, biases, axes
-            mapped[t] = constant(t)
+        donor = self.donor
+        if t in self.mapped:  # produced by a spliced op, or already read
+            return self.mapped[t]
+        if t not in donor.producer and t not in self.donor_inputs:  # weights, biases, axes
+            self.mapped[t] = self.constant(t)
         else:  # an activation of the host: converted to what the donor op expects
             name = donor.name(t)
-            source = host_activation.get(name)
+            source = self.host_activation.get(name)
             if source is None:
                 raise ConversionError(f"cannot splice layer {layer_of_op}: its input {name} has no tensor of that "
                                       "name in the quantized model")
             wanted = donor.graph.tensors[t]
-            if same(graph.tensors[source], wanted):
-                mapped[t] = source
+            if self.same(self.graph.tensors[source], wanted):
+                self.mapped[t] = source
             else:
-                target = activation_like(wanted, f"{name}_{types[wanted.type]}")
-                bridge(source, target, at - 0.5, 0.5)
-                mapped[t] = target
-        return mapped[t]
+                target = self.activation_like(wanted, f"{name}_{self.types[wanted.type]}")
+                self.bridge(source, target, at - 0.5, 0.5)
+                self.mapped[t] = target
+        return self.mapped[t]
 
-    for d in sorted(donor_ops):  # donor order: producers before consumers
-        for t in _ints(donor.graph.operators[d].outputs):
-            mapped[t] = activation_like(donor.graph.tensors[t], donor.name(t))
-    for d in sorted(donor_ops):
-        source_op = donor.graph.operators[d]
-        layer = donor.op_layers[d]
-        op = copy.deepcopy(source_op)
-        code = donor.model.operatorCodes[source_op.opcodeIndex]
-        op.opcodeIndex = opcode(flatbuffers.builtin_code(code), int(code.version),
-                                code.customCode)
-        op.inputs = [read(t, layer, rank[d]) if t >= 0 else t for t in _ints(source_op.inputs)]
-        op.outputs = [mapped[t] for t in _ints(source_op.outputs)]
-        op.intermediates = ([activation_like(donor.graph.tensors[t], donor.name(t)) for t in _ints(op.intermediates)]
-                            or None)
-        new_ops.append((rank[d], op))
+    def add_donor_ops(self) -> None:
+        """Copy the donor ops into the host, each reading host tensors (converted where needed)."""
+        donor = self.donor
+        for d in sorted(self.donor_ops):  # donor order: producers before consumers
+            for t in _ints(donor.graph.operators[d].outputs):
+                self.mapped[t] = self.activation_like(donor.graph.tensors[t], donor.name(t))
+        for d in sorted(self.donor_ops):
+            source_op = donor.graph.operators[d]
+            layer = donor.op_layers[d]
+            op = copy.deepcopy(source_op)
+            code = donor.model.operatorCodes[source_op.opcodeIndex]
+            op.opcodeIndex = self.opcode(flatbuffers.builtin_code(code), int(code.version), code.customCode)
+            op.inputs = [self.read(t, layer, self.rank[d]) if t >= 0 else t for t in _ints(source_op.inputs)]
+            op.outputs = [self.mapped[t] for t in _ints(source_op.outputs)]
+            op.intermediates = ([self.activation_like(donor.graph.tensors[t], donor.name(t))
+                                 for t in _ints(op.intermediates)] or None)
+            self.new_ops.append((self.rank[d], op))
 
-    # Outputs read outside the spliced ops: converted back into the host's own tensors.
-    consumed_outside = set(_ints(graph.outputs))
-    for index, op in enumerate(graph.operators):
-        if index not in replaced:
-            consumed_outside.update(t for t in _ints(op.inputs) if t >= 0)
-    donor_output = {donor.name(t): t for t in produced_inside}
-    for name, h in host_written.items():
-        if h not in consumed_outside:
-            continue
-        d = donor_output.get(name)
-        if d is None:
-            raise ConversionError(f"cannot splice layer {host.op_layers[host.producer[h]]}: the donor model has no "
-                                  f"output named {name}")
-        copy_of = mapped[d]
-        if same(graph.tensors[copy_of], graph.tensors[h]):
-            for _, op in new_ops:  # the donor op writes the host tensor itself
-                op.outputs = [h if t == copy_of else t for t in _ints(op.outputs)]
-                op.inputs = [h if t == copy_of else t for t in _ints(op.inputs)]
-            continue
-        graph.tensors[copy_of].name = f"{name}_{types[graph.tensors[copy_of].type]}"
-        bridge(copy_of, h, rank[donor.producer[d]] + 0.25, 0.25)
+    def write_back_outputs(self) -> None:
+        """Outputs read outside the spliced ops: converted back into the host's own tensors."""
+        donor, graph = self.donor, self.graph
+        consumed_outside = set(_ints(graph.outputs))
+        for index, op in enumerate(graph.operators):
+            if index not in self.replaced:
+                consumed_outside.update(t for t in _ints(op.inputs) if t >= 0)
+        produced_inside = {t for d in self.donor_ops for t in _ints(donor.graph.operators[d].outputs)}
+        donor_output = {donor.name(t): t for t in produced_inside}
+        for name, h in self.host_written.items():
+            if h not in consumed_outside:
+                continue
+            d = donor_output.get(name)
+            if d is None:
+                raise ConversionError(f"cannot splice layer {self.host.op_layers[self.host.producer[h]]}: the donor "
+                                      f"model has no output named {name}")
+            copy_of = self.mapped[d]
+            if self.same(graph.tensors[copy_of], graph.tensors[h]):
+                for _, op in self.new_ops:  # the donor op writes the host tensor itself
+                    op.outputs = [h if t == copy_of else t for t in _ints(op.outputs)]
+                    op.inputs = [h if t == copy_of else t for t in _ints(op.inputs)]
+                continue
+            graph.tensors[copy_of].name = f"{name}_{self.types[graph.tensors[copy_of].type]}"
+            self.bridge(copy_of, h, self.rank[donor.producer[d]] + 0.25, 0.25)
 
-    kept = [(float(i), op) for i, op in enumerate(graph.operators) if i not in replaced]
-    graph.operators = _topological(kept + new_ops)
-    _drop_unused(model)
-    if record is not None:
-        record.update({"method": "splice", "layers": layers, "donor": _donor_kind(donor, donor_ops, types),
-                       "ops": len(donor_ops), "conversion_ops": dict(sorted(conversions.items()))})
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    def reorder(self) -> None:
+        """Replace the host's ops by the kept and new ones in dependency order, then drop what is unused."""
+        kept = [(float(i), op) for i, op in enumerate(self.graph.operators) if i not in self.replaced]
+        self.graph.operators = _topological(kept + self.new_ops)
+        _drop_unused(self.model)
 
 
 def _donor_kind(donor: _Graph, ops, types) -> str:

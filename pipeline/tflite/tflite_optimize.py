@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import run_batch
 
 _FUSABLE = {"RELU": "RELU", "RELU6": "RELU6", "RELU_N1_TO_1": "RELU_N1_TO_1"}
@@ -52,52 +53,70 @@ def fuse_shared_add_relu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
     Returns the new model bytes and what was rewritten; the input is returned
     unchanged (same bytes) when nothing matches.
     """
-    from pipeline.tflite import flatbuffers
-    schema = flatbuffers.schema()
-    type_names = flatbuffers.type_names()
-    act = schema.ActivationFunctionType
     report = RewriteReport("fuse_shared_add_relu")
     model = flatbuffers.read(model_bytes)
-
-    def op_name(op):
-        return flatbuffers.op_name(model, op)
-
     for graph in model.subgraphs:
-        producers = {}
-        for op in graph.operators or []:
-            for t in op.outputs if op.outputs is not None else []:
-                producers[int(t)] = op
+        producers, _ = _wiring(graph)
         for index, op in enumerate(graph.operators or []):
-            name = op_name(op)
-            if name not in _FUSABLE:
+            name = flatbuffers.op_name(model, op)
+            add = _unfused_integer_add(model, graph, op, producers) if name in _FUSABLE else None
+            if add is None:
                 continue
-            source = int(op.inputs[0])
-            add = producers.get(source)
-            if add is None or op_name(add) != "ADD":
-                continue
-            options = add.builtinOptions
-            if options is None or options.fusedActivationFunction != act.NONE:
-                continue
+            graph.operators[index] = _fused_add(add, op, name)
             out = graph.tensors[int(op.outputs[0])]
-            if type_names.get(graph.tensors[source].type) not in _INTEGER_TYPES \
-                    or type_names.get(out.type) not in _INTEGER_TYPES:
-                continue  # float RELU runs inside XNNPACK already; nothing to gain
-            fused = schema.AddOptionsT()
-            fused.fusedActivationFunction = getattr(act, _FUSABLE[name])
-            fused.potScaleInt16 = getattr(options, "potScaleInt16", True)
-            replacement = schema.OperatorT()
-            replacement.opcodeIndex = add.opcodeIndex
-            replacement.inputs = list(add.inputs)
-            replacement.outputs = list(op.outputs)
-            replacement.builtinOptionsType = add.builtinOptionsType
-            replacement.builtinOptions = fused
-            graph.operators[index] = replacement
-            out_name = out.name.decode() if isinstance(out.name, bytes) else str(out.name)
-            report.rewritten.append({"op": name, "output": out_name,
+            report.rewritten.append({"op": name, "output": _text(out.name),
                                      "add_inputs": [int(i) for i in add.inputs]})
     if not report.count:
         return model_bytes, report
     return flatbuffers.write(model), report
+
+
+def _wiring(graph) -> tuple[dict, dict]:
+    """Tensor -> the op producing it, and tensor -> the ops reading it."""
+    producer, consumers = {}, {}
+    for op in graph.operators or []:
+        for t in op.outputs if op.outputs is not None else []:
+            producer[int(t)] = op
+        for t in op.inputs if op.inputs is not None else []:
+            consumers.setdefault(int(t), []).append(op)
+    return producer, consumers
+
+
+def _text(name) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _unfused_integer_add(model, graph, relu, producers):
+    """The ADD that ``relu`` reads when it has no fused activation and both ends are integer; else None."""
+    act = flatbuffers.schema().ActivationFunctionType
+    type_names = flatbuffers.type_names()
+    source = int(relu.inputs[0])
+    add = producers.get(source)
+    if add is None or flatbuffers.op_name(model, add) != "ADD":
+        return None
+    options = add.builtinOptions
+    if options is None or options.fusedActivationFunction != act.NONE:
+        return None
+    out = graph.tensors[int(relu.outputs[0])]
+    if type_names.get(graph.tensors[source].type) not in _INTEGER_TYPES \
+            or type_names.get(out.type) not in _INTEGER_TYPES:
+        return None  # float RELU runs inside XNNPACK already; nothing to gain
+    return add
+
+
+def _fused_add(add, relu, name: str):
+    """A copy of ``add`` with the activation ``name`` fused, writing ``relu``'s output."""
+    schema = flatbuffers.schema()
+    fused = schema.AddOptionsT()
+    fused.fusedActivationFunction = getattr(schema.ActivationFunctionType, _FUSABLE[name])
+    fused.potScaleInt16 = getattr(add.builtinOptions, "potScaleInt16", True)
+    replacement = schema.OperatorT()
+    replacement.opcodeIndex = add.opcodeIndex
+    replacement.inputs = list(add.inputs)
+    replacement.outputs = list(relu.outputs)
+    replacement.builtinOptionsType = add.builtinOptionsType
+    replacement.builtinOptions = fused
+    return replacement
 
 
 _FREE_SCALE_PRODUCERS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL"}
@@ -115,62 +134,69 @@ def raise_negligible_add_inputs(model_bytes: bytes) -> tuple[bytes, RewriteRepor
     Typical of untrained or freshly initialised residual nets; checked on real
     data by ``export_tflite`` before it is kept.
     """
-    from pipeline.tflite import flatbuffers
     type_names = flatbuffers.type_names()
     report = RewriteReport("raise_negligible_add_inputs")
     model = flatbuffers.read(model_bytes)
-
-    def name_of(op):
-        return flatbuffers.op_name(model, op)
-
-    def scale_of(tensor):
-        q = tensor.quantization
-        return float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) == 1 else None
-
     for graph in model.subgraphs:
-        producer, consumers = {}, {}
-        for op in graph.operators or []:
-            for t in op.outputs if op.outputs is not None else []:
-                producer[int(t)] = op
-            for t in op.inputs if op.inputs is not None else []:
-                consumers.setdefault(int(t), []).append(op)
+        producer, consumers = _wiring(graph)
         graph_outputs = {int(t) for t in graph.outputs}
         for op in graph.operators or []:
-            if name_of(op) not in ("ADD", "SUB"):
+            if flatbuffers.op_name(model, op) not in ("ADD", "SUB"):
                 continue
-            out_scale = scale_of(graph.tensors[int(op.outputs[0])])
+            out_scale = _scale(graph.tensors[int(op.outputs[0])])
             for t in (int(i) for i in op.inputs):
                 tensor = graph.tensors[t]
-                s = scale_of(tensor)
+                s = _scale(tensor)
                 if s is None or out_scale is None or type_names.get(tensor.type) not in _INTEGER_TYPES:
                     continue
                 if s / out_scale >= 1.0 / 1024.0 or t in graph_outputs or t not in producer:
                     continue
-                # The new scale must suit every Add that reads this tensor.
-                readers = consumers.get(t, [])
-                if any(name_of(r) not in ("ADD", "SUB") for r in readers):
-                    continue
-                new = max(scale_of(graph.tensors[int(r.outputs[0])]) or 0.0 for r in readers) / 1024.0 * 1.001
-                if any(new / (scale_of(graph.tensors[int(r.outputs[0])]) or new) >= 256.0 for r in readers):
-                    continue
-                chain = [t]
-                source = producer[t]
-                if name_of(source) in _SAME_SCALE_PRODUCERS:
-                    upstream = int(source.inputs[0])
-                    if len(consumers.get(upstream, [])) != 1 or upstream not in producer \
-                            or name_of(producer[upstream]) not in _FREE_SCALE_PRODUCERS:
-                        continue
-                    chain.append(upstream)
-                elif name_of(source) not in _FREE_SCALE_PRODUCERS:
+                new = _raised_scale(model, graph, consumers.get(t, []))
+                chain = _rescalable_chain(model, t, producer, consumers) if new is not None else None
+                if chain is None:
                     continue
                 for c in chain:
                     graph.tensors[c].quantization.scale = np.asarray([new], dtype=np.float32)
-                tname = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
-                report.rewritten.append({"tensor": tname, "old_scale": s, "new_scale": new,
+                report.rewritten.append({"tensor": _text(tensor.name), "old_scale": s, "new_scale": new,
                                          "ratio_before": s / out_scale})
     if not report.count:
         return model_bytes, report
     return flatbuffers.write(model), report
+
+
+def _scale(tensor) -> float | None:
+    """The tensor's scale when it has exactly one (per-tensor quantization); else None."""
+    q = tensor.quantization
+    return float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) == 1 else None
+
+
+def _raised_scale(model, graph, readers) -> float | None:
+    """The new scale must suit every Add that reads the tensor: just above the largest out_scale / 1024.
+
+    None when a reader is not an Add/Sub, or when the new scale would be 256 times
+    some reader's output scale (the other end of XNNPACK's range).
+    """
+    if any(flatbuffers.op_name(model, r) not in ("ADD", "SUB") for r in readers):
+        return None
+    new = max(_scale(graph.tensors[int(r.outputs[0])]) or 0.0 for r in readers) / 1024.0 * 1.001
+    if any(new / (_scale(graph.tensors[int(r.outputs[0])]) or new) >= 256.0 for r in readers):
+        return None
+    return new
+
+
+def _rescalable_chain(model, t: int, producer: dict, consumers: dict) -> list[int] | None:
+    """Tensor ``t`` and, through a pool that must keep its input's scale, the tensor above; None if not free."""
+    chain = [t]
+    source = producer[t]
+    if flatbuffers.op_name(model, source) in _SAME_SCALE_PRODUCERS:
+        upstream = int(source.inputs[0])
+        if len(consumers.get(upstream, [])) != 1 or upstream not in producer \
+                or flatbuffers.op_name(model, producer[upstream]) not in _FREE_SCALE_PRODUCERS:
+            return None
+        chain.append(upstream)
+    elif flatbuffers.op_name(model, source) not in _FREE_SCALE_PRODUCERS:
+        return None
+    return chain
 
 
 def delegate_partitions(model_bytes: bytes, threads: int = 1) -> int:
@@ -278,17 +304,21 @@ def _xnnpack_report(model_bytes: bytes, threads: int = 1) -> dict:
         outs = {int(o) for o in node["outputs"]}
         if outs <= delegate_out or not (outs & delegate_in):
             continue
-        out = tensors.get(next(iter(outs)), {})
-        entry = {"op": node["op_name"], "output": out.get("name", "?"), "reason": "not supported by XNNPACK"}
-        if node["op_name"] in ("RELU", "RELU6", "RELU_N1_TO_1"):
-            entry["reason"] = "standalone quantized activation (XNNPACK has no integer RELU)"
-        elif node["op_name"] in ("ADD", "SUB"):
-            out_scale = out.get("quantization", (0.0, 0))[0]
-            ratios = [tensors[int(i)]["quantization"][0] / out_scale for i in node["inputs"]
-                      if int(i) in tensors and out_scale]
-            bad = [r for r in ratios if not (_ADD_SCALE_RANGE[0] <= r < _ADD_SCALE_RANGE[1])]
-            if bad:
-                entry["reason"] = (f"input/output scale ratio {min(bad):.2g} outside XNNPACK's [1/1024, 256): "
-                                   "one input is negligible next to the sum (untrained or badly calibrated?)")
-        outside.append(entry)
+        outside.append(_outside_entry(node, tensors.get(next(iter(outs)), {}), tensors))
     return {"partitions": partitions, "outside": outside}
+
+
+def _outside_entry(node: dict, out: dict, tensors: dict) -> dict:
+    """One node left out of XNNPACK (``out``: its first output's details) and the likely reason."""
+    entry = {"op": node["op_name"], "output": out.get("name", "?"), "reason": "not supported by XNNPACK"}
+    if node["op_name"] in ("RELU", "RELU6", "RELU_N1_TO_1"):
+        entry["reason"] = "standalone quantized activation (XNNPACK has no integer RELU)"
+    elif node["op_name"] in ("ADD", "SUB"):
+        out_scale = out.get("quantization", (0.0, 0))[0]
+        ratios = [tensors[int(i)]["quantization"][0] / out_scale for i in node["inputs"]
+                  if int(i) in tensors and out_scale]
+        bad = [r for r in ratios if not (_ADD_SCALE_RANGE[0] <= r < _ADD_SCALE_RANGE[1])]
+        if bad:
+            entry["reason"] = (f"input/output scale ratio {min(bad):.2g} outside XNNPACK's [1/1024, 256): "
+                               "one input is negligible next to the sum (untrained or badly calibrated?)")
+    return entry

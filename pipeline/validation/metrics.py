@@ -88,14 +88,28 @@ def drift_metrics(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, 
 
     ``names`` maps output indices to class names.
     """
-    n = len(ref)
     k = min(5, ref.shape[1])
     ref_top, cand_top = topk(ref, k), topk(cand, k)
     ref_pred, cand_pred = ref_top[:, 0], cand_top[:, 0]
+    out = _agreement_figures(ref, cand, ref_top, cand_top, k)
+    if labels is None:
+        out["per_class"] = _per_predicted_class(ref_pred, cand_pred, names)
+        out["per_class_by"] = "reference prediction"
+        return out
+    ref_ok, cand_ok = ref_pred == labels, cand_pred == labels
+    out.update(_accuracy_figures(labels, ref_top, cand_top, ref_ok, cand_ok, len(ref)))
+    out["per_class"] = _per_true_class(labels, ref_pred, cand_pred, ref_ok, cand_ok, names)
+    out["per_class_by"] = "true label"
+    return out
+
+
+def _agreement_figures(ref, cand, ref_top, cand_top, k: int) -> dict:
+    """The figures that need no labels; the labeled ones are present as None, so every report has every key."""
+    ref_pred, cand_pred = ref_top[:, 0], cand_top[:, 0]
     overlap = topk_overlap(ref_top, cand, k)
     kl = kl_rows(ref, cand)
-    out = {
-        "samples": n,
+    return {
+        "samples": len(ref),
         "topk": k,
         "agreement": float(np.mean(ref_pred == cand_pred)),
         "top5_agreement": float(np.mean(overlap)),
@@ -107,21 +121,24 @@ def drift_metrics(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, 
         "top1_float": None, "top1_quant": None, "top5_float": None, "top5_quant": None,
         "top1_drop_pp": None, "top1_drop_ci95_pp": None, "mcnemar": None,
     }
-    per_class: dict[str, dict] = {}
-    if labels is None:
-        for idx in np.unique(ref_pred):
-            mask = ref_pred == idx
-            per_class[names[idx]] = {"n": int(mask.sum()), "top1_float": None, "top1_quant": None,
-                                     "drop_pp": None, "agreement": float(np.mean(cand_pred[mask] == idx))}
-        out["per_class"] = per_class
-        out["per_class_by"] = "reference prediction"
-        return out
 
-    ref_ok, cand_ok = ref_pred == labels, cand_pred == labels
+
+def _per_predicted_class(ref_pred, cand_pred, names: list[str]) -> dict[str, dict]:
+    """Without labels: per class the reference predicts, how often the candidate predicts it too."""
+    per_class: dict[str, dict] = {}
+    for idx in np.unique(ref_pred):
+        mask = ref_pred == idx
+        per_class[names[idx]] = {"n": int(mask.sum()), "top1_float": None, "top1_quant": None,
+                                 "drop_pp": None, "agreement": float(np.mean(cand_pred[mask] == idx))}
+    return per_class
+
+
+def _accuracy_figures(labels, ref_top, cand_top, ref_ok, cand_ok, n: int) -> dict:
+    """Top-1/top-5 of both models and the paired top-1 drop over ``n`` images, with its interval and McNemar test."""
     b = int(np.sum(ref_ok & ~cand_ok))  # only the reference is right
     c = int(np.sum(~ref_ok & cand_ok))  # only the candidate is right
     lo, hi = paired_drop_ci(b, c, n)
-    out.update({
+    return {
         "top1_float": float(np.mean(ref_ok)),
         "top1_quant": float(np.mean(cand_ok)),
         "top5_float": float(np.mean([y in row for y, row in zip(labels, ref_top)])),
@@ -130,16 +147,19 @@ def drift_metrics(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, 
         "top1_drop_ci95_pp": [lo, hi],
         "mcnemar": {"reference_only_correct": b, "candidate_only_correct": c, "p_value": mcnemar_exact(b, c),
                     "test": "exact two-sided binomial on discordant pairs"},
-    })
+    }
+
+
+def _per_true_class(labels, ref_pred, cand_pred, ref_ok, cand_ok, names: list[str]) -> dict[str, dict]:
+    """With labels: per true class, both models' top-1, the drop and their agreement."""
+    per_class: dict[str, dict] = {}
     for idx in np.unique(labels):
         mask = labels == idx
         t1f, t1q = float(np.mean(ref_ok[mask])), float(np.mean(cand_ok[mask]))
         per_class[names[idx]] = {"n": int(mask.sum()), "top1_float": t1f, "top1_quant": t1q,
                                  "drop_pp": (t1f - t1q) * 100.0,
                                  "agreement": float(np.mean(ref_pred[mask] == cand_pred[mask]))}
-    out["per_class"] = per_class
-    out["per_class_by"] = "true label"
-    return out
+    return per_class
 
 
 def confusion_change(ref_pred: np.ndarray, cand_pred: np.ndarray, labels: np.ndarray | None,
