@@ -65,7 +65,7 @@ class DropMeter:
             if not loaded:
                 raise ValidationError(f"no usable images in {data}")
             self.inputs = np.stack([x for _, x in loaded])
-            self.reference, _ = as_probabilities(runner.predict(self.inputs), "reference")
+            self.reference = as_probabilities(runner.predict(self.inputs), runner.output_kind, "reference")
         finally:
             runner.close()
         index_of = {name: i for i, name in enumerate(names)}
@@ -98,9 +98,9 @@ class DropMeter:
 
     def measure(self, model_bytes: bytes) -> dict:
         from pipeline.metrics import drift_metrics
-        from pipeline.predict import as_probabilities
+        from pipeline.predict import as_probabilities, tflite_output_kind
 
-        cand, _ = as_probabilities(self.predict(model_bytes), "candidate")
+        cand = as_probabilities(self.predict(model_bytes), tflite_output_kind(model_bytes), "candidate")
         m = drift_metrics(self.reference, cand, self.labels, self.names)
         return {"top1_drop_pp": round(m["top1_drop_pp"], 4), "top1_float": m["top1_float"],
                 "top1_quant": m["top1_quant"], "agreement": m["agreement"], "kl_mean": m["kl_mean"],
