@@ -43,7 +43,7 @@ LatencyCheck = Callable[[Path, Path], dict]
 class DropMeter:
     """Top-1 drop of candidate .tflite bytes against the float model, on images decoded once."""
 
-    def __init__(self, reference, data, *, limit: int | None = None, workers: int | None = None,
+    def __init__(self, reference, data, *, labels=None, limit: int | None = None, workers: int | None = None,
                  trust_code: bool = False):
         from pipeline.data import discover
         from pipeline.metrics import topk
@@ -57,7 +57,7 @@ class DropMeter:
         self.workers = workers or default_workers()
         runner = open_runner(reference, workers=self.workers, trust_code=trust_code)
         try:
-            names, self.labels_source = resolve_labels(None, Path(reference), Path(reference), found.classes,
+            names, self.labels_source = resolve_labels(labels, Path(reference), Path(reference), found.classes,
                                                        runner.facts.classes)
             spec = PreprocessSpec(size=runner.facts.input_size)
             loaded = [(item, _load(item, spec)[0]) for item in _select(found.items, limit)]
@@ -154,11 +154,13 @@ class _State:
 
 
 def convert_within_budget(model_path, settings: ConvertSettings, *, representative, eval_dir, max_drop_pp: float,
-                          max_float_layers: int = 8, candidates: int = 3, eval_limit: int | None = None,
+                          labels=None, max_float_layers: int = 8, candidates: int = 3, eval_limit: int | None = None,
                           layer_samples: int = 16, out=None, force: bool = False, source=None,
                           latency: LatencyCheck | None = None, say: Say = lambda s: None,
                           progress=None) -> BudgetResult:
     """Convert ``model_path`` so its top-1 drop on ``eval_dir`` is at most ``max_drop_pp``.
+
+    ``labels`` (a labels.json) maps ``eval_dir``'s class folders to outputs, as in ``xedge validate``.
 
     Raises ``BudgetNotReached`` (exit 3) when ``max_float_layers`` float layers
     are not enough; the best model found is then written beside the output as
@@ -182,7 +184,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     # The gate on float compute ops is what this search relaxes on purpose.
     settings = replace(settings, allow_float_fallback=True, float_layers=())
     method, kept_in = method_for(settings), settings.fallback
-    meter = DropMeter(model_path, eval_dir, limit=eval_limit, trust_code=settings.trust_model_code)
+    meter = DropMeter(model_path, eval_dir, labels=labels, limit=eval_limit, trust_code=settings.trust_model_code)
     say(f"measuring on {len(meter.inputs)} eval images (float top-1 {meter.top1_float:.4f}), "
         f"budget {max_drop_pp:g} pp")
 

@@ -141,7 +141,8 @@ def resolve_labels(labels_file, reference: Path, candidate: Path, folders: list[
         if names is None:
             names, source = [str(i) for i in range(classes)], "output indices (no labels found)"
     if len(names) != classes:
-        raise ValidationError(f"{source} names {len(names)} classes but the models have {classes} outputs")
+        hint = "" if labels_file else "; pass --labels FILE (class names in output order)"
+        raise ValidationError(f"{source} gives {len(names)} class names but the model has {classes} outputs{hint}")
     if folders is not None:
         unknown = sorted(set(folders) - set(names))
         if unknown:
