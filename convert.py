@@ -146,6 +146,14 @@ def mode_options(fn):
     return fn
 
 
+# Every command that reads a labeled image folder maps its class folders to outputs the same way
+# (pipeline.validation.validate.resolve_labels).
+labels_option = click.option(
+    "--labels", type=click.Path(), metavar="FILE",
+    help="labels.json (class names in output order) for the class folders; default: a labels.json beside the "
+    "model, else the labels in a .tflite's manifest, else the sorted folder names.")
+
+
 @click.command("convert", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False, type=click.Path())
 @mode_options
@@ -171,6 +179,7 @@ def mode_options(fn):
               "percentage points on --eval; layers are kept in float until it holds (exit 3 if it cannot).")
 @click.option("--eval", "eval_dir", type=click.Path(), help="Labeled images (one subfolder per class) for --max-drop.")
 @click.option("--eval-limit", type=click.IntRange(1), help="Use at most N --eval images (round-robin over classes).")
+@labels_option
 @click.option("--max-float-layers", default=8, show_default=True, type=click.IntRange(0),
               help="With --max-drop: at most this many layers kept in float.")
 @click.option("--fallback", type=click.Choice(["float", "int16"]), default="float", show_default=True,
@@ -178,8 +187,8 @@ def mode_options(fn):
               "spliced from an int16x8 conversion).")
 @guarded(tensorflow=False)
 def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
-                    calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, max_float_layers,
-                    fallback):
+                    calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, labels,
+                    max_float_layers, fallback):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
     A float32 .tflite MODEL is quantized directly with --int8 (calibration
@@ -207,6 +216,8 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         raise click.UsageError("--float-io only applies to --int8 and --int16x8")
     if (max_drop is None) != (eval_dir is None):
         raise click.UsageError("--max-drop and --eval go together")
+    if labels and eval_dir is None:
+        raise click.UsageError("--labels names the classes of --eval; it goes with --max-drop and --eval")
     if max_drop is not None and mode not in CALIBRATED_MODES:
         raise click.UsageError(f"--max-drop applies to --int8 and --int16x8, not --{mode}")
     if fallback != "float" and (mode != "int8" or max_drop is None):
@@ -238,8 +249,8 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         raise CalibrationError(f"--{mode} needs --calib DIR: a folder of representative images "
                                "(a few hundred from the training distribution)")
     if max_drop is not None:
-        return _convert_within_budget(path, settings, representative, source, eval_dir, max_drop, max_float_layers,
-                                      eval_limit, out, force, as_json)
+        return _convert_within_budget(path, settings, representative, source, eval_dir, labels, max_drop,
+                                      max_float_layers, eval_limit, out, force, as_json)
     with Bar("calibrating") as bar:
         result = export_tflite(path, settings, out=out, representative=representative, force=force,
                                progress=bar, source=source)
@@ -268,12 +279,12 @@ def _fallback_latency(before: Path, after: Path) -> dict:
             "ratio_p50": result["compare"]["ratio_b_over_a"]["p50"]}
 
 
-def _convert_within_budget(path, settings, representative, source, eval_dir, max_drop, max_float_layers, eval_limit,
-                           out, force, as_json):
+def _convert_within_budget(path, settings, representative, source, eval_dir, labels, max_drop, max_float_layers,
+                           eval_limit, out, force, as_json):
     from pipeline.validation.accuracy_budget import convert_within_budget
 
     say = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
-    result = convert_within_budget(path, settings, representative=representative, eval_dir=eval_dir,
+    result = convert_within_budget(path, settings, representative=representative, eval_dir=eval_dir, labels=labels,
                                    max_drop_pp=max_drop, max_float_layers=max_float_layers, eval_limit=eval_limit,
                                    out=out, force=force, source=source, latency=_fallback_latency, say=say)
     record = result.record
@@ -362,8 +373,7 @@ def _demo_bench(models: dict) -> dict:
 @click.option("--data", required=True, type=click.Path(), help="Images: one subfolder per class (or flat: "
               "agreement only).")
 @click.option("--report", "report_dir", required=True, type=click.Path(), help="Folder for report.json/.md/.html.")
-@click.option("--labels", type=click.Path(), help="labels.json (class names in output order); default: the run's "
-              "labels.json beside a model, else sorted folder names.")
+@labels_option
 @click.option("--max-top1-drop", type=click.FloatRange(min=0), metavar="PP", help="Budget: top-1 drop in percentage points.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="F", help="Budget: top-1 agreement (fraction, 0..1).")
 @click.option("--max-kl", type=click.FloatRange(min=0), metavar="X", help="Budget: mean KL(reference || candidate) in nats.")
@@ -444,6 +454,7 @@ def _sweep_bench(path: Path) -> dict:
 @click.option("--calib-size", default=200, show_default=True, type=click.IntRange(1))
 @click.option("--eval", "eval_dir", required=True, type=click.Path(), help="Labeled images: one subfolder per class.")
 @click.option("--eval-limit", type=click.IntRange(1), help="Use at most N eval images (round-robin over classes).")
+@labels_option
 @click.option("--out", required=True, type=click.Path(),
               help="Folder for the models, reports and sweep.json/.md/.html.")
 @click.option("--max-drop", default=1.0, show_default=True, type=click.FloatRange(min=0), metavar="PP",
@@ -455,8 +466,8 @@ def _sweep_bench(path: Path) -> dict:
 @click.option("--force", is_flag=True, help="Overwrite models from an earlier sweep in --out.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
 @guarded
-def sweep_command(model, calib, calib_size, eval_dir, eval_limit, out, max_drop, max_float_layers, modes, no_bench,
-                  force, trust_model_code):
+def sweep_command(model, calib, calib_size, eval_dir, eval_limit, labels, out, max_drop, max_float_layers, modes,
+                  no_bench, force, trust_model_code):
     """Convert MODEL in every mode, validate and bench each, and write one comparison table.
 
     \b
@@ -475,7 +486,7 @@ def sweep_command(model, calib, calib_size, eval_dir, eval_limit, out, max_drop,
     with Bar("reading calibration images") as bar:
         representative = build_calibration_set(calib, PreprocessSpec(size=size), size=calib_size, progress=bar)
     chosen = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(SWEEP_MODES)
-    result = run_sweep(model, representative=representative, eval_dir=eval_dir, out_dir=out,
+    result = run_sweep(model, representative=representative, eval_dir=eval_dir, out_dir=out, labels=labels,
                        bench=None if no_bench else _sweep_bench, max_drop_pp=max_drop,
                        max_float_layers=max_float_layers, eval_limit=eval_limit, modes=chosen, force=force,
                        say=lambda s: click.echo(s, err=True), trust_model_code=trust_model_code)

@@ -69,7 +69,7 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
     import tf_keras
 
     out = Path(out_dir)
-    source = _keras3_source(model_path, out)
+    source = _keras3_source(model_path, out, trust_code)
     tf_keras.utils.set_random_seed(cfg.seed)
     prep = SimpleNamespace(input_size=source.input_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
     spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, prep)
@@ -85,7 +85,7 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
     return TrainResult(out, model_path_out, classes, history, history[-1]["val_accuracy"], manifest)
 
 
-def _keras3_source(model_path, out: Path):
+def _keras3_source(model_path, out: Path, trust_code: bool):
     """The float model to fine-tune, refused before any work when ``out`` holds a run or it is not Keras 3."""
     from pipeline.model.modelio import load_source
 

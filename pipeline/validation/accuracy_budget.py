@@ -43,7 +43,7 @@ LatencyCheck = Callable[[Path, Path], dict]
 class DropMeter:
     """Top-1 drop of candidate .tflite bytes against the float model, on images decoded once."""
 
-    def __init__(self, reference, data, *, limit: int | None = None, workers: int | None = None,
+    def __init__(self, reference, data, *, labels=None, limit: int | None = None, workers: int | None = None,
                  trust_code: bool = False):
         from pipeline.core.data import discover
         from pipeline.validation.metrics import topk
@@ -57,7 +57,7 @@ class DropMeter:
         self.workers = workers or default_workers()
         runner = open_runner(reference, workers=self.workers, trust_code=trust_code)
         try:
-            names, self.labels_source = resolve_labels(None, Path(reference), Path(reference), found.classes,
+            names, self.labels_source = resolve_labels(labels, Path(reference), Path(reference), found.classes,
                                                        runner.facts.classes)
             spec = PreprocessSpec(size=runner.facts.input_size)
             loaded = [(item, load_item(item, spec)[0]) for item in select_round_robin(found.items, limit)]
@@ -65,7 +65,7 @@ class DropMeter:
             if not loaded:
                 raise ValidationError(f"no usable images in {data}")
             self.inputs = np.stack([x for _, x in loaded])
-            self.reference, _ = as_probabilities(runner.predict(self.inputs), "reference")
+            self.reference = as_probabilities(runner.predict(self.inputs), runner.output_kind, "reference")
         finally:
             runner.close()
         index_of = {name: i for i, name in enumerate(names)}
@@ -98,9 +98,9 @@ class DropMeter:
 
     def measure(self, model_bytes: bytes) -> dict:
         from pipeline.validation.metrics import drift_metrics
-        from pipeline.validation.predict import as_probabilities
+        from pipeline.validation.predict import as_probabilities, tflite_output_kind
 
-        cand, _ = as_probabilities(self.predict(model_bytes), "candidate")
+        cand = as_probabilities(self.predict(model_bytes), tflite_output_kind(model_bytes), "candidate")
         m = drift_metrics(self.reference, cand, self.labels, self.names)
         return {"top1_drop_pp": round(m["top1_drop_pp"], 4), "top1_float": m["top1_float"],
                 "top1_quant": m["top1_quant"], "agreement": m["agreement"], "kl_mean": m["kl_mean"],
@@ -154,11 +154,13 @@ class _State:
 
 
 def convert_within_budget(model_path, settings: ConvertSettings, *, representative, eval_dir, max_drop_pp: float,
-                          max_float_layers: int = 8, candidates: int = 3, eval_limit: int | None = None,
+                          labels=None, max_float_layers: int = 8, candidates: int = 3, eval_limit: int | None = None,
                           layer_samples: int = 16, out=None, force: bool = False, source=None,
                           latency: LatencyCheck | None = None, say: Say = lambda s: None,
                           progress=None) -> BudgetResult:
     """Convert ``model_path`` so its top-1 drop on ``eval_dir`` is at most ``max_drop_pp``.
+
+    ``labels`` (a labels.json) maps ``eval_dir``'s class folders to outputs, as in ``xedge validate``.
 
     Raises ``BudgetNotReached`` (exit 3) when ``max_float_layers`` float layers
     are not enough; the best model found is then written beside the output as
@@ -183,7 +185,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     # The gate on float compute ops is what this search relaxes on purpose.
     settings = replace(settings, allow_float_fallback=True, float_layers=())
     method, kept_in = method_for(settings), settings.fallback
-    meter = DropMeter(model_path, eval_dir, limit=eval_limit, trust_code=settings.trust_model_code)
+    meter = DropMeter(model_path, eval_dir, labels=labels, limit=eval_limit, trust_code=settings.trust_model_code)
     say(f"measuring on {len(meter.inputs)} eval images (float top-1 {meter.top1_float:.4f}), "
         f"budget {max_drop_pp:g} pp")
 

@@ -38,21 +38,25 @@ class SweepResult:
     record: dict
 
 
-def run_sweep(model_path, *, representative, eval_dir, out_dir, bench: Bench | None = None,
+def run_sweep(model_path, *, representative, eval_dir, out_dir, labels=None, bench: Bench | None = None,
               max_drop_pp: float = 1.0, max_float_layers: int = 8, eval_limit: int | None = None,
               modes=tuple(SWEEP_MODES), force: bool = False, say: Callable[[str], None] = lambda s: None,
               trust_model_code: bool = False) -> SweepResult:
     from pipeline.validation.accuracy_budget import convert_within_budget
+    from pipeline.core.data import discover
     from pipeline.model.modelio import load_source
-    from pipeline.validation.validate import validate
+    from pipeline.validation.validate import resolve_labels, validate
 
     unknown = [m for m in modes if m not in SWEEP_MODES]
     if unknown:
         raise ConversionError(f"unknown sweep mode(s) {', '.join(unknown)}; choose from {', '.join(SWEEP_MODES)}")
     t0 = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     source = load_source(model_path, trust_code=trust_model_code)
+    # The labels are checked before anything is converted or written: a mismatch fails in seconds.
+    found = discover(eval_dir, what="eval folder")
+    _, labels_source = resolve_labels(labels, model_path, model_path, found.classes, source.classes)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in modes:
         mode, overrides = SWEEP_MODES[name]
@@ -65,7 +69,8 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, bench: Bench | N
         if name == "int8-fallback":
             try:
                 exported = convert_within_budget(model_path, settings, representative=calibration, eval_dir=eval_dir,
-                                                 max_drop_pp=max_drop_pp, max_float_layers=max_float_layers,
+                                                 max_drop_pp=max_drop_pp, labels=labels,
+                                                 max_float_layers=max_float_layers,
                                                  eval_limit=eval_limit, out=target, force=force,
                                                  source=source).export
             except BudgetNotReached as exc:
@@ -84,8 +89,8 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, bench: Bench | N
                                  source=source).path
         convert_s = time.perf_counter() - t
         say(f"{name}: validating")
-        report = validate(model_path, path, eval_dir, out_dir / "reports" / name, limit=eval_limit, layer_samples=0,
-                          trust_code=trust_model_code).report
+        report = validate(model_path, path, eval_dir, out_dir / "reports" / name, labels=labels, limit=eval_limit,
+                          layer_samples=0, trust_code=trust_model_code).report
         latency = bench(path) if bench is not None else None
         rows.append({"mode": name, "path": str(path), "bytes": path.stat().st_size,
                      "top1": report["top1_quant"], "top1_float": report["top1_float"],
@@ -97,7 +102,8 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, bench: Bench | N
                      "report": str(Path("reports") / name / "report.html")})
     record = artifacts.base_manifest("sweep")
     record.update({"model": {"path": str(model_path), "sha256": artifacts.sha256_any(model_path)},
-                   "eval": {"folder": str(eval_dir), "limit": eval_limit, "images": report["samples"]},
+                   "eval": {"folder": str(eval_dir), "limit": eval_limit, "images": report["samples"],
+                            "labels": labels_source},
                    "budget_top1_drop_pp": max_drop_pp, "max_float_layers": max_float_layers,
                    "latency": "p50/p90 ms from the bench callable" if bench is not None else None,
                    "rows": rows, "seconds": round(time.perf_counter() - t0, 2)})

@@ -141,7 +141,8 @@ def resolve_labels(labels_file, reference: Path, candidate: Path, folders: list[
         if names is None:
             names, source = [str(i) for i in range(classes)], "output indices (no labels found)"
     if len(names) != classes:
-        raise ValidationError(f"{source} names {len(names)} classes but the models have {classes} outputs")
+        hint = "" if labels_file else "; pass --labels FILE (class names in output order)"
+        raise ValidationError(f"{source} gives {len(names)} class names but the model has {classes} outputs{hint}")
     if folders is not None:
         unknown = sorted(set(folders) - set(names))
         if unknown:
@@ -327,8 +328,8 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
             skipped = run.skipped
             example = f" (e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
             raise ValidationError(f"no usable images in {data}: all {len(chosen)} files were skipped{example}")
-        ref_p, ref_kind = as_probabilities(np.concatenate(run.reference), "reference")
-        cand_p, cand_kind = as_probabilities(np.concatenate(run.candidate), "candidate")
+        ref_p = as_probabilities(np.concatenate(run.reference), ref_runner.output_kind, "reference")
+        cand_p = as_probabilities(np.concatenate(run.candidate), cand_runner.output_kind, "candidate")
         index_of = {name: i for i, name in enumerate(names)}
         labels_arr = np.asarray([index_of[label] for label in run.labels]) if found.labeled else None
         summary = drift_metrics(ref_p, cand_p, labels_arr, names)
@@ -352,7 +353,8 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
                  "classes": names, "folders": found.classes, "found": len(found.items), "limit": limit,
                  "used": len(paths), "images_sha256": _list_hash(paths, found.root),
                  "skipped": [s.to_dict() for s in skipped]},
-        "outputs": {"reference": ref_kind, "candidate": cand_kind},
+        "outputs": {"reference": ref_runner.output_kind.describe(),
+                    "candidate": cand_runner.output_kind.describe()},
         **summary,
         "flips_total": int(np.sum(ref_pred != cand_pred)),
         "flips": flips,

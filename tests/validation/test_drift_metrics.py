@@ -11,7 +11,7 @@ from pipeline.core.data import Item
 from pipeline.core.errors import ValidationError
 from pipeline.tflite.layers import layer_names
 from pipeline.validation.metrics import drift_metrics, kl_rows, mcnemar_exact, paired_drop_ci, topk
-from pipeline.validation.predict import as_probabilities
+from pipeline.validation.predict import OutputKind, as_probabilities
 from pipeline.validation.validate import Budgets, select_round_robin
 
 
@@ -66,13 +66,18 @@ def test_topk_breaks_ties_by_index():
     assert topk(np.array([[0.0, 0.5, 0.5, 0.0]]), 3).tolist() == [[1, 2, 0]]
 
 
-def test_outputs_logits_and_nan():
-    probs, kind = as_probabilities(np.array([[2.0, -1.0, 0.5]]), "x")
-    assert kind.startswith("logits") and probs.sum() == pytest.approx(1.0)
-    _, kind = as_probabilities(np.array([[0.5, 0.49, 0.0]]), "x")  # a quantized softmax: sums to 0.99
-    assert kind == "probabilities"
-    with pytest.raises(ValidationError, match="NaN"):
-        as_probabilities(np.array([[0.5, 0.5], [np.nan, 1.0]]), "candidate")
+def test_outputs_are_read_as_the_model_says_not_from_their_values():
+    looks_like_probabilities = np.array([[0.5, 0.49, 0.0], [0.25, 0.0, 0.0]])  # rows sum to 0.99 and 0.25
+    probs = as_probabilities(looks_like_probabilities, OutputKind(False, "no softmax"), "x")
+    exp = np.exp(looks_like_probabilities)
+    assert np.allclose(probs, exp / exp.sum(axis=1, keepdims=True), rtol=1e-12, atol=0)  # logits: softmax, always
+    probs = as_probabilities(looks_like_probabilities, OutputKind(True, "softmax"), "x")
+    assert np.array_equal(probs, looks_like_probabilities)  # probabilities: as dequantized, not renormalised
+    assert OutputKind(False, "FULLY_CONNECTED").describe() == "logits (FULLY_CONNECTED; softmax applied)"
+    assert OutputKind(True, "SOFTMAX op").describe() == "probabilities (SOFTMAX op)"
+    for kind in (OutputKind(True, "softmax"), OutputKind(False, "none")):
+        with pytest.raises(ValidationError, match="NaN"):
+            as_probabilities(np.array([[0.5, 0.5], [np.nan, 1.0]]), kind, "candidate")
 
 
 def test_limit_takes_every_class():

@@ -366,3 +366,128 @@ def test_a_failing_layer_step_is_reported_and_the_rest_stands(tmp_path, monkeypa
     assert r["layers"]["status"] == "failed" and "not preserved" in r["layers"]["reason"]
     assert r["samples"] == 10 and r["agreement"] is not None
     assert "Per-layer errors failed" in (tmp_path / "report.html").read_text()
+
+
+def _thousand_classes(calibration):
+    """A tiny Xception with 1000 softmax outputs, spread like a real classifier's.
+
+    Untrained, its outputs are flat (an int8 softmax rounds 1/1000 to zero), so
+    the classifier is set by hand: a seeded bias (10 favoured classes, 990 that
+    share the rest of the mass in probabilities under 1/512) and the trained
+    kernel scaled so the image moves each logit by about 1.5, measured on the
+    calibration images of this machine.
+    """
+    import keras
+
+    from pipeline.model.xception import build_xception
+
+    model = build_xception(input_size=71, classes=1000, width=0.25, middle_blocks=1)
+    x = np.stack([calibration.inputs(i) for i in range(len(calibration))])
+    features = keras.Model(model.input, model.get_layer("avg_pool").output)(x).numpy().astype(np.float64)
+    kernel, _ = model.get_layer("predictions").get_weights()
+    kernel = kernel.astype(np.float64) * 1.5 / np.std(features @ kernel, axis=0).mean()
+    bias = np.random.default_rng(0).normal(0.0, 1.5, 1000)
+    bias[:10] += 5.0
+    bias -= (features @ kernel).mean(axis=0)
+    model.get_layer("predictions").set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return model
+
+
+def _tflite_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    """Dequantized outputs, fed the way every runner feeds a .tflite (pipeline.core.preprocessing.quantize)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.core.preprocessing import dequantize, quantize
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    (inp,), (out,) = it.get_input_details(), it.get_output_details()
+    rows = []
+    for sample in x:
+        it.set_tensor(inp["index"], quantize(sample[None], inp["dtype"], *inp["quantization"]))
+        it.invoke()
+        rows.append(dequantize(it.get_tensor(out["index"])[0], *out["quantization"]))
+    return np.array(rows, dtype=np.float64)
+
+
+def _kl(p, q, eps=1e-7):
+    a, b = np.clip(p, eps, 1), np.clip(q, eps, 1)
+    a, b = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
+    return np.sum(a * np.log(a / b), axis=1)
+
+
+def _cosine(p, q):
+    return np.sum(p * q, 1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(q, axis=1))
+
+
+def test_thousand_class_int8_softmax_is_read_as_probabilities(tmp_path, calibration, val_subset):
+    """Issue 14, item 10: an int8 softmax over 1000 classes does not sum to 1; it must not get a second softmax."""
+    from pipeline.conversion.export import ConvertSettings, export_tflite
+
+    folder = tmp_path / "imagenet_like"
+    folder.mkdir()
+    names = [str(d) for d in range(10)] + [f"class_{i}" for i in range(10, 1000)]
+    (folder / "labels.json").write_text(json.dumps({"classes": names}))
+    _thousand_classes(calibration).save(folder / "model.keras")
+    int8 = export_tflite(folder / "model.keras", ConvertSettings("int8"), out=folder / "model_int8.tflite",
+                         representative=calibration).path
+    r = validate(folder / "model.keras", int8, val_subset, tmp_path / "r", layer_samples=0).report
+
+    files = sorted(val_subset.rglob("*.png"))
+    x = np.stack([preprocess_file(f, PreprocessSpec(size=71)) for f in files])
+    import keras
+
+    p_ref = np.asarray(keras.saving.load_model(folder / "model.keras")(x, training=False), dtype=np.float64)
+    p_q = _tflite_outputs(int8, x)
+    assert p_q.shape == (len(files), 1000) and p_q.sum(1).min() < 0.95  # the rows a value test called logits
+
+    assert r["outputs"] == {"reference": "probabilities (the output layer 'predictions' has a softmax activation)",
+                            "candidate": "probabilities (SOFTMAX op produces the output)"}
+    assert r["data"]["labels_source"] == str(folder / "labels.json") and r["samples"] == len(files)
+    edges = np.linspace(0, 1, 21)
+    assert r["confidence"]["candidate"]["counts"] == np.histogram(p_q.max(1), bins=edges)[0].tolist()
+    index = {str(f): i for i, f in enumerate(files)}
+    for flip in r["flips"]:
+        assert flip["candidate_confidence"] == p_q[index[flip["path"]]].max()  # the dequantized output itself
+    assert r["agreement"] == pytest.approx(np.mean(p_ref.argmax(1) == p_q.argmax(1)))
+    assert r["kl_mean"] == pytest.approx(_kl(p_ref, p_q).mean(), rel=1e-3)
+    assert r["prob_max_abs_diff"] == pytest.approx(np.abs(p_ref - p_q).max(), abs=1e-5)
+    assert r["prob_cosine_mean"] == pytest.approx(_cosine(p_ref, p_q).mean(), rel=1e-4)
+    # The int8 model stays close to its float source: each probability within a few output quanta.
+    assert r["prob_max_abs_diff"] < 0.5 and r["prob_cosine_mean"] > 0.9
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| candidate outputs | probabilities (SOFTMAX op produces the output) |" in md
+
+
+def test_logits_model_gets_softmax_even_when_its_outputs_sum_to_one(tmp_path, val_subset):
+    """A model without softmax whose outputs happen to look like probabilities is still a logits model."""
+    import keras
+
+    from pipeline.conversion.export import ConvertSettings, export_tflite
+
+    inputs = keras.Input((71, 71, 3))
+    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(inputs)
+    outputs = keras.layers.Dense(10, name="predictions")(pooled)  # no activation
+    model = keras.Model(inputs, outputs)
+    bias = np.full(10, 0.01, dtype=np.float32)
+    bias[3] = 0.91  # rows near [0.01, .., 0.91, .., 0.01]: non-negative, summing to 1 +- 0.01
+    kernel = np.random.default_rng(0).normal(0.0, 0.002, (3, 10)).astype(np.float32)
+    model.get_layer("predictions").set_weights([kernel, bias])
+    model.save(tmp_path / "logits.keras")
+    tfl = export_tflite(tmp_path / "logits.keras", ConvertSettings("float"), out=tmp_path / "logits.tflite").path
+    r = validate(tmp_path / "logits.keras", tfl, val_subset, tmp_path / "r", layer_samples=0).report
+
+    files = sorted(val_subset.rglob("*.png"))
+    x = np.stack([preprocess_file(f, PreprocessSpec(size=71)) for f in files])
+    logits = _tflite_outputs(tfl, x)
+    assert np.all(np.abs(logits.sum(1) - 1) < 0.05) and logits.min() >= 0  # what a value test took for probabilities
+    assert r["outputs"] == {
+        "reference": "logits (the output layer 'predictions' has activation 'linear', not softmax or sigmoid; "
+                     "softmax applied)",
+        "candidate": "logits (the output comes from FULLY_CONNECTED, not from a SOFTMAX or LOGISTIC op; "
+                     "softmax applied)"}
+    exp = np.exp(logits - logits.max(1, keepdims=True))
+    confidence = (exp / exp.sum(1, keepdims=True)).max(1)
+    assert 0.2 < confidence.min() and confidence.max() < 0.25  # softmax of one 0.91 among nine 0.01: 0.215
+    assert r["confidence"]["candidate"]["counts"] == np.histogram(confidence, bins=np.linspace(0, 1, 21))[0].tolist()
+    assert r["agreement"] == 1.0 and r["kl_max"] < 1e-6
