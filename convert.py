@@ -155,7 +155,8 @@ def mode_options(fn):
               help="Accept --int8 models where some CONV/DEPTHWISE/FULLY_CONNECTED ops stay float.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
 @click.option("--no-optimize", is_flag=True, help="Skip the graph rewrites that keep XNNPACK in one partition "
-              "(RELU after a shared residual ADD fused into a second ADD; checked on the calibration images).")
+              "(RELU after a shared residual ADD fused into a second ADD; checked on the calibration images and, "
+              "with --max-drop, on the eval images).")
 @click.option("--calibrator", type=click.Choice(["fast", "stock"]), default="fast", show_default=True,
               help="fast: exact min/max under XNNPACK on all cores; stock: TFLite's own logging calibrator.")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
