@@ -167,7 +167,8 @@ labels_option = click.option(
               help="Accept --int8 models where some CONV/DEPTHWISE/FULLY_CONNECTED ops stay float.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
 @click.option("--no-optimize", is_flag=True, help="Skip the graph rewrites that keep XNNPACK in one partition "
-              "(RELU after a shared residual ADD fused into a second ADD; checked on the calibration images).")
+              "(RELU after a shared residual ADD fused into a second ADD; checked on the calibration images and, "
+              "with --max-drop, on the eval images).")
 @click.option("--calibrator", type=click.Choice(["fast", "stock"]), default="fast", show_default=True,
               help="fast: min/max under XNNPACK, one interpreter per core (at most 4); stock: TFLite's own "
               "logging calibrator.")
@@ -177,7 +178,9 @@ labels_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 @click.option("--max-drop", type=click.FloatRange(min=0), metavar="PP", help="Accuracy budget: top-1 drop in "
               "percentage points on --eval; layers are kept in float until it holds (exit 3 if it cannot).")
-@click.option("--eval", "eval_dir", type=click.Path(), help="Labeled images (one subfolder per class) for --max-drop.")
+@click.option("--eval", "eval_dir", type=click.Path(), help="Labeled images (one subfolder per class) for --max-drop; "
+              "every third image of each class is held out of the search and judges its result (when every class "
+              "has at least 3).")
 @click.option("--eval-limit", type=click.IntRange(1), help="Use at most N --eval images (round-robin over classes).")
 @labels_option
 @click.option("--max-float-layers", default=8, show_default=True, type=click.IntRange(0),
@@ -294,12 +297,22 @@ def _convert_within_budget(path, settings, representative, source, eval_dir, lab
         click.echo(json.dumps({**result.export.summary, "manifest": str(result.export.manifest_path),
                                "float_fallback": record["layers"], "fallback_method": record["method"],
                                "kept_in": record["kept_in"], "final_top1_drop_pp": record["final_top1_drop_pp"],
+                               "heldout_top1_drop_pp": record["heldout_top1_drop_pp"],
+                               "heldout_top1_drop_ci95_pp": record["heldout_top1_drop_ci95_pp"],
                                "latency": record["latency"]}))
         return
     _print_summary(result.export.summary)
     layers = ", ".join(record["layers"]) or "none needed"
-    click.echo(f"top-1 drop {record['final_top1_drop_pp']:.2f} pp (budget {max_drop:g} pp); "
-               f"{record['kept_in']} layers: {layers}")
+    evals = record["eval"]
+    if record["heldout"] is not None:
+        lo, hi = record["heldout_top1_drop_ci95_pp"]
+        drop = (f"top-1 drop {record['heldout_top1_drop_pp']:.2f} pp on {evals['heldout_images']} held-out images "
+                f"(95% CI {lo:.2f} to {hi:.2f}), {record['final_top1_drop_pp']:.2f} pp on the "
+                f"{evals['search_images']} images the search used")
+    else:
+        drop = (f"top-1 drop {record['final_top1_drop_pp']:.2f} pp on the {evals['search_images']} images the search "
+                f"used ({evals['holdout']})")
+    click.echo(f"{drop} (budget {max_drop:g} pp); {record['kept_in']} layers: {layers}")
     if record["latency"]:
         lat = record["latency"]
         click.echo(f"latency cost of the fallback (local, p50): {lat['all_quantized_p50_ms']:.3f} ms -> "

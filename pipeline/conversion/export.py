@@ -285,12 +285,16 @@ def check_integer_ops(info, settings: ConvertSettings) -> None:
 def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, out: str | os.PathLike | None = None,
                   representative: Representative | None = None, force: bool = False,
                   progress: Progress | None = None, source: SourceModel | None = None,
-                  annotate: Callable[[bytes], dict] | None = None) -> ExportResult:
+                  annotate: Callable[[bytes], dict] | None = None,
+                  optimize: Callable[[bytes], tuple[bytes, list[dict]]] | None = None) -> ExportResult:
     """Convert ``model_path`` and write ``out`` plus its manifest as one unit (``artifacts.atomic_write_pair``).
 
     ``annotate`` sees the final bytes before anything is written and returns
     manifest entries (the accuracy search records its measurements this way,
-    so they describe exactly the bytes on disk).
+    so they describe exactly the bytes on disk; an exception it raises leaves
+    nothing written). ``optimize`` replaces ``optimize_graph`` on the
+    converted bytes: the accuracy search passes the one it measured each
+    candidate with, so what is written is what it measured.
     """
     from pipeline.tflite.tflite_info import inspect_tflite
 
@@ -314,7 +318,10 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     t_convert = time.perf_counter()
     optimizations = []
     if settings.optimize and settings.mode in CALIBRATED_MODES:
-        model_bytes, optimizations = optimize_graph(model_bytes, source, representative)
+        if optimize is None:
+            model_bytes, optimizations = optimize_graph(model_bytes, source, representative)
+        else:
+            model_bytes, optimizations = optimize(model_bytes)
     t_optimize = time.perf_counter()
     info = inspect_tflite(model_bytes)
     check_integer_ops(info, settings)
@@ -382,13 +389,17 @@ def float_outputs(source: SourceModel, inputs: np.ndarray) -> np.ndarray:
 
 
 def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
-                   rewrites: tuple[Callable, ...] | None = None) -> tuple[bytes, list[dict]]:
+                   rewrites: tuple[Callable, ...] | None = None,
+                   gate: Callable[[bytes, bytes], dict] | None = None) -> tuple[bytes, list[dict]]:
     """Apply the XNNPACK-friendly rewrites, keeping them only if real data shows they do no harm.
 
     The rewrites are checked together first (stock model against the fully
     rewritten one: one run of each on the check images); only if that check
     fails is each rewrite checked on its own, in turn, so a harmful one is
-    dropped and the others kept.
+    dropped and the others kept. ``gate(stock, rewritten)``, when given, is a
+    further condition on a rewrite the check accepted (the accuracy search's:
+    no top-1 change on its eval images); it returns a dict with ``accepted``,
+    recorded as the check's ``gate``.
     """
     from pipeline.tflite.tflite_optimize import (check_rewrite, delegate_partitions, fuse_shared_add_relu,
                                           raise_negligible_add_inputs)
@@ -422,7 +433,14 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
             reference_cache.append(float_outputs(source, inputs))
         return reference_cache[0]
 
-    together = check_rewrite(model_bytes, current, inputs, reference, outputs_cache)
+    def check(stock: bytes, rewritten: bytes) -> dict:
+        result = check_rewrite(stock, rewritten, inputs, reference, outputs_cache)
+        if result["accepted"] and gate is not None:
+            result["gate"] = gate(stock, rewritten)
+            result["accepted"] = bool(result["gate"]["accepted"])
+        return result
+
+    together = check(model_bytes, current)
     if together["accepted"]:
         names = [entry["name"] for entry in entries]
         for entry in entries:
@@ -434,7 +452,7 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
         candidate, _ = rewrite(current)
         entry["delegate_partitions"] = {"before": delegate_partitions(current),
                                         "after": delegate_partitions(candidate)}
-        entry["check"] = check_rewrite(current, candidate, inputs, reference, outputs_cache)
+        entry["check"] = check(current, candidate)
         entry["applied"] = entry["check"]["accepted"]
         if entry["applied"]:
             current = candidate

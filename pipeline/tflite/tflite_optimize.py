@@ -18,7 +18,10 @@ back into the first by the converter's CSE, even with swapped operands.
 The two forms are not always bit-identical: the original rounds a+b to the
 Add's scale before the ReLU requantizes it, the fused form rounds once.
 ``export_tflite`` therefore measures the rewritten model against the original
-on the calibration images and records the difference in the manifest.
+on the calibration images and records the difference in the manifest. That
+check sees 32 images; ``convert --max-drop`` also refuses a rewrite that
+changes any top-1 prediction on its eval images (issue 14: on another CPU a
+rewrite the check had passed cost 2 pp there).
 """
 
 from __future__ import annotations
@@ -208,10 +211,13 @@ def check_rewrite(stock: bytes, rewritten: bytes, inputs, reference=None, cache:
     """Measure the rewrite on real inputs: against the stock model and, when needed, the float model.
 
     ``accepted`` is true when every top-1 matches the stock model, or when the
-    rewritten model is no further from the float model than the stock one
-    (its single rounding is the more faithful of the two). ``reference`` (the
-    float model's outputs, or a callable giving them) is only evaluated when
-    some top-1 differs: on a 299x299 Xception it costs more than the check.
+    rewritten model is no further from the float model than the stock one:
+    its mean absolute error against the float outputs is no larger (no
+    tolerance) and it matches the float model's top-1 on at least as many
+    inputs (its single rounding is the more faithful of the two where it
+    differs). ``reference`` (the float model's outputs, or a callable giving
+    them) is only evaluated when some top-1 differs: on a 299x299 Xception it
+    costs more than the check.
     ``cache`` (a dict) keeps each model's outputs between successive checks.
     """
     import hashlib
@@ -239,8 +245,8 @@ def check_rewrite(stock: bytes, rewritten: bytes, inputs, reference=None, cache:
         result["rewritten_mean_abs_error_vs_float"] = float(np.abs(b - ref).mean())
         result["stock_top1_vs_float"] = float(np.mean(a.argmax(-1) == ref.argmax(-1)))
         result["rewritten_top1_vs_float"] = float(np.mean(b.argmax(-1) == ref.argmax(-1)))
-        not_worse = (result["rewritten_mean_abs_error_vs_float"] <= result["stock_mean_abs_error_vs_float"] * 1.05
-                     + 1e-6 and result["rewritten_top1_vs_float"] >= result["stock_top1_vs_float"])
+        not_worse = (result["rewritten_mean_abs_error_vs_float"] <= result["stock_mean_abs_error_vs_float"]
+                     and result["rewritten_top1_vs_float"] >= result["stock_top1_vs_float"])
     result["accepted"] = bool(result["top1_agreement"] == 1.0 or not_worse)
     return result
 

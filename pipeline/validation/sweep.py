@@ -83,6 +83,11 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, labels=None, ben
             if not note:
                 note = (f"{len(float_layers)} float layers" if float_layers
                         else f"int8 already within {max_drop_pp:g} pp: no fallback")
+            held = manifest["float_fallback"].get("heldout")
+            if held:  # the budget is judged on the eval images the search did not use
+                note += f"; {held['top1_drop_pp']:.2f} pp on {held['samples']} held-out images"
+            else:
+                note += "; nothing held out"
             path = exported.path if exported else target
         else:
             path = export_tflite(model_path, settings, out=target, representative=calibration, force=force,

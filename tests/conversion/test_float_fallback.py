@@ -30,7 +30,8 @@ from tests.conftest import run_cli
 OUTLIER = 300.0
 OUTLIER_INT16 = 1e5  # int16x8 alone: 70 pp drop on 100 digits (1 pp on the unplanted model)
 PLANTED = ("block3_sepconv1", "block5_sepconv2")
-EVAL_LIMIT = 100
+EVAL_LIMIT = 150  # 15 per class: 100 for the search, 50 held out (one image there is 2 pp)
+BUDGET = 4.0  # pp: room for one or two images on which any trained int8 digits model may differ from float
 
 
 def _plant(trained_run, folder: Path, factor: float) -> Path:
@@ -98,7 +99,10 @@ def test_drop_meter_agrees_with_xedge_validate(trained_run, trained_tflite, digi
     from pipeline.validation.validate import validate
 
     meter = DropMeter(trained_run.model_path, digits["val"], limit=60)
-    measured = meter.measure(Path(trained_tflite["int8"]).read_bytes())
+    measured = meter.measure(Path(trained_tflite["int8"]).read_bytes(), "all")
+    search, held = meter.parts["search"], meter.parts["heldout"]  # 6 images per class: 2 of each held out
+    assert len(held) == 20 and sorted([*search, *held]) == list(range(60))
+    assert np.bincount(meter.all_labels[held]).tolist() == [2] * 10
     report = validate(trained_run.model_path, trained_tflite["int8"], digits["val"], tmp_path, limit=60,
                       layer_samples=0).report
     for key in ("top1_drop_pp", "top1_quant", "top1_float", "agreement"):
@@ -109,27 +113,41 @@ def test_budget_already_met_needs_no_fallback(trained_run, calibration, digits, 
     from pipeline.validation.accuracy_budget import convert_within_budget
 
     result = convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,
-                                   eval_dir=digits["val"], max_drop_pp=2.0, eval_limit=EVAL_LIMIT,
+                                   eval_dir=digits["val"], max_drop_pp=BUDGET, eval_limit=EVAL_LIMIT,
                                    out=tmp_path / "m.tflite", latency=lambda a, b: pytest.fail("no fallback, no bench"))
-    assert result.float_layers == [] and result.final["top1_drop_pp"] <= 2.0
+    assert result.float_layers == [] and result.final["top1_drop_pp"] <= BUDGET
     manifest = json.loads((tmp_path / "m.manifest.json").read_text())
     record = manifest["float_fallback"]
     assert record["layers"] == [] and manifest["settings"]["float_layers"] == []
     assert len(record["steps"]) == 1 and record["reached"] is True and record["latency"] is None
-    assert record["final_top1_drop_pp"] <= 2.0 and record["eval"]["images"] == EVAL_LIMIT
+    assert record["final_top1_drop_pp"] <= BUDGET and record["eval"]["images"] == EVAL_LIMIT
+    # judged on the 50 held-out images, the interval being metrics.paired_drop_ci of their discordant pairs
+    assert record["eval"]["search_images"] == 100 and record["eval"]["heldout_images"] == 50
+    assert record["gate"] == {"on": "heldout", "top1_drop_pp": record["heldout_top1_drop_pp"],
+                              "reason": record["eval"]["holdout"]}
+    assert record["heldout"]["samples"] == 50 and record["heldout_top1_drop_pp"] <= BUDGET
+    flips = record["heldout"]["mcnemar"]
+    from pipeline.validation.metrics import paired_drop_ci
+
+    ci = paired_drop_ci(flips["reference_only_correct"], flips["candidate_only_correct"], 50)
+    assert record["heldout_top1_drop_ci95_pp"] == [round(v, 4) for v in ci] == record["heldout"]["top1_drop_ci95_pp"]
+    assert record["final_top1_drop_pp"] == record["steps"][-1]["top1_drop_pp"]  # the search measured these bytes
     assert not inspect_tflite((tmp_path / "m.tflite").read_bytes()).heavy_float_ops
 
 
 def test_cli_reaches_budget_by_keeping_planted_layers_in_float(sensitive_model, digits, tmp_path):
     out = tmp_path / "sens_int8.tflite"
     proc = run_cli("convert", sensitive_model, "--int8", "--calib", digits["samples"], "--calib-size", 64,
-                   "--max-drop", 1, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--out", out)
+                   "--max-drop", BUDGET, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "sens_int8.manifest.json").read_text())
     record = manifest["float_fallback"]
     steps = [s["top1_drop_pp"] for s in record["steps"]]
     assert steps[0] > 10, steps  # the planted outliers really hurt int8
-    assert record["reached"] and record["final_top1_drop_pp"] <= 1.0 and steps[-1] <= 1.0
+    assert record["reached"] and record["heldout_top1_drop_pp"] <= BUDGET and steps[-1] <= BUDGET
+    # the search measured the model as written, graph rewrites included: the same figure, the same rewrites
+    assert record["final_top1_drop_pp"] == steps[-1]
+    assert record["steps"][-1]["rewrites"] == [e["name"] for e in manifest["optimizations"] if e["applied"]]
     assert set(record["layers"]) <= set(PLANTED) and record["layers"], record["layers"]
     assert manifest["settings"]["float_layers"] == record["layers"] and manifest["settings"]["allow_float_fallback"]
     left = " ".join(e["output"] for e in manifest["ops"]["left_float"])
@@ -137,21 +155,23 @@ def test_cli_reaches_budget_by_keeping_planted_layers_in_float(sensitive_model, 
     assert manifest["optimizations"], "the graph rewrites are applied and checked on the final model"
     assert record["latency"]["all_quantized_p50_ms"] > 0 and record["latency"]["with_fallback_p50_ms"] > 0
     assert "latency cost of the fallback" in proc.stdout and "float layers: " in proc.stdout
+    assert "held-out images (95% CI" in proc.stdout and "100 images the search used" in proc.stdout
 
 
 def test_cli_unreachable_budget_keeps_best_under_distinct_name(sensitive_model, digits, tmp_path):
     out = tmp_path / "sens_int8.tflite"
+    # No float layer allowed: over budget whatever model this machine trained (the plant costs > 10 pp).
     proc = run_cli("convert", sensitive_model, "--int8", "--calib", digits["samples"], "--calib-size", 64,
-                   "--max-drop", 0.5, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--max-float-layers", 1,
+                   "--max-drop", 0.5, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--max-float-layers", 0,
                    "--out", out)
     assert proc.returncode == 3, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "budget even with 1 layers in float" in errors[0] and "_over_budget.tflite" in errors[0]
+    assert "budget even with 0 layers in float" in errors[0] and "_over_budget.tflite" in errors[0]
     assert not out.exists()
     best = json.loads((tmp_path / "sens_int8_over_budget.manifest.json").read_text())["float_fallback"]
-    assert best["reached"] is False and len(best["layers"]) == 1
-    assert best["final_top1_drop_pp"] > 0.5 and best["final_top1_drop_pp"] < best["steps"][0]["top1_drop_pp"]
+    assert best["reached"] is False and best["layers"] == [] and len(best["steps"]) == 1
+    assert best["final_top1_drop_pp"] == best["steps"][0]["top1_drop_pp"] > 0.5
 
 
 def test_int16x8_is_the_other_lever(sensitive_model, calibration, digits, tmp_path):
@@ -159,9 +179,9 @@ def test_int16x8_is_the_other_lever(sensitive_model, calibration, digits, tmp_pa
     from pipeline.validation.accuracy_budget import convert_within_budget
 
     result = convert_within_budget(sensitive_model, ConvertSettings("int16x8"), representative=calibration,
-                                   eval_dir=digits["val"], max_drop_pp=2.0, eval_limit=EVAL_LIMIT,
+                                   eval_dir=digits["val"], max_drop_pp=BUDGET, eval_limit=EVAL_LIMIT,
                                    out=tmp_path / "m16.tflite")
-    assert result.float_layers == [] and result.final["top1_drop_pp"] <= 2.0
+    assert result.float_layers == [] and result.final["top1_drop_pp"] <= BUDGET >= result.heldout["top1_drop_pp"]
     assert inspect_tflite(result.export.model_bytes).inputs[0]["dtype"] == "int16"
     assert np.isfinite(result.final["kl_mean"])
 
@@ -289,13 +309,14 @@ def test_splice_errors_name_the_layer(sensitive_conversions):
 def test_cli_int16x8_budget_keeps_planted_layers_in_float_by_splicing(int16_sensitive_model, digits, tmp_path):
     out = tmp_path / "sens_int16x8.tflite"
     proc = run_cli("convert", int16_sensitive_model, "--int16x8", "--calib", digits["samples"], "--calib-size", 64,
-                   "--max-drop", 2, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--out", out)
+                   "--max-drop", BUDGET, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "sens_int16x8.manifest.json").read_text())
     record = manifest["float_fallback"]
     steps = [s["top1_drop_pp"] for s in record["steps"]]
     assert steps[0] > 10, steps  # int16x8 alone misses the budget on this model
-    assert record["reached"] and record["final_top1_drop_pp"] <= 2.0
+    assert record["reached"] and record["final_top1_drop_pp"] == steps[-1] <= BUDGET
+    assert record["heldout_top1_drop_pp"] <= BUDGET
     assert record["method"] == "splice" and record["kept_in"] == "float"
     assert set(record["layers"]) <= set(PLANTED) and record["layers"], record["layers"]
     assert manifest["settings"]["float_layers"] == record["layers"]
@@ -306,12 +327,12 @@ def test_cli_int16x8_budget_keeps_planted_layers_in_float_by_splicing(int16_sens
     assert "float layers: " in proc.stdout and "kept in float" in proc.stderr
 
     proc = run_cli("convert", int16_sensitive_model, "--int16x8", "--calib", digits["samples"], "--calib-size", 64,
-                   "--max-drop", 2, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--max-float-layers", 1,
+                   "--max-drop", BUDGET, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--max-float-layers", 0,
                    "--out", tmp_path / "one.tflite")
     assert proc.returncode == 3, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "budget even with 1 layers in float" in errors[0] and "one_over_budget.tflite" in errors[0]
+    assert "budget even with 0 layers in float" in errors[0] and "one_over_budget.tflite" in errors[0]
 
 
 def test_int8_can_keep_layers_in_int16_instead(sensitive_model, calibration, digits, tmp_path):
@@ -319,12 +340,12 @@ def test_int8_can_keep_layers_in_int16_instead(sensitive_model, calibration, dig
     from pipeline.validation.accuracy_budget import convert_within_budget
 
     result = convert_within_budget(sensitive_model, ConvertSettings("int8", fallback="int16"),
-                                   representative=calibration, eval_dir=digits["val"], max_drop_pp=2.0,
+                                   representative=calibration, eval_dir=digits["val"], max_drop_pp=BUDGET,
                                    eval_limit=EVAL_LIMIT, out=tmp_path / "m.tflite")
     record = result.record
     assert record["reached"] and record["method"] == "splice" and record["kept_in"] == "int16"
     assert set(record["layers"]) <= set(PLANTED) and record["layers"]
-    assert record["steps"][0]["top1_drop_pp"] > 10 and result.final["top1_drop_pp"] <= 2.0
+    assert record["steps"][0]["top1_drop_pp"] > 10 and result.final["top1_drop_pp"] <= BUDGET
     info = inspect_tflite(result.export.model_bytes)
     assert info.float_ops == [] and info.inputs[0]["dtype"] == "int8"
     assert info.op_histogram["CONV_2D/int16"] == len(record["layers"])
@@ -349,3 +370,126 @@ def test_an_int8_model_xnnpack_refuses_is_written_with_a_warning_and_still_runs(
     measured = json.loads(result.read_text())
     assert measured["xnnpack"] is False and "XNNPACK" in measured["xnnpack_refused"]
     assert measured["latency_ms"]["p50"] > 0
+
+
+# ---------------------------------------------------------------- what is written is what was measured (issue 14)
+
+
+def _scramble(model_bytes: bytes) -> bytes:
+    from tests.test_optimize import _scramble_classifier
+
+    return _scramble_classifier(model_bytes)[0]
+
+
+def _as_rewrite(model_bytes: bytes):
+    """Bytes already changed, reported as a rewrite named scramble_classifier."""
+    from pipeline.tflite.tflite_optimize import RewriteReport
+
+    report = RewriteReport("scramble_classifier")
+    report.rewritten.append({"op": "FULLY_CONNECTED"})
+    return model_bytes, report
+
+
+def test_a_rewrite_that_changes_top1_on_the_eval_images_is_left_out(trained_run, calibration, digits, tmp_path,
+                                                                    monkeypatch):
+    """The rewrite check sees 32 calibration images; a rewrite it passes may still change eval predictions.
+
+    Here the check is made blind (it accepts anything) and a harmful rewrite is added: the search must
+    measure the model as written and leave the rewrite out, saying so, instead of writing a model whose
+    drop it never measured.
+    """
+    from pipeline.tflite import tflite_optimize
+    from pipeline.validation.accuracy_budget import DropMeter, convert_within_budget
+    from pipeline.model.modelio import load_source
+
+    blind = {"samples": 32, "top1_agreement": 1.0, "max_abs_quanta": 0, "mean_abs_diff": 0.0, "accepted": True}
+    monkeypatch.setattr(tflite_optimize, "check_rewrite", lambda *a, **k: dict(blind))
+    monkeypatch.setattr(tflite_optimize, "raise_negligible_add_inputs", lambda b: _as_rewrite(_scramble(b)))
+    said: list[str] = []
+    result = convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,
+                                   eval_dir=digits["val"], max_drop_pp=BUDGET, eval_limit=EVAL_LIMIT,
+                                   out=tmp_path / "m.tflite", say=said.append)
+    by_name = {e["name"]: e for e in result.export.manifest["optimizations"]}
+    scrambled = by_name["scramble_classifier"]
+    assert scrambled["applied"] is False and scrambled["check"]["gate"]["eval_top1_changed"] > 0
+    assert scrambled["check"]["gate"]["eval_images"] == EVAL_LIMIT
+    assert any("scramble_classifier left out" in line for line in said), said
+    for entry in by_name.values():  # kept only with no top-1 change on any eval image
+        assert entry["applied"] == (entry["check"]["gate"]["eval_top1_changed"] == 0)
+    record = result.record
+    assert record["reached"] and record["final_top1_drop_pp"] == record["steps"][-1]["top1_drop_pp"] <= BUDGET
+    # exact: the written model predicts what the unrewritten quantizer output predicts, on every eval image
+    meter = DropMeter(trained_run.model_path, digits["val"], limit=EVAL_LIMIT)
+    stock = convert_bytes(load_source(trained_run.model_path), ConvertSettings("int8"), calibration)
+    assert (meter.top1(result.export.model_bytes) == meter.top1(stock)).all()
+
+
+def test_an_over_budget_written_model_is_never_at_the_budget_path(trained_run, calibration, digits, tmp_path,
+                                                                 monkeypatch):
+    """If the conversion for the output differs from the one measured, the output path gets nothing."""
+    from pipeline.conversion import export
+    from pipeline.validation.accuracy_budget import convert_within_budget
+    from pipeline.core.errors import BudgetNotReached
+
+    real = export.convert_bytes
+
+    def differs(source, settings, *args, **kwargs):  # export_tflite's own conversion, not the search's
+        model = real(source, settings, *args, **kwargs)
+        return _scramble(model) if settings.mode == "int8" else model
+
+    monkeypatch.setattr(export, "convert_bytes", differs)
+    out = tmp_path / "m.tflite"
+    with pytest.raises(BudgetNotReached, match="the written model's top-1 drop"):
+        convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,
+                              eval_dir=digits["val"], max_drop_pp=BUDGET, eval_limit=EVAL_LIMIT, out=out)
+    assert not out.exists() and not (tmp_path / "m.manifest.json").exists()
+    kept = json.loads((tmp_path / "m_over_budget.manifest.json").read_text())["float_fallback"]
+    assert kept["reached"] is False and kept["gate"]["top1_drop_pp"] > BUDGET
+
+
+def test_holdout_split_is_a_stratified_third_with_a_stated_minimum():
+    from pipeline.validation.accuracy_budget import HOLDOUT_MIN_PER_CLASS, holdout_split
+
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 2, 2, 2, 1, 0])  # class 0: 5 images, 1: 4, 2: 3
+    search, held, note = holdout_split(labels, ["a", "b", "c"])
+    assert held.tolist() == [4, 5, 9] and sorted([*search, *held]) == list(range(12))  # each class's 3rd image
+    assert "every third image of each class" in note
+    search, held, note = holdout_split(np.array([0, 0, 0, 1, 1]), ["a", "b"])
+    assert HOLDOUT_MIN_PER_CLASS == 3 and held.size == 0 and search.tolist() == [0, 1, 2, 3, 4]
+    assert "class 'b' has 2 eval image(s)" in note and "at least 3 of every class" in note
+
+
+def test_budget_is_judged_on_the_held_out_images(sensitive_conversions, calibration, digits, tmp_path):
+    """An eval folder whose held-out images are exactly those int8 gets wrong: in-sample 0 pp, held out over."""
+    from pipeline.validation.accuracy_budget import DropMeter, convert_within_budget
+    from pipeline.core.errors import BudgetNotReached
+    from pipeline.validation.metrics import paired_drop_ci
+
+    model = Path(sensitive_conversions["source"].path)
+    meter = DropMeter(model, digits["val"], holdout=False)
+    int8 = sensitive_conversions["int8"]  # what the search converts (optimize=False: no rewrite)
+    truth, ref, cand = meter.all_labels, meter.all_reference.argmax(1), meter.top1(int8)
+    # Search positions: images the two models label alike (right or wrong, never discordant). Held-out
+    # position (the third in name order): an image of the class the float model gets right and int8 not.
+    alike = iter([meter.items[i].path for i in np.flatnonzero(ref == cand)])
+    eval_dir, flips = tmp_path / "eval", 0
+    for c, name in enumerate(meter.names):
+        lost = [meter.items[i].path for i in np.flatnonzero((truth == c) & (ref == c) & (cand != c))]
+        chosen = [next(alike), next(alike), lost[0] if lost else next(alike)]
+        flips += bool(lost)
+        (eval_dir / name).mkdir(parents=True)
+        for k, path in enumerate(chosen):
+            shutil.copy2(path, eval_dir / name / f"{k}{path.suffix}")
+    assert flips >= 1  # the plant makes int8 lose images in some class (> 10 pp elsewhere)
+    out = tmp_path / "m.tflite"
+    with pytest.raises(BudgetNotReached, match="held-out eval images the top-1 drop is"):
+        convert_within_budget(model, ConvertSettings("int8", optimize=False), representative=calibration,
+                              eval_dir=eval_dir, max_drop_pp=BUDGET, max_float_layers=0, out=out,
+                              source=sensitive_conversions["source"])
+    assert not out.exists()
+    record = json.loads((tmp_path / "m_over_budget.manifest.json").read_text())["float_fallback"]
+    assert record["final_top1_drop_pp"] == 0.0 and record["reached"] is False
+    assert record["heldout_top1_drop_pp"] == pytest.approx(100.0 * flips / len(meter.names))
+    assert record["gate"]["on"] == "heldout" and record["gate"]["top1_drop_pp"] == record["heldout_top1_drop_pp"]
+    n = len(meter.names)
+    assert record["heldout_top1_drop_ci95_pp"] == [round(v, 4) for v in paired_drop_ci(flips, 0, n)]

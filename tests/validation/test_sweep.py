@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.artifacts import manifest_path_for
 from pipeline.validation.sweep import SWEEP_MODES
 from tests.browser import chromium as _chromium
 from tests.conftest import run_cli
@@ -41,7 +42,11 @@ def test_sweep_writes_one_row_per_mode(sweep_run):
     assert rows["float"]["top1_drop_pp"] == 0 and rows["float"]["agreement"] == 1.0
     assert rows["int8"]["bytes"] < rows["fp16"]["bytes"] < rows["float"]["bytes"]
     fallback = rows["int8-fallback"]
-    assert fallback["top1_drop_pp"] <= 2.5
+    if "not reached" in fallback["note"]:  # judged on 10 held-out images (one per class), one image is 10 pp
+        kept = json.loads(manifest_path_for(fallback["path"]).read_text())
+        assert kept["float_fallback"]["gate"]["top1_drop_pp"] > 2.5
+    else:  # within budget on the 30 search and the 10 held-out images, so on all 40 validate measures
+        assert fallback["top1_drop_pp"] <= 2.5 and "on 10 held-out images" in fallback["note"]
     if not fallback["float_layers"]:
         assert "no fallback" in fallback["note"]
     assert record["eval"]["images"] == EVAL_LIMIT
