@@ -20,6 +20,7 @@ from pathlib import Path
 
 from devices.benchmark_model import parse_benchmark_model
 from devices.transport import RUNNER, BenchRequest, parse_runner_output
+from pipeline.core.artifacts import sha256_file
 from pipeline.core.errors import DeviceError
 
 DEFAULT_WORKDIR = "/data/local/tmp"
@@ -160,7 +161,6 @@ class AdbTransport:
         if proc.returncode != 0:
             raise DeviceError(f"adb {self.serial}: benchmark_model exited {proc.returncode}")
         model_path = request.models[0]
-        from pipeline.core.artifacts import sha256_file
 
         result.update({"threads": request.threads, "xnnpack": request.xnnpack,
                        "inputs": {"source": "random (benchmark_model)"},

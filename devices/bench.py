@@ -19,6 +19,7 @@ from devices.profile import DeviceProfile, load_profile
 from devices.transport import BenchRequest
 from devices.transports import get_transport
 from pipeline.core.errors import DeviceError
+from pipeline.tflite.safe_tflite import check_manifest, probe, read_model_bytes
 
 REFERENCE_RUNS = 20
 
@@ -30,8 +31,6 @@ def model_input_shape(model: Path) -> list[int]:
 
 @functools.lru_cache(maxsize=16)
 def _probe_cached(path: str, mtime_ns: int, size: int) -> dict:
-    from pipeline.tflite.safe_tflite import check_manifest, probe, read_model_bytes
-
     data = read_model_bytes(path)
     check_manifest(path, data)
     return probe(data, path)

@@ -9,6 +9,7 @@ exceeded budget stops anything is the caller's choice: the CLI raises
 from __future__ import annotations
 
 import os
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +97,6 @@ def select_cases(profile: DeviceProfile, models: list[str | os.PathLike] | None)
 
 def run_latency_tests(profile: DeviceProfile, models=None, *, runs: int | None = None, warmup: int | None = None,
                       progress=None) -> LatencyReport:
-    import time
-
     cases, unbudgeted = select_cases(profile, models)
     report = LatencyReport(profile.name, cases, unbudgeted)
     for i, case in enumerate(cases):

@@ -33,6 +33,8 @@ import platform
 import sys
 import time
 
+import numpy as np
+
 SCHEMA = 1
 MAX_MODEL_BYTES = 2 * 1024 ** 3
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
@@ -53,12 +55,12 @@ def load_runtime(preferred="auto"):
     for name in order:
         try:
             if name == "ai_edge_litert":
-                from ai_edge_litert import interpreter as mod
                 import ai_edge_litert as pkg
+                from ai_edge_litert import interpreter as mod
                 resolver = getattr(mod, "OpResolverType", None)
             elif name == "tflite_runtime":
-                from tflite_runtime import interpreter as mod
                 import tflite_runtime as pkg
+                from tflite_runtime import interpreter as mod
                 resolver = getattr(mod, "OpResolverType", None)
             else:
                 import tensorflow as pkg
@@ -151,7 +153,6 @@ def peak_rss_mb():
 
 def quantize(x, dtype, scale, zero_point):
     """Float model input -> the model's integer input; mirrors pipeline.core.preprocessing.quantize."""
-    import numpy as np
 
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
@@ -165,8 +166,6 @@ def quantize(x, dtype, scale, zero_point):
 
 
 def dequantize(q, scale, zero_point):
-    import numpy as np
-
     q = np.asarray(q)
     if q.dtype.kind == "f" or not scale:
         return q.astype(np.float32)
@@ -232,7 +231,6 @@ class Model(object):
 
     def prepare_inputs(self, samples, seed, value_range):
         """One feed (list of arrays, one per input) per sample; random feeds if no samples."""
-        import numpy as np
 
         rng = np.random.default_rng(seed)
         feeds = []
@@ -276,7 +274,6 @@ class Model(object):
 
     def save_outputs(self, folder):
         """Run every feed once and save raw and dequantized outputs (per output tensor)."""
-        import numpy as np
 
         if not os.path.isdir(folder):
             os.makedirs(folder)
@@ -298,8 +295,6 @@ class Model(object):
         return files
 
     def describe(self):
-        import numpy as np
-
         detail = self.inputs[0]
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "bytes": self.bytes,
                 "precision": self.precision(), "input_dtype": np.dtype(detail["dtype"]).name,
@@ -307,8 +302,6 @@ class Model(object):
 
 
 def summarize(times_ms):
-    import numpy as np
-
     a = np.asarray(times_ms, dtype=np.float64)
     pct = np.percentile(a, [50, 90, 99])
     return {"min": round(float(a.min()), 4), "p50": round(float(pct[0]), 4), "p90": round(float(pct[1]), 4),
@@ -317,8 +310,6 @@ def summarize(times_ms):
 
 
 def load_samples(path):
-    import numpy as np
-
     try:
         samples = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -329,8 +320,6 @@ def load_samples(path):
 
 
 def bench(args):
-    import numpy as np
-
     if args.runs < 1 or args.warmup < 0 or args.threads < 1:
         raise RunnerError("--runs and --threads must be at least 1 and --warmup at least 0")
     runtime = load_runtime(args.runtime)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if v < 10 else f"{v:.1f}"
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.core.digits import write_digits
 from pipeline.conversion.export import ConvertSettings, export_tflite
+from pipeline.core.digits import write_digits
 from pipeline.core.preprocessing import PreprocessSpec
 from pipeline.model.train import TrainConfig, train
+from pipeline.validation.validate import validate
 
 
 @dataclass
@@ -75,7 +76,6 @@ def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], object]
 
 def validate_step(result: DemoResult, *, say: Callable[[str], None] = lambda s: None, progress=None):
     """Drift of the int8 model against the float Keras model on the held-out digits."""
-    from pipeline.validation.validate import validate
 
     t = time.perf_counter()
     say(f"validating int8 against the float model on {result.folders['val']}")

@@ -49,17 +49,25 @@ manifest says so.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from pipeline.core.errors import ConversionError
+from pipeline.core.quiet import native_stderr_captured
+from pipeline.tflite import flatbuffers
+from pipeline.tflite.flatbuffers import tools
 
 SUPPORTED_TF = ("2.21.",)
 _FLT_MAX = float(np.finfo(np.float32).max)
@@ -160,7 +168,6 @@ def _add_intermediate_tensors(model_bytes: bytes) -> bytes:
     Not LiteRT's copy of the wrapper: loading both pybind modules in one
     process breaks TensorFlow's own calibrator (measured: its import fails).
     """
-    from pipeline.tflite import flatbuffers
     model = flatbuffers.schema().Model.GetRootAs(model_bytes, 0)  # reads the op codes in place, nothing else
     names = flatbuffers.op_names()
     codes = set()
@@ -184,8 +191,6 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
     """Calibrate ``float_model`` on ``samples`` (an iterable of input lists); return calibrated bytes."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.tflite.flatbuffers import tools
-    from pipeline.core.quiet import native_stderr_captured
 
     flatbuffer_utils, schema = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
@@ -245,8 +250,6 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
 
 
 def _tf_version() -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version("tensorflow")
     except metadata.PackageNotFoundError:
@@ -276,8 +279,6 @@ def staged_supported() -> tuple[bool, str]:
 
 def _converter_api_path():
     """Where TensorFlow's converter extension lies, found without importing TensorFlow."""
-    import importlib.util
-    from pathlib import Path
 
     spec = importlib.util.find_spec("tensorflow")  # finds the package; runs none of it
     if spec is None or not spec.submodule_search_locations:
@@ -295,9 +296,6 @@ def _converter_api():
     of CPU to import) stays unloaded. Only while nothing has imported TensorFlow: its own import would
     load the same extension under its own name."""
     if not _API:
-        import importlib.machinery
-        import importlib.util
-
         path = _converter_api_path()
         loader = importlib.machinery.ExtensionFileLoader("_pywrap_converter_api", str(path))  # its PyInit name
         module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(loader.name, path,
@@ -315,9 +313,7 @@ IO_FLOAT, IO_INT8, QUANTIZED_INT8 = 1, 18, 9
 def _deduplicate_readonly_buffers(model_bytes: bytes) -> bytes:
     """TensorFlow's ``deduplicate_readonly_buffers`` (tensorflow/lite/python/convert.py, Apache-2.0),
     on LiteRT's flatbuffer tools: constant buffers with equal bytes are stored once."""
-    import hashlib
 
-    from pipeline.tflite.flatbuffers import tools
 
     flatbuffer_utils, _ = tools()
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
@@ -366,7 +362,6 @@ def _deduplicate_readonly_buffers(model_bytes: bytes) -> bytes:
 def without_conversion_metadata(model_bytes: bytes) -> bytes:
     """The model minus the converter's CONVERSION_METADATA entry (a float conversion's, which would
     describe the wrong options once quantized; the converter's own calibrator never sees one)."""
-    from pipeline.tflite.flatbuffers import tools
 
     flatbuffer_utils, _ = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))

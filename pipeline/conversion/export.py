@@ -9,6 +9,7 @@ definition behind the caller's back.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -18,16 +19,34 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.conversion import float_fallback
+from pipeline.conversion.converter_hooks import (
+    calibrate_float_model,
+    denylist_supported,
+    fast_calibration,
+    fast_freeze,
+    keep_float,
+    quantize_calibrated,
+    staged_supported,
+)
+from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
 from pipeline.core import artifacts
 from pipeline.core.errors import CalibrationError, ConversionError
 from pipeline.core.preprocessing import PreprocessSpec
-from pipeline.tflite.splice import splice
+from pipeline.core.quiet import native_stderr_captured
 from pipeline.model.modelio import SourceModel, load_source
-from pipeline.conversion import float_fallback
-from pipeline.conversion.converter_hooks import denylist_supported, keep_float
+from pipeline.tflite.runtime import run_batch
+from pipeline.tflite.splice import splice
+from pipeline.tflite.tflite_info import inspect_tflite
 from pipeline.tflite.tflite_metadata import ModelInfo, add_metadata, read_metadata
-from pipeline.conversion.settings import (CALIBRATED_MODES, ConvertSettings, Progress, Representative,
-                                          default_output)
+from pipeline.tflite.tflite_optimize import (
+    check_rewrite,
+    delegate_partitions,
+    fuse_shared_add_relu,
+    raise_negligible_add_inputs,
+    xnnpack_report,
+)
+
 
 @dataclass
 class ExportResult:
@@ -139,8 +158,6 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
 
     ``calibration_record`` (a dict) receives which calibrator ran, for the manifest.
     """
-    from pipeline.conversion.converter_hooks import fast_calibration, fast_freeze
-    from pipeline.core.quiet import native_stderr_captured
 
     qat = is_qat_model(source)
     if source.kind == "tflite":
@@ -202,7 +219,6 @@ def _use_stages(settings: ConvertSettings, representative, qat: bool) -> bool:
     """int8 from images runs as the converter's three stages, each kept for reuse (pipeline.conversion.converter_hooks)."""
     if settings.mode != "int8" or qat or representative is None:
         return False
-    from pipeline.conversion.converter_hooks import staged_supported
 
     return staged_supported()[0]
 
@@ -234,8 +250,6 @@ def _from_float_tflite(source: SourceModel, settings: ConvertSettings, represent
 
 def _staged_int8(source: SourceModel, settings: ConvertSettings, representative, progress, record: dict) -> bytes:
     """Float conversion, calibration, quantizer: the first two are reused across calls on the same images."""
-    from pipeline.conversion.converter_hooks import calibrate_float_model, quantize_calibrated, staged_supported
-    from pipeline.core.quiet import native_stderr_captured
 
     kept = source.cache.get("calibrated")
     if kept is None or kept[0] is not representative or kept[1] != settings.calibrator:
@@ -296,7 +310,6 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     converted bytes: the accuracy search passes the one it measured each
     candidate with, so what is written is what it measured.
     """
-    from pipeline.tflite.tflite_info import inspect_tflite
 
     t0 = time.perf_counter()
     model_path = Path(model_path)
@@ -325,7 +338,6 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     t_optimize = time.perf_counter()
     info = inspect_tflite(model_bytes)
     check_integer_ops(info, settings)
-    from pipeline.tflite.tflite_optimize import xnnpack_report
 
     xnnpack = xnnpack_report(model_bytes)
     spec = representative.spec if representative is not None else PreprocessSpec(size=source.input_size)
@@ -378,8 +390,6 @@ def float_outputs(source: SourceModel, inputs: np.ndarray) -> np.ndarray:
     if source.model is not None:
         return np.concatenate([np.asarray(source.model(c, training=False), dtype=np.float32) for c in chunks])
     if source.kind == "tflite":
-        from pipeline.tflite.runtime import run_batch
-
         return run_batch(float_tflite(source), inputs)[0]
     import tensorflow as tf
 
@@ -401,8 +411,6 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
     no top-1 change on its eval images); it returns a dict with ``accepted``,
     recorded as the check's ``gate``.
     """
-    from pipeline.tflite.tflite_optimize import (check_rewrite, delegate_partitions, fuse_shared_add_relu,
-                                          raise_negligible_add_inputs)
 
     staged: list[tuple[Callable, dict]] = []  # (rewrite, manifest entry) per rewrite that found work
     current = model_bytes
@@ -473,7 +481,6 @@ def _model_info(source: SourceModel, settings: ConvertSettings, spec: Preprocess
 
 def _source_manifest(model_path: Path) -> dict:
     """Our manifest beside a float .tflite source (its preprocessing and labels carry over), or {}."""
-    import json
 
     try:
         data = json.loads(artifacts.manifest_path_for(model_path).read_text())
@@ -484,7 +491,6 @@ def _source_manifest(model_path: Path) -> dict:
 
 def _labels_beside(model_path: Path) -> list[str] | None:
     """Class names from a training run's labels.json, so the .tflite manifest carries them."""
-    import json
 
     candidate = (model_path if model_path.is_dir() else model_path.parent) / "labels.json"
     if not candidate.is_file():

@@ -43,6 +43,7 @@ from pipeline.core.errors import ConversionError
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.layers import layer_names, primary_layer
 
+
 def op_outputs_by_layer(model_bytes: bytes) -> dict[str, list[str]]:
     """Keras layer -> output tensor names of the ops computing it, in graph order."""
     model = flatbuffers.read(model_bytes)

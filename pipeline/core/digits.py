@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline.core.errors import DataError
 
@@ -20,8 +21,6 @@ SIZE = 32
 
 
 def _to_image(digit: np.ndarray):
-    from PIL import Image
-
     gray = (255.0 - digit * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     return Image.fromarray(gray, mode="L").resize((SIZE, SIZE), Image.BILINEAR)
 

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from pipeline.core.errors import DataError
 
@@ -110,8 +111,6 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def _to_rgb(im, path) -> "np.ndarray":
-    from PIL import Image
-
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(im, dtype=np.float64)
@@ -139,7 +138,6 @@ def _to_rgb(im, path) -> "np.ndarray":
 
 def decode_rgb(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
     """Decode image bytes to an HxWx3 uint8 RGB array, applying EXIF orientation."""
-    from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -170,7 +168,6 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     """Centre-crop to a square, then bilinear-resize to size x size (uint8 in, uint8 out)."""
-    from PIL import Image
 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}")

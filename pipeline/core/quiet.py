@@ -9,6 +9,7 @@ error can quote the converter's own diagnosis instead of a wall of logs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -92,8 +93,6 @@ def import_tensorflow_quietly():
         if not already:
             tf.config.list_physical_devices()
     if not os.environ.get("XEDGE_VERBOSE"):
-        import logging
-
         try:
             from absl import logging as absl_logging
 

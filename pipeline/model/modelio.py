@@ -23,13 +23,19 @@ guidance says it plainly: models are programs. Without ``trust_code=True``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf import message, text_format
+
 from pipeline.core.errors import ModelLoadError
+from pipeline.model.tfmot_import import import_tfmot
+from pipeline.tflite import flatbuffers
+from pipeline.tflite.safe_tflite import check_manifest, read_model_bytes, start_probe
 
 TRUST_HINT = "pass --trust-model-code only if you trust whoever made this file"
 # Layers whose configuration carries executable Python, or loads a SavedModel and runs it (TFSMLayer).
@@ -152,7 +158,6 @@ def _refuse_code(path: Path, config, trust_code: bool) -> None:
 
 
 def _read_saved_model_proto(path: Path):
-    from google.protobuf import message, text_format
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()
@@ -337,8 +342,6 @@ def _is_quantized_config(config) -> bool:
 
 
 def _quantize_scope():
-    from pipeline.model.tfmot_import import import_tfmot
-
     return import_tfmot().quantization.keras.quantize_scope()
 
 
@@ -365,8 +368,6 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
 
             model = keras.saving.load_model(path, compile=False, safe_mode=not trust_code)
         else:
-            import contextlib
-
             import tf_keras
 
             kwargs = {} if path.suffix.lower() != ".keras" else {"safe_mode": not trust_code}
@@ -387,7 +388,6 @@ def _float_tflite_source(path: Path) -> SourceModel:
     child (``pipeline.tflite.safe_tflite``); that probe runs while the caller reads its calibration images, and
     ``pipeline.conversion.export.float_tflite`` waits for it before anything loads the model in this process. Its
     shapes and tensor types are read here from the flatbuffer, in Python, without executing anything."""
-    from pipeline.tflite.safe_tflite import check_manifest, read_model_bytes, start_probe
 
     data = read_model_bytes(path)
     check_manifest(path, data)
@@ -417,7 +417,6 @@ def _float_tflite_source(path: Path) -> SourceModel:
 
 def _tflite_signature(data: bytes) -> tuple[list, list, list[str]]:
     """Input shapes, output shapes and the names of quantized integer tensors, read in place."""
-    from pipeline.tflite import flatbuffers
     schema = flatbuffers.schema()
     model = schema.Model.GetRootAs(data, 0)
     if model.SubgraphsLength() < 1:

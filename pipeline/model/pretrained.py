@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import TrainingError
+from pipeline.core.errors import ModelLoadError, TrainingError
+from pipeline.model.modelio import load_source
 
 
 def _legacy_h5_arrays(f) -> list[np.ndarray] | None:
@@ -50,8 +51,6 @@ def _keras3_arrays(path: Path) -> list[np.ndarray]:
 
 def _model_file_arrays(path: Path) -> list[np.ndarray]:
     """A whole model (e.g. an earlier run's ``model.keras``): its layers' arrays in order."""
-    from pipeline.core.errors import ModelLoadError
-    from pipeline.model.modelio import load_source
 
     try:
         source = load_source(path)

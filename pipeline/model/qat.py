@@ -23,8 +23,19 @@ from types import SimpleNamespace
 
 from pipeline.core import artifacts
 from pipeline.core.errors import TrainingError
+from pipeline.model import tfdata
+from pipeline.model.model_tfkeras import translate
+from pipeline.model.modelio import load_source
 from pipeline.model.tfmot_import import import_tfmot
-from pipeline.model.train import BatchHook, EpochHook, TrainResult, link_latest, read_labels, prepare_data, mean_throughput
+from pipeline.model.train import (
+    BatchHook,
+    EpochHook,
+    TrainResult,
+    link_latest,
+    mean_throughput,
+    prepare_data,
+    read_labels,
+)
 
 QAT_MODEL = "model.h5"
 
@@ -52,7 +63,6 @@ class QatConfig:
 
 def quantize_aware(model):
     """A tf_keras QAT model with the float ``model``'s weights."""
-    from pipeline.model.model_tfkeras import translate
 
     tfmot = import_tfmot()
     twin = translate(model)
@@ -87,7 +97,6 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
 
 def _keras3_source(model_path, out: Path, trust_code: bool):
     """The float model to fine-tune, refused before any work when ``out`` holds a run or it is not Keras 3."""
-    from pipeline.model.modelio import load_source
 
     if (out / QAT_MODEL).exists() or (out / "manifest.json").exists():
         raise TrainingError(f"{out} already holds a run; choose another --out")
@@ -113,7 +122,6 @@ def _fine_tune(model, cfg: QatConfig, train_images, val_images, on_epoch: EpochH
     """Compile and fit ``model`` one epoch at a time, evaluating after each; the history rows."""
     import tf_keras
 
-    from pipeline.model import tfdata
 
     steps = max(1, -(-len(train_images) // cfg.batch_size))
     lr = (cfg.lr or 1e-4) * cfg.batch_size / 32

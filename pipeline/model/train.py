@@ -43,6 +43,10 @@ from pipeline.core import artifacts
 from pipeline.core.data import discover
 from pipeline.core.errors import DataError, TrainingError, TrainingInterrupted
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for
+from pipeline.model import tfdata
+from pipeline.model.loop import Steps
+from pipeline.model.pretrained import load_by_order
+from pipeline.model.xception import XceptionConfig, build_xception
 
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SWITCHES = ("auto", "on", "off")
@@ -87,8 +91,6 @@ class TrainConfig:
         if not 0.05 <= self.min_crop_area <= 1.0:
             raise TrainingError(f"--min-crop-area must be in [0.05, 1], got {self.min_crop_area}")
         try:
-            from pipeline.model.xception import XceptionConfig
-
             XceptionConfig(input_size=self.input_size, classes=2, width=float(self.width),
                            middle_blocks=self.middle_blocks)
         except ValueError as exc:
@@ -187,7 +189,6 @@ def build_model(cfg: TrainConfig, classes: int, policy: str | None = None):
     """The training model: ``build_xception`` under ``policy``, BN momentum set, first ``freeze`` layers frozen."""
     import keras
 
-    from pipeline.model.xception import build_xception
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy or "float32")
@@ -337,7 +338,6 @@ def link_latest(run_dir: Path) -> Path | None:
 
 
 def prepare_data(data_dir, val_dir, cfg: TrainConfig):
-    from pipeline.model import tfdata
     spec = PreprocessSpec(size=cfg.input_size)
     folder = tfdata.list_labeled(data_dir)
     train_digest, method = tfdata.digest(folder.paths, data_dir)
@@ -367,8 +367,6 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
     import keras
     import tensorflow as tf
 
-    from pipeline.model import tfdata
-    from pipeline.model.loop import Steps
 
     out = Path(out_dir)
     if (out / "manifest.json").exists() and (out / "model.keras").exists() and not (out / BACKUP).exists():
@@ -388,8 +386,6 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
         model = build_model(cfg, len(classes), devices.mixed_policy)
         pretrained = None
         if cfg.weights and state is None:
-            from pipeline.model.pretrained import load_by_order
-
             pretrained = load_by_order(model, cfg.weights)
         optimizer = make_optimizer(cfg, steps, global_batch)
         if devices.mixed_policy == "mixed_float16":

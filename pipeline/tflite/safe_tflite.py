@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -133,8 +134,6 @@ class Probe:
     """A probe running in its child process; ``result()`` waits for it (``start_probe``)."""
 
     def __init__(self, data: bytes, name: str, timeout: float, memory_mb: int):
-        import shutil
-
         precheck(data, name)
         self.name, self.timeout, self.memory_mb = name, timeout, memory_mb
         self._tmp = tempfile.mkdtemp(prefix="xedge-probe-")

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.tflite import flatbuffers
 from pipeline.core.errors import ConversionError
+from pipeline.tflite import flatbuffers
+from pipeline.tflite.layers import layer_names, primary_layer
 
 
 def _schema():
@@ -56,8 +57,6 @@ class _Graph:
     producer: dict[int, int] = field(init=False)
 
     def __post_init__(self):
-        from pipeline.tflite.layers import layer_names, primary_layer
-
         if len(self.model.subgraphs) != 1:
             raise ConversionError(f"cannot splice a model with {len(self.model.subgraphs)} subgraphs "
                                   "(only single-graph models)")

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.tflite import flatbuffers
+from pipeline.tflite.flatbuffers import read
 
 HEAVY_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
@@ -45,12 +46,10 @@ class TfliteInfo:
 
 
 def _type_names():
-    from pipeline.tflite import flatbuffers
     return {code: name.lower() for code, name in flatbuffers.type_names().items()}
 
 
 def _op_names():
-    from pipeline.tflite import flatbuffers
     return flatbuffers.op_names()
 
 
@@ -65,8 +64,6 @@ def _tensor_desc(tensor, types) -> dict:
 
 
 def read_model_object(model_bytes: bytes):
-    from pipeline.tflite.flatbuffers import read
-
     return read(model_bytes)
 
 

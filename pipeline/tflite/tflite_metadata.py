@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import flatbuffers as flatbuffers_lib
 import numpy as np
 
+from pipeline.core.errors import ConversionError
 from pipeline.tflite import flatbuffers
 from pipeline.tflite import metadata_schema_py_generated as md
-from pipeline.core.errors import ConversionError
 
 METADATA_NAME = "TFLITE_METADATA"
 METADATA_IDENTIFIER = b"M001"

@@ -26,10 +26,14 @@ rewrite the check had passed cost 2 pp there).
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.core.quiet import native_stderr_captured
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import run_batch
 
@@ -220,9 +224,7 @@ def check_rewrite(stock: bytes, rewritten: bytes, inputs, reference=None, cache:
     costs more than the check.
     ``cache`` (a dict) keeps each model's outputs between successive checks.
     """
-    import hashlib
 
-    import numpy as np
 
     cache = {} if cache is None else cache
 
@@ -258,8 +260,6 @@ _ADD_SCALE_RANGE = (1.0 / 1024.0, 256.0)
 
 def xnnpack_report(model_bytes: bytes, threads: int = 1) -> dict:
     """See ``_xnnpack_report``; memoised by content, as building XNNPACK for a 22M-weight model takes a second."""
-    import copy
-    import hashlib
 
     key = hashlib.sha256(model_bytes).hexdigest()
     if key not in _REPORTS:
@@ -283,15 +283,12 @@ def _xnnpack_report(model_bytes: bytes, threads: int = 1) -> dict:
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.core.quiet import native_stderr_captured
 
     with native_stderr_captured() as log:
         interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
         try:
             interpreter.allocate_tensors()
         except RuntimeError as exc:  # XNNPACK refuses the whole graph (measured: extreme requantization scales)
-            import re
-
             refused = re.sub(r"(?<=[a-z])(?=Node number)", "; ", str(exc).strip().splitlines()[0][:200]) or log.tail(1)
             return {"partitions": 0, "outside": [], "refused": refused}
     nodes = interpreter._get_ops_details()  # noqa: SLF001 - the only per-node view

@@ -30,6 +30,7 @@ optimistic, so the budget is judged on the held-out part, with its interval.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +40,29 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.conversion.export import (
+    CALIBRATED_MODES,
+    ConvertSettings,
+    ExportResult,
+    convert_bytes,
+    default_output,
+    donor_model,
+    export_tflite,
+    float_tflite,
+    optimize_graph,
+)
+from pipeline.conversion.float_fallback import method_for
+from pipeline.core import artifacts
+from pipeline.core.data import discover
 from pipeline.core.errors import BudgetNotReached, ConversionError, ValidationError
-from pipeline.conversion.export import (CALIBRATED_MODES, ConvertSettings, ExportResult, convert_bytes, default_output,
-                             export_tflite, float_tflite, optimize_graph)
+from pipeline.core.preprocessing import PreprocessSpec, dequantize, quantize
+from pipeline.model.modelio import load_source
+from pipeline.tflite.runtime import open_interpreter
+from pipeline.tflite.splice import splice
+from pipeline.validation.layer_error import layer_errors
+from pipeline.validation.metrics import drift_metrics, topk
+from pipeline.validation.predict import as_probabilities, default_workers, open_runner, tflite_output_kind
+from pipeline.validation.validate import load_item, resolve_labels, select_round_robin
 
 Say = Callable[[str], None]
 # (all quantized, with fallback) .tflite paths -> latency figures; passed in: devices/ is not imported here
@@ -88,12 +109,6 @@ class DropMeter:
 
     def __init__(self, reference, data, *, labels=None, limit: int | None = None, workers: int | None = None,
                  trust_code: bool = False, holdout: bool = True):
-        from pipeline.core.data import discover
-        from pipeline.validation.metrics import topk
-        from pipeline.validation.predict import as_probabilities, default_workers, open_runner
-        from pipeline.core.preprocessing import PreprocessSpec
-        from pipeline.validation.validate import load_item, resolve_labels, select_round_robin
-
         found = discover(data, what="eval folder")
         if not found.labeled:
             raise ValidationError(f"--eval needs labeled images (one subfolder per class); {data} is flat")
@@ -132,8 +147,6 @@ class DropMeter:
 
     def predict(self, model_bytes: bytes, inputs: np.ndarray | None = None) -> np.ndarray:
         """Outputs of bytes this process just converted (trusted: no sandboxed first load needed)."""
-        from pipeline.tflite.runtime import open_interpreter
-        from pipeline.core.preprocessing import dequantize, quantize
 
         inputs = self.inputs if inputs is None else inputs
         interpreters = [open_interpreter(model_bytes) for _ in range(self.workers)]
@@ -156,9 +169,7 @@ class DropMeter:
 
     def outputs(self, model_bytes: bytes) -> np.ndarray:
         """Probabilities of the model on every eval image (search and held-out), kept by content."""
-        import hashlib
 
-        from pipeline.validation.predict import as_probabilities, tflite_output_kind
 
         key = hashlib.sha256(model_bytes).hexdigest()
         if key not in self._outputs:
@@ -170,13 +181,11 @@ class DropMeter:
 
     def top1(self, model_bytes: bytes) -> np.ndarray:
         """Predicted class per eval image (all of them), as ``drift_metrics`` ranks them."""
-        from pipeline.validation.metrics import topk
 
         return topk(self.outputs(model_bytes), 1)[:, 0]
 
     def measure(self, model_bytes: bytes, part: str = "search") -> dict:
         """Drift figures on one part of the eval images: ``search`` (the default), ``heldout`` or ``all``."""
-        from pipeline.validation.metrics import drift_metrics
 
         rows = self.parts[part]
         if not len(rows):
@@ -191,8 +200,6 @@ class DropMeter:
 
 def rank_layers(float_bytes: bytes, quant_bytes: bytes, inputs, exclude=()) -> list[dict]:
     """Layers by the error each one *adds* (its RMSE/scale minus the worst of its inputs'), worst first."""
-    from pipeline.validation.layer_error import layer_errors
-    from pipeline.tflite.runtime import open_interpreter
 
     errors = layer_errors(float_bytes, quant_bytes, inputs)
     by_tensor = {e.tensor: e for e in errors}
@@ -261,10 +268,6 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     found is then written beside the output as ``<name>_over_budget.tflite``
     with its manifest, for inspection, and nothing at the output.
     """
-    from pipeline.core import artifacts
-    from pipeline.conversion.export import donor_model
-    from pipeline.conversion.float_fallback import method_for
-    from pipeline.model.modelio import load_source
 
     if settings.mode not in CALIBRATED_MODES:
         raise ConversionError(f"--max-drop applies to --int8 and --int16x8, not --{settings.mode}")
@@ -311,8 +314,6 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
 
     def quantize_with(layers: list[str]) -> _State:
         if layers and method == "splice":
-            from pipeline.tflite.splice import splice
-
             model = splice(baseline.model, donor(), layers)
         else:
             model = convert_bytes(source, replace(settings, float_layers=tuple(layers)), representative, progress)

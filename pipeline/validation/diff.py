@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.core import artifacts
 from pipeline.core.errors import DataError
 from pipeline.validation.report_md import md_cell
+from pipeline.validation.validate import read_report
 
 COLUMNS = ("report", "candidate", "mode", "top-1", "drop (pp)", "95% CI", "agreement", "top-5 overlap", "KL mean",
            "size", "latency")
@@ -70,8 +71,6 @@ def _row(path: Path, r: dict) -> dict:
 
 
 def compare(paths: list[str | os.PathLike]) -> Comparison:
-    from pipeline.validation.validate import read_report
-
     if not paths:
         raise DataError("give at least one report.json")
     reports = [(Path(p), read_report(p)) for p in paths]

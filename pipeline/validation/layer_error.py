@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.core.preprocessing import dequantize, quantize
 from pipeline.tflite.layers import expose_tensors, layer_names, primary_layer
-
+from pipeline.tflite.runtime import open_interpreter
 
 
 @dataclass
@@ -95,7 +95,6 @@ def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.nda
     ``ValueError`` when the two models share no tensor names, i.e. when they
     were not converted from the same source.
     """
-    from pipeline.tflite.runtime import open_interpreter
 
     ref_plain = open_interpreter(float_model)
     quant_plain = open_interpreter(quant_model)

@@ -21,7 +21,10 @@ import numpy as np
 from pipeline.core import artifacts
 from pipeline.core.errors import ModelLoadError, ValidationError
 from pipeline.core.preprocessing import dequantize
+from pipeline.model.modelio import load_source
+from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import invoke_one, open_interpreter
+from pipeline.tflite.safe_tflite import load_untrusted
 
 
 def default_workers() -> int:
@@ -49,8 +52,6 @@ class TfliteRunner:
     """A pool of batch-1 LiteRT interpreters (XNNPACK), one per worker thread."""
 
     def __init__(self, path: str | os.PathLike, *, workers: int | None = None):
-        from pipeline.tflite.safe_tflite import load_untrusted
-
         path = Path(path)
         # Untrusted files get their first load and invoke in a limited child: a corrupt
         # flatbuffer then ends in "invalid model: ...", never a crash of this process.
@@ -99,8 +100,6 @@ class KerasRunner:
     batch_size = 16  # Xception-299 activations at batch 64 would need gigabytes
 
     def __init__(self, path: str | os.PathLike, *, trust_code: bool = False):
-        from pipeline.model.modelio import load_source
-
         path = Path(path)
         self.source = load_source(path, trust_code=trust_code)
         self._fn = None
@@ -174,7 +173,6 @@ _KERAS_PROBABILITY_ACTIVATIONS = {"softmax", "sigmoid"}
 
 def tflite_output_kind(model_bytes: bytes) -> OutputKind:
     """The op producing the .tflite's output (through DEQUANTIZE, QUANTIZE, RESHAPE, SQUEEZE), read in place."""
-    from pipeline.tflite import flatbuffers
     model = flatbuffers.schema().Model.GetRootAs(model_bytes, 0)
     graph = model.Subgraphs(0)
     names = flatbuffers.op_names()

@@ -13,7 +13,9 @@ import html
 import io
 
 import numpy as np
+from PIL import Image
 
+from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for
 from pipeline.validation.report_md import budget_lines, pct, summary_rows
 from pipeline.validation.report_md import verdict as verdict_of
 
@@ -140,10 +142,6 @@ def confusion_plot(r: dict) -> str:
 
 
 def _thumbnail(path: str, size: int) -> str | None:
-    from PIL import Image
-
-    from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for
-
     try:
         pixels = pixels_for(path, PreprocessSpec(size=size))
     except (ImageError, ValueError):

@@ -14,9 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.core import artifacts
-from pipeline.core.errors import BudgetNotReached, ConversionError
 from pipeline.conversion.export import ConvertSettings, export_tflite
+from pipeline.core import artifacts
+from pipeline.core.data import discover
+from pipeline.core.errors import BudgetNotReached, ConversionError
+from pipeline.model.modelio import load_source
+from pipeline.validation.accuracy_budget import convert_within_budget
+from pipeline.validation.sweep_report import render_html, render_markdown
+from pipeline.validation.validate import resolve_labels, validate
 
 # name -> (mode, settings overrides); "int8-fallback" is int8 under an accuracy budget
 SWEEP_MODES: dict[str, tuple[str, dict]] = {
@@ -42,11 +47,6 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, labels=None, ben
               max_drop_pp: float = 1.0, max_float_layers: int = 8, eval_limit: int | None = None,
               modes=tuple(SWEEP_MODES), force: bool = False, say: Callable[[str], None] = lambda s: None,
               trust_model_code: bool = False) -> SweepResult:
-    from pipeline.validation.accuracy_budget import convert_within_budget
-    from pipeline.core.data import discover
-    from pipeline.model.modelio import load_source
-    from pipeline.validation.validate import resolve_labels, validate
-
     unknown = [m for m in modes if m not in SWEEP_MODES]
     if unknown:
         raise ConversionError(f"unknown sweep mode(s) {', '.join(unknown)}; choose from {', '.join(SWEEP_MODES)}")
@@ -112,7 +112,6 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, labels=None, ben
                    "budget_top1_drop_pp": max_drop_pp, "max_float_layers": max_float_layers,
                    "latency": "p50/p90 ms from the bench callable" if bench is not None else None,
                    "rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
-    from pipeline.validation.sweep_report import render_html, render_markdown
 
     paths = {"json": artifacts.atomic_write_json(out_dir / "sweep.json", record),
              "md": artifacts.atomic_write_bytes(out_dir / "sweep.md", render_markdown(record).encode()),

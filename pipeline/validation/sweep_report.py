@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 
-from pipeline.validation.report_html import img_tag, pyplot, png_base64
+from pipeline.validation.report_html import img_tag, png_base64, pyplot
 
 COLUMNS = ("mode", "size (MiB)", "top-1", "drop (pp)", "agreement", "p50 (ms)", "p90 (ms)", "float layers", "note")
 

@@ -20,10 +20,17 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.conversion.export import ConvertSettings, convert_bytes
 from pipeline.core import artifacts
 from pipeline.core.data import Item, Skip, discover
-from pipeline.core.errors import BudgetExceeded, DataError, ValidationError
+from pipeline.core.errors import BudgetExceeded, ConversionError, DataError, ModelLoadError, ValidationError
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, preprocess_file
+from pipeline.tflite.tflite_info import inspect_tflite
+from pipeline.validation.layer_error import layer_errors
+from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
+from pipeline.validation.predict import as_probabilities, default_workers, open_runner
+from pipeline.validation.report_html import render_html
+from pipeline.validation.report_md import render_markdown
 
 REPORT_SCHEMA = 1
 CHUNK = 64  # images decoded and predicted per step: bounded memory, steady progress
@@ -200,9 +207,6 @@ def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
     Failures are reported in the section (the drift numbers stand on their own);
     a mismatch of models is "skipped", with the reason.
     """
-    from pipeline.core.errors import ConversionError, ModelLoadError
-    from pipeline.validation.layer_error import layer_errors
-    from pipeline.tflite.tflite_info import inspect_tflite
 
     if getattr(cand_runner, "model_bytes", None) is None or not inspect_tflite(cand_runner.model_bytes).int_op_count:
         return {"status": "skipped", "reason": "the candidate is not an integer-quantized .tflite model"}
@@ -214,8 +218,6 @@ def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
             return {"status": "skipped", "reason": "the reference .tflite is not a float model"}
         float_bytes, how = ref_runner.model_bytes, "reference .tflite"
     else:
-        from pipeline.conversion.export import ConvertSettings, convert_bytes
-
         try:
             float_bytes = convert_bytes(ref_runner.source, ConvertSettings("float"))
         except ConversionError as exc:
@@ -292,8 +294,6 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
              limit: int | None = None, layer_samples: int = 16, workers: int | None = None,
              trust_code: bool = False, progress: Progress | None = None) -> ValidationResult:
     """Measure ``candidate``'s drift from ``reference`` on the images in ``data``; write the reports to ``out_dir``."""
-    from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
-    from pipeline.validation.predict import as_probabilities, default_workers, open_runner
 
     t0 = time.perf_counter()
     reference, candidate, out_dir = Path(reference), Path(candidate), Path(out_dir)
@@ -372,9 +372,6 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
 
 
 def write_reports(report: dict, out_dir: Path, *, ref_conf=None, cand_conf=None) -> dict[str, Path]:
-    from pipeline.validation.report_html import render_html
-    from pipeline.validation.report_md import render_markdown
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
     artifacts.atomic_write_json(paths["json"], report)
