@@ -81,7 +81,6 @@ def test_private_quantizer_hook_is_pinned_and_works(trained_run, calibration):
 
 
 def test_unknown_layer_and_unpinned_tensorflow_are_clear_errors(trained_run, calibration, monkeypatch):
-    import tensorflow as tf
 
     from pipeline.core.errors import ConversionError
     from pipeline.model.modelio import load_source
@@ -89,7 +88,9 @@ def test_unknown_layer_and_unpinned_tensorflow_are_clear_errors(trained_run, cal
     source = load_source(trained_run.model_path)
     with pytest.raises(ConversionError, match="no such layer"):
         convert_bytes(source, ConvertSettings("int8", float_layers=("block99_conv",)), calibration)
-    monkeypatch.setattr(tf, "__version__", "2.99.0")
+    from pipeline.conversion import converter_hooks
+
+    monkeypatch.setattr(converter_hooks, "_tf_version", lambda: "2.99.0")
     with pytest.raises(ConversionError, match="pinned to TensorFlow 2.21"):
         convert_bytes(source, ConvertSettings("int8", float_layers=("predictions",)), calibration)
 
@@ -376,7 +377,7 @@ def test_an_int8_model_xnnpack_refuses_is_written_with_a_warning_and_still_runs(
 
 
 def _scramble(model_bytes: bytes) -> bytes:
-    from tests.test_optimize import _scramble_classifier
+    from tests.tflite.test_optimize import _scramble_classifier
 
     return _scramble_classifier(model_bytes)[0]
 
@@ -398,7 +399,7 @@ def test_a_rewrite_that_changes_top1_on_the_eval_images_is_left_out(trained_run,
     measure the model as written and leave the rewrite out, saying so, instead of writing a model whose
     drop it never measured.
     """
-    from pipeline.tflite import tflite_optimize
+    from pipeline.conversion import export as tflite_optimize  # where optimize_graph finds the rewrites
     from pipeline.validation.accuracy_budget import DropMeter, convert_within_budget
     from pipeline.model.modelio import load_source
 

@@ -53,10 +53,10 @@ def test_freezing_without_the_reimport_gives_the_same_float_model(trained_run, m
             used.append(active)
             yield active
 
-    monkeypatch.setattr(converter_hooks, "fast_freeze", watched)
+    monkeypatch.setattr(export_module, "fast_freeze", watched)
     fast = convert_bytes(load_source(trained_run.model_path), ConvertSettings("float"))
     assert used == [True], "the freeze hook did not run: re-check pipeline/converter_hooks.fast_freeze"
-    monkeypatch.setattr(converter_hooks, "fast_freeze", lambda: contextlib.nullcontext(False))
+    monkeypatch.setattr(export_module, "fast_freeze", lambda: contextlib.nullcontext(False))
     stock = convert_bytes(load_source(trained_run.model_path), ConvertSettings("float"))
     assert fast == stock
 

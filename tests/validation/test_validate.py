@@ -356,12 +356,12 @@ def test_layer_errors_is_usable_on_its_own(trained_tflite, val_subset):
 
 
 def test_a_failing_layer_step_is_reported_and_the_rest_stands(tmp_path, monkeypatch, trained_tflite, val_subset):
-    import pipeline.validation.layer_error
+    import pipeline.validation.validate
 
     def broken(*args, **kwargs):
         raise RuntimeError("tensor 12 is not preserved")  # how upstream's debugger breaks (tensorflow#86949)
 
-    monkeypatch.setattr(pipeline.validation.layer_error, "layer_errors", broken)
+    monkeypatch.setattr(pipeline.validation.validate, "layer_errors", broken)
     r = validate(trained_tflite["float"], trained_tflite["int8"], val_subset, tmp_path, limit=10).report
     assert r["layers"]["status"] == "failed" and "not preserved" in r["layers"]["reason"]
     assert r["samples"] == 10 and r["agreement"] is not None
