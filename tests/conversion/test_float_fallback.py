@@ -81,7 +81,6 @@ def test_private_quantizer_hook_is_pinned_and_works(trained_run, calibration):
 
 
 def test_unknown_layer_and_unpinned_tensorflow_are_clear_errors(trained_run, calibration, monkeypatch):
-
     from pipeline.core.errors import ConversionError
     from pipeline.model.modelio import load_source
 
