@@ -32,8 +32,9 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import BudgetNotReached, ConversionError, ValidationError
-from pipeline.export import (CALIBRATED_MODES, ConvertSettings, ExportResult, convert_bytes, default_output,
-                             export_tflite, float_tflite, optimize_graph)
+from pipeline.export import (CALIBRATED_MODES, ConvertSettings, ExportResult, convert_bytes, converted_source,
+                             default_output, export_tflite, float_tflite, optimize_graph, representative_in, resolved)
+from pipeline.preprocessing import LEGACY_CONVENTION, model_input
 
 Say = Callable[[str], None]
 # (all quantized, with fallback) .tflite paths -> latency figures; passed in: devices/ is not imported here
@@ -41,10 +42,14 @@ LatencyCheck = Callable[[Path, Path], dict]
 
 
 class DropMeter:
-    """Top-1 drop of candidate .tflite bytes against the float model, on images decoded once."""
+    """Top-1 drop of candidate .tflite bytes against the float model, on images decoded once.
+
+    The reference is fed the decoded pixels as its own convention says; the
+    candidates take ``convention`` (``inputs``), the one they are converted for.
+    """
 
     def __init__(self, reference, data, *, limit: int | None = None, workers: int | None = None,
-                 trust_code: bool = False):
+                 trust_code: bool = False, convention: str = LEGACY_CONVENTION):
         from pipeline.data import discover
         from pipeline.metrics import topk
         from pipeline.predict import as_probabilities, default_workers, open_runner
@@ -64,13 +69,15 @@ class DropMeter:
             loaded = [(item, x) for item, x in loaded if x is not None]
             if not loaded:
                 raise ValidationError(f"no usable images in {data}")
-            self.inputs = np.stack([x for _, x in loaded])
-            self.reference, _ = as_probabilities(runner.predict(self.inputs), "reference")
+            self.pixels = np.stack([x for _, x in loaded])
+            self.reference, _ = as_probabilities(runner.predict_pixels(self.pixels), "reference")
         finally:
             runner.close()
         index_of = {name: i for i, name in enumerate(names)}
         self.labels = np.asarray([index_of[item.label] for item, _ in loaded])
         self.names = names
+        self.convention = convention
+        self.inputs = model_input(self.pixels, convention)
         self.top1_float = float(np.mean(topk(self.reference, 1)[:, 0] == self.labels))
 
     def predict(self, model_bytes: bytes) -> np.ndarray:
@@ -179,10 +186,15 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     out_path = Path(out) if out is not None else default_output(model_path, settings.mode)
     artifacts.check_writable(out_path, force=force)
     source = source or load_source(model_path, trust_code=settings.trust_model_code)
+    asked = settings.input_convention
     # The gate on float compute ops is what this search relaxes on purpose.
     settings = replace(settings, allow_float_fallback=True, float_layers=())
+    settings, _ = resolved(source, settings)  # one input convention for every candidate
+    work = converted_source(source, settings.input_convention)  # folded once where the input is pixels
+    representative = representative_in(representative, settings.input_convention)
     method, kept_in = method_for(settings), settings.fallback
-    meter = DropMeter(model_path, eval_dir, limit=eval_limit, trust_code=settings.trust_model_code)
+    meter = DropMeter(model_path, eval_dir, limit=eval_limit, trust_code=settings.trust_model_code,
+                      convention=settings.input_convention)
     say(f"measuring on {len(meter.inputs)} eval images (float top-1 {meter.top1_float:.4f}), "
         f"budget {max_drop_pp:g} pp")
 
@@ -190,7 +202,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
 
     def donor() -> bytes:
         if "donor" not in converted:
-            converted["donor"] = donor_model(source, settings, representative)
+            converted["donor"] = donor_model(work, settings, representative)
         return converted["donor"]
 
     def quantize_with(layers: list[str]) -> _State:
@@ -199,7 +211,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
 
             model = splice(baseline.model, donor(), layers)
         else:
-            model = convert_bytes(source, replace(settings, float_layers=tuple(layers)), representative, progress)
+            model = convert_bytes(work, replace(settings, float_layers=tuple(layers)), representative, progress)
         return _State(list(layers), model, meter.measure(model))
 
     baseline = None
@@ -208,7 +220,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     say(f"step 0: all layers quantized: drop {state.figures['top1_drop_pp']:.2f} pp")
     baseline, best = state, state
     while state.figures["top1_drop_pp"] > max_drop_pp and len(state.layers) < max_float_layers:
-        float_bytes = float_tflite(source)  # converted once per source, shared with the int8 stages
+        float_bytes = float_tflite(work)  # converted once per source, shared with the int8 stages
         ranked = rank_layers(float_bytes, state.model, meter.inputs[:layer_samples], exclude=set(state.layers))
         trials = []
         for entry in ranked[:candidates]:
@@ -235,7 +247,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     if latency and best.layers:
         before, after = baseline.model, best.model
         if settings.optimize:  # bench what would be written: both with the graph rewrites
-            before, after = (optimize_graph(m, source, representative)[0] for m in (before, after))
+            before, after = (optimize_graph(m, work, representative)[0] for m in (before, after))
         latency_figures = _latency(latency, before, after)
 
     final: dict = {}
@@ -250,8 +262,8 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
                                      "labels": meter.labels_source, "top1_float": meter.top1_float},
             "latency": latency_figures, "search_s": round(time.perf_counter() - t0, 3)}}
 
-    exported = export_tflite(model_path, replace(settings, float_layers=tuple(best.layers)), out=target,
-                             representative=representative, force=force or not reached, source=source,
+    exported = export_tflite(model_path, replace(settings, float_layers=tuple(best.layers), input_convention=asked),
+                             out=target, representative=representative, force=force or not reached, source=source,
                              annotate=annotate)
     if not reached:
         raise BudgetNotReached(

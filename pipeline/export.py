@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -20,8 +20,11 @@ import numpy as np
 
 from pipeline import artifacts
 from pipeline.errors import CalibrationError, ConversionError
+from pipeline.model import fold_input_scaling, fold_plan
 from pipeline.modelio import SourceModel, load_source
-from pipeline.preprocessing import PreprocessSpec
+from pipeline.preprocessing import (INPUT_CONVENTIONS, LEGACY_CONVENTION, PIXEL_CONVENTIONS, PreprocessSpec,
+                                    normalization, recorded_convention)
+from pipeline.tflite_info import stated_convention
 
 MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
 CALIBRATED_MODES = ("int8", "int16x8")
@@ -50,6 +53,9 @@ class ConvertSettings:
     calibrator: str = "fast"  # "fast" (min/max under XNNPACK, all cores) or "stock" (the converter's own)
     float_layers: tuple[str, ...] = ()  # Keras layers kept out of the quantized graph (pipeline.float_fallback)
     fallback: str = "float"  # what float_layers compute in: "float", or "int16" (int8 only; spliced int16x8 ops)
+    # What the model's input holds (pipeline.preprocessing); None: the mode's default for this model
+    # (``resolve_convention``: pixels where the scaling folds exactly into the model).
+    input_convention: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "float_layers", tuple(str(name) for name in self.float_layers))
@@ -64,6 +70,11 @@ class ConvertSettings:
             raise ConversionError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.calibrator not in ("fast", "stock"):
             raise ConversionError(f"unknown calibrator {self.calibrator!r}; choose fast or stock")
+        if self.input_convention is not None and self.input_convention not in INPUT_CONVENTIONS:
+            raise ConversionError(f"unknown input convention {self.input_convention!r}; choose one of "
+                                  f"{', '.join(INPUT_CONVENTIONS)}")
+        if self.input_convention == "pixels_int8" and (self.mode != "int8" or self.float_io):
+            raise ConversionError("the pixels_int8 input (int8 p - 128) is for --int8 models with integer I/O")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +95,8 @@ class ExportResult:
                 "int_ops": m["ops"]["int_ops"], "float_ops": m["ops"]["float_ops"],
                 "calibration_samples": (m.get("calibration") or {}).get("count", 0),
                 "xnnpack_partitions": m["xnnpack"]["partitions"], "xnnpack_outside": m["xnnpack"]["outside"],
-                "xnnpack_refused": m["xnnpack"].get("refused"), "seconds": m["timing"]["total_s"]}
+                "xnnpack_refused": m["xnnpack"].get("refused"), "seconds": m["timing"]["total_s"],
+                "input_convention": (m.get("input_convention") or {}).get("name")}
 
 
 def default_output(model_path: Path, mode: str) -> Path:
@@ -100,6 +112,131 @@ def is_qat_model(source: SourceModel) -> bool:
         return False
     return any(type(layer).__name__ in ("QuantizeLayer", "QuantizeWrapper", "QuantizeWrapperV2")
                for layer in source.model.layers)
+
+
+# ---------------------------------------------------------------- input conventions
+
+
+def source_domain(source: SourceModel) -> str:
+    """What the source's float input holds: "pixels" (folded, or a float .tflite converted so) or "signed_unit"."""
+    if "domain" not in source.cache:
+        recorded = LEGACY_CONVENTION
+        if source.kind == "tflite":
+            recorded = recorded_convention(_source_manifest(source.path).get("preprocessing"))
+        source.cache["domain"] = "pixels" if recorded in PIXEL_CONVENTIONS else "signed_unit"
+    return source.cache["domain"]
+
+
+def pixel_refusal(source: SourceModel) -> str | None:
+    """Why the [-1, 1] scaling cannot be folded into this source exactly, or None when it can."""
+    if source_domain(source) == "pixels":
+        return None
+    if source.kind == "tflite":
+        return (f"{source.path.name} takes [-1, 1] input (its manifest) and a .tflite cannot be folded; convert the "
+                "Keras model it came from")
+    if source.model is None:
+        return "a SavedModel has no Keras layers to fold the [-1, 1] scaling into"
+    if is_qat_model(source):
+        return "a quantization-aware model learned its input quantization on [-1, 1] inputs"
+    try:
+        config = source.model.get_config()
+    except NotImplementedError:  # a subclassed model without get_config
+        return "the model's layers cannot be read from its Keras config"
+    plan = fold_plan(config)
+    return plan if isinstance(plan, str) else None
+
+
+def resolve_convention(source: SourceModel, settings: ConvertSettings) -> tuple[str, str]:
+    """The input convention this conversion gives the model, and why (for the manifest and the summary).
+
+    Default: pixels (uint8 for --int8, float32 pixels for float, fp16, dynamic
+    and --float-io) wherever the scaling folds exactly into the model; int16x8
+    keeps [-1, 1] (its I/O is float32 or int16, never uint8). Asked for
+    explicitly, a convention the model cannot take is refused.
+    """
+    asked = settings.input_convention
+    domain = source_domain(source)
+    if asked is not None:
+        if asked in PIXEL_CONVENTIONS:
+            why = pixel_refusal(source)
+            if why:
+                raise ConversionError(f"cannot give this model {asked} input: {why}; convert with "
+                                      "--input-convention signed-unit")
+        elif domain == "pixels" and "unfolded" not in source.cache:
+            raise ConversionError(f"{source.path.name} takes pixel input (its manifest); it cannot be converted "
+                                  "back to [-1, 1] input: convert the Keras model it came from")
+        return asked, "asked for"
+    if domain == "pixels":
+        return "pixels", "the source takes pixels"
+    if settings.mode == "int16x8":
+        return LEGACY_CONVENTION, "int16x8 keeps [-1, 1] input (float32 or int16 I/O)"
+    why = pixel_refusal(source)
+    if why:
+        return LEGACY_CONVENTION, f"[-1, 1] input kept: {why}"
+    return "pixels", "default: the [-1, 1] scaling folded into the first convolution"
+
+
+def resolved(source: SourceModel, settings: ConvertSettings) -> tuple[ConvertSettings, str]:
+    """``settings`` with its input convention decided for ``source``, and why."""
+    convention, why = resolve_convention(source, settings)
+    return replace(settings, input_convention=convention), why
+
+
+def converted_source(source: SourceModel, convention: str) -> SourceModel:
+    """The source whose float input matches ``convention``: folded once (and cached) for the pixel ones."""
+    want = "pixels" if convention in PIXEL_CONVENTIONS else LEGACY_CONVENTION
+    if source_domain(source) == want:
+        return source
+    if want == LEGACY_CONVENTION:
+        return source.cache["unfolded"]  # resolve_convention refused the other cases
+    if "folded" not in source.cache:
+        why = pixel_refusal(source)
+        if why:
+            raise ConversionError(f"cannot give this model pixel input: {why}")
+        folded = SourceModel(source.path, source.kind, fold_input_scaling(source.model), source.input_shape,
+                             source.classes)
+        folded.cache.update({"domain": "pixels", "unfolded": source})
+        source.cache["folded"] = folded
+    return source.cache["folded"]
+
+
+def representative_in(representative, convention: str):
+    """The calibration set giving inputs in ``convention`` (a view over the same decoded pixels)."""
+    if representative is None or representative.spec.input_convention == convention:
+        return representative
+    view = getattr(representative, "with_convention", None)
+    if view is None:
+        raise CalibrationError(f"the calibration set gives {representative.spec.input_convention} inputs but the "
+                               f"model takes {convention}")
+    return view(convention)
+
+
+def io_type(settings: ConvertSettings) -> str:
+    """The input and output type of an int8 model: float32 (--float-io), uint8 (pixels) or int8."""
+    if settings.float_io:
+        return "float32"
+    return "uint8" if settings.input_convention == "pixels" else "int8"
+
+
+def convention_record(convention: str, why: str) -> dict:
+    """The manifest's account of the input: convention, why, and the (mean, std) that maps pixels to a float
+    input, (p - mean) / std (what NormalizationOptions metadata carries)."""
+    mean, std = normalization(convention)
+    return {"name": convention, "why": why, "normalization": {"mean": mean, "std": std}}
+
+
+def check_input_convention(model_bytes: bytes, settings: ConvertSettings) -> None:
+    """An integer model's input must state its convention exactly (uint8 or int8 at scale 1 for pixels)."""
+    if settings.mode not in CALIBRATED_MODES:
+        return
+    stated = stated_convention(model_bytes)
+    expected = settings.input_convention
+    if settings.mode == "int16x8":
+        return  # int16 or float32 I/O: no exact pixel levels to check
+    if stated is not None and stated != expected:
+        raise ConversionError(f"the converted model's input is quantized as {stated}, not {expected} (the input "
+                              "range could not be pinned to [0, 255] with this TensorFlow); convert with "
+                              "--input-convention signed-unit")
 
 
 def _serving_function(source: SourceModel):
@@ -155,8 +292,9 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                                    tf.lite.OpsSet.TFLITE_BUILTINS]
         if not settings.float_io:
-            converter.inference_input_type = tf.int8
-            converter.inference_output_type = tf.int8
+            io = tf.uint8 if settings.input_convention == "pixels" else tf.int8
+            converter.inference_input_type = io
+            converter.inference_output_type = io
     elif mode == "int16x8":
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
@@ -190,6 +328,9 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     from pipeline.converter_hooks import fast_calibration, fast_freeze
     from pipeline.quiet import native_stderr_captured
 
+    settings, _ = resolved(source, settings)
+    source = converted_source(source, settings.input_convention)
+    representative = representative_in(representative, settings.input_convention)
     qat = is_qat_model(source)
     if source.kind == "tflite":
         return _from_float_tflite(source, settings, representative, progress, calibration_record)
@@ -249,7 +390,8 @@ def float_tflite(source: SourceModel) -> bytes:
         pending.result()  # raises ModelLoadError if the sandboxed load failed
         source.cache["float_tflite"] = data
     if "float_tflite" not in source.cache:
-        source.cache["float_tflite"] = convert_bytes(source, ConvertSettings("float"))
+        source.cache["float_tflite"] = convert_bytes(source, ConvertSettings("float",
+                                                                             input_convention=source_domain(source)))
     return source.cache["float_tflite"]
 
 
@@ -269,7 +411,7 @@ def _from_float_tflite(source: SourceModel, settings: ConvertSettings, represent
 
 def _staged_int8(source: SourceModel, settings: ConvertSettings, representative, progress, record: dict) -> bytes:
     """Float conversion, calibration, quantizer: the first two are reused across calls on the same images."""
-    from pipeline.converter_hooks import calibrate_float_model, quantize_calibrated, staged_supported
+    from pipeline.converter_hooks import calibrate_float_model, pin_input_range, quantize_calibrated, staged_supported
     from pipeline.quiet import native_stderr_captured
 
     kept = source.cache.get("calibrated")
@@ -285,6 +427,9 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
                 raise
             except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
                 raise _converter_failed(settings, exc, log) from None
+        if source_domain(source) == "pixels":
+            calibrated = pin_input_range(calibrated, 0.0, 255.0)  # scale 1: each pixel its own level
+            calibration["input_range"] = [0.0, 255.0]
         kept = (representative, settings.calibrator, calibrated, calibration)
         source.cache["calibrated"] = kept
     _, _, calibrated, calibration = kept
@@ -304,7 +449,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
     record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
     with native_stderr_captured() as log:
         try:
-            return quantize_calibrated(calibrated, int8_io=not settings.float_io, per_channel=settings.per_channel,
+            return quantize_calibrated(calibrated, io=io_type(settings), per_channel=settings.per_channel,
                                        denylisted_nodes=nodes)
         except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
             raise _converter_failed(settings, exc, log) from None
@@ -339,6 +484,9 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     manifest_path = artifacts.manifest_path_for(out_path)
     artifacts.check_writable(out_path, force=force)
     source = source or load_source(model_path, trust_code=settings.trust_model_code)
+    settings, convention_note = resolved(source, settings)
+    source = converted_source(source, settings.input_convention)
+    representative = representative_in(representative, settings.input_convention)
     if representative is not None and settings.mode in CALIBRATED_MODES:
         if representative.spec.size != source.input_size:
             raise CalibrationError(f"calibration images are preprocessed to {representative.spec.size}px but the "
@@ -355,13 +503,16 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     t_optimize = time.perf_counter()
     info = inspect_tflite(model_bytes)
     check_integer_ops(info, settings)
+    check_input_convention(model_bytes, settings)
     from pipeline.tflite_optimize import xnnpack_report
 
     xnnpack = xnnpack_report(model_bytes)
-    spec = representative.spec if representative is not None else PreprocessSpec(size=source.input_size)
+    spec = representative.spec if representative is not None else PreprocessSpec(
+        size=source.input_size, input_convention=settings.input_convention)
     source_manifest = _source_manifest(model_path) if source.kind == "tflite" else {}
     recorded = (source_manifest.get("preprocessing") or {}).get("fingerprint")
-    if recorded and recorded != spec.fingerprint:
+    source_convention = recorded_convention(source_manifest.get("preprocessing"))
+    if recorded and recorded != replace(spec, input_convention=source_convention).fingerprint:
         raise CalibrationError(f"{model_path.name} was converted for preprocessing {recorded}, but the calibration "
                                f"images are preprocessed as {spec.fingerprint}; the int8 ranges would not match "
                                "what the model sees")
@@ -375,6 +526,7 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
                    "classes": source.classes},
         "output": {"path": out_path.name, "sha256": artifacts.sha256_bytes(model_bytes), "bytes": len(model_bytes)},
         "preprocessing": spec.describe(),
+        "input_convention": convention_record(settings.input_convention, convention_note),
         "calibration": ({**representative.to_manifest(), "method": calibration_record} if uses_calibration
                         else None),
         "io": {"inputs": info.inputs, "outputs": info.outputs},

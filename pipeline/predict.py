@@ -1,8 +1,10 @@
 """Model runners for validation: one interface over LiteRT, Keras and SavedModel.
 
-Validation compares two models on the same float inputs, so each runner
-takes the output of the one preprocessing definition and applies its own
-model's input/output quantization (scale and zero point read from the model).
+Validation compares two models on the same decoded pixels: each runner
+turns them into its own model's input through the one preprocessing
+definition (``input_convention``: [-1, 1] or the pixels themselves) and
+applies its model's input/output quantization (scale and zero point read
+from the model).
 Interpreters are built once per runner, never per sample: LiteRT releases the
 GIL in ``invoke``, so a thread pool with one batch-1 interpreter per thread
 keeps every core busy without pickling anything between processes.
@@ -20,7 +22,8 @@ import numpy as np
 
 from pipeline import artifacts
 from pipeline.errors import ModelLoadError, ValidationError
-from pipeline.preprocessing import dequantize, quantize
+from pipeline.preprocessing import LEGACY_CONVENTION, dequantize, model_input, quantize, recorded_convention
+from pipeline.tflite_info import stated_convention
 
 
 def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, threads: int = 1,
@@ -62,6 +65,33 @@ def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, 
     raise ModelLoadError(f"LiteRT cannot load {name}: {first}" + (f"\n{detail}" if detail else ""))
 
 
+def input_convention(model_bytes: bytes, manifest: dict | None) -> tuple[str, str]:
+    """(input convention, where it was read) of a .tflite: its input quantization where that states one
+    (integer inputs always do), else its manifest; a float model with neither is one from before input
+    conventions existed, so [-1, 1]."""
+    stated = stated_convention(model_bytes)
+    recorded = (manifest or {}).get("preprocessing") or {}
+    if stated is not None:
+        if "input_convention" in recorded and recorded_convention(recorded) != stated:
+            raise ModelLoadError(f"the manifest records {recorded['input_convention']} input but the model's input "
+                                 f"is quantized as {stated}")
+        return stated, "input tensor quantization"
+    if manifest is not None:
+        return recorded_convention(recorded), "manifest" if "input_convention" in recorded else \
+            "manifest from before input conventions"
+    return LEGACY_CONVENTION, "assumed: a float input, and no manifest says otherwise"
+
+
+def manifest_beside(path: Path) -> dict | None:
+    manifest = artifacts.manifest_path_for(path)
+    if not manifest.is_file():
+        return None
+    try:
+        return artifacts.read_manifest(manifest)
+    except artifacts.ArtifactError:
+        return None  # validate reports the unreadable manifest; the input tensor still decides
+
+
 def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -78,6 +108,8 @@ class ModelFacts:
     classes: int
     input_dtype: str
     output_dtype: str
+    input_convention: str = LEGACY_CONVENTION
+    input_convention_from: str = "Keras model (trained on p / 127.5 - 1)"
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -105,9 +137,10 @@ class TfliteRunner:
         if len(out_shape) != 2:
             raise ModelLoadError(f"{path}: expected a (1, classes) output, got {out_shape}")
         self._in, self._out = ins[0], outs[0]
+        self.convention, how = input_convention(self.model_bytes, manifest_beside(path))
         self.facts = ModelFacts(str(path), "tflite", artifacts.sha256_bytes(self.model_bytes), len(self.model_bytes),
                                 shape[1], out_shape[1], np.dtype(ins[0]["dtype"]).name,
-                                np.dtype(outs[0]["dtype"]).name)
+                                np.dtype(outs[0]["dtype"]).name, self.convention, how)
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
         self._pool.put(first)
         for _ in range(self.workers - 1):
@@ -127,7 +160,12 @@ class TfliteRunner:
         return dequantize(raw, scale_, zero)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Outputs for inputs already in this model's convention (float values; quantized here)."""
         return np.stack(list(self._executor.map(self._one, batch))).astype(np.float32)
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Outputs for decoded uint8 pixels, fed as this model's input convention says."""
+        return self.predict(model_input(pixels, self.convention))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -137,6 +175,7 @@ class KerasRunner:
     """A Keras 3, tf_keras or SavedModel float model, run in batches."""
 
     batch_size = 16  # Xception-299 activations at batch 64 would need gigabytes
+    convention = LEGACY_CONVENTION  # what the Keras model is trained on
 
     def __init__(self, path: str | os.PathLike, *, trust_code: bool = False):
         from pipeline.modelio import load_source
@@ -168,6 +207,9 @@ class KerasRunner:
             return np.concatenate([self._call(x[None]) for x in batch])
         batch = np.asarray(batch, dtype=np.float32)
         return np.concatenate([self._call(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return self.predict(model_input(pixels, self.convention))
 
     def close(self) -> None:
         pass

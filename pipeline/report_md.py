@@ -18,6 +18,9 @@ def md_cell(text) -> str:
 def summary_rows(r: dict) -> list[tuple[str, str]]:
     """(figure, value) pairs shared by the Markdown, the HTML and the terminal table."""
     rows = [("images", f"{r['samples']} ({r['data']['labels_source']})")]
+    conventions = [(r.get(m) or {}).get("input_convention") for m in ("reference", "candidate")]
+    if all(conventions):  # reports from before input conventions have none
+        rows.append(("input convention reference / candidate", " / ".join(conventions)))
     if r.get("top1_float") is not None:
         lo, hi = r["top1_drop_ci95_pp"]
         rows += [("top-1 reference / candidate", f"{pct(r['top1_float'])} / {pct(r['top1_quant'])}"),

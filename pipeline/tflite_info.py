@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.preprocessing import PIXEL_TENSORS
+
 HEAVY_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
 _FLOAT = {"float32", "float16", "float64", "bfloat16"}
@@ -110,3 +112,32 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInfo:
                       weight_dtypes=dict(sorted(weights.items())),
                       float_ops=float_ops, heavy_float_ops=heavy_float,
                       operator_count=len(graph.operators or []), subgraphs=len(model.subgraphs))
+
+
+def stated_convention(model_bytes: bytes) -> str | None:
+    """The input convention a model's input quantization states, or None where it states none.
+
+    An integer input says it outright: uint8 with scale 1 and zero point 0 is
+    ``pixels``, int8 with scale 1 and zero point -128 is ``pixels_int8`` (a
+    [-1, 1] input can never be quantized that way), any other is
+    ``signed_unit``. A float32 input quantized by its first op says it through
+    that QUANTIZE (scale 1 over [0, 255]: ``pixels``). A float model's input
+    states nothing: only its manifest or metadata can tell.
+    """
+    model = read_model_object(model_bytes)
+    types, ops = _type_names(), _op_names()
+    graph = model.subgraphs[0]
+    index = int(graph.inputs[0])
+    desc = _tensor_desc(graph.tensors[index], types)
+    pixel = {(dtype, scale, zero): name for name, (dtype, scale, zero) in PIXEL_TENSORS.items()}
+    if desc["dtype"] not in _FLOAT:
+        return pixel.get((desc["dtype"], desc["scale"], desc["zero_point"]), "signed_unit")
+    for op in graph.operators or []:
+        code = model.operatorCodes[op.opcodeIndex]
+        if op.inputs is None or index not in [int(i) for i in op.inputs]:
+            continue
+        if ops.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode))) != "QUANTIZE":
+            return None
+        out = _tensor_desc(graph.tensors[int(op.outputs[0])], types)
+        return "pixels" if (out["dtype"], out["scale"], out["zero_point"]) in pixel else "signed_unit"
+    return None

@@ -1,7 +1,8 @@
 """Accuracy drift of a converted model against its float reference, on real labeled images.
 
 The orchestrator of ``xedge validate``: finds the images, runs both models on
-exactly the same preprocessed inputs, computes the paired statistics, writes
+exactly the same decoded pixels (each fed as its input convention says: what
+a device feeds it), computes the paired statistics, writes
 report.json / report.md / report.html, and decides the budget policy. A
 model that outputs NaN, or a folder without one usable image, is an error,
 never a pass: a gate that passes when nothing was measured is worse than none.
@@ -23,7 +24,7 @@ import numpy as np
 from pipeline import artifacts
 from pipeline.data import Item, Skip, discover
 from pipeline.errors import BudgetExceeded, DataError, ValidationError
-from pipeline.preprocessing import ImageError, PreprocessSpec, preprocess_file
+from pipeline.preprocessing import PIXEL_CONVENTIONS, ImageError, PreprocessSpec, model_input, pixels_for
 
 REPORT_SCHEMA = 1
 CHUNK = 64  # images decoded and predicted per step: bounded memory, steady progress
@@ -172,8 +173,9 @@ def _select(items: list[Item], limit: int | None) -> list[Item]:
 
 
 def _load(item: Item, spec: PreprocessSpec):
+    """Decoded, cropped, resized uint8 pixels of one image (each runner turns them into its model's input)."""
     try:
-        return preprocess_file(item.path, spec), None
+        return pixels_for(item.path, spec), None
     except ImageError as exc:
         return None, Skip(str(item.path), exc.reason)
 
@@ -193,7 +195,11 @@ def _facts(runner, path: Path) -> dict:
     return facts
 
 
-def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
+def _domain(convention: str) -> str:
+    return "pixels" if convention in PIXEL_CONVENTIONS else "signed_unit"
+
+
+def _layer_section(ref_runner, cand_runner, pixels: list[np.ndarray]) -> dict:
     """Per-layer errors when the candidate is integer-quantized (int8, int16x8) and the reference its float source.
 
     Failures are reported in the section (the drift numbers stand on their own);
@@ -205,21 +211,27 @@ def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
 
     if getattr(cand_runner, "model_bytes", None) is None or not inspect_tflite(cand_runner.model_bytes).int_op_count:
         return {"status": "skipped", "reason": "the candidate is not an integer-quantized .tflite model"}
-    if not inputs:
+    if not pixels:
         return {"status": "skipped", "reason": "--layer-samples 0"}
     t0 = time.perf_counter()
+    domain = _domain(cand_runner.convention)  # both models are fed the same float input: the candidate's
     if getattr(ref_runner, "model_bytes", None) is not None:
         if ref_runner.facts.input_dtype != "float32":
             return {"status": "skipped", "reason": "the reference .tflite is not a float model"}
+        if _domain(ref_runner.convention) != domain:
+            return {"status": "skipped", "reason": f"the reference .tflite takes {ref_runner.convention} input, the "
+                                                  f"candidate {cand_runner.convention}: no tensor compares"}
         float_bytes, how = ref_runner.model_bytes, "reference .tflite"
     else:
         from pipeline.export import ConvertSettings, convert_bytes
 
         try:
-            float_bytes = convert_bytes(ref_runner.source, ConvertSettings("float"))
+            float_bytes = convert_bytes(ref_runner.source, ConvertSettings("float", input_convention=domain))
         except ConversionError as exc:
             return {"status": "failed", "reason": f"the reference could not be converted to float .tflite: {exc}"}
-        how = "reference converted to float32 .tflite in memory"
+        how = "reference converted to float32 .tflite in memory" + (
+            ", its [-1, 1] scaling folded in as in the candidate" if domain == "pixels" else "")
+    inputs = [model_input(p, cand_runner.convention) for p in pixels]
     try:
         errors = layer_errors(float_bytes, cand_runner.model_bytes, inputs)
     except ValueError as exc:
@@ -257,8 +269,8 @@ def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner, cand_runn
             run.skipped.extend(skip for _, skip in loaded if skip is not None)
             if good:
                 batch = np.stack([x for _, x in good])
-                run.reference.append(ref_runner.predict(batch))
-                run.candidate.append(cand_runner.predict(batch))
+                run.reference.append(ref_runner.predict_pixels(batch))
+                run.candidate.append(cand_runner.predict_pixels(batch))
                 run.paths.extend(str(it.path) for it, _ in good)
                 run.labels.extend(it.label for it, _ in good)
                 run.layer_inputs.extend(batch[:max(layer_samples - len(run.layer_inputs), 0)])
@@ -347,7 +359,8 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
     report.update({
         "reference": _facts(ref_runner, reference),
         "candidate": _facts(cand_runner, candidate),
-        "preprocessing": spec.describe(),
+        # Decoding and crop are shared; each model's input convention is in its facts above.
+        "preprocessing": {k: v for k, v in spec.describe().items() if k != "input_convention"},
         "data": {"root": str(found.root.resolve()), "labeled": found.labeled, "labels_source": labels_source,
                  "classes": names, "folders": found.classes, "found": len(found.items), "limit": limit,
                  "used": len(paths), "images_sha256": _list_hash(paths, found.root),
