@@ -6,11 +6,13 @@
 Measured: (1) int8 conversion wall time and peak memory, TensorFlow's
 converter as users call it by hand vs ``convert --int8`` from the Keras
 model and from its float .tflite (the analogue of the peer's ONNX file); (2) LiteRT p50 of
-float32, stock int8 and our int8, with XNNPACK partition counts; (3) the peer,
+float32, stock int8 and our int8 (pixel input, the default; and [-1, 1] input, as before
+input conventions, ``convert --input-convention signed-unit``), with XNNPACK partition counts; (3) the peer,
 ONNX Runtime's quantize_static on the same model and images, and its p50;
 (4) ``xedge validate`` throughput; (5) ``xedge demo`` end to end. Latencies
 alternate between models (medians of interleaved rounds); inputs are real
-photos through the one preprocessing definition, never zeros.
+photos through the one preprocessing definition (each model fed its own
+input convention), never zeros.
 """
 
 from __future__ import annotations
@@ -51,17 +53,18 @@ def _fidelity(model_path: Path, val_dir: Path, candidates: dict) -> dict:
     import keras
 
     from pipeline.data import discover
-    from pipeline.preprocessing import PreprocessSpec, preprocess_file
+    from pipeline.preprocessing import PreprocessSpec, pixels_for, scale
 
     model = keras.saving.load_model(model_path, compile=False)
     found = discover(val_dir)
     spec = PreprocessSpec(int(model.inputs[0].shape[1]))
-    x = np.stack([preprocess_file(i.path, spec) for i in found.items])
+    pixels = np.stack([pixels_for(i.path, spec) for i in found.items])
+    x = scale(pixels)
     labels = np.asarray([found.classes.index(i.label) for i in found.items])
     reference = np.concatenate([np.asarray(model(x[i:i + 64], training=False)) for i in range(0, len(x), 64)])
     out = {"images": int(len(x)), "top1_float": float(np.mean(reference.argmax(-1) == labels))}
     for name, predict in candidates.items():
-        got = np.stack([predict(v) for v in x])
+        got = np.stack([predict(p) for p in pixels])
         out[name] = {"top1": float(np.mean(got.argmax(-1) == labels)),
                      "top1_agreement_with_float": float(np.mean(got.argmax(-1) == reference.argmax(-1))),
                      "mean_abs_error": float(np.abs(got - reference).mean())}
@@ -69,18 +72,16 @@ def _fidelity(model_path: Path, val_dir: Path, candidates: dict) -> dict:
 
 
 def _tflite_predict(path: Path):
-    from ai_edge_litert.interpreter import Interpreter
+    from bench.timing import LiteRT
+    from pipeline.preprocessing import dequantize
 
-    from pipeline.preprocessing import dequantize, quantize
+    runner = LiteRT(path, 2)
+    o = runner.interpreter.get_output_details()[0]
 
-    it = Interpreter(model_content=path.read_bytes(), num_threads=2)
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-
-    def predict(x):
-        it.set_tensor(i["index"], quantize(x[None], i["dtype"], *i["quantization"]))
-        it.invoke()
-        return dequantize(it.get_tensor(o["index"]), *o["quantization"])[0]
+    def predict(pixels):
+        runner.feed(pixels)
+        runner.run()
+        return dequantize(runner.interpreter.get_tensor(o["index"]), *o["quantization"])[0]
 
     return predict
 
@@ -116,10 +117,10 @@ def main(argv=None) -> None:
         model = _model(cache, args.size, args.width, args.middle_blocks)
         calib = write_photo_crops(cache / f"calib_{args.images}", args.images, seed=1)
         evals = write_photo_crops(cache / f"eval_{args.eval_images}", args.eval_images, seed=2)
-        from pipeline.preprocessing import PreprocessSpec, preprocess_file
+        from pipeline.preprocessing import PreprocessSpec, pixels_for
 
         spec = PreprocessSpec(args.size)
-        inputs = np.stack([preprocess_file(p, spec) for p in sorted(evals.glob("*.jpg"))])
+        inputs = np.stack([pixels_for(p, spec) for p in sorted(evals.glob("*.jpg"))])  # decoded pixels
         print(f"model {model.name}, {args.images} calibration photos, {len(inputs)} eval photos", flush=True)
 
         # (1) conversions, alternating A/B
@@ -156,6 +157,12 @@ def main(argv=None) -> None:
                                                        for e in manifest["optimizations"]],
                                      "timing": manifest["timing"]}
         results["same_bytes_from_tflite_and_keras"] = from_tfl.read_bytes() == ours_tfl.read_bytes()
+        # Today's [-1, 1] int8 input, for the latency of the pixel input against it.
+        signed_tfl = work / "signed_unit_int8.tflite"
+        g = run_with_peak([str(BIN / "convert"), str(model), "--int8", "--calib", str(calib), "--calib-size",
+                           str(args.images), "--input-convention", "signed-unit", "--out", str(signed_tfl), "--force",
+                           "--json"], env=env, cwd=ROOT)
+        assert g["returncode"] == 0, g["stderr"][-2000:]
 
         # (3) the peer
         peer = {}
@@ -177,18 +184,22 @@ def main(argv=None) -> None:
         from pipeline.tflite_optimize import delegate_partitions
 
         runners = {"litert_float32": LiteRT(float_tfl, args.threads), "litert_int8_stock": LiteRT(stock_tfl, args.threads),
-                   "litert_int8_xedge": LiteRT(ours_tfl, args.threads)}
+                   "litert_int8_xedge": LiteRT(ours_tfl, args.threads),
+                   "litert_int8_xedge_signed_unit": LiteRT(signed_tfl, args.threads)}
         if peer:
             runners["ort_float32"] = OnnxRuntime(onnx_f, args.threads)
             runners["ort_int8_qdq"] = OnnxRuntime(onnx_q, args.threads)
         latency = alternate(runners, inputs, rounds=args.rounds)
         for name, path in (("litert_float32", float_tfl), ("litert_int8_stock", stock_tfl),
-                           ("litert_int8_xedge", ours_tfl)):
+                           ("litert_int8_xedge", ours_tfl), ("litert_int8_xedge_signed_unit", signed_tfl)):
             latency[name]["xnnpack_partitions"] = delegate_partitions(path.read_bytes(), args.threads)
         results["latency"] = latency
         f32 = latency["litert_float32"]["p50_ms"]
         results["ratios"] = {"xedge_int8_over_float32": round(latency["litert_int8_xedge"]["p50_ms"] / f32, 3),
                              "stock_int8_over_float32": round(latency["litert_int8_stock"]["p50_ms"] / f32, 3),
+                             "pixel_int8_over_signed_unit_int8": round(
+                                 latency["litert_int8_xedge"]["p50_ms"]
+                                 / latency["litert_int8_xedge_signed_unit"]["p50_ms"], 3),
                              "xedge_convert_over_tf_by_hand": round(
                                  results["conversion"]["xedge_convert"]["wall_s_median"]
                                  / results["conversion"]["tf_by_hand"]["wall_s_median"], 3)}

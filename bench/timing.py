@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
+from pipeline.predict import input_convention, manifest_beside
+from pipeline.preprocessing import model_input, quantize, scale
+
 
 class LiteRT:
+    """A .tflite fed decoded pixels in its own input convention (its input tensor or manifest says which)."""
+
     def __init__(self, path, threads: int):
         from ai_edge_litert.interpreter import Interpreter
 
         self.name = str(path)
         self.data = open(path, "rb").read()
+        self.convention = input_convention(self.data, manifest_beside(Path(path)))[0]
         self.interpreter = Interpreter(model_content=self.data, num_threads=threads)
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
 
-    def feed(self, x: np.ndarray) -> None:
-        from pipeline.preprocessing import quantize
-
-        self.interpreter.set_tensor(self.input["index"], quantize(x[None], self.input["dtype"],
-                                                                  *self.input["quantization"]))
+    def feed(self, pixels: np.ndarray) -> None:
+        x = model_input(pixels[None], self.convention)
+        self.interpreter.set_tensor(self.input["index"], quantize(x, self.input["dtype"], *self.input["quantization"]))
 
     def run(self) -> None:
         self.interpreter.invoke()
@@ -38,8 +43,8 @@ class OnnxRuntime:
         self.input_name = self.session.get_inputs()[0].name
         self.feed_dict = None
 
-    def feed(self, x: np.ndarray) -> None:
-        self.feed_dict = {self.input_name: x[None].astype(np.float32)}
+    def feed(self, pixels: np.ndarray) -> None:
+        self.feed_dict = {self.input_name: scale(pixels[None])}  # the ONNX export takes [-1, 1]
 
     def run(self) -> None:
         self.session.run(None, self.feed_dict)

@@ -35,6 +35,7 @@ from pipeline.errors import BudgetNotReached, ConversionError, ValidationError
 from pipeline.export import (CALIBRATED_MODES, ConvertSettings, ExportResult, convert_bytes, converted_source,
                              default_output, export_tflite, float_tflite, optimize_graph, representative_in, resolved)
 from pipeline.preprocessing import LEGACY_CONVENTION, model_input
+from pipeline.tflite_info import stated_convention
 
 Say = Callable[[str], None]
 # (all quantized, with fallback) .tflite paths -> latency figures; passed in: devices/ is not imported here
@@ -44,8 +45,9 @@ LatencyCheck = Callable[[Path, Path], dict]
 class DropMeter:
     """Top-1 drop of candidate .tflite bytes against the float model, on images decoded once.
 
-    The reference is fed the decoded pixels as its own convention says; the
-    candidates take ``convention`` (``inputs``), the one they are converted for.
+    The reference is fed the decoded pixels as its own convention says; a
+    candidate as its input quantization states (``convention``, the one the
+    search converts for, where it states none: float I/O).
     """
 
     def __init__(self, reference, data, *, limit: int | None = None, workers: int | None = None,
@@ -85,12 +87,14 @@ class DropMeter:
         from pipeline.predict import open_interpreter
         from pipeline.preprocessing import dequantize, quantize
 
+        convention = stated_convention(model_bytes) or self.convention
+        inputs = self.inputs if convention == self.convention else model_input(self.pixels, convention)
         interpreters = [open_interpreter(model_bytes) for _ in range(self.workers)]
         inp, out = interpreters[0].get_input_details()[0], interpreters[0].get_output_details()[0]
 
         def run(k: int) -> list[np.ndarray]:
             it, rows = interpreters[k], []
-            for x in self.inputs[k::self.workers]:
+            for x in inputs[k::self.workers]:
                 it.set_tensor(inp["index"], quantize(x[None], inp["dtype"], *inp["quantization"]))
                 it.invoke()
                 rows.append(dequantize(it.get_tensor(out["index"])[0], *out["quantization"]))

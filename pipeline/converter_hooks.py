@@ -28,7 +28,10 @@ Xception-299) for each candidate set of float layers, and a float ``.tflite``
 can be quantized directly, as ONNX Runtime's ``quantize_static`` quantizes an
 ONNX graph. The staged model equals the converter's byte for byte apart from
 its CONVERSION_METADATA entry, which the converter would fill with its own
-options (``tests/test_converter_hooks.py``); the manifest says the same.
+options (``tests/test_staged_convert.py``); the manifest says the same. A
+pixel input (``pipeline.preprocessing``) is also pinned to [0, 255] between
+calibration and quantizer (``pin_input_range``), which the converter's single
+call cannot do.
 
 Freezing (``fast_freeze``): the converter freezes the traced function into a
 GraphDef, then imports that GraphDef back into a new function only to read

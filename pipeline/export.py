@@ -146,6 +146,16 @@ def pixel_refusal(source: SourceModel) -> str | None:
     return plan if isinstance(plan, str) else None
 
 
+def _pin_unavailable(settings: ConvertSettings) -> str | None:
+    """Why an int8 pixel input cannot be pinned to [0, 255] here (it is, between the staged conversion's stages)."""
+    from pipeline.converter_hooks import staged_supported
+
+    if settings.mode != "int8":
+        return None
+    ok, why = staged_supported()
+    return None if ok else f"the pixel input's range is pinned in the staged conversion, unavailable here ({why})"
+
+
 def resolve_convention(source: SourceModel, settings: ConvertSettings) -> tuple[str, str]:
     """The input convention this conversion gives the model, and why (for the manifest and the summary).
 
@@ -158,7 +168,7 @@ def resolve_convention(source: SourceModel, settings: ConvertSettings) -> tuple[
     domain = source_domain(source)
     if asked is not None:
         if asked in PIXEL_CONVENTIONS:
-            why = pixel_refusal(source)
+            why = pixel_refusal(source) or _pin_unavailable(settings)
             if why:
                 raise ConversionError(f"cannot give this model {asked} input: {why}; convert with "
                                       "--input-convention signed-unit")
@@ -170,7 +180,7 @@ def resolve_convention(source: SourceModel, settings: ConvertSettings) -> tuple[
         return "pixels", "the source takes pixels"
     if settings.mode == "int16x8":
         return LEGACY_CONVENTION, "int16x8 keeps [-1, 1] input (float32 or int16 I/O)"
-    why = pixel_refusal(source)
+    why = pixel_refusal(source) or _pin_unavailable(settings)
     if why:
         return LEGACY_CONVENTION, f"[-1, 1] input kept: {why}"
     return "pixels", "default: the [-1, 1] scaling folded into the first convolution"

@@ -263,7 +263,10 @@ def quantize(x: np.ndarray, dtype, scale_: float, zero_point: int) -> np.ndarray
     TFLite divides in float32 and rounds halves to even (measured against the
     op itself, with and without XNNPACK, in tests/test_convert.py), then
     saturates; a float64 division differs on thousands of pixels of a 71x71
-    image. ``devices/runner.py`` mirrors this function (it cannot import it).
+    image. At scale 1 (pixel inputs) exact halves are possible, and the
+    builtin kernel rounds some of them away from zero (1 of 15,123 measured);
+    pixels are integers, so they never are halves. ``devices/runner.py``
+    mirrors this function (it cannot import it).
     """
     dtype = np.dtype(dtype)
     if dtype.kind == "f":

@@ -117,12 +117,13 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInfo:
 def stated_convention(model_bytes: bytes) -> str | None:
     """The input convention a model's input quantization states, or None where it states none.
 
-    An integer input says it outright: uint8 with scale 1 and zero point 0 is
+    An 8-bit input says it outright: uint8 with scale 1 and zero point 0 is
     ``pixels``, int8 with scale 1 and zero point -128 is ``pixels_int8`` (a
     [-1, 1] input can never be quantized that way), any other is
-    ``signed_unit``. A float32 input quantized by its first op says it through
-    that QUANTIZE (scale 1 over [0, 255]: ``pixels``). A float model's input
-    states nothing: only its manifest or metadata can tell.
+    ``signed_unit``. A float32 input quantized to 8 bits by its first op says
+    it through that QUANTIZE (scale 1 over [0, 255]: ``pixels``). A float
+    model's input, or an int16 one, states nothing: only its manifest or
+    metadata can tell.
     """
     model = read_model_object(model_bytes)
     types, ops = _type_names(), _op_names()
@@ -130,8 +131,10 @@ def stated_convention(model_bytes: bytes) -> str | None:
     index = int(graph.inputs[0])
     desc = _tensor_desc(graph.tensors[index], types)
     pixel = {(dtype, scale, zero): name for name, (dtype, scale, zero) in PIXEL_TENSORS.items()}
-    if desc["dtype"] not in _FLOAT:
+    if desc["dtype"] in ("int8", "uint8"):
         return pixel.get((desc["dtype"], desc["scale"], desc["zero_point"]), "signed_unit")
+    if desc["dtype"] not in _FLOAT:
+        return None
     for op in graph.operators or []:
         code = model.operatorCodes[op.opcodeIndex]
         if op.inputs is None or index not in [int(i) for i in op.inputs]:
@@ -139,5 +142,7 @@ def stated_convention(model_bytes: bytes) -> str | None:
         if ops.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode))) != "QUANTIZE":
             return None
         out = _tensor_desc(graph.tensors[int(op.outputs[0])], types)
+        if out["dtype"] not in ("int8", "uint8"):
+            return None
         return "pixels" if (out["dtype"], out["scale"], out["zero_point"]) in pixel else "signed_unit"
     return None

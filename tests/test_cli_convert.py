@@ -15,7 +15,7 @@ def test_help_is_instant_and_explains():
     proc = run_cli("convert", "--help", check=True)
     assert time.perf_counter() - start < 5  # no TensorFlow import for --help
     for flag in ("--int8", "--int16x8", "--fp16", "--dynamic", "--float", "--calib", "--calib-size", "--float-io",
-                 "--out", "--force", "--allow-float-fallback"):
+                 "--out", "--force", "--allow-float-fallback", "--input-convention"):
         assert flag in proc.stdout
     assert "convert --int8 --calib ./samples" in proc.stdout
     xedge = run_cli("xedge", "--help", check=True)
@@ -28,6 +28,11 @@ def test_usage_errors_are_one_line(tiny_keras_path, tmp_path):
     assert no_mode.exit_code == 2 and "choose a mode" in no_mode.output
     two = runner.invoke(convert_command, [str(tiny_keras_path), "--fp16", "--calib", str(tmp_path)])
     assert two.exit_code == 2 and "--calib is only used by" in two.output
+    for args, message in ((["--fp16", "--input-convention", "pixels-int8"], "pixels-int8 applies to --int8"),
+                          (["--int16x8", "--input-convention", "pixels"], "needs --float-io"),
+                          (["--int8", "--input-convention", "uint8"], "Invalid value for '--input-convention'")):
+        result = runner.invoke(convert_command, [str(tiny_keras_path), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_library_errors_become_messages_not_tracebacks(tiny_keras_path, tmp_path):
@@ -70,6 +75,7 @@ def test_convert_int8_end_to_end_in_a_subprocess(trained_run, digits, tmp_path):
     summary = json.loads(proc.stdout)
     out = tmp_path / summary["output"]
     assert summary["mode"] == "int8" and summary["calibration_samples"] == 40 and summary["float_ops"] == 0
+    assert summary["input_convention"] == "pixels"  # the default: uint8 RGB pixels in
     assert out.name == "model_int8.tflite" and out.exists()
     manifest = json.loads((tmp_path / summary["manifest"]).read_text())
     assert manifest["output"]["bytes"] == out.stat().st_size

@@ -76,7 +76,7 @@ def test_private_quantizer_hook_is_pinned_and_works(trained_run, calibration):
     assert info.op_histogram.get("FULLY_CONNECTED/float32") == 1
     assert info.op_histogram.get("DEPTHWISE_CONV_2D/float32") == 1  # the separable conv's two ops
     assert record["float_layers"] == ["predictions", "block3_sepconv1"] and len(record["denylisted_nodes"]) == 3
-    assert info.inputs[0]["dtype"] == "int8"  # everything else is the stock converter path
+    assert info.inputs[0]["dtype"] == "uint8"  # everything else is the stock converter path
 
 
 def test_unknown_layer_and_unpinned_tensorflow_are_clear_errors(trained_run, calibration, monkeypatch):
@@ -102,7 +102,8 @@ def test_drop_meter_agrees_with_xedge_validate(trained_run, trained_tflite, digi
     report = validate(trained_run.model_path, trained_tflite["int8"], digits["val"], tmp_path, limit=60,
                       layer_samples=0).report
     for key in ("top1_drop_pp", "top1_quant", "top1_float", "agreement"):
-        assert measured[key] == pytest.approx(report[key], abs=1e-9), key
+        # DropMeter.measure rounds the drop to 4 decimals
+        assert measured[key] == pytest.approx(report[key], abs=5e-5 if key == "top1_drop_pp" else 1e-9), key
 
 
 def test_budget_already_met_needs_no_fallback(trained_run, calibration, digits, tmp_path):
@@ -171,8 +172,10 @@ def sensitive_conversions(sensitive_model, calibration) -> dict:
     from pipeline.modelio import load_source
 
     source = load_source(sensitive_model)
-    return {"source": source, "float": convert_bytes(source, ConvertSettings("float")),
-            **{mode: convert_bytes(source, ConvertSettings(mode), calibration) for mode in ("int8", "int16x8")}}
+    old = "signed_unit"  # the calibration set's own [-1, 1] inputs, fed to each of them below
+    return {"source": source, "float": convert_bytes(source, ConvertSettings("float", input_convention=old)),
+            **{mode: convert_bytes(source, ConvertSettings(mode, input_convention=old), calibration)
+               for mode in ("int8", "int16x8")}}
 
 
 def test_conversions_of_one_source_name_their_ops_alike(sensitive_conversions):
@@ -216,7 +219,8 @@ def test_splice_puts_the_donor_layer_in_the_host(sensitive_conversions, calibrat
         spliced = splice(host, float_model, ["block3_sepconv1"], record=record)
         report = record
     else:  # the path ConvertSettings.float_layers takes
-        spliced = convert_bytes(source, ConvertSettings(host_mode, float_layers=("block3_sepconv1",), fallback=kept_in),
+        spliced = convert_bytes(source, ConvertSettings(host_mode, float_layers=("block3_sepconv1",), fallback=kept_in,
+                                                        input_convention="signed_unit"),
                                 calibration, calibration_record=record)
         assert record["fallback_method"] == "splice" and record["float_layers"] == ["block3_sepconv1"]
         report = record["splice"]
@@ -326,7 +330,7 @@ def test_int8_can_keep_layers_in_int16_instead(sensitive_model, calibration, dig
     assert set(record["layers"]) <= set(PLANTED) and record["layers"]
     assert record["steps"][0]["top1_drop_pp"] > 10 and result.final["top1_drop_pp"] <= 2.0
     info = inspect_tflite(result.export.model_bytes)
-    assert info.float_ops == [] and info.inputs[0]["dtype"] == "int8"
+    assert info.float_ops == [] and info.inputs[0]["dtype"] == "uint8"
     assert info.op_histogram["CONV_2D/int16"] == len(record["layers"])
     assert result.export.manifest["settings"]["fallback"] == "int16"
 

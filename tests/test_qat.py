@@ -51,6 +51,12 @@ def test_qat_one_epoch_then_convert_to_full_int8_without_calibration(tmp_path, t
              if k[0] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")}
     assert heavy and all(dtype == "int8" for (_, dtype) in heavy), heavy
     assert manifest["io"]["inputs"][0]["dtype"] == "int8"
+    # Its input quantization was learned on [-1, 1]: it keeps that input, and refuses pixels when asked.
+    assert manifest["input_convention"]["name"] == "signed_unit"
+    assert "quantization-aware" in manifest["input_convention"]["why"]
+    pixels = run_cli("convert", "--int8", "--input-convention", "pixels", "--out", "p.tflite", cwd=tmp_path)
+    assert pixels.returncode == 2 and "quantization-aware" in pixels.stderr and "signed-unit" in pixels.stderr
+    assert "Traceback" not in pixels.stderr and not (tmp_path / "p.tflite").exists()
 
 
 def _ops_by_type(path):

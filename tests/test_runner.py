@@ -31,9 +31,9 @@ def run_runner(python, *args, timeout=300, env=None):
 
 @pytest.fixture(scope="session")
 def digit_inputs(tmp_path_factory, calibration) -> Path:
-    """Real preprocessed digits (float32 in [-1, 1]) as the runner's .npy batch."""
+    """Real decoded digits (uint8 pixels, what `xedge bench --inputs` sends) as the runner's .npy batch."""
     path = tmp_path_factory.mktemp("inputs") / "inputs.npy"
-    np.save(path, np.stack([calibration.inputs(i) for i in range(12)]).astype(np.float32))
+    np.save(path, np.stack(calibration.samples[:12]))
     return path
 
 
@@ -70,49 +70,67 @@ def test_litert_result_has_every_field(trained_tflite):
     from pipeline.artifacts import sha256_file
 
     assert out["model"]["sha256"] == sha256_file(trained_tflite["int8"])
-    assert out["model"]["precision"] == "int8" and out["model"]["input_dtype"] == "int8"
-    assert out["inputs"] == {"source": "random", "count": 8, "range": [-1.0, 1.0]}
+    assert out["model"]["precision"] == "int8" and out["model"]["input_dtype"] == "uint8"
+    assert out["model"]["input_convention"] == "pixels" and out["model"]["input_convention_from"] == "input tensor"
+    assert out["inputs"] == {"source": "random", "count": 8, "range": "pixels 0..255"}
 
 
-def test_random_inputs_are_never_zeros(trained_tflite):
-    """The random feeds span the model's input range; zeros would run faster than real data."""
+def test_random_inputs_are_never_zeros(trained_tflite, tmp_path):
+    """Random pixels, fed as each model's convention says; zeros would run faster than real data."""
+    import shutil
+
     from devices import runner
 
     model = runner.Model(str(trained_tflite["int8"]), runner.load_runtime("ai_edge_litert"), 1, True)
-    model.prepare_inputs(None, seed=0, value_range=(-1.0, 1.0))
+    model.prepare_inputs(None, seed=0)
     x = np.stack([f[0] for f in model.feeds])
-    assert x.dtype == np.int8 and x.min() < -100 and x.max() > 100 and (x == 0).mean() < 0.05
+    assert x.dtype == np.uint8 and x.min() < 5 and x.max() > 250 and (x == 0).mean() < 0.05
     assert len({f[0].tobytes() for f in model.feeds}) == len(model.feeds)
+    # a float model with pixel input says so only in its manifest: read beside it, else assumed [-1, 1]
+    bare = tmp_path / "bare.tflite"
+    shutil.copy(trained_tflite["float"], bare)
+    for path, expected in ((trained_tflite["float"], ("pixels", "manifest")),
+                           (bare, ("signed_unit", "assumed (no manifest; pass --input-convention)"))):
+        model = runner.Model(str(path), runner.load_runtime("ai_edge_litert"), 1, True)
+        assert (model.convention, model.convention_from) == expected
+        model.prepare_inputs(None, seed=0)
+        x = np.stack([f[0] for f in model.feeds])
+        assert x.dtype == np.float32 and (x.max() > 250 if expected[0] == "pixels" else x.max() <= 1.0)
 
 
 def test_quantization_matches_the_pipeline(trained_tflite, digit_inputs):
-    """The runner's copy of quantize() gives bit for bit what pipeline.preprocessing.quantize gives."""
-    from devices.runner import quantize as runner_quantize
-    from pipeline.preprocessing import quantize
+    """The runner's copies of model_input(), unscale() and quantize() give bit for bit what
+    pipeline.preprocessing gives."""
+    from devices import runner
+    from pipeline import preprocessing
 
-    x = np.load(digit_inputs)
-    assert np.array_equal(runner_quantize(x, np.int8, 2 / 255, -1), quantize(x, np.int8, 2 / 255, -1))
+    p = np.load(digit_inputs)
+    for convention in ("signed_unit", "pixels", "pixels_int8"):
+        assert np.array_equal(runner.model_input(p, convention), preprocessing.model_input(p, convention))
+    x = preprocessing.scale(p)
+    assert np.array_equal(runner.quantize(x, np.int8, 2 / 255, -1), preprocessing.quantize(x, np.int8, 2 / 255, -1))
+    assert np.array_equal(runner.unscale(x), preprocessing.unscale(x))
+    assert np.array_equal(np.rint(runner.unscale(x)), p)  # [-1, 1] inputs map back to their pixels
 
 
-def test_outputs_for_real_inputs_match_the_build_machine(trained_tflite, digit_inputs, tmp_path):
-    from ai_edge_litert.interpreter import Interpreter
+@pytest.mark.parametrize("model", ["int8", "float"])
+def test_outputs_for_real_inputs_match_the_build_machine(trained_tflite, digit_inputs, tmp_path, model):
+    """Decoded pixels in: the runner feeds each model exactly what `xedge validate`'s runner feeds it."""
+    from pipeline.predict import TfliteRunner
 
-    from pipeline.preprocessing import dequantize, quantize
-
-    proc, out = run_runner(sys.executable, trained_tflite["int8"], "--inputs", digit_inputs, "--outputs",
+    proc, out = run_runner(sys.executable, trained_tflite[model], "--inputs", digit_inputs, "--outputs",
                            tmp_path, "--runs", 3, "--warmup", 0)
     assert proc.returncode == 0, proc.stderr
     assert out["inputs"]["source"] == "file" and out["inputs"]["count"] == 12
+    assert out["model"]["input_convention"] == "pixels"
     files = out["outputs"]["files"][0]
     got = np.load(tmp_path / files["float"])
     assert got.shape == (12, 10)
-    it = Interpreter(model_path=str(trained_tflite["int8"]))
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-    for k, x in enumerate(np.load(digit_inputs)):
-        it.set_tensor(i["index"], quantize(x[None], np.int8, *i["quantization"]))
-        it.invoke()
-        assert np.array_equal(got[k], dequantize(it.get_tensor(o["index"])[0], *o["quantization"]))
+    runner = TfliteRunner(trained_tflite[model], workers=1)
+    try:
+        assert np.array_equal(got, runner.predict_pixels(np.load(digit_inputs)))
+    finally:
+        runner.close()
 
 
 def test_tensorflow_lite_runtime(trained_tflite):

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.artifacts import sha256_file
 from pipeline.errors import ValidationError
-from pipeline.preprocessing import PreprocessSpec, preprocess_file
+from pipeline.preprocessing import PreprocessSpec, pixels_for, preprocess_file, scale
 from pipeline.report_html import CANDIDATE_COLOUR, REFERENCE_COLOUR
 from pipeline.validate import Budgets, validate
 from tests.browser import CHROMIUM, chromium as _chromium
@@ -91,18 +91,17 @@ def test_int8_report_matches_an_independent_recomputation(int8_cli_run, trained_
     files = sorted(val_subset.rglob("*.png"))
     classes = json.loads((trained_run.run_dir / "labels.json").read_text())["classes"]
     y = np.array([classes.index(f.parent.name) for f in files])
-    x = np.stack([preprocess_file(f, PreprocessSpec(size=71)) for f in files])
+    pixels = np.stack([pixels_for(f, PreprocessSpec(size=71)) for f in files])
     model = keras.saving.load_model(trained_run.model_path, compile=False)
-    p_ref = np.asarray(model(x, training=False), dtype=np.float64)
+    p_ref = np.asarray(model(scale(pixels), training=False), dtype=np.float64)  # Keras: x / 127.5 - 1
     it = Interpreter(model_path=str(trained_tflite["int8"]))
     it.allocate_tensors()
     (inp,), (outp,) = it.get_input_details(), it.get_output_details()
-    (s_in, z_in), (s_out, z_out) = inp["quantization"], outp["quantization"]
+    (s_out, z_out) = outp["quantization"]
+    assert inp["dtype"] == np.uint8 and inp["quantization"] == (1.0, 0)  # the int8 model takes the pixels
     rows = []
-    for sample in x:
-        v = (sample[None].astype(np.float32) / np.float32(s_in)).astype(np.float64)
-        q = np.rint(v) + z_in  # TFLite's QUANTIZE: float32 divide, halves to even
-        it.set_tensor(inp["index"], np.clip(q, -128, 127).astype(np.int8))
+    for sample in pixels:
+        it.set_tensor(inp["index"], sample[None])
         it.invoke()
         rows.append((it.get_tensor(outp["index"])[0].astype(np.float64) - z_out) * s_out)
     p_q = np.array(rows)
@@ -129,6 +128,9 @@ def test_int8_report_matches_an_independent_recomputation(int8_cli_run, trained_
     assert report["reference"]["sha256"] == sha256_file(trained_run.model_path)
     assert report["candidate"]["sha256"] == sha256_file(trained_tflite["int8"])
     assert report["candidate"]["mode"] == "int8"
+    assert (report["reference"]["input_convention"], report["candidate"]["input_convention"]) == ("signed_unit",
+                                                                                                 "pixels")
+    assert "input convention reference / candidate | signed_unit / pixels" in (out / "report.md").read_text()
     assert report["preprocessing"]["fingerprint"] == PreprocessSpec(size=71).fingerprint
     assert report["data"]["labels_source"] == str(trained_run.run_dir / "labels.json")
     assert report["passed"] and set(report["budgets"]) == {"top1_drop", "agreement", "kl_mean"}
@@ -191,10 +193,13 @@ def test_unlabeled_flat_folder_gives_agreement_only(tmp_path, trained_tflite, va
 
 
 def test_labels_from_labels_json_versus_sorted_folders(tmp_path, trained_run, trained_tflite, val_subset):
-    bare = tmp_path / "bare"  # no manifest, no labels.json beside the models
+    bare = tmp_path / "bare"  # no labels.json beside the models, no labels in the float model's manifest
     bare.mkdir()
     ref, cand = shutil.copy2(trained_tflite["float"], bare / "f.tflite"), shutil.copy2(trained_tflite["int8"],
                                                                                         bare / "q.tflite")
+    manifest = json.loads(trained_tflite["float"].with_name("float.manifest.json").read_text())
+    del manifest["labels"]  # kept otherwise: a float model's pixel input is said by its manifest only
+    (bare / "f.manifest.json").write_text(json.dumps(manifest))
     kw = dict(limit=30, layer_samples=0)
     by_folders = validate(ref, cand, val_subset, tmp_path / "a", **kw).report
     assert by_folders["data"]["labels_source"] == "sorted class folder names"
@@ -202,6 +207,7 @@ def test_labels_from_labels_json_versus_sorted_folders(tmp_path, trained_run, tr
     beside = tmp_path / "run_copy"
     beside.mkdir()
     ref2 = shutil.copy2(ref, beside / "f.tflite")
+    shutil.copy2(bare / "f.manifest.json", beside / "f.manifest.json")
     shutil.copy2(trained_run.run_dir / "labels.json", beside / "labels.json")
     by_json = validate(ref2, cand, val_subset, tmp_path / "b", **kw).report
     assert by_json["data"]["labels_source"] == str(beside / "labels.json")
@@ -322,7 +328,8 @@ def test_layer_errors_is_usable_on_its_own(trained_tflite, val_subset):
     from pipeline.layer_error import layer_errors
 
     float_bytes, int8_bytes = trained_tflite["float"].read_bytes(), trained_tflite["int8"].read_bytes()
-    inputs = [preprocess_file(f, PreprocessSpec(size=71)) for f in sorted(val_subset.rglob("*.png"))[:3]]
+    spec = PreprocessSpec(size=71, input_convention="pixels")  # what both models take
+    inputs = [preprocess_file(f, spec) for f in sorted(val_subset.rglob("*.png"))[:3]]
     errors = layer_errors(float_bytes, int8_bytes, inputs)
     assert len(errors) > 20 and all(e.samples == 3 for e in errors)
     ratios = [e.rmse_over_scale for e in errors]
