@@ -188,8 +188,8 @@ def mode_options(fn):
               "spliced from an int16x8 conversion).")
 @guarded(tensorflow=False)
 def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
-                    input_convention, calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, max_float_layers,
-                    fallback):
+                    input_convention, calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit,
+                    max_float_layers, fallback):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
     A float32 .tflite MODEL is quantized directly with --int8 (calibration

@@ -152,8 +152,8 @@ def _inbound(layer: dict) -> list[str]:
             for value in node.values():
                 walk(value)
         elif isinstance(node, (list, tuple)):  # a live config holds tuples, a saved one lists
-            if len(node) >= 3 and isinstance(node[0], str) and isinstance(node[1], int):  # tf_keras [name, node, tensor]
-                found.append(node[0])
+            if len(node) >= 3 and isinstance(node[0], str) and isinstance(node[1], int):
+                found.append(node[0])  # tf_keras: [layer name, node index, tensor index, kwargs]
                 return
             for value in node:
                 walk(value)

@@ -188,8 +188,8 @@ def test_input_quantization_matches_tflite_quantize_op_bit_for_bit(tiny_keras_pa
 
     # [-1, 1] input (scale ~2/255): the QUANTIZE of a pixel input has scale 1, where exact halves are common
     # and the builtin kernel's scalar tail rounds them away from zero; pixel values are integers, never halves.
-    export_tflite(tiny_keras_path, ConvertSettings("int8", float_io=True, optimize=False, input_convention="signed_unit"),
-                  out=tmp_path / "fio.tflite", representative=calibration)
+    old = ConvertSettings("int8", float_io=True, optimize=False, input_convention="signed_unit")
+    export_tflite(tiny_keras_path, old, out=tmp_path / "fio.tflite", representative=calibration)
     rng = np.random.default_rng(3)
     for resolver in (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, OpResolverType.AUTO):  # builtin, XNNPACK
         it = Interpreter(model_content=(tmp_path / "fio.tflite").read_bytes(),
