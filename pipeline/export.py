@@ -132,8 +132,8 @@ def pixel_refusal(source: SourceModel) -> str | None:
     if source_domain(source) == "pixels":
         return None
     if source.kind == "tflite":
-        return (f"{source.path.name} takes [-1, 1] input (its manifest) and a .tflite cannot be folded; convert the "
-                "Keras model it came from")
+        return (f"{source.path.name} takes [-1, 1] input (no manifest beside it says pixels) and a .tflite cannot "
+                "be folded; convert the Keras model it came from")
     if source.model is None:
         return "a SavedModel has no Keras layers to fold the [-1, 1] scaling into"
     if is_qat_model(source):
