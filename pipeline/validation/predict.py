@@ -187,7 +187,7 @@ def tflite_output_kind(model_bytes: bytes) -> OutputKind:
         if op is None:
             break
         code = model.OperatorCodes(op.OpcodeIndex())
-        name = names.get(max(int(code.BuiltinCode()), int(code.DeprecatedBuiltinCode())), "CUSTOM")
+        name = names.get(flatbuffers.builtin_code(code), "CUSTOM")
         if name in _TFLITE_PROBABILITY_OPS:
             through = f" (through {', '.join(reversed(passed))})" if passed else ""
             return OutputKind(True, f"{name} op produces the output{through}")
