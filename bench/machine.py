@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib import metadata
+
+from pipeline.core import artifacts
 
 _VERSIONED = ("tensorflow", "ai-edge-litert", "numpy", "onnxruntime", "tf2onnx", "onnx", "xception-edge")
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
@@ -44,12 +45,7 @@ def describe(load_at_start: list[float] | None = None) -> dict:
     """The machine, its software and its load; ``load_at_start`` is ``load_average()`` taken before the run."""
     info = _cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in _VERSIONED:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
+    versions = artifacts.versions(_VERSIONED)
     return {
         "cpu_model": info.get("model name") or info.get("Model") or platform.processor() or platform.machine(),
         "cpu_flags": sorted(flags.intersection(_FLAGS)),

@@ -14,9 +14,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from devices.transports import TRANSPORTS
 from pipeline.core.errors import DeviceError
 
-TRANSPORTS = ("local", "ssh", "adb")
 PACKAGED = Path(__file__).resolve().parent / "profiles"
 
 

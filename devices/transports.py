@@ -15,5 +15,5 @@ TRANSPORTS: dict[str, type] = {"local": LocalTransport, "ssh": SshTransport, "ad
 
 
 def get_transport(profile):
-    """An instance of the profile's transport (``devices.profile`` checks the name when it loads a profile)."""
+    """An instance of the profile's transport (``devices.profile`` checks the name against ``TRANSPORTS`` when it loads a profile)."""
     return TRANSPORTS[profile.transport](profile)

@@ -68,9 +68,10 @@ def size_any(path: str | os.PathLike) -> int:
     return p.stat().st_size
 
 
-def versions() -> dict[str, str | None]:
+def versions(dists: tuple[str, ...] = _VERSIONED) -> dict[str, str | None]:
+    """Python's version and each distribution's (None when it is not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in _VERSIONED:
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

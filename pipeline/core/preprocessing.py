@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 
 from pipeline.core.errors import DataError
 
-# The formats the README lists; Pillow tries no other plugin (``Image.open(..., formats=...)``).
+# The formats docs/converting.md lists; Pillow tries no other plugin (``Image.open(..., formats=...)``).
 DECODED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 _FORMATS_TEXT = "JPEG, PNG, BMP, GIF, WebP, TIFF"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
