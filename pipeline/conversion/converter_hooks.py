@@ -189,9 +189,6 @@ def _drop_conversion_metadata(model) -> None:
 def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
                 drop_conversion_metadata: bool = False) -> tuple[bytes, dict]:
     """Calibrate ``float_model`` on ``samples`` (an iterable of input lists); return calibrated bytes."""
-    from ai_edge_litert.interpreter import Interpreter
-
-
     flatbuffer_utils, schema = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
     if drop_conversion_metadata:
@@ -207,34 +204,9 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
     graph.outputs = original_outputs
 
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    source = iter(samples)
-    lock = threading.Lock()
-
-    def work() -> tuple[np.ndarray, np.ndarray, int]:
-        with native_stderr_captured():
-            interpreter = Interpreter(model_content=probe, num_threads=1)
-            interpreter.allocate_tensors()
-        inputs = interpreter.get_input_details()
-        lo = np.full(len(tracked), _FLT_MAX, dtype=np.float64)
-        hi = np.full(len(tracked), _FLT_MIN, dtype=np.float64)
-        count = 0
-        while True:
-            with lock:
-                sample = next(source, None)
-            if sample is None:
-                return lo, hi, count
-            arrays = list(sample.values()) if isinstance(sample, dict) else list(sample)
-            for detail, array in zip(inputs, arrays):
-                interpreter.set_tensor(detail["index"], np.asarray(array, dtype=np.float32))
-            interpreter.invoke()
-            for k, t in enumerate(tracked):
-                mn, mx = _minmax(interpreter.tensor(t))
-                lo[k] = min(lo[k], mn)
-                hi[k] = max(hi[k], mx)
-            count += 1
-
+    source, lock = iter(samples), threading.Lock()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda _: work(), range(workers)))
+        results = list(pool.map(lambda _: _minmax_worker(probe, tracked, source, lock), range(workers)))
     count = sum(r[2] for r in results)
     if count == 0:
         raise ValueError("the representative dataset yielded no samples")
@@ -247,6 +219,34 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
         graph.tensors[t].quantization = params
     calibrated = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
     return calibrated, {"calibrator": "fast-minmax", "samples": count, "tensors": len(tracked), "workers": workers}
+
+
+def _minmax_worker(probe: bytes, tracked: list[int], source, lock: threading.Lock) -> tuple[np.ndarray, np.ndarray, int]:
+    """One thread's interpreter: takes samples from the shared ``source`` until it runs out; returns the min
+    and max of each tracked tensor over the samples it ran, and how many it ran."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    with native_stderr_captured():
+        interpreter = Interpreter(model_content=probe, num_threads=1)
+        interpreter.allocate_tensors()
+    inputs = interpreter.get_input_details()
+    lo = np.full(len(tracked), _FLT_MAX, dtype=np.float64)
+    hi = np.full(len(tracked), _FLT_MIN, dtype=np.float64)
+    count = 0
+    while True:
+        with lock:
+            sample = next(source, None)
+        if sample is None:
+            return lo, hi, count
+        arrays = list(sample.values()) if isinstance(sample, dict) else list(sample)
+        for detail, array in zip(inputs, arrays):
+            interpreter.set_tensor(detail["index"], np.asarray(array, dtype=np.float32))
+        interpreter.invoke()
+        for k, t in enumerate(tracked):
+            mn, mx = _minmax(interpreter.tensor(t))
+            lo[k] = min(lo[k], mn)
+            hi[k] = max(hi[k], mx)
+        count += 1
 
 
 def _tf_version() -> str | None:

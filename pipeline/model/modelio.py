@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,68 +209,89 @@ def unsafe_saved_model_ops(path: str | os.PathLike) -> dict[str, list[str]]:
     proto = _read_saved_model_proto(Path(path))
     found: dict[str, set[str]] = {}
     for meta in proto.meta_graphs:
-        graph = meta.graph_def
-        nodes = {n.name: n for n in graph.node}
-        functions = {f.signature.name: f for f in graph.library.function}
-        library = set(functions)
-
-        def closure(roots) -> set[str]:
-            seen, stack = set(), [r for r in roots if r in nodes]
-            while stack:
-                name = stack.pop()
-                if name not in seen:
-                    seen.add(name)
-                    stack.extend(ref.lstrip("^").split(":")[0] for ref in nodes[name].input)
-            return seen & nodes.keys()
-
-        saver = meta.saver_def
-        save_side = closure([saver.save_tensor_name.split(":")[0]] if saver.save_tensor_name else [])
-        restore_side = closure([saver.restore_op_name.split(":")[0]] if saver.restore_op_name else [])
-        roots = set(nodes) - save_side - restore_side
-        for signature in meta.signature_def.values():
-            for info in [*signature.inputs.values(), *signature.outputs.values()]:
-                roots |= _tensor_nodes(info)
-        strict = closure(roots)
-
-        def context(name: str) -> str:
-            if name in strict:
-                return "strict"
-            if name in save_side and name not in restore_side:
-                return "save"
-            return "restore" if name in restore_side and name not in save_side else "strict"
-
-        reached: dict[str, set[str]] = {"strict": set(), "save": set(), "restore": set()}
-        for node in graph.node:
-            reached[context(node.name)] |= _called_functions(node, library)
-        for obj in meta.object_graph_def.nodes:
-            kind = obj.WhichOneof("kind")
-            if kind == "function":
-                reached["strict"].update(obj.function.concrete_functions)
-            elif kind == "bare_concrete_function":
-                reached["strict"].add(obj.bare_concrete_function.concrete_function_name)
-        for ctx, names in reached.items():  # functions called from these functions, transitively
-            stack = list(names)
-            while stack:
-                fn = functions.get(stack.pop())
-                for node in fn.node_def if fn is not None else ():
-                    for callee in _called_functions(node, library) - names:
-                        names.add(callee)
-                        stack.append(callee)
-
-        def allowed(op: str, ctx: str) -> bool:
-            return (op in SAFE_TF_OPS or op in functions or (ctx == "save" and op in _SAVE_OPS)
-                    or (ctx == "restore" and op in _RESTORE_OPS))
-
-        for node in graph.node:
-            if not allowed(node.op, context(node.name)):
-                found.setdefault(node.op, set()).add(node.name)
-        for name, fn in functions.items():
-            contexts = {ctx for ctx, names in reached.items() if name in names}
-            ctx = contexts.pop() if contexts in ({"save"}, {"restore"}) else "strict"
-            for node in fn.node_def:
-                if not allowed(node.op, ctx):
-                    found.setdefault(node.op, set()).add(name)
+        _collect_unsafe(meta, found)
     return {op: sorted(where) for op, where in sorted(found.items())}
+
+
+def _collect_unsafe(meta, found: dict[str, set[str]]) -> None:
+    """Add one meta graph's disallowed ops (op -> node or function names) to ``found``."""
+    graph = meta.graph_def
+    functions = {f.signature.name: f for f in graph.library.function}
+    context = _node_contexts(meta)
+    reached = _reached_functions(meta, functions, context)
+
+    def allowed(op: str, ctx: str) -> bool:
+        return (op in SAFE_TF_OPS or op in functions or (ctx == "save" and op in _SAVE_OPS)
+                or (ctx == "restore" and op in _RESTORE_OPS))
+
+    for node in graph.node:
+        if not allowed(node.op, context(node.name)):
+            found.setdefault(node.op, set()).add(node.name)
+    for name, fn in functions.items():
+        contexts = {ctx for ctx, names in reached.items() if name in names}
+        ctx = contexts.pop() if contexts in ({"save"}, {"restore"}) else "strict"
+        for node in fn.node_def:
+            if not allowed(node.op, ctx):
+                found.setdefault(node.op, set()).add(name)
+
+
+def _node_contexts(meta) -> Callable[[str], str]:
+    """Graph node name -> "strict", "save" or "restore": which list of ops applies to it.
+
+    A node only the saver's save (or restore) op reaches is on that side; a
+    node reached from a signature, or from anything else, is strict."""
+    nodes = {n.name: n for n in meta.graph_def.node}
+
+    def closure(roots) -> set[str]:
+        seen, stack = set(), [r for r in roots if r in nodes]
+        while stack:
+            name = stack.pop()
+            if name not in seen:
+                seen.add(name)
+                stack.extend(ref.lstrip("^").split(":")[0] for ref in nodes[name].input)
+        return seen & nodes.keys()
+
+    saver = meta.saver_def
+    save_side = closure([saver.save_tensor_name.split(":")[0]] if saver.save_tensor_name else [])
+    restore_side = closure([saver.restore_op_name.split(":")[0]] if saver.restore_op_name else [])
+    roots = set(nodes) - save_side - restore_side
+    for signature in meta.signature_def.values():
+        for info in [*signature.inputs.values(), *signature.outputs.values()]:
+            roots |= _tensor_nodes(info)
+    strict = closure(roots)
+
+    def context(name: str) -> str:
+        if name in strict:
+            return "strict"
+        if name in save_side and name not in restore_side:
+            return "save"
+        return "restore" if name in restore_side and name not in save_side else "strict"
+
+    return context
+
+
+def _reached_functions(meta, functions: dict, context: Callable[[str], str]) -> dict[str, set[str]]:
+    """Context -> the library functions called from graph nodes in it (the object graph's are strict),
+    transitively through the functions they call."""
+    library = set(functions)
+    reached: dict[str, set[str]] = {"strict": set(), "save": set(), "restore": set()}
+    for node in meta.graph_def.node:
+        reached[context(node.name)] |= _called_functions(node, library)
+    for obj in meta.object_graph_def.nodes:
+        kind = obj.WhichOneof("kind")
+        if kind == "function":
+            reached["strict"].update(obj.function.concrete_functions)
+        elif kind == "bare_concrete_function":
+            reached["strict"].add(obj.bare_concrete_function.concrete_function_name)
+    for names in reached.values():
+        stack = list(names)
+        while stack:
+            fn = functions.get(stack.pop())
+            for node in fn.node_def if fn is not None else ():
+                for callee in _called_functions(node, library) - names:
+                    names.add(callee)
+                    stack.append(callee)
+    return reached
 
 
 def _refuse_unsafe_ops(path: Path, trust_code: bool) -> None:

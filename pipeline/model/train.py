@@ -361,32 +361,82 @@ def prepare_data(data_dir, val_dir, cfg: TrainConfig):
     return spec, folder.classes, train, val, data
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds between its steps: data, devices, model, optimizer, checkpoint."""
+    out: Path
+    cfg: TrainConfig
+    devices: Devices
+    spec: PreprocessSpec
+    classes: list[str]
+    train_images: object
+    val_images: object
+    data: dict
+    global_batch: int
+    steps: int
+    ckpt: Checkpoint
+    state: dict | None
+    model: object
+    optimizer: object
+    pretrained: dict | None
+    loop: Steps
+
+
 def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
           on_epoch: EpochHook | None = None, on_batch: BatchHook | None = None) -> TrainResult:
     """Train (or resume) a run; write model.keras, labels.json, manifest.json and TensorBoard logs."""
-    import keras
-    import tensorflow as tf
-
-
     out = Path(out_dir)
     if (out / "manifest.json").exists() and (out / "model.keras").exists() and not (out / BACKUP).exists():
         raise TrainingError(f"{out} already holds a finished run; choose another --out")
+    run = _start_run(data_dir, out, cfg, val_dir)
+    state = run.state
+    history: list[dict] = list(state["history"]) if state else []
+    start_epoch, start_step = (int(state["epoch"]), int(state["step"])) if state else (0, 0)
+    resumed = {"epoch": start_epoch, "step": start_step} if state else None
+    writers = _summary_writers(out / "logs") if run.devices.is_chief else None
+    val_ds = tfdata.eval_dataset(run.val_images, run.global_batch)
+    # Signals are only honoured alone: every worker of a multi-worker run must stop at the same step.
+    honour_signals = run.devices.kind != "multi-worker"
+
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            first = start_step if epoch == start_epoch else 0
+            history.append(_train_epoch(run, epoch, first, state if epoch == start_epoch else None, history,
+                                        stop if honour_signals else None, on_batch, val_ds))
+            if writers:
+                _write_summaries(writers, history[-1], epoch + 1)
+            if epoch + 1 < cfg.epochs:
+                run.ckpt.save(run.model, run.optimizer, epoch=epoch + 1, step=0, history=history)
+            if on_epoch:
+                on_epoch(epoch + 1, history[-1])
+            if honour_signals and stop.signum is not None and epoch + 1 < cfg.epochs:
+                raise _interrupted(stop.signum, epoch, run.ckpt)
+
+    manifest = _run_manifest(run, history, resumed)
+    if run.devices.is_chief:
+        _write_outputs(out, run.model, cfg, run.classes, manifest)
+        run.ckpt.remove()
+        link_latest(out)
+    return TrainResult(out, out / "model.keras", run.classes, history,
+                       history[-1]["val_accuracy"] if history else None, manifest, wrote=run.devices.is_chief)
+
+
+def _start_run(data_dir, out: Path, cfg: TrainConfig, val_dir) -> _Run:
+    """Devices, data, the model and optimizer, restored from the checkpoint when there is one."""
+    import keras
+
     devices = select_devices(cfg)
     keras.utils.set_random_seed(cfg.seed)
     spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, cfg)
-
     global_batch = cfg.batch_size * devices.replicas
     steps = max(1, -(-len(train_images) // global_batch))
     config = {**cfg.to_dict(), "classes": classes, "data_digest": data["digest"],
               "val_digest": data.get("val_digest"), "replicas": devices.replicas}
     ckpt = Checkpoint(out, _fingerprint(config), config, write=devices.is_chief)
     state = ckpt.load()
-
     with devices.strategy.scope():
         model = build_model(cfg, len(classes), devices.mixed_policy)
-        pretrained = None
-        if cfg.weights and state is None:
-            pretrained = load_by_order(model, cfg.weights)
+        pretrained = load_by_order(model, cfg.weights) if cfg.weights and state is None else None
         optimizer = make_optimizer(cfg, steps, global_batch)
         if devices.mixed_policy == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -394,73 +444,62 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
         if state is not None:
             ckpt.restore(model, optimizer, state)
     loop = Steps(model, optimizer, devices.strategy, global_batch, devices.xla)
+    return _Run(out, cfg, devices, spec, classes, train_images, val_images, data, global_batch, steps, ckpt, state,
+                model, optimizer, pretrained, loop)
 
-    history: list[dict] = list(state["history"]) if state else []
-    start_epoch, start_step = (int(state["epoch"]), int(state["step"])) if state else (0, 0)
-    resumed = {"epoch": start_epoch, "step": start_step} if state else None
-    writers = _summary_writers(out / "logs") if devices.is_chief else None
+
+def _train_epoch(run: _Run, epoch: int, first: int, state: dict | None, history: list[dict],
+                 stop: _StopFlag | None, on_batch: BatchHook | None, val_ds) -> dict:
+    """One epoch from step ``first``, then its evaluation, as a history row: checkpoints every ``checkpoint_every`` steps, and on a signal (``stop``
+    is None when signals are not honoured) checkpoints and raises ``TrainingInterrupted``."""
+    cfg, steps, global_batch = run.cfg, run.steps, run.global_batch
     augment = tfdata.Augment(cfg.augment, cfg.flip, cfg.min_crop_area)
-    val_ds = tfdata.eval_dataset(val_images, global_batch)
-    # Signals are only honoured alone: every worker of a multi-worker run must stop at the same step.
-    honour_signals = devices.kind != "multi-worker"
+    ds = tfdata.train_dataset(run.train_images, epoch=epoch, seed=cfg.seed, steps=steps, batch=global_batch,
+                              start_step=first, augment=augment)
+    iterator = iter(run.loop.distribute(ds))
+    loss_sum, correct, counted_from = _epoch_sums(state, first)
+    t0 = time.perf_counter()
+    for step in range(first + 1, steps + 1):
+        l_, c_ = run.loop.train_step(iterator)
+        loss_sum, correct = loss_sum + l_, correct + c_
+        if on_batch:
+            on_batch(epoch + 1, step, steps)
+        stopping = stop is not None and stop.signum is not None
+        if step < steps and (stopping or step % cfg.checkpoint_every == 0):
+            run.ckpt.save(run.model, run.optimizer, epoch=epoch, step=step, history=history,
+                          sums=(loss_sum, correct))
+        if stopping and step < steps:
+            raise _interrupted(stop.signum, epoch, run.ckpt)
+    loss_sum, correct = float(loss_sum), float(correct)  # waits for the last step
+    seconds = time.perf_counter() - t0
+    seen = (steps - counted_from) * global_batch  # the images the loss and accuracy cover
+    ran = (steps - first) * global_batch  # the images this process trained on, for the rate
+    val_loss, val_acc = run.loop.evaluate(val_ds)
+    row = {"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen, "val_loss": val_loss,
+           "val_accuracy": val_acc, "seconds": round(seconds, 2), "images_per_s": round(ran / seconds, 1)}
+    if first:
+        row["resumed_at_step"] = first
+    if counted_from:  # a checkpoint from before the sums were saved
+        row["metrics_from_step"] = counted_from
+    return row
 
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            first = start_step if epoch == start_epoch else 0
-            ds = tfdata.train_dataset(train_images, epoch=epoch, seed=cfg.seed, steps=steps, batch=global_batch,
-                                      start_step=first, augment=augment)
-            iterator = iter(loop.distribute(ds))
-            loss_sum, correct, counted_from = _epoch_sums(state if epoch == start_epoch else None, first)
-            t0 = time.perf_counter()
-            for step in range(first + 1, steps + 1):
-                l_, c_ = loop.train_step(iterator)
-                loss_sum, correct = loss_sum + l_, correct + c_
-                if on_batch:
-                    on_batch(epoch + 1, step, steps)
-                stopping = honour_signals and stop.signum is not None
-                if step < steps and (stopping or step % cfg.checkpoint_every == 0):
-                    ckpt.save(model, optimizer, epoch=epoch, step=step, history=history, sums=(loss_sum, correct))
-                if stopping and step < steps:
-                    raise _interrupted(stop.signum, epoch, ckpt)
-            loss_sum, correct = float(loss_sum), float(correct)  # waits for the last step
-            seconds = time.perf_counter() - t0
-            seen = (steps - counted_from) * global_batch  # the images the loss and accuracy cover
-            ran = (steps - first) * global_batch  # the images this process trained on, for the rate
-            val_loss, val_acc = loop.evaluate(val_ds)
-            row = {"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen, "val_loss": val_loss,
-                   "val_accuracy": val_acc, "seconds": round(seconds, 2), "images_per_s": round(ran / seconds, 1)}
-            if first:
-                row["resumed_at_step"] = first
-            if counted_from:  # a checkpoint from before the sums were saved
-                row["metrics_from_step"] = counted_from
-            history.append(row)
-            if writers:
-                _write_summaries(writers, row, epoch + 1)
-            if epoch + 1 < cfg.epochs:
-                ckpt.save(model, optimizer, epoch=epoch + 1, step=0, history=history)
-            if on_epoch:
-                on_epoch(epoch + 1, row)
-            if honour_signals and stop.signum is not None and epoch + 1 < cfg.epochs:
-                raise _interrupted(stop.signum, epoch, ckpt)
 
+def _run_manifest(run: _Run, history: list[dict], resumed: dict | None) -> dict:
+    import tensorflow as tf
+
+    devices, cfg = run.devices, run.cfg
     manifest = artifacts.base_manifest("training-run")
     manifest.update({
-        "config": cfg.to_dict(), "preprocessing": spec.describe(), "classes": classes, "data": data,
+        "config": cfg.to_dict(), "preprocessing": run.spec.describe(), "classes": run.classes, "data": run.data,
         "devices": {"kind": devices.kind, "names": devices.names, "replicas": devices.replicas,
-                    "global_batch": global_batch, "mixed_precision": devices.mixed_policy, "xla": devices.xla,
+                    "global_batch": run.global_batch, "mixed_precision": devices.mixed_policy, "xla": devices.xla,
                     "tensorflow_devices": [d.name for d in tf.config.list_logical_devices()]},
-        "optimizer": {"name": cfg.optimizer, "lr": _schedule_lr(cfg, global_batch), "steps_per_epoch": steps,
-                      "steps": int(optimizer.iterations.numpy())},
-        "pretrained": pretrained, "resumed_from": resumed, "history": history,
+        "optimizer": {"name": cfg.optimizer, "lr": _schedule_lr(cfg, run.global_batch), "steps_per_epoch": run.steps,
+                      "steps": int(run.optimizer.iterations.numpy())},
+        "pretrained": run.pretrained, "resumed_from": resumed, "history": history,
         "images_per_s": mean_throughput(history),
     })
-    model_path = out / "model.keras"
-    if devices.is_chief:
-        _write_outputs(out, model, cfg, classes, manifest)
-        ckpt.remove()
-        link_latest(out)
-    return TrainResult(out, model_path, classes, history, history[-1]["val_accuracy"] if history else None, manifest,
-                       wrote=devices.is_chief)
+    return manifest
 
 
 def _epoch_sums(state: dict | None, first: int) -> tuple[float, float, int]:

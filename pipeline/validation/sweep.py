@@ -43,6 +43,23 @@ class SweepResult:
     record: dict
 
 
+@dataclass(frozen=True)
+class _Sweep:
+    """What every mode of one sweep shares: the source, its data and budget, where the models go."""
+    model_path: Path
+    source: object
+    representative: object
+    eval_dir: object
+    out_dir: Path
+    labels: object
+    max_drop_pp: float
+    max_float_layers: int
+    eval_limit: int | None
+    force: bool
+    trust_model_code: bool
+    say: Callable[[str], None]
+
+
 def run_sweep(model_path, *, representative, eval_dir, out_dir, labels=None, bench: Bench | None = None,
               max_drop_pp: float = 1.0, max_float_layers: int = 8, eval_limit: int | None = None,
               modes=tuple(SWEEP_MODES), force: bool = False, say: Callable[[str], None] = lambda s: None,
@@ -57,57 +74,15 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, labels=None, ben
     found = discover(eval_dir, what="eval folder")
     _, labels_source = resolve_labels(labels, model_path, model_path, found.classes, source.classes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    sweep = _Sweep(model_path, source, representative, eval_dir, out_dir, labels, max_drop_pp, max_float_layers,
+                   eval_limit, force, trust_model_code, say)
+    rows, samples = [], None
     for name in modes:
-        mode, overrides = SWEEP_MODES[name]
-        settings = ConvertSettings(mode, trust_model_code=trust_model_code, **overrides)
-        target = out_dir / f"model_{name}.tflite"
-        t = time.perf_counter()
-        say(f"{name}: converting")
-        note, float_layers = "", []
-        calibration = representative if mode in ("int8", "int16x8") else None
-        if name == "int8-fallback":
-            try:
-                exported = convert_within_budget(model_path, settings, representative=calibration, eval_dir=eval_dir,
-                                                 max_drop_pp=max_drop_pp, labels=labels,
-                                                 max_float_layers=max_float_layers,
-                                                 eval_limit=eval_limit, out=target, force=force,
-                                                 source=source).export
-            except BudgetNotReached as exc:
-                note = f"budget {max_drop_pp:g} pp not reached"
-                target = target.with_name(f"{target.stem}_over_budget.tflite")
-                exported = None
-                say(f"{name}: {exc}")
-            manifest = artifacts.read_manifest(artifacts.manifest_path_for(target))
-            float_layers = manifest["float_fallback"]["layers"]
-            if not note:
-                note = (f"{len(float_layers)} float layers" if float_layers
-                        else f"int8 already within {max_drop_pp:g} pp: no fallback")
-            held = manifest["float_fallback"].get("heldout")
-            if held:  # the budget is judged on the eval images the search did not use
-                note += f"; {held['top1_drop_pp']:.2f} pp on {held['samples']} held-out images"
-            else:
-                note += "; nothing held out"
-            path = exported.path if exported else target
-        else:
-            path = export_tflite(model_path, settings, out=target, representative=calibration, force=force,
-                                 source=source).path
-        convert_s = time.perf_counter() - t
-        say(f"{name}: validating")
-        report = validate(model_path, path, eval_dir, out_dir / "reports" / name, labels=labels, limit=eval_limit,
-                          layer_samples=0, trust_code=trust_model_code).report
-        latency = bench(path) if bench is not None else None
-        rows.append({"mode": name, "path": str(path), "bytes": path.stat().st_size,
-                     "top1": report["top1_quant"], "top1_float": report["top1_float"],
-                     "top1_drop_pp": report["top1_drop_pp"], "drop_ci95_pp": report["top1_drop_ci95_pp"],
-                     "agreement": report["agreement"], "kl_mean": report["kl_mean"],
-                     "p50_ms": latency["p50_ms"] if latency else None,
-                     "p90_ms": latency["p90_ms"] if latency else None,
-                     "float_layers": float_layers, "note": note, "convert_s": round(convert_s, 2),
-                     "report": str(Path("reports") / name / "report.html")})
+        row, samples = _sweep_mode(sweep, name, bench)
+        rows.append(row)
     record = artifacts.base_manifest("sweep")
     record.update({"model": {"path": str(model_path), "sha256": artifacts.sha256_any(model_path)},
-                   "eval": {"folder": str(eval_dir), "limit": eval_limit, "images": report["samples"],
+                   "eval": {"folder": str(eval_dir), "limit": eval_limit, "images": samples,
                             "labels": labels_source},
                    "budget_top1_drop_pp": max_drop_pp, "max_float_layers": max_float_layers,
                    "latency": "p50/p90 ms from the bench callable" if bench is not None else None,
@@ -117,3 +92,60 @@ def run_sweep(model_path, *, representative, eval_dir, out_dir, labels=None, ben
              "md": artifacts.atomic_write_bytes(out_dir / "sweep.md", render_markdown(record).encode()),
              "html": artifacts.atomic_write_bytes(out_dir / "sweep.html", render_html(record).encode())}
     return SweepResult(rows, paths, record)
+
+
+def _sweep_mode(sweep: _Sweep, name: str, bench: Bench | None) -> tuple[dict, int]:
+    """Convert, validate and bench one mode: its table row, and the number of images validated."""
+    mode, overrides = SWEEP_MODES[name]
+    settings = ConvertSettings(mode, trust_model_code=sweep.trust_model_code, **overrides)
+    target = sweep.out_dir / f"model_{name}.tflite"
+    t = time.perf_counter()
+    sweep.say(f"{name}: converting")
+    calibration = sweep.representative if mode in ("int8", "int16x8") else None
+    if name == "int8-fallback":
+        path, note, float_layers = _convert_fallback(sweep, settings, target)
+    else:
+        path = export_tflite(sweep.model_path, settings, out=target, representative=calibration, force=sweep.force,
+                             source=sweep.source).path
+        note, float_layers = "", []
+    convert_s = time.perf_counter() - t
+    sweep.say(f"{name}: validating")
+    report = validate(sweep.model_path, path, sweep.eval_dir, sweep.out_dir / "reports" / name, labels=sweep.labels,
+                      limit=sweep.eval_limit, layer_samples=0, trust_code=sweep.trust_model_code).report
+    latency = bench(path) if bench is not None else None
+    row = {"mode": name, "path": str(path), "bytes": path.stat().st_size,
+           "top1": report["top1_quant"], "top1_float": report["top1_float"],
+           "top1_drop_pp": report["top1_drop_pp"], "drop_ci95_pp": report["top1_drop_ci95_pp"],
+           "agreement": report["agreement"], "kl_mean": report["kl_mean"],
+           "p50_ms": latency["p50_ms"] if latency else None,
+           "p90_ms": latency["p90_ms"] if latency else None,
+           "float_layers": float_layers, "note": note, "convert_s": round(convert_s, 2),
+           "report": str(Path("reports") / name / "report.html")}
+    return row, report["samples"]
+
+
+def _convert_fallback(sweep: _Sweep, settings: ConvertSettings, target: Path) -> tuple[Path, str, list]:
+    """int8 under the accuracy budget: the model written (``_over_budget`` when the budget was not reached),
+    the row's note and the layers left in float."""
+    note = ""
+    try:
+        exported = convert_within_budget(sweep.model_path, settings, representative=sweep.representative,
+                                         eval_dir=sweep.eval_dir, max_drop_pp=sweep.max_drop_pp, labels=sweep.labels,
+                                         max_float_layers=sweep.max_float_layers, eval_limit=sweep.eval_limit,
+                                         out=target, force=sweep.force, source=sweep.source).export
+    except BudgetNotReached as exc:
+        note = f"budget {sweep.max_drop_pp:g} pp not reached"
+        target = target.with_name(f"{target.stem}_over_budget.tflite")
+        exported = None
+        sweep.say(f"int8-fallback: {exc}")
+    manifest = artifacts.read_manifest(artifacts.manifest_path_for(target))
+    float_layers = manifest["float_fallback"]["layers"]
+    if not note:
+        note = (f"{len(float_layers)} float layers" if float_layers
+                else f"int8 already within {sweep.max_drop_pp:g} pp: no fallback")
+    held = manifest["float_fallback"].get("heldout")
+    if held:  # the budget is judged on the eval images the search did not use
+        note += f"; {held['top1_drop_pp']:.2f} pp on {held['samples']} held-out images"
+    else:
+        note += "; nothing held out"
+    return (exported.path if exported else target), note, float_layers
