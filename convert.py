@@ -206,10 +206,42 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
       convert runs/digits/model.keras --fp16 --out model_fp16.tflite
       convert model_float.tflite --int8 --calib ./samples
     """
-    from pipeline.core.errors import CalibrationError
     from pipeline.conversion.export import CALIBRATED_MODES, ConvertSettings, export_tflite
     from pipeline.model.modelio import load_source
-    from pipeline.core.preprocessing import PreprocessSpec
+
+    _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fallback)
+    path = _resolve_model(model)
+    if not (path.suffix.lower() == ".tflite" and mode == "int8" and max_drop is None):
+        from pipeline.core.quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()  # `convert X.tflite --int8` alone runs without it (pipeline.conversion.converter_hooks)
+    settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
+                               per_channel=not per_tensor, trust_model_code=trust_model_code,
+                               optimize=not no_optimize, calibrator=calibrator, fallback=fallback)
+    from pipeline.core.artifacts import check_writable
+    from pipeline.conversion.export import default_output
+
+    check_writable(Path(out) if out else default_output(path, mode), force=force)
+    source = load_source(path, trust_code=trust_model_code)
+    representative = _calibration_set(calib, calib_size, seed, source, mode)
+    if max_drop is not None:
+        return _convert_within_budget(path, settings, representative, source, eval_dir, labels, max_drop,
+                                      max_float_layers, eval_limit, out, force, as_json)
+    with Bar("calibrating") as bar:
+        result = export_tflite(path, settings, out=out, representative=representative, force=force,
+                               progress=bar, source=source)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({**result.summary, "manifest": str(result.manifest_path)}))
+    else:
+        _print_summary(result.summary)
+        click.echo(f"wrote {result.path} and {result.manifest_path}")
+
+
+def _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fallback) -> None:
+    """The option combinations convert refuses, as usage errors (exit 2) before anything is loaded."""
+    from pipeline.conversion.export import CALIBRATED_MODES
 
     if mode is None:
         raise click.UsageError("choose a mode: --float, --dynamic, --fp16, --int8 or --int16x8")
@@ -225,45 +257,30 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         raise click.UsageError(f"--max-drop applies to --int8 and --int16x8, not --{mode}")
     if fallback != "float" and (mode != "int8" or max_drop is None):
         raise click.UsageError("--fallback int16 applies to --int8 with --max-drop")
-    path = _resolve_model(model)
-    if not (path.suffix.lower() == ".tflite" and mode == "int8" and max_drop is None):
-        from pipeline.core.quiet import import_tensorflow_quietly
 
-        import_tensorflow_quietly()  # `convert X.tflite --int8` alone runs without it (pipeline.conversion.converter_hooks)
-    settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
-                               per_channel=not per_tensor, trust_model_code=trust_model_code,
-                               optimize=not no_optimize, calibrator=calibrator, fallback=fallback)
-    from pipeline.core.artifacts import check_writable
-    from pipeline.conversion.export import default_output
 
-    check_writable(Path(out) if out else default_output(path, mode), force=force)
-    source = load_source(path, trust_code=trust_model_code)
-    representative = None
-    if calib:
-        from calibrate.dataset import build_calibration_set
+def _calibration_set(calib, calib_size, seed, source, mode):
+    """The representative images from --calib (skipped files reported), or None where the mode needs none.
 
-        with Bar("reading calibration images") as bar:
-            representative = build_calibration_set(calib, PreprocessSpec(size=source.input_size),
-                                                   size=calib_size, seed=seed, progress=bar)
-        if representative.skipped:
-            click.echo(f"skipped {len(representative.skipped)} calibration files (listed in the manifest), e.g. "
-                       f"{representative.skipped[0].path}: {representative.skipped[0].reason}", err=True)
-    elif mode in CALIBRATED_MODES and not _is_qat(source):
-        raise CalibrationError(f"--{mode} needs --calib DIR: a folder of representative images "
-                               "(a few hundred from the training distribution)")
-    if max_drop is not None:
-        return _convert_within_budget(path, settings, representative, source, eval_dir, labels, max_drop,
-                                      max_float_layers, eval_limit, out, force, as_json)
-    with Bar("calibrating") as bar:
-        result = export_tflite(path, settings, out=out, representative=representative, force=force,
-                               progress=bar, source=source)
-    if as_json:
-        import json
+    A QAT model carries its own ranges, so --int8 without --calib is allowed for it alone.
+    """
+    from calibrate.dataset import build_calibration_set
+    from pipeline.conversion.export import CALIBRATED_MODES
+    from pipeline.core.errors import CalibrationError
+    from pipeline.core.preprocessing import PreprocessSpec
 
-        click.echo(json.dumps({**result.summary, "manifest": str(result.manifest_path)}))
-    else:
-        _print_summary(result.summary)
-        click.echo(f"wrote {result.path} and {result.manifest_path}")
+    if not calib:
+        if mode in CALIBRATED_MODES and not _is_qat(source):
+            raise CalibrationError(f"--{mode} needs --calib DIR: a folder of representative images "
+                                   "(a few hundred from the training distribution)")
+        return None
+    with Bar("reading calibration images") as bar:
+        representative = build_calibration_set(calib, PreprocessSpec(size=source.input_size),
+                                               size=calib_size, seed=seed, progress=bar)
+    if representative.skipped:
+        click.echo(f"skipped {len(representative.skipped)} calibration files (listed in the manifest), e.g. "
+                   f"{representative.skipped[0].path}: {representative.skipped[0].reason}", err=True)
+    return representative
 
 
 def _is_qat(source) -> bool:
