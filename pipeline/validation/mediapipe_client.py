@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.core.errors import ValidationError
 from pipeline.core.preprocessing import dequantize
-from pipeline.core.quiet import native_stderr_captured
+from pipeline.core.quiet import import_tensorflow_quietly, native_stderr_captured
 from pipeline.validation.parity import Outputs, Step
 from pipeline.validation.parity_images import Feed, ModelIO
 
@@ -55,9 +55,11 @@ class MediapipeTarget:
         self._scale = io.output.scale if io.output.quantized else 0.0
         self._zero = io.output.zero_point
         try:
-            import mediapipe as mp
-            from mediapipe.tasks.python import vision
-            from mediapipe.tasks.python.core.base_options import BaseOptions
+            import_tensorflow_quietly()  # mediapipe imports TensorFlow, whose start-up log is not the user's
+            with native_stderr_captured():
+                import mediapipe as mp
+                from mediapipe.tasks.python import vision
+                from mediapipe.tasks.python.core.base_options import BaseOptions
         except ImportError as exc:
             raise ValidationError(f"--mediapipe needs the mediapipe package ({INSTALL_HINT}): {exc}") from None
         self._mp = mp

@@ -151,10 +151,13 @@ def compare_target(io: ModelIO, images: Images, names: list[str], ref: Outputs, 
              "top1_match": bool(r == t), "max_diff": _number(d, q), "reference_margin": _number(m, q)}
             for path, label, r, t, d, m in zip(images.paths, images.labels, ref_top, tgt_top, diff, margin)]
     mismatched = [row["path"] for row in rows if not row["top1_match"]]
+    # A top-1 can change only where the reference's margin is at most twice the difference (each side moves by
+    # at most the difference): such a flip is a near tie, not a different model.
+    near_ties = sum(1 for row, d, m in zip(rows, diff, margin) if not row["top1_match"] and m <= 2 * d)
     over = [] if limit is None else [row["path"] for row, d in zip(rows, diff) if d > limit]
     return {"name": name, "runtime": tgt.runtime, "where": tgt.where, "fed": tgt.fed, "images": len(rows),
             "top1_matches": len(rows) - len(mismatched), "top1_mismatches": len(mismatched),
-            "mismatched": mismatched, "max_diff": _number(diff.max(), q), "mean_diff": _number(diff.mean(), q),
+            "mismatched": mismatched, "mismatches_near_ties": near_ties, "max_diff": _number(diff.max(), q), "mean_diff": _number(diff.mean(), q),
             "identical_outputs": int(np.sum(diff == 0)), "tolerance": limit, "over_tolerance": over,
             "passed": not mismatched and not over, "rows": rows}
 
@@ -176,7 +179,8 @@ class ParityResult:
 def failure_line(section: dict) -> str | None:
     """One clause naming the images, for the exit-3 message."""
     parts = []
-    for key, what in (("mismatched", "top-1 differs"), ("over_tolerance", f"difference over {section['tolerance']}")):
+    over = f"difference over {section['tolerance']:g}" if section["tolerance"] is not None else ""
+    for key, what in (("mismatched", "top-1 differs"), ("over_tolerance", over)):
         paths = section[key]
         if paths:
             named = ", ".join(Path(p).name for p in paths[:MAX_NAMED]) + (" ..." if len(paths) > MAX_NAMED else "")
@@ -184,14 +188,15 @@ def failure_line(section: dict) -> str | None:
     return f"{section['name']}: " + " and ".join(parts) if parts else None
 
 
-def _run_all(reference: LitertReference, feed: Feed, targets: list, progress: Progress | None):
+def _run_all(reference: LitertReference, feed: Feed, targets: list, progress: Progress | None, offset: int = 0):
     """Every runtime over the same feed, one after the other; (done, total) counts images over all runtimes."""
-    n, total = len(feed.tensor), len(feed.tensor) * (1 + len(targets))
+    n = len(feed.tensor)
+    total = offset + n * (1 + len(targets))
     results = []
     for k, runtime in enumerate([reference, *targets]):
         def step(done, k=k):
             if progress:
-                progress(k * n + done, total)
+                progress(offset + k * n + done, total)
         outputs = runtime.run(feed, step)
         check_outputs(outputs, n, reference.io.classes, runtime.name)
         step(n)
@@ -200,19 +205,27 @@ def _run_all(reference: LitertReference, feed: Feed, targets: list, progress: Pr
 
 
 def run_parity(model, eval_dir, factories: list[TargetFactory], *, labels=None, limit: int | None = None,
-               tolerance: Tolerance = Tolerance(), progress: Progress | None = None,
-               decode_progress: Progress | None = None) -> ParityResult:
-    """Run ``model`` on the eval images here and on every target; compare image by image."""
+               tolerance: Tolerance = Tolerance(), progress: Progress | None = None) -> ParityResult:
+    """Run ``model`` on the eval images here and on every target; compare image by image.
+
+    ``progress(done, total)`` counts decoded images, then images run by each runtime in turn.
+    """
     if not factories:
         raise ValidationError("parity needs at least one target (a device profile, or MediaPipe)")
     model = Path(model)
     reference = LitertReference(model)
     io = reference.io
     targets = [make(model, io) for make in factories]
-    images = prepare_images(eval_dir, io.size, limit=limit, progress=decode_progress)
+    runtimes = 1 + len(targets)
+
+    def decoded(done, chosen):
+        if progress:
+            progress(done, chosen * (1 + runtimes))
+
+    images = prepare_images(eval_dir, io.size, limit=limit, progress=decoded)
     names, labels_source = resolve_labels(labels, model, model, images.folders, io.classes)
     feed = runner_inputs(io, images.pixels)
-    ref, outs = _run_all(reference, feed, targets, progress)
+    ref, outs = _run_all(reference, feed, targets, progress, offset=images.chosen)
     sections = [compare_target(io, images, names, ref, out, target.name, tolerance)
                 for target, out in zip(targets, outs)]
     report = artifacts.base_manifest("parity")

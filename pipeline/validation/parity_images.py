@@ -92,6 +92,7 @@ class Images:
     labeled: bool
     folders: list[str] | None
     found: int
+    chosen: int = 0  # after --limit, before skips
     paths: list[str] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
     pixels: np.ndarray | None = None  # (N, H, H, 3) uint8
@@ -111,7 +112,8 @@ def prepare_images(folder, size: int, *, limit: int | None = None, workers: int 
     found = discover(folder, what="eval folder")
     chosen = select_round_robin(found.items, limit)
     spec = PreprocessSpec(size=size)
-    images = Images(found.root, found.labeled, found.classes, len(found.items), skipped=list(found.skipped))
+    images = Images(found.root, found.labeled, found.classes, len(found.items), len(chosen),
+                    skipped=list(found.skipped))
     rows = []
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="decode") as pool:
         for done, (item, (pixels, skip)) in enumerate(zip(chosen, pool.map(lambda it: _decode(it.path, spec),
