@@ -29,13 +29,13 @@ def refusal_message(model: Path, error: str) -> str:
     """MediaPipe's own reason, on one line, with the fix for the refusals known today."""
     reason = " ".join(error.split())
     if "got INT8" in reason:
-        fix = ("MediaPipe takes uint8 or float32 image inputs, and this model's input is int8; convert with "
-               "--float-io for float32 input and output (or give it a uint8 pixel input)")
+        fix = ("it takes uint8 or float32 image inputs and this model's input is int8: convert it with --float-io "
+               "for float32 input and output")
     elif "NormalizationOptions" in reason:
-        fix = "its float32 input needs NormalizationOptions metadata; convert the model again with this version"
+        fix = "its float32 input needs NormalizationOptions metadata: convert the model again with this version"
     else:
-        fix = "see MediaPipe's reason"
-    return f"MediaPipe's ImageClassifier refuses {model}: {reason} ({fix})"
+        return f"MediaPipe's ImageClassifier refuses {model}: {reason}"
+    return f"MediaPipe's ImageClassifier refuses {model}: {reason.rstrip('.')}; {fix}"
 
 
 def _mediapipe_version() -> str:

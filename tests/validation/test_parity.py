@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 
 from pipeline.core.preprocessing import PreprocessSpec, pixels_for, preprocess_file, quantize
 from pipeline.validation.parity_images import ModelIO, TensorSpec, runner_inputs
-from tests.conftest import ROOT, missing
+from tests.conftest import ROOT, missing, run_cli
 
 TFLITE_RUNTIME_VENV = ROOT / ".cache" / "tflite-runtime-2.14"
 FLOAT_BOUND = 1e-4  # float32 softmax outputs in [0, 1]: rounding differences of two kernel versions stay far below
@@ -154,11 +155,12 @@ def test_mediapipe_on_the_int8_model(trained_tflite, digits, mediapipe_installed
 
     model = trained_tflite["int8"]
     input_dtype = open_interpreter(model.read_bytes()).get_input_details()[0]["dtype"]
-    result = _invoke(model, "--eval", digits["val"], "--mediapipe", "--limit", 20)
+    # a real process: one line on the terminal means no native log of MediaPipe's or TensorFlow's either
+    result = run_cli("xedge", "parity", model, "--eval", digits["val"], "--mediapipe", "--limit", 20)
     if np.dtype(input_dtype) != np.int8:  # a pixel-input (uint8) model: MediaPipe takes it
-        assert result.exit_code in (0, 3), result.output + result.stderr
+        assert result.returncode in (0, 3), result.stdout + result.stderr
         return
-    assert result.exit_code == 2, result.output + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: MediaPipe's ImageClassifier refuses"), result.stderr
     assert "got INT8" in lines[0] and "--float-io" in lines[0]
@@ -193,6 +195,17 @@ def test_a_different_target_fails_parity_with_exit_3_and_names_the_images(traine
     # a unique top-1 moves to the next class: every image with a non-zero margin must be named
     assert {r["path"] for r in rows if r["reference_margin"] > 0} <= set(report["targets"][0]["mismatched"])
     assert report["targets"][0]["top1_mismatches"] > 0
+
+
+def test_help_is_instant_and_lists_the_targets():
+
+    start = time.perf_counter()
+    proc = run_cli("xedge", "parity", "--help", check=True)
+    assert time.perf_counter() - start < 5  # no TensorFlow, LiteRT or MediaPipe import for --help
+    for flag in ("--eval", "--device", "--mediapipe", "--labels", "--limit", "--max-quanta", "--max-abs", "--report"):
+        assert flag in proc.stdout
+    assert "xedge parity model_float.tflite --eval ./val" in proc.stdout
+    assert "parity" in run_cli("xedge", "--help", check=True).stdout
 
 
 def test_usage_needs_a_target(trained_tflite, digits):
