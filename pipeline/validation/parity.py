@@ -134,7 +134,7 @@ def margins(io: ModelIO, ref: Outputs) -> np.ndarray:
 def unit_of(io: ModelIO) -> str:
     if io.output.quantized:
         return f"quanta (output scale {io.output.scale:.6g}, {io.output.dtype})"
-    return f"absolute difference ({io.output.dtype} output)"
+    return f"absolute units ({io.output.dtype} output)"
 
 
 def _number(value: float, quantized: bool):

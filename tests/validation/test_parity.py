@@ -87,7 +87,7 @@ def test_float_model_matches_tflite_runtime_214(trained_tflite, digits, tflite_r
     assert target["runtime"].startswith("tflite_runtime 2.14") and "over local" in target["where"]
     assert report["inputs"]["convention"] == "x / 127.5 - 1 (float32)"
     assert "model's input size (71x71 px)" in report["inputs"]["what"] and "71x71" in result.output
-    assert report["unit"].startswith("absolute difference")
+    assert report["unit"] == "absolute units (float32 output)"
     assert target["max_diff"] < FLOAT_BOUND
 
 
