@@ -445,6 +445,77 @@ def validate_command(reference, candidate, data, report_dir, labels, max_top1_dr
     result.raise_for_budgets()
 
 
+def _parity_targets(devices, mediapipe) -> list:
+    """Target factories: the library runs them, the CLI says which (devices/ is not the library's to import)."""
+    from devices.parity_target import device_target
+
+    factories = [device_target(name) for name in devices]
+    if mediapipe:
+        from pipeline.validation.mediapipe_client import MediapipeTarget
+
+        factories.append(MediapipeTarget)
+    return factories
+
+
+@cli.command("parity")
+@click.argument("model", type=click.Path())
+@click.option("--eval", "eval_dir", required=True, type=click.Path(), help="Images (one subfolder per class, or "
+              "flat); each is decoded, centre-cropped and resized to the model's input size once, and every runtime "
+              "gets those same pixels.")
+@click.option("--device", "devices", multiple=True, metavar="NAME", help="A device profile (name or .toml path) "
+              "as a target: its runner, through its transport. Repeatable.")
+@click.option("--mediapipe", is_flag=True, help="MediaPipe Tasks' ImageClassifier (this machine) as a target.")
+@labels_option
+@click.option("--limit", type=click.IntRange(1), help="Use at most N images (taken round-robin over classes).")
+@click.option("--max-quanta", type=click.FloatRange(min=0), metavar="Q", help="Also fail when a quantized output "
+              "differs by more than Q quanta on an image (default: only a changed top-1 fails).")
+@click.option("--max-abs", type=click.FloatRange(min=0), metavar="X", help="The same for a float output: fail "
+              "above an absolute difference X.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the report: FILE.json, FILE.md, or a folder "
+              "(parity.json and parity.md).")
+@guarded(tensorflow=False)
+def parity_command(model, eval_dir, devices, mediapipe, labels, limit, max_quanta, max_abs, report_path):
+    """Run MODEL (.tflite) here and on each target on the same images; compare top-1 and outputs image by image.
+
+    Exit 0 when every target agrees, 3 when a top-1 differs (or a difference is over --max-quanta/--max-abs),
+    2 for errors.
+
+    \b
+    Example:
+      xedge parity model_float.tflite --eval ./val --device raspberry-pi --mediapipe --report parity
+    """
+    from rich.table import Table
+
+    from pipeline.validation.parity import Tolerance, run_parity
+    from pipeline.validation.parity_report import (SUMMARY_COLUMNS, inputs_line, near_ties_text, summary_rows,
+                                                   write_report)
+
+    if not devices and not mediapipe:
+        raise click.UsageError("choose at least one target: --device NAME (repeatable) and/or --mediapipe")
+    with Bar("decoding, then running each runtime") as bar:
+        result = run_parity(model, eval_dir, _parity_targets(devices, mediapipe), labels=labels, limit=limit,
+                            tolerance=Tolerance(max_quanta, max_abs), progress=bar)
+    console = _console(stderr=False)
+    if not console.is_terminal:
+        console.width = 200  # a log or pipe: keep rows on one line
+    console.print(inputs_line(result.report), soft_wrap=True)
+    table = Table(title=f"parity of {model} with {result.report['reference']['runtime']} on this machine")
+    for column in SUMMARY_COLUMNS:
+        table.add_column(column)
+    for row in summary_rows(result.report):
+        table.add_row(*row)
+    console.print(table)
+    for line in result.failures:
+        console.print(f"FAIL {line}", soft_wrap=True)
+    for target in result.report["targets"]:
+        if target["top1_mismatches"]:
+            console.print(f"{target['name']}: {near_ties_text(target)}", soft_wrap=True)
+    written = write_report(result.report, report_path) if report_path else []
+    if written:
+        click.echo("wrote " + ", ".join(map(str, written)))
+    result.raise_for_parity(str(written[0]) if written else None)
+
+
 @cli.command("diff")
 @click.argument("reports", nargs=-1, required=True, type=click.Path())
 @click.option("--html", "html_out", type=click.Path(), help="Also write the comparison as an HTML page.")

@@ -76,3 +76,11 @@ class BudgetNotReached(BudgetExceeded):
     A budget miss (exit 3) rather than a conversion error: the tool worked and
     kept its best attempt under a distinct name; the model cannot meet the budget.
     """
+
+
+class ParityFailed(BudgetExceeded):
+    """``xedge parity``: a target runtime disagrees with this machine's interpreter on the same inputs.
+
+    Exit 3 like a budget: the tool worked and measured a difference (a top-1
+    that changed, or an output difference over ``--max-quanta``/``--max-abs``).
+    """
