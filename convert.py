@@ -487,8 +487,8 @@ def parity_command(model, eval_dir, devices, mediapipe, labels, limit, max_quant
     from rich.table import Table
 
     from pipeline.validation.parity import Tolerance, run_parity
-    from pipeline.validation.parity_report import (SUMMARY_COLUMNS, inputs_line, near_ties_text, summary_rows,
-                                                   write_report)
+    from pipeline.validation.parity_report import (SUMMARY_COLUMNS, decoding_text, inputs_line, near_ties_text,
+                                                   summary_rows, write_report)
 
     if not devices and not mediapipe:
         raise click.UsageError("choose at least one target: --device NAME (repeatable) and/or --mediapipe")
@@ -510,6 +510,8 @@ def parity_command(model, eval_dir, devices, mediapipe, labels, limit, max_quant
     for target in result.report["targets"]:
         if target["top1_mismatches"]:
             console.print(f"{target['name']}: {near_ties_text(target)}", soft_wrap=True)
+        if decoding_text(target):
+            console.print(f"{target['name']} {decoding_text(target)}", soft_wrap=True)
     written = write_report(result.report, report_path) if report_path else []
     if written:
         click.echo("wrote " + ", ".join(map(str, written)))

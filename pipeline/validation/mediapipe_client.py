@@ -3,7 +3,10 @@
 It is given the same model-size RGB pixels as every other runtime, as an
 ``mp.Image`` (SRGB), and asked for every class's score (``max_results=-1``,
 no allow- or denylist); it normalizes a float input itself from the model's
-NormalizationOptions metadata. It refuses some models (today: an int8
+NormalizationOptions metadata. Where an eval file is already RGB at the
+model's input size, MediaPipe also decodes it itself, and the outputs'
+changes from that are reported as decoder differences, apart from the
+runtime's (its decoder is not Pillow's, notably for JPEG). It refuses some models (today: an int8
 input, which it does not take); that becomes one ``ValidationError`` line
 that names the reason and the fix, never a traceback. ``mediapipe`` is
 imported only here, when the target is built.
@@ -73,7 +76,10 @@ class MediapipeTarget:
 
     def _scores(self, pixels: np.ndarray, classes: int) -> np.ndarray:
         image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=np.ascontiguousarray(pixels))
-        result = self._classifier.classify(image)
+        return self._row(self._classifier.classify(image), classes)
+
+    @staticmethod
+    def _row(result, classes: int) -> np.ndarray:
         row = np.full(classes, np.nan, dtype=np.float32)  # a class MediaPipe leaves out stays NaN: an error
         for category in result.classifications[0].categories:
             if 0 <= category.index < classes:
@@ -88,16 +94,54 @@ class MediapipeTarget:
                     rows.append(self._scores(pixels, self.classes))
                     if step:
                         step(i + 1)
+                scores, raw = self._dequantized(np.stack(rows))
+                decoding = self._decoding(feed, scores)
         finally:
             self.close()
-        scores = np.stack(rows)
-        raw = None
-        if self._scale:  # a quantized output: MediaPipe's scores are dequantized; give back its integers too
-            raw = np.rint(scores / np.float32(self._scale) + self._zero).astype(np.int64)
-            scores = dequantize(raw, self._scale, self._zero)
         return Outputs(scores, raw, f"mediapipe {_mediapipe_version()} ImageClassifier", "this machine, in process",
                        f"mp.Image SRGB of the same uint8 pixels ({feed.pixels.shape[1]}x{feed.pixels.shape[2]}); "
-                       "MediaPipe normalizes them from the model's metadata")
+                       "MediaPipe normalizes them from the model's metadata", decoding)
+
+    def _dequantized(self, scores: np.ndarray):
+        """MediaPipe's scores of a quantized output are dequantized already: give back its integers too."""
+        if not self._scale:
+            return scores, None
+        raw = np.rint(scores / np.float32(self._scale) + self._zero).astype(np.int64)
+        return dequantize(raw, self._scale, self._zero), raw
+
+    def _own_decode(self, path: str, size: int):
+        """The file as MediaPipe decodes it, when it is already RGB at the model's size; else None (it would
+        also resize it, or refuse a one-channel image: not a decoder difference)."""
+        try:
+            image = self._mp.Image.create_from_file(str(path))
+        except (RuntimeError, ValueError):
+            return None
+        if image.image_format != self._mp.ImageFormat.SRGB or (image.height, image.width) != (size, size):
+            return None
+        return image
+
+    def _decoding(self, feed: Feed, same_pixels: np.ndarray) -> dict | None:
+        """Decoder differences, apart from runtime ones: MediaPipe decoding each file itself against MediaPipe
+        given Pillow's pixels of it. Only files already RGB at the model's input size can be compared."""
+        if not feed.paths:
+            return None
+        size, changed, diffs = feed.pixels.shape[1], [], []
+        for path, ref in zip(feed.paths, same_pixels):
+            image = self._own_decode(path, size)
+            if image is None:
+                continue
+            row, _ = self._dequantized(self._row(self._classifier.classify(image), self.classes)[None])
+            diff = np.abs(row[0].astype(np.float64) - ref.astype(np.float64)).max()
+            diffs.append(diff / self._scale if self._scale else diff)
+            if int(row[0].argmax()) != int(ref.argmax()):
+                changed.append(path)
+        unit = "quanta" if self._scale else "absolute units"
+        return {"what": "MediaPipe decoding each file itself (mp.Image.create_from_file) against MediaPipe given "
+                        "the pixels xedge decoded: decoder differences, reported apart and not gated",
+                "compared": len(diffs), "not_compared": len(feed.paths) - len(diffs),
+                "not_compared_why": "not RGB at the model's input size (MediaPipe would resize or refuse them)",
+                "top1_changed": changed, "identical_outputs": int(sum(d == 0 for d in diffs)),
+                "max_diff": round(float(max(diffs)), 6) if diffs else None, "unit": unit}
 
     def close(self) -> None:
         classifier, self._classifier = getattr(self, "_classifier", None), None

@@ -14,7 +14,7 @@ library does not import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Protocol
@@ -45,6 +45,7 @@ class Outputs:
     runtime: str                    # e.g. "tflite_runtime 2.14.0"
     where: str                      # e.g. "this machine, in process", "device pi4 over ssh"
     fed: str                        # what the runtime was given
+    decoding: dict | None = None    # a client that also decoded the files itself: how that changed its outputs
 
 
 class Target(Protocol):
@@ -159,7 +160,7 @@ def compare_target(io: ModelIO, images: Images, names: list[str], ref: Outputs, 
             "top1_matches": len(rows) - len(mismatched), "top1_mismatches": len(mismatched),
             "mismatched": mismatched, "mismatches_near_ties": near_ties, "max_diff": _number(diff.max(), q), "mean_diff": _number(diff.mean(), q),
             "identical_outputs": int(np.sum(diff == 0)), "tolerance": limit, "over_tolerance": over,
-            "passed": not mismatched and not over, "rows": rows}
+            "passed": not mismatched and not over, "rows": rows, "decoding": tgt.decoding}
 
 
 @dataclass
@@ -224,7 +225,7 @@ def run_parity(model, eval_dir, factories: list[TargetFactory], *, labels=None, 
 
     images = prepare_images(eval_dir, io.size, limit=limit, progress=decoded)
     names, labels_source = resolve_labels(labels, model, model, images.folders, io.classes)
-    feed = runner_inputs(io, images.pixels)
+    feed = replace(runner_inputs(io, images.pixels), paths=tuple(images.paths))
     ref, outs = _run_all(reference, feed, targets, progress, offset=images.chosen)
     sections = [compare_target(io, images, names, ref, out, target.name, tolerance)
                 for target, out in zip(targets, outs)]

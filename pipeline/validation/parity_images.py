@@ -143,6 +143,7 @@ class Feed:
     pixels: np.ndarray   # (N, H, H, 3) uint8: what image clients (MediaPipe's ImageClassifier) are given
     tensor: np.ndarray   # (N, H, H, 3) in the model's input dtype: set as is on every interpreter
     convention: str      # how ``tensor`` was made from ``pixels``, said in the report
+    paths: tuple[str, ...] = ()  # the files the pixels came from (a client may also decode them itself)
 
 
 def pixel_input(io: ModelIO) -> bool:

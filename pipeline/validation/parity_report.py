@@ -37,6 +37,21 @@ def near_ties_text(t: dict) -> str:
             "twice the output difference: near ties")
 
 
+def decoding_text(t: dict) -> str | None:
+    """Decoder differences (a client decoding the files itself), said apart from the runtime's; never gated."""
+    d = t.get("decoding")
+    if not d:
+        return None
+    if not d["compared"]:
+        return (f"decoding: not compared ({d['not_compared']} files {d['not_compared_why']})")
+    changed = d["top1_changed"]
+    names = ", ".join(Path(p).name for p in changed[:10]) + (" ..." if len(changed) > 10 else "")
+    return (f"decoding (reported, not gated): with its own decoder top-1 changed on {len(changed)} of "
+            f"{d['compared']} files" + (f" ({names})" if changed else "") + f", identical outputs on "
+            f"{d['identical_outputs']}, largest difference {d['max_diff']:g} {d['unit']}"
+            + (f"; {d['not_compared']} files not compared ({d['not_compared_why']})" if d["not_compared"] else ""))
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
@@ -53,6 +68,8 @@ def _target_section(t: dict) -> list[str]:
     if t["over_tolerance"]:
         lines += [f"Difference over {t['tolerance']:g} on: " + ", ".join(f"`{md_cell(p)}`" for p in
                                                                            t["over_tolerance"]), ""]
+    if decoding_text(t):
+        lines += [md_cell(decoding_text(t)) + ".", ""]
     ordered = sorted(t["rows"], key=lambda r: (r["top1_match"], -r["max_diff"]))[:MAX_ROWS]
     rows = [[r["path"], r["label"] or "", r["reference"], r["target"], "yes" if r["top1_match"] else "NO",
              f"{r['max_diff']:g}", f"{r['reference_margin']:g}"] for r in ordered]
@@ -90,4 +107,4 @@ def write_report(report: dict, path) -> list[Path]:
             artifacts.atomic_write_bytes(path / "parity.md", render_markdown(report).encode())]
 
 
-__all__ = ["SUMMARY_COLUMNS", "inputs_line", "near_ties_text", "render_markdown", "summary_rows", "write_report"]
+__all__ = ["SUMMARY_COLUMNS", "decoding_text", "inputs_line", "near_ties_text", "render_markdown", "summary_rows", "write_report"]
