@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.conversion.export import ConvertSettings, export_tflite
+from pipeline.core.data import write_model_size_rgb
 from pipeline.core.digits import write_digits
 from pipeline.core.preprocessing import PreprocessSpec
 from pipeline.model.train import TrainConfig, train
@@ -50,6 +51,9 @@ def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], object]
     run = train(folders["train"], out / "run", cfg, val_dir=folders["val"], on_epoch=on_epoch)
     steps.append(("train", time.perf_counter() - t))
 
+    say(f"writing the held-out digits as {cfg.input_size}x{cfg.input_size} RGB PNGs to {out / 'data' / 'val_rgb'} "
+        "(what a client such as MediaPipe is handed)")
+    folders["val_rgb"] = write_model_size_rgb(folders["val"], out / "data" / "val_rgb", cfg.input_size)
     result = DemoResult(out, folders, run.run_dir, run.val_accuracy, steps=steps)
     t = time.perf_counter()
     say("converting to float32 TFLite")

@@ -8,12 +8,16 @@ symlinked files are, when they resolve.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
+from pipeline.core import artifacts
 from pipeline.core.errors import DataError
-from pipeline.core.preprocessing import IMAGE_SUFFIXES
+from pipeline.core.preprocessing import IMAGE_SUFFIXES, PreprocessSpec, pixels_for
 
 NPY_SUFFIX = ".npy"
 
@@ -127,3 +131,23 @@ def discover(root: str | os.PathLike, *, allow_npy: bool = False, what: str = "i
         detail = f" ({len(skipped)} files skipped, e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
         raise DataError(f"no usable {kinds} in {what} {root}{detail}")
     return Discovery(root=root, items=items, classes=classes or None, skipped=skipped)
+
+
+def write_model_size_rgb(folder: str | os.PathLike, out: str | os.PathLike, size: int) -> Path:
+    """Each image of ``folder`` as a lossless RGB PNG already at the model's input size, in the same subfolders.
+
+    The pixels are those every xedge stage computes (``pixels_for``: decode,
+    centre crop, bilinear resize), so a client that resizes on its own, such as
+    MediaPipe's ``ImageClassifier``, is handed exactly what ``xedge validate``
+    measured and has nothing left to resize. Each file is written atomically.
+    """
+    found = discover(folder)
+    out = Path(out)
+    spec = PreprocessSpec(size=size)
+    for item in found.items:
+        target = out / item.path.relative_to(found.root).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels_for(item.path, spec)).save(buffer, format="PNG")
+        artifacts.atomic_write_bytes(target, buffer.getvalue())
+    return out

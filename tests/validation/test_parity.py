@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.data import write_model_size_rgb
 from pipeline.core.preprocessing import PreprocessSpec, pixels_for, preprocess_file, quantize
 from pipeline.validation.parity_images import ModelIO, TensorSpec, runner_inputs
 from tests.conftest import ROOT, missing, run_cli
@@ -213,26 +214,16 @@ def test_usage_needs_a_target(trained_tflite, digits):
     assert result.exit_code == 2 and "choose at least one target" in result.output + result.stderr
 
 
-def _model_size_rgb(folder: Path, out: Path, size: int, per_class: int = 4) -> Path:
-    """Some held-out digits written as lossless RGB PNGs already at the model's input size."""
-    from PIL import Image
-
-    for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
-        (out / cls.name).mkdir(parents=True)
-        for path in sorted(cls.iterdir())[:per_class]:
-            Image.fromarray(pixels_for(path, PreprocessSpec(size=size))).save(out / cls.name / f"{path.stem}.png")
-    return out
-
-
 def test_mediapipe_decoding_is_reported_apart_from_the_runtime(trained_tflite, digits, mediapipe_installed,
                                                                tmp_path):
     """Files already RGB at the model's size are also decoded by MediaPipe itself; a lossless PNG decodes to the
     same pixels in any decoder, so its outputs are identical. Other files are counted as not compared."""
-    rgb = _model_size_rgb(Path(digits["val"]), tmp_path / "rgb", size=71)
+    rgb = write_model_size_rgb(digits["val"], tmp_path / "rgb", size=71)
     result = _invoke(trained_tflite["float"], "--eval", rgb, "--mediapipe", "--report", tmp_path / "rgb.json")
     decoding = json.loads((tmp_path / "rgb.json").read_text())["targets"][0]["decoding"]
-    assert decoding["compared"] == 40 and decoding["not_compared"] == 0
-    assert decoding["identical_outputs"] == 40 and decoding["top1_changed"] == [] and decoding["max_diff"] == 0
+    n = len(list(Path(digits["val"]).rglob("*.png")))
+    assert decoding["compared"] == n and decoding["not_compared"] == 0
+    assert decoding["identical_outputs"] == n and decoding["top1_changed"] == [] and decoding["max_diff"] == 0
     assert "decoding (reported, not gated)" in result.output
     _, report = _parity(trained_tflite["float"], digits, tmp_path, "--mediapipe", extra=("--limit", "20"))
     decoding = report["targets"][0]["decoding"]  # the digits are 32x32 one-channel PNGs: MediaPipe would resize
