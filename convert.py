@@ -106,6 +106,8 @@ def _print_summary(summary: dict, title: str = "conversion") -> None:
 
     table = Table(title=title, show_header=False)
     table.add_row("mode", summary["mode"])
+    if summary.get("input_convention"):
+        table.add_row("input", INPUT_DESCRIPTIONS.get(summary["input_convention"], summary["input_convention"]))
     table.add_row("output", summary["output"])
     table.add_row("size", f"{mib(summary['source_bytes'])} -> {mib(summary['output_bytes'])}")
     table.add_row("ops int / float", f"{summary['int_ops']} / {summary['float_ops']}")
@@ -122,16 +124,23 @@ def _print_summary(summary: dict, title: str = "conversion") -> None:
                    "on the slow builtin kernels only, and runtimes that apply XNNPACK by default fail to load it. "
                    "Activations with extreme ranges are the usual cause: keep those layers in float "
                    "(--max-drop PP --eval DIR), or use --int16x8.", err=True)
+    elif [o["op"] for o in outside] == ["QUANTIZE"] and summary.get("input_convention") == "pixels":
+        click.echo("note: the uint8 -> int8 QUANTIZE of the pixel input runs outside XNNPACK (a copy of the input; "
+                   "--input-convention pixels-int8 takes int8 p - 128 instead).", err=True)
     elif outside:
         click.echo(f"note: {len(outside)} ops run outside XNNPACK (slower); first: {outside[0]['op']} "
                    f"({outside[0]['output']}): {outside[0]['reason']}. All are listed in the manifest.", err=True)
 
 
+INPUT_DESCRIPTIONS = {"pixels": "RGB pixels 0..255 (uint8, or float32 on a float input)",
+                      "pixels_int8": "int8 pixels p - 128 (scale 1, zero point -128)",
+                      "signed_unit": "[-1, 1]: p / 127.5 - 1 (quantized on an integer input)"}
+
 MODE_FLAGS = [
     ("--float", "float", "float32 model (no quantization)"),
     ("--dynamic", "dynamic", "dynamic-range: int8 weights, float activations"),
     ("--fp16", "fp16", "float16 weights"),
-    ("--int8", "int8", "full integer: int8 weights and activations, int8 input/output (needs --calib)"),
+    ("--int8", "int8", "full integer: int8 weights and activations, uint8 pixel input/output (needs --calib)"),
     ("--int16x8", "int16x8", "int16 activations, int8 weights (needs --calib)"),
 ]
 
@@ -169,6 +178,11 @@ labels_option = click.option(
 @click.option("--no-optimize", is_flag=True, help="Skip the graph rewrites that keep XNNPACK in one partition "
               "(RELU after a shared residual ADD fused into a second ADD; checked on the calibration images and, "
               "with --max-drop, on the eval images).")
+@click.option("--input-convention", "input_convention",
+              type=click.Choice(["pixels", "pixels-int8", "signed-unit"]), help="What the model's input holds: "
+              "pixels (uint8 0..255 for --int8, float32 0..255 for float models; the default where the [-1, 1] "
+              "scaling folds exactly into the first convolution), pixels-int8 (int8 p - 128, --int8 only) or "
+              "signed-unit (p / 127.5 - 1, as before; the default for --int16x8 and models that cannot fold).")
 @click.option("--calibrator", type=click.Choice(["fast", "stock"]), default="fast", show_default=True,
               help="fast: min/max under XNNPACK, one interpreter per core (at most 4); stock: TFLite's own "
               "logging calibrator.")
@@ -190,7 +204,7 @@ labels_option = click.option(
               "spliced from an int16x8 conversion).")
 @guarded(tensorflow=False)
 def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
-                    calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, labels,
+                    input_convention, calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, labels,
                     max_float_layers, fallback):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
@@ -209,7 +223,7 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
     from pipeline.conversion.export import CALIBRATED_MODES, ConvertSettings, export_tflite
     from pipeline.model.modelio import load_source
 
-    _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fallback)
+    _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fallback, input_convention)
     path = _resolve_model(model)
     if not (path.suffix.lower() == ".tflite" and mode == "int8" and max_drop is None):
         from pipeline.core.quiet import import_tensorflow_quietly
@@ -217,7 +231,8 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         import_tensorflow_quietly()  # `convert X.tflite --int8` alone runs without it (pipeline.conversion.converter_hooks)
     settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
                                per_channel=not per_tensor, trust_model_code=trust_model_code,
-                               optimize=not no_optimize, calibrator=calibrator, fallback=fallback)
+                               optimize=not no_optimize, calibrator=calibrator, fallback=fallback,
+                               input_convention=input_convention.replace("-", "_") if input_convention else None)
     from pipeline.core.artifacts import check_writable
     from pipeline.conversion.export import default_output
 
@@ -239,7 +254,7 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
         click.echo(f"wrote {result.path} and {result.manifest_path}")
 
 
-def _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fallback) -> None:
+def _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fallback, input_convention=None) -> None:
     """The option combinations convert refuses, as usage errors (exit 2) before anything is loaded."""
     from pipeline.conversion.export import CALIBRATED_MODES
 
@@ -257,6 +272,10 @@ def _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fa
         raise click.UsageError(f"--max-drop applies to --int8 and --int16x8, not --{mode}")
     if fallback != "float" and (mode != "int8" or max_drop is None):
         raise click.UsageError("--fallback int16 applies to --int8 with --max-drop")
+    if input_convention == "pixels-int8" and (mode != "int8" or float_io):
+        raise click.UsageError("--input-convention pixels-int8 applies to --int8 without --float-io")
+    if input_convention == "pixels" and mode == "int16x8" and not float_io:
+        raise click.UsageError("--int16x8 has int16 or float32 input: --input-convention pixels needs --float-io")
 
 
 def _calibration_set(calib, calib_size, seed, source, mode):
@@ -709,7 +728,8 @@ def _threads_list(value: str | None) -> list[int] | None:
 
 
 def _device_inputs(inputs_dir: str | None, model: str):
-    """Real preprocessed samples for the device, through the one preprocessing definition."""
+    """Real samples for the device, decoded through the one preprocessing definition: uint8 pixels, which the
+    runner feeds each model in its own input convention ([-1, 1] inputs where a float .npy sample is given)."""
     if not inputs_dir:
         return None
     import numpy as np
@@ -719,6 +739,8 @@ def _device_inputs(inputs_dir: str | None, model: str):
     from pipeline.core.preprocessing import PreprocessSpec
 
     cal = build_calibration_set(inputs_dir, PreprocessSpec(size=model_input_shape(Path(model))[1]), size=32)
+    if all(sample.dtype == np.uint8 for sample in cal.samples):
+        return np.stack(cal.samples)
     return np.stack([cal.inputs(i) for i in range(len(cal))])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,16 @@ import numpy as np
 from calibrate.sampling import stratified_order
 from pipeline.core.data import NPY_SUFFIX, Skip, discover
 from pipeline.core.errors import CalibrationError, DataError
-from pipeline.core.preprocessing import ImageError, PreprocessSpec, decode_rgb, read_bytes, resize_rgb, scale
+from pipeline.core.preprocessing import (
+    LEGACY_CONVENTION,
+    ImageError,
+    PreprocessSpec,
+    decode_rgb,
+    model_input,
+    read_bytes,
+    resize_rgb,
+    unscale,
+)
 
 DEFAULT_SIZE = 200
 MAX_NPY_BYTES = 256 * 1024 * 1024
@@ -35,13 +44,27 @@ class CalibrationSet:
     skipped: list[Skip] = field(default_factory=list)
     samples: list[np.ndarray] = field(default_factory=list, repr=False)  # uint8 pixels or float32 inputs
     candidates: int = 0
+    _views: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def inputs(self, index: int) -> np.ndarray:
+        """Sample ``index`` as the model input of ``spec.input_convention`` (float .npy samples are [-1, 1])."""
         sample = self.samples[index]
-        return scale(sample) if sample.dtype == np.uint8 else sample
+        if sample.dtype == np.uint8:
+            return model_input(sample, self.spec.input_convention)
+        return sample if self.spec.input_convention == LEGACY_CONVENTION else unscale(sample)
+
+    def with_convention(self, convention: str) -> "CalibrationSet":
+        """The same samples giving inputs in ``convention``; one view per convention, so conversions that
+        keep their calibration by calibration set reuse it."""
+        if convention == self.spec.input_convention:
+            return self
+        if convention not in self._views:
+            self._views[convention] = replace(self, spec=replace(self.spec, input_convention=convention),
+                                              _views={})
+        return self._views[convention]
 
     def batches(self):
         """Batches of one, as the TFLite converter's representative_dataset expects."""

@@ -19,6 +19,7 @@ from devices.profile import DeviceProfile, load_profile
 from devices.transport import BenchRequest
 from devices.transports import get_transport
 from pipeline.core.errors import DeviceError
+from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.safe_tflite import check_manifest, probe, read_model_bytes
 
 REFERENCE_RUNS = 20
@@ -41,6 +42,12 @@ def _probe(path: str) -> dict:
     return _probe_cached(path, st.st_mtime_ns, st.st_size)
 
 
+def input_convention(model: Path) -> str:
+    """The model's input convention, read here (``pipeline.tflite.input_convention``: its input tensor, metadata or
+    manifest) and passed to the runner, which on a device sees neither the metadata reader nor the manifest."""
+    return file_convention(model, read_model_bytes(str(model)))[0]
+
+
 def _check_models(models) -> tuple[Path, ...]:
     """Every model must exist, match its manifest, and load and run once in a sandboxed child first."""
     paths = tuple(Path(m) for m in models)
@@ -61,8 +68,10 @@ def bench(models, profile: DeviceProfile | None = None, *, runs: int | None = No
         batch = None
         if inputs is not None:
             batch = Path(tmp) / "inputs.npy"
-            np.save(batch, np.ascontiguousarray(inputs, dtype=np.float32), allow_pickle=False)
+            dtype = np.uint8 if np.asarray(inputs).dtype == np.uint8 else np.float32  # pixels, or [-1, 1] inputs
+            np.save(batch, np.ascontiguousarray(inputs, dtype=dtype), allow_pickle=False)
         request = BenchRequest(models=paths, runs=runs or profile.runs,
+                               conventions=tuple(map(input_convention, paths)),
                                warmup=profile.warmup if warmup is None else warmup,
                                threads=threads or profile.threads,
                                xnnpack=profile.xnnpack if xnnpack is None else xnnpack, runtime=profile.runtime,

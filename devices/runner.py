@@ -12,11 +12,16 @@ Why it is done this way:
 * the model is read as bytes, its flatbuffer identifier checked, and handed
   over as ``model_content``: a path would be mapped by the interpreter without
   any check, and a truncated or foreign file can crash it natively;
-* inputs are real preprocessed samples (a float32 ``.npy`` batch in the
-  model's float range, quantized here with the model's own scale and zero
-  point, the same formula as ``pipeline.core.preprocessing.quantize``) or random
-  values in that range; never zeros, which some kernels run faster than real
-  data;
+* inputs are real samples (a uint8 ``.npy`` batch of decoded pixels, or a
+  float32 one of [-1, 1] preprocessed inputs) or random pixels; never zeros,
+  which some kernels run faster than real data. Each model is fed as its
+  input convention says (``--input-convention``, which the host reads with
+  ``pipeline.tflite.input_convention``; else its input tensor: uint8 at
+  scale 1 takes the pixels, int8 at scale 1 and zero point -128 takes
+  p - 128, other integer inputs p / 127.5 - 1 quantized; else a manifest
+  beside the model; else [-1, 1]), mirroring ``pipeline.core.preprocessing``
+  (``model_input``, then ``quantize`` with the model's own scale and zero
+  point);
 * only ``invoke()`` is timed; inputs are set between runs, outside the clock;
 * with two models, runs alternate A, B, A, B... in one process and each pair
   gives a ratio, so a comparison survives a noisy machine (a background job
@@ -38,8 +43,9 @@ import numpy as np
 SCHEMA = 1
 MAX_MODEL_BYTES = 2 * 1024 ** 3
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
-DEFAULT_RANGE = (-1.0, 1.0)  # the preprocessing's float range: x / 127.5 - 1
 RANDOM_SAMPLES = 8
+CONVENTIONS = ("pixels", "pixels_int8", "signed_unit")  # pipeline.core.preprocessing.INPUT_CONVENTIONS
+PIXEL_TENSORS = {("uint8", 1.0, 0): "pixels", ("int8", 1.0, -128): "pixels_int8"}
 
 
 class RunnerError(Exception):
@@ -165,6 +171,33 @@ def quantize(x, dtype, scale, zero_point):
     return np.clip(q, info.min, info.max).astype(dtype)
 
 
+def model_input(pixels, convention):
+    """Decoded pixels -> the float value the model takes; mirrors pipeline.core.preprocessing.model_input."""
+    x = np.asarray(pixels, dtype=np.float32)
+    if convention == "signed_unit":
+        return x / np.float32(127.5) - np.float32(1.0)
+    return x
+
+
+def unscale(x):
+    """[-1, 1] preprocessed inputs -> pixel values; mirrors pipeline.core.preprocessing.unscale."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.clip((x + np.float32(1.0)) * np.float32(127.5), 0, 255).astype(np.float32)
+
+
+def manifest_convention(path):
+    """The input convention the manifest beside the model records (none recorded: [-1, 1]), or None."""
+    base = os.path.splitext(path)[0] if path.endswith(".tflite") else path
+    try:
+        with open(base + ".manifest.json") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    return (manifest.get("preprocessing") or {}).get("input_convention") or "signed_unit"
+
+
 def dequantize(q, scale, zero_point):
     q = np.asarray(q)
     if q.dtype.kind == "f" or not scale:
@@ -175,7 +208,7 @@ def dequantize(q, scale, zero_point):
 class Model(object):
     """One interpreter, built once, with its inputs ready to cycle through."""
 
-    def __init__(self, path, runtime, threads, xnnpack, name=None):
+    def __init__(self, path, runtime, threads, xnnpack, name=None, convention="auto"):
         interpreter_cls, resolver, self.runtime, self.runtime_version = runtime
         data = read_model(path)
         self.path = path
@@ -211,6 +244,23 @@ class Model(object):
         self.inputs = self.interpreter.get_input_details()
         self.outputs = self.interpreter.get_output_details()
         self.feeds = []
+        self.convention, self.convention_from = self.input_convention(convention)
+
+    def input_convention(self, asked):
+        """(convention, where it was read): as asked, else stated by the input tensor, else the manifest."""
+        if asked != "auto":
+            if asked not in CONVENTIONS:
+                raise RunnerError("unknown input convention %r; choose auto, %s" % (asked, ", ".join(CONVENTIONS)))
+            return asked, "asked for"
+        detail = self.inputs[0]
+        dtype = np.dtype(detail["dtype"])
+        scale, zero = detail["quantization"]
+        if dtype.kind in "iu" and dtype.itemsize == 1:
+            return PIXEL_TENSORS.get((dtype.name, float(scale), int(zero)), "signed_unit"), "input tensor"
+        recorded = manifest_convention(self.path)
+        if recorded is not None:
+            return recorded, "manifest"
+        return "signed_unit", "assumed (no manifest; pass --input-convention)"
 
     def ops(self):
         """Node count and delegate partitions: how much of the graph XNNPACK (or another delegate) took."""
@@ -229,37 +279,51 @@ class Model(object):
             counts[key] = counts.get(key, 0) + 1
         return max(sorted(counts), key=lambda k: counts[k]) if counts else None
 
-    def prepare_inputs(self, samples, seed, value_range):
-        """One feed (list of arrays, one per input) per sample; random feeds if no samples."""
+    def prepare_inputs(self, samples, seed, value_range=None):
+        """One feed (list of arrays, one per input) per sample; random pixels if no samples.
 
+        uint8 samples are decoded pixels and float samples [-1, 1] inputs, both
+        turned into this model's input convention; samples already in the
+        model's integer input type go in as they are. ``value_range`` draws
+        random float inputs in that range instead of pixels.
+        """
         rng = np.random.default_rng(seed)
-        feeds = []
         count = len(samples) if samples is not None else RANDOM_SAMPLES
+        if samples is not None and len(self.inputs) > 1:
+            raise RunnerError("--inputs gives one array per sample, but the model has %d inputs" % len(self.inputs))
+        feeds = []
         for i in range(count):
             feed = []
-            for k, detail in enumerate(self.inputs):
+            for detail in self.inputs:
                 shape = tuple(int(s) for s in detail["shape"])
-                scale, zero = detail["quantization"]
                 if samples is not None:
-                    if k > 0:
-                        raise RunnerError("--inputs gives one array per sample, but the model has %d inputs"
-                                          % len(self.inputs))
-                    x = np.asarray(samples[i])
-                    if x.shape != shape[1:] and x.shape != shape:
-                        raise RunnerError("input sample %d has shape %s; the model wants %s"
-                                          % (i, x.shape, shape))
-                    x = x.reshape(shape)
-                    if x.dtype.kind == "f" or np.dtype(detail["dtype"]).kind == "f":
-                        x = quantize(x, detail["dtype"], scale, zero)
-                    elif x.dtype != np.dtype(detail["dtype"]):
-                        raise RunnerError("input samples are %s; the model wants %s (or float32 to quantize)"
-                                          % (x.dtype, np.dtype(detail["dtype"]).name))
+                    feed.append(self.feed_sample(i, samples[i], detail, shape))
+                elif value_range is not None:
+                    x = rng.uniform(value_range[0], value_range[1], size=shape).astype(np.float32)
+                    feed.append(quantize(x, detail["dtype"], *detail["quantization"]))
                 else:
-                    x = quantize(rng.uniform(value_range[0], value_range[1], size=shape).astype(np.float32),
-                                 detail["dtype"], scale, zero)
-                feed.append(x)
+                    pixels = rng.integers(0, 256, size=shape).astype(np.uint8)
+                    feed.append(quantize(model_input(pixels, self.convention), detail["dtype"],
+                                         *detail["quantization"]))
             feeds.append(feed)
         self.feeds = feeds
+
+    def feed_sample(self, i, sample, detail, shape):
+        """One sample as this model's input tensor (pixels and [-1, 1] inputs through its convention)."""
+        x = np.asarray(sample)
+        if x.shape != shape[1:] and x.shape != shape:
+            raise RunnerError("input sample %d has shape %s; the model wants %s" % (i, x.shape, shape))
+        x = x.reshape(shape)
+        scale, zero = detail["quantization"]
+        if x.dtype == np.uint8:
+            return quantize(model_input(x, self.convention), detail["dtype"], scale, zero)
+        if x.dtype.kind == "f":
+            x = x if self.convention == "signed_unit" else unscale(x)
+            return quantize(x, detail["dtype"], scale, zero)
+        if x.dtype != np.dtype(detail["dtype"]):
+            raise RunnerError("input samples are %s; the model wants %s (or uint8 pixels, or float32 "
+                              "[-1, 1] inputs)" % (x.dtype, np.dtype(detail["dtype"]).name))
+        return x
 
     def set_feed(self, i):
         feed = self.feeds[i % len(self.feeds)]
@@ -298,7 +362,8 @@ class Model(object):
         detail = self.inputs[0]
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "bytes": self.bytes,
                 "precision": self.precision(), "input_dtype": np.dtype(detail["dtype"]).name,
-                "input_shape": [int(s) for s in detail["shape"]]}
+                "input_shape": [int(s) for s in detail["shape"]], "input_convention": self.convention,
+                "input_convention_from": self.convention_from}
 
 
 def summarize(times_ms):
@@ -324,11 +389,16 @@ def bench(args):
         raise RunnerError("--runs and --threads must be at least 1 and --warmup at least 0")
     runtime = load_runtime(args.runtime)
     names = args.name or []
-    models = [Model(p, runtime, args.threads, not args.no_xnnpack, names[i] if i < len(names) else None)
+    conventions = args.input_convention or []
+    if len(conventions) not in (0, 1, len(args.models)):
+        raise RunnerError("give --input-convention once for every model, or once for all")
+    models = [Model(p, runtime, args.threads, not args.no_xnnpack, names[i] if i < len(names) else None,
+                    conventions[min(i, len(conventions) - 1)] if conventions else "auto")
               for i, p in enumerate(args.models)]
     samples = load_samples(args.inputs) if args.inputs else None
+    value_range = _value_range(args)
     for m in models:
-        m.prepare_inputs(samples, args.seed, (args.range_min, args.range_max))
+        m.prepare_inputs(samples, args.seed, value_range)
     for i in range(args.warmup):
         for m in models:
             m.timed_invoke(i)
@@ -345,7 +415,8 @@ def bench(args):
                   "runtime": {"name": m.runtime, "version": m.runtime_version},
                   "numpy": np.__version__,
                   "inputs": {"source": "file" if samples is not None else "random", "count": len(m.feeds),
-                             "range": None if samples is not None else [args.range_min, args.range_max]}}
+                             "range": (None if samples is not None else list(value_range) if value_range
+                                       else "pixels 0..255")}}
         if args.keep_times:
             result["times_ms"] = [round(t, 4) for t in times[k]]
         if args.outputs:
@@ -364,6 +435,15 @@ def bench(args):
             "results": results}
 
 
+def _value_range(args):
+    """(min, max) of random float inputs, or None for random pixels (each model in its own convention)."""
+    if args.range_min is None and args.range_max is None:
+        return None
+    if args.range_min is None or args.range_max is None:
+        raise RunnerError("--range-min and --range-max go together")
+    return (args.range_min, args.range_max)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Time a .tflite model here and print one JSON object.")
     p.add_argument("models", nargs="+", help="one .tflite, or two to compare (runs alternate A, B)")
@@ -372,12 +452,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-xnnpack", action="store_true", help="builtin kernels only, no default delegate")
     p.add_argument("--runtime", default="auto", help="auto, " + ", ".join(RUNTIMES))
-    p.add_argument("--inputs", help="a .npy batch (N, H, W, C) of float32 preprocessed inputs "
-                                    "(or already in the model's input dtype)")
+    p.add_argument("--inputs", help="a .npy batch (N, H, W, C): uint8 decoded pixels, float32 [-1, 1] "
+                                    "preprocessed inputs, or values already in the model's integer input type")
     p.add_argument("--outputs", help="folder to save the outputs of every input (raw and dequantized .npy)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--range-min", type=float, default=DEFAULT_RANGE[0])
-    p.add_argument("--range-max", type=float, default=DEFAULT_RANGE[1])
+    p.add_argument("--range-min", type=float, help="random float inputs from this (default: random pixels)")
+    p.add_argument("--range-max", type=float)
+    p.add_argument("--input-convention", action="append", choices=("auto",) + CONVENTIONS,
+                   help="what each model's input holds (once per model, or once for all; default auto: the "
+                        "input tensor, else a manifest beside the model, else [-1, 1])")
     p.add_argument("--name", action="append", help="display name of each model (default: file stem)")
     p.add_argument("--keep-times", action="store_true", help="include every run's time in the JSON")
     args = p.parse_args(argv)

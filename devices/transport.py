@@ -25,10 +25,11 @@ class BenchRequest:
     threads: int = 1
     xnnpack: bool = True
     runtime: str = "auto"
-    inputs: Path | None = None        # a .npy batch of preprocessed float32 inputs
+    inputs: Path | None = None        # a .npy batch: uint8 decoded pixels, or float32 [-1, 1] inputs
     outputs: Path | None = None       # a local folder that receives the device's outputs
     keep_times: bool = False
     seed: int = 0
+    conventions: tuple[str, ...] = ()  # each model's input convention, as the host read it (runner: auto)
 
     def __post_init__(self):
         if not 1 <= len(self.models) <= 2:
@@ -42,6 +43,8 @@ class BenchRequest:
                 "--runtime", self.runtime, "--seed", str(self.seed)]
         for model in self.models:
             args += ["--name", model.stem]
+        for convention in self.conventions:
+            args += ["--input-convention", convention]
         if not self.xnnpack:
             args.append("--no-xnnpack")
         if inputs:

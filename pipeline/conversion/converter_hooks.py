@@ -307,7 +307,8 @@ def _converter_api():
 
 # tflite.IODataType (tensorflow/compiler/mlir/lite/types.proto): what TensorFlow's
 # convert_tensor_tf_type_to_tflite_type hands the quantizer (a test checks these against it).
-IO_FLOAT, IO_INT8, QUANTIZED_INT8 = 1, 18, 9
+IO_FLOAT, IO_UINT8, IO_INT8, QUANTIZED_INT8 = 1, 17, 18, 9
+IO_TYPES = {"float32": IO_FLOAT, "uint8": IO_UINT8, "int8": IO_INT8}
 
 
 def _deduplicate_readonly_buffers(model_bytes: bytes) -> bytes:
@@ -395,20 +396,46 @@ def calibrate_float_model(float_model: bytes, samples_factory, record: dict, *, 
     return bytes(stock.calibrate(samples_factory))
 
 
-def quantize_calibrated(calibrated: bytes, *, int8_io: bool, per_channel: bool, denylisted_nodes=None) -> bytes:
-    """The converter's MLIR quantizer and buffer deduplication, as ``TFLiteConverterBase`` calls them for int8."""
+def pin_input_range(calibrated: bytes, low: float, high: float) -> bytes:
+    """The calibrated model with its graph inputs' ranges set to [low, high] instead of what calibration saw.
+
+    Why: a pixel input must quantize to exactly scale 1 over [0, 255] whatever
+    the calibration images happen to contain (the quantizer derives the input's
+    scale and zero point from this min/max); the converter's single call has
+    no place to say so.
+    """
+    model = flatbuffers.read(calibrated)
+    schema = flatbuffers.schema()
+    for graph in model.subgraphs:
+        for index in graph.inputs:
+            params = graph.tensors[int(index)].quantization or schema.QuantizationParametersT()
+            params.min = [np.float32(low)]
+            params.max = [np.float32(high)]
+            graph.tensors[int(index)].quantization = params
+    return flatbuffers.write(model)
+
+
+def quantize_calibrated(calibrated: bytes, *, io: str = "int8", per_channel: bool, denylisted_nodes=None) -> bytes:
+    """The converter's MLIR quantizer and buffer deduplication, as ``TFLiteConverterBase`` calls them for int8.
+
+    ``io``: the input and output type, "int8", "uint8" (the quantizer keeps the
+    int8 scale and adds 128 to the zero point) or "float32".
+    """
     nodes = list(denylisted_nodes or []) or None
+    if io not in IO_TYPES:
+        raise ValueError(f"unknown I/O type {io!r}; choose one of {', '.join(IO_TYPES)}")
     if "tensorflow" not in sys.modules:  # a float .tflite source: TensorFlow's Python package never loaded
-        io = IO_INT8 if int8_io else IO_FLOAT
+        code = IO_TYPES[io]
         quantized = _converter_api().ExperimentalMlirQuantizeModel(
-            calibrated, not per_channel, False, QUANTIZED_INT8, io, io, False, False, None, nodes, False, False, "")
+            calibrated, not per_channel, False, QUANTIZED_INT8, code, code, False, False, None, nodes, False, False,
+            "")
         return _deduplicate_readonly_buffers(quantized)
     import tensorflow as tf
     from tensorflow.lite.python import lite
 
-    io = tf.int8 if int8_io else tf.float32
-    quantized = lite._mlir_quantize(calibrated, not per_channel, input_data_type=io,  # noqa: SLF001
-                                    output_data_type=io, denylisted_nodes=nodes)
+    dtype = {"float32": tf.float32, "uint8": tf.uint8, "int8": tf.int8}[io]
+    quantized = lite._mlir_quantize(calibrated, not per_channel, input_data_type=dtype,  # noqa: SLF001
+                                    output_data_type=dtype, denylisted_nodes=nodes)
     return bytes(lite._deduplicate_readonly_buffers(quantized))  # noqa: SLF001
 
 

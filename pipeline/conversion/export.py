@@ -26,13 +26,25 @@ from pipeline.conversion.converter_hooks import (
     fast_calibration,
     fast_freeze,
     keep_float,
+    pin_input_range,
     quantize_calibrated,
     staged_supported,
+)
+from pipeline.conversion.input_convention import (
+    check_input_convention,
+    convention_record,
+    converted_source,
+    io_type,
+    is_qat_model,
+    representative_in,
+    resolved,
+    source_domain,
+    source_manifest,
 )
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
 from pipeline.core import artifacts
 from pipeline.core.errors import CalibrationError, ConversionError
-from pipeline.core.preprocessing import PreprocessSpec
+from pipeline.core.preprocessing import PreprocessSpec, recorded_convention
 from pipeline.core.quiet import native_stderr_captured
 from pipeline.model.modelio import SourceModel, load_source
 from pipeline.tflite.runtime import run_batch
@@ -63,14 +75,8 @@ class ExportResult:
                 "int_ops": m["ops"]["int_ops"], "float_ops": m["ops"]["float_ops"],
                 "calibration_samples": (m.get("calibration") or {}).get("count", 0),
                 "xnnpack_partitions": m["xnnpack"]["partitions"], "xnnpack_outside": m["xnnpack"]["outside"],
-                "xnnpack_refused": m["xnnpack"].get("refused"), "seconds": m["timing"]["total_s"]}
-
-
-def is_qat_model(source: SourceModel) -> bool:
-    if source.model is None:
-        return False
-    return any(type(layer).__name__ in ("QuantizeLayer", "QuantizeWrapper", "QuantizeWrapperV2")
-               for layer in source.model.layers)
+                "xnnpack_refused": m["xnnpack"].get("refused"), "seconds": m["timing"]["total_s"],
+                "input_convention": (m.get("input_convention") or {}).get("name")}
 
 
 def _serving_function(source: SourceModel):
@@ -126,8 +132,9 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                                    tf.lite.OpsSet.TFLITE_BUILTINS]
         if not settings.float_io:
-            converter.inference_input_type = tf.int8
-            converter.inference_output_type = tf.int8
+            io = tf.uint8 if settings.input_convention == "pixels" else tf.int8
+            converter.inference_input_type = io
+            converter.inference_output_type = io
     elif mode == "int16x8":
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
@@ -157,8 +164,12 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     """Run the TFLite converter; its native log is kept for the error message, not printed.
 
     ``calibration_record`` (a dict) receives which calibrator ran, for the manifest.
+    The input convention is decided here (``pipeline.conversion.input_convention``):
+    a pixel-input model is converted from the folded source, calibrated on pixels.
     """
-
+    settings, _ = resolved(source, settings)
+    source = converted_source(source, settings.input_convention)
+    representative = representative_in(representative, settings.input_convention)
     qat = is_qat_model(source)
     if source.kind == "tflite":
         return _from_float_tflite(source, settings, representative, progress, calibration_record)
@@ -230,7 +241,8 @@ def float_tflite(source: SourceModel) -> bytes:
         pending.result()  # raises ModelLoadError if the sandboxed load failed
         source.cache["float_tflite"] = data
     if "float_tflite" not in source.cache:
-        source.cache["float_tflite"] = convert_bytes(source, ConvertSettings("float"))
+        source.cache["float_tflite"] = convert_bytes(source, ConvertSettings("float",
+                                                                             input_convention=source_domain(source)))
     return source.cache["float_tflite"]
 
 
@@ -264,6 +276,9 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
                 raise
             except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
                 raise _converter_failed(settings, exc, log) from None
+        if source_domain(source) == "pixels":
+            calibrated = pin_input_range(calibrated, 0.0, 255.0)  # scale 1: each pixel its own level
+            calibration["input_range"] = [0.0, 255.0]
         kept = (representative, settings.calibrator, calibrated, calibration)
         source.cache["calibrated"] = kept
     _, _, calibrated, calibration = kept
@@ -281,7 +296,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
     record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
     with native_stderr_captured() as log:
         try:
-            return quantize_calibrated(calibrated, int8_io=not settings.float_io, per_channel=settings.per_channel,
+            return quantize_calibrated(calibrated, io=io_type(settings), per_channel=settings.per_channel,
                                        denylisted_nodes=nodes)
         except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
             raise _converter_failed(settings, exc, log) from None
@@ -310,46 +325,103 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     converted bytes: the accuracy search passes the one it measured each
     candidate with, so what is written is what it measured.
     """
-
     t0 = time.perf_counter()
-    model_path = Path(model_path)
-    out_path = Path(out) if out is not None else default_output(model_path, settings.mode)
-    if out_path.suffix != ".tflite":
-        raise ConversionError(f"output must end in .tflite, got {out_path}")
-    manifest_path = artifacts.manifest_path_for(out_path)
-    artifacts.check_writable(out_path, force=force)
-    source = source or load_source(model_path, trust_code=settings.trust_model_code)
-    if representative is not None and settings.mode in CALIBRATED_MODES:
-        if representative.spec.size != source.input_size:
-            raise CalibrationError(f"calibration images are preprocessed to {representative.spec.size}px but the "
-                                   f"model takes {source.input_size}px")
+    job = _ExportJob.prepare(Path(model_path), settings, out, representative, force, source)
     t_load = time.perf_counter()
-    uses_calibration = settings.mode in CALIBRATED_MODES and representative is not None
-    calibration_record: dict = {}
-    model_bytes = convert_bytes(source, settings, representative if uses_calibration else None, progress,
-                                calibration_record)
+    model_bytes, calibration_record = _convert_for(job, progress)
     t_convert = time.perf_counter()
-    optimizations = []
-    if settings.optimize and settings.mode in CALIBRATED_MODES:
-        if optimize is None:
-            model_bytes, optimizations = optimize_graph(model_bytes, source, representative)
-        else:
-            model_bytes, optimizations = optimize(model_bytes)
+    model_bytes, optimizations = _optimized(job, model_bytes, optimize)
     t_optimize = time.perf_counter()
     info = inspect_tflite(model_bytes)
-    check_integer_ops(info, settings)
+    check_integer_ops(info, job.settings)
+    check_input_convention(model_bytes, job.settings)
+    spec, labels = _spec_and_labels(job)
+    model_bytes = add_metadata(model_bytes, _model_info(job.source, job.settings, spec, labels))
+    manifest = _manifest(job, model_bytes, info, spec, labels, calibration_record, optimizations)
+    if annotate is not None:
+        manifest.update(annotate(model_bytes))
+    t_end = time.perf_counter()
+    manifest["timing"] = {"load_s": round(t_load - t0, 3), "convert_s": round(t_convert - t_load, 3),
+                          "optimize_s": round(t_optimize - t_convert, 3), "total_s": round(t_end - t0, 3)}
+    artifacts.check_writable(job.out_path, force=force)  # it may have appeared while we worked
+    artifacts.atomic_write_pair(job.out_path, model_bytes, job.manifest_path, manifest)  # manifest, then model
+    return ExportResult(job.out_path, job.manifest_path, manifest, model_bytes)
 
-    xnnpack = xnnpack_report(model_bytes)
-    spec = representative.spec if representative is not None else PreprocessSpec(size=source.input_size)
-    source_manifest = _source_manifest(model_path) if source.kind == "tflite" else {}
-    recorded = (source_manifest.get("preprocessing") or {}).get("fingerprint")
-    if recorded and recorded != spec.fingerprint:
-        raise CalibrationError(f"{model_path.name} was converted for preprocessing {recorded}, but the calibration "
-                               f"images are preprocessed as {spec.fingerprint}; the int8 ranges would not match "
-                               "what the model sees")
-    labels = _labels_beside(model_path) or source_manifest.get("labels")
-    model_bytes = add_metadata(model_bytes, _model_info(source, settings, spec, labels))
 
+@dataclass
+class _ExportJob:
+    """One export's resolved inputs: where it writes, the source as converted (folded for pixel input),
+    the settings with their input convention decided, and the calibration set in that convention."""
+
+    model_path: Path
+    out_path: Path
+    manifest_path: Path
+    source: SourceModel
+    original: SourceModel
+    settings: ConvertSettings
+    convention_note: str
+    representative: Representative | None
+
+    @classmethod
+    def prepare(cls, model_path: Path, settings: ConvertSettings, out, representative, force: bool,
+                source: SourceModel | None) -> "_ExportJob":
+        """Check the output path, load the source, and decide the input convention before converting."""
+        out_path = Path(out) if out is not None else default_output(model_path, settings.mode)
+        if out_path.suffix != ".tflite":
+            raise ConversionError(f"output must end in .tflite, got {out_path}")
+        artifacts.check_writable(out_path, force=force)
+        original = source or load_source(model_path, trust_code=settings.trust_model_code)
+        settings, note = resolved(original, settings)
+        converted = converted_source(original, settings.input_convention)
+        representative = representative_in(representative, settings.input_convention)
+        if representative is not None and settings.mode in CALIBRATED_MODES:
+            if representative.spec.size != original.input_size:
+                raise CalibrationError(f"calibration images are preprocessed to {representative.spec.size}px but "
+                                       f"the model takes {original.input_size}px")
+        return cls(model_path, out_path, artifacts.manifest_path_for(out_path), converted, original, settings, note,
+                   representative)
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.settings.mode in CALIBRATED_MODES and self.representative is not None
+
+
+def _convert_for(job: _ExportJob, progress: Progress | None) -> tuple[bytes, dict]:
+    """The converted bytes and the calibration record (what calibrated them, for the manifest)."""
+    record: dict = {}
+    model_bytes = convert_bytes(job.source, job.settings, job.representative if job.uses_calibration else None,
+                                progress, record)
+    return model_bytes, record
+
+
+def _optimized(job: _ExportJob, model_bytes: bytes, optimize) -> tuple[bytes, list[dict]]:
+    """The graph rewrites on a calibrated model (``optimize_graph``, or the accuracy search's own)."""
+    if not (job.settings.optimize and job.settings.mode in CALIBRATED_MODES):
+        return model_bytes, []
+    if optimize is None:
+        return optimize_graph(model_bytes, job.source, job.representative)
+    return optimize(model_bytes)
+
+
+def _spec_and_labels(job: _ExportJob) -> tuple[PreprocessSpec, list[str] | None]:
+    """The preprocessing the model takes (checked against a .tflite source's own) and its class names."""
+    representative, settings = job.representative, job.settings
+    spec = representative.spec if representative is not None else PreprocessSpec(
+        size=job.source.input_size, input_convention=settings.input_convention)
+    earlier = source_manifest(job.model_path) if job.source.kind == "tflite" else {}
+    recorded = (earlier.get("preprocessing") or {}).get("fingerprint")
+    source_convention = recorded_convention(earlier.get("preprocessing"))
+    if recorded and recorded != replace(spec, input_convention=source_convention).fingerprint:
+        raise CalibrationError(f"{job.model_path.name} was converted for preprocessing {recorded}, but the "
+                               f"calibration images are preprocessed as {spec.fingerprint}; the int8 ranges would "
+                               "not match what the model sees")
+    return spec, _labels_beside(job.model_path) or earlier.get("labels")
+
+
+def _manifest(job: _ExportJob, model_bytes: bytes, info, spec: PreprocessSpec, labels, calibration_record: dict,
+              optimizations: list[dict]) -> dict:
+    """What the manifest says about the written bytes (the timing is added last)."""
+    settings, source, model_path = job.settings, job.source, job.model_path
     manifest = artifacts.base_manifest("tflite")
     manifest.update({
         "settings": {**settings.to_dict(), "qat_source": is_qat_model(source),
@@ -357,27 +429,22 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
         "source": {"path": str(model_path), "kind": source.kind, "sha256": artifacts.sha256_any(model_path),
                    "bytes": artifacts.size_any(model_path), "input_shape": list(source.input_shape),
                    "classes": source.classes},
-        "output": {"path": out_path.name, "sha256": artifacts.sha256_bytes(model_bytes), "bytes": len(model_bytes)},
+        "output": {"path": job.out_path.name, "sha256": artifacts.sha256_bytes(model_bytes),
+                   "bytes": len(model_bytes)},
         "preprocessing": spec.describe(),
-        "calibration": ({**representative.to_manifest(), "method": calibration_record} if uses_calibration
-                        else None),
+        "input_convention": convention_record(settings.input_convention, job.convention_note),
+        "calibration": ({**job.representative.to_manifest(), "method": calibration_record}
+                        if job.uses_calibration else None),
         "io": {"inputs": info.inputs, "outputs": info.outputs},
         "optimizations": optimizations,
-        "xnnpack": xnnpack,
+        "xnnpack": xnnpack_report(model_bytes),
         "ops": {"histogram": info.op_histogram, "weight_dtypes": info.weight_dtypes,
                 "int_ops": info.int_op_count, "float_ops": info.float_op_count,
                 "left_float": info.float_ops, "operators": info.operator_count},
     })
     if labels is not None:
         manifest["labels"] = labels
-    if annotate is not None:
-        manifest.update(annotate(model_bytes))
-    t_end = time.perf_counter()
-    manifest["timing"] = {"load_s": round(t_load - t0, 3), "convert_s": round(t_convert - t_load, 3),
-                          "optimize_s": round(t_optimize - t_convert, 3), "total_s": round(t_end - t0, 3)}
-    artifacts.check_writable(out_path, force=force)  # it may have appeared while we worked
-    artifacts.atomic_write_pair(out_path, model_bytes, manifest_path, manifest)  # manifest first, then the model
-    return ExportResult(out_path, manifest_path, manifest, model_bytes)
+    return manifest
 
 
 CHECK_SAMPLES = 32
@@ -409,20 +476,11 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
     dropped and the others kept. ``gate(stock, rewritten)``, when given, is a
     further condition on a rewrite the check accepted (the accuracy search's:
     no top-1 change on its eval images); it returns a dict with ``accepted``,
-    recorded as the check's ``gate``.
+    recorded as the check's ``gate``. ``source`` and ``representative`` are
+    in the model's input convention (the folded source and pixels, for a
+    pixel-input model).
     """
-
-    staged: list[tuple[Callable, dict]] = []  # (rewrite, manifest entry) per rewrite that found work
-    current = model_bytes
-    for rewrite in rewrites or (fuse_shared_add_relu, raise_negligible_add_inputs):
-        candidate, report = rewrite(current)
-        if not report.count:
-            continue
-        entry = report.to_dict()
-        entry["delegate_partitions"] = {"before": delegate_partitions(current),
-                                        "after": delegate_partitions(candidate)}
-        staged.append((rewrite, entry))
-        current = candidate
+    staged, current = _staged_rewrites(model_bytes, rewrites or (fuse_shared_add_relu, raise_negligible_add_inputs))
     if not staged:
         return model_bytes, []
     entries = [entry for _, entry in staged]
@@ -431,12 +489,41 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
             entry["applied"] = False
             entry["check"] = {"skipped": "no calibration images to check the rewrite on"}
         return model_bytes, entries
+    check = _rewrite_check(source, representative, gate)
+    together = check(model_bytes, current)
+    if together["accepted"]:
+        names = [entry["name"] for entry in entries]
+        for entry in entries:
+            entry["check"] = {**together, "together_with": names}
+            entry["applied"] = True
+        return current, entries
+    return _each_checked(model_bytes, staged, check), entries
+
+
+def _staged_rewrites(model_bytes: bytes, rewrites) -> tuple[list[tuple[Callable, dict]], bytes]:
+    """(rewrite, manifest entry) for each rewrite that found work, applied in turn, and the fully rewritten bytes."""
+    staged: list[tuple[Callable, dict]] = []
+    current = model_bytes
+    for rewrite in rewrites:
+        candidate, report = rewrite(current)
+        if not report.count:
+            continue
+        entry = report.to_dict()
+        entry["delegate_partitions"] = {"before": delegate_partitions(current),
+                                        "after": delegate_partitions(candidate)}
+        staged.append((rewrite, entry))
+        current = candidate
+    return staged, current
+
+
+def _rewrite_check(source: SourceModel, representative, gate) -> Callable[[bytes, bytes], dict]:
+    """check(stock, rewritten) on the first calibration images, the float reference computed only if needed."""
     n = min(CHECK_SAMPLES, len(representative))
     inputs = np.stack([representative.inputs(i) for i in range(n)])
     outputs_cache: dict = {}
     reference_cache: list = []
 
-    def reference():  # the float model's outputs, computed only if a check needs them
+    def reference():
         if not reference_cache:
             reference_cache.append(float_outputs(source, inputs))
         return reference_cache[0]
@@ -448,15 +535,13 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
             result["accepted"] = bool(result["gate"]["accepted"])
         return result
 
-    together = check(model_bytes, current)
-    if together["accepted"]:
-        names = [entry["name"] for entry in entries]
-        for entry in entries:
-            entry["check"] = {**together, "together_with": names}
-            entry["applied"] = True
-        return current, entries
+    return check
+
+
+def _each_checked(model_bytes: bytes, staged, check) -> bytes:
+    """Each rewrite redone on what was kept so far, and kept only if its own check passes."""
     current = model_bytes
-    for rewrite, entry in staged:  # each rewrite redone on what was kept so far
+    for rewrite, entry in staged:
         candidate, _ = rewrite(current)
         entry["delegate_partitions"] = {"before": delegate_partitions(current),
                                         "after": delegate_partitions(candidate)}
@@ -464,7 +549,7 @@ def optimize_graph(model_bytes: bytes, source: SourceModel, representative,
         entry["applied"] = entry["check"]["accepted"]
         if entry["applied"]:
             current = candidate
-    return current, entries
+    return current
 
 
 def _model_info(source: SourceModel, settings: ConvertSettings, spec: PreprocessSpec, labels) -> ModelInfo:
@@ -477,16 +562,6 @@ def _model_info(source: SourceModel, settings: ConvertSettings, spec: Preprocess
                      description=f"{settings.mode} image classifier, {source.classes} classes, "
                                  f"{source.input_size}x{source.input_size} RGB input; converted by xception-edge",
                      labels=labels, mean=mean, std=std)
-
-
-def _source_manifest(model_path: Path) -> dict:
-    """Our manifest beside a float .tflite source (its preprocessing and labels carry over), or {}."""
-
-    try:
-        data = json.loads(artifacts.manifest_path_for(model_path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) and data.get("tool") == artifacts.TOOL_NAME else {}
 
 
 def _labels_beside(model_path: Path) -> list[str] | None:

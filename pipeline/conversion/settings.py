@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from pipeline.core.errors import ConversionError
-from pipeline.core.preprocessing import PreprocessSpec
+from pipeline.core.preprocessing import INPUT_CONVENTIONS, PreprocessSpec
 
 MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
 CALIBRATED_MODES = ("int8", "int16x8")
@@ -40,6 +40,9 @@ class ConvertSettings:
     calibrator: str = "fast"  # "fast" (min/max under XNNPACK, up to 4 cores) or "stock" (the converter's own)
     float_layers: tuple[str, ...] = ()  # Keras layers kept out of the quantized graph (pipeline.conversion.float_fallback)
     fallback: str = "float"  # what float_layers compute in: "float", or "int16" (int8 only; spliced int16x8 ops)
+    # What the model's input holds (pipeline.core.preprocessing); None: the default for this mode and model
+    # (pipeline.conversion.input_convention.resolve_convention: pixels where the scaling folds exactly).
+    input_convention: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "float_layers", tuple(str(name) for name in self.float_layers))
@@ -54,6 +57,11 @@ class ConvertSettings:
             raise ConversionError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.calibrator not in ("fast", "stock"):
             raise ConversionError(f"unknown calibrator {self.calibrator!r}; choose fast or stock")
+        if self.input_convention is not None and self.input_convention not in INPUT_CONVENTIONS:
+            raise ConversionError(f"unknown input convention {self.input_convention!r}; choose one of "
+                                  f"{', '.join(INPUT_CONVENTIONS)}")
+        if self.input_convention == "pixels_int8" and (self.mode != "int8" or self.float_io):
+            raise ConversionError("the pixels_int8 input (int8 p - 128) is for --int8 models with integer I/O")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,7 +18,22 @@ Policy (``PreprocessSpec`` version 1):
 * aspect ratio: the centred square crop of the image, then a bilinear resize
   to ``size x size`` (no stretching, nothing padded);
 * scale: ``x / 127.5 - 1`` in float32, exactly Keras's
-  ``xception.preprocess_input`` ("tf" mode), giving [-1, 1].
+  ``xception.preprocess_input`` ("tf" mode), giving [-1, 1]: what the Keras
+  model is trained on.
+
+Input conventions: what a *converted* model's input tensor holds, so that
+every caller (validation, calibration, the device runner, a client reading
+the model's metadata) feeds it the same way from the same decoded pixels p:
+
+* ``signed_unit``: p / 127.5 - 1 (the training scale), in float32 or
+  quantized with the model's own scale and zero point (every model before
+  conventions existed; a manifest without the field means this one);
+* ``pixels``: p itself, as uint8 (integer models: scale 1, zero point 0) or
+  float32 (float models): the scaling is folded into the model's first
+  convolution (``pipeline.model.fold``), so each of the 256 values is its own
+  input level and a device feeds camera bytes as they are;
+* ``pixels_int8``: p - 128 as int8 (scale 1, zero point -128), for runtimes
+  that want int8 in and out (no uint8 -> int8 QUANTIZE op).
 
 Files that cannot be decoded raise ``ImageError`` with a short reason, which
 callers turn into a listed skip.
@@ -46,6 +61,12 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 50_000_000  # about 7000x7000: larger images are rejected before any decoding
 
+INPUT_CONVENTIONS = ("pixels", "pixels_int8", "signed_unit")
+LEGACY_CONVENTION = "signed_unit"  # what a manifest or model from before input conventions means
+PIXEL_CONVENTIONS = ("pixels", "pixels_int8")
+# The integer input tensor of each pixel convention: (dtype, scale, zero point); float value = p for both.
+PIXEL_TENSORS = {"pixels": ("uint8", 1.0, 0), "pixels_int8": ("int8", 1.0, -128)}
+
 
 class ImageError(DataError):
     """One file is not a usable image; ``reason`` is short enough for a skip list."""
@@ -65,15 +86,22 @@ class PreprocessSpec:
     alpha_background: str = "white"
     scale: str = "x/127.5-1"
     version: int = 1
+    input_convention: str = LEGACY_CONVENTION  # what the converted model's input holds (module docstring)
 
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size < 8:
             raise ValueError(f"preprocessing size must be an integer >= 8, got {self.size!r}")
         if self.aspect != "center-crop" or self.resize != "bilinear" or self.scale != "x/127.5-1":
             raise ValueError("only the version-1 policy (center-crop, bilinear, x/127.5-1) exists")
+        check_convention(self.input_convention)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The policy as hashed: ``signed_unit`` is left out, so fingerprints written before input
+        conventions existed (which all mean it) still match, and a pixel model's fingerprint differs."""
+        d = asdict(self)
+        if d["input_convention"] == LEGACY_CONVENTION:
+            del d["input_convention"]
+        return d
 
     @property
     def fingerprint(self) -> str:
@@ -82,13 +110,34 @@ class PreprocessSpec:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def describe(self) -> dict:
-        return {**self.to_dict(), "fingerprint": self.fingerprint}
+        return {**asdict(self), "fingerprint": self.fingerprint}
 
     @property
     def normalization(self) -> tuple[float, float]:
-        """(mean, std) with ``scale`` = (pixel - mean) / std: what a client told by the model's metadata
-        (NormalizationOptions) computes to feed a float input."""
-        return {"x/127.5-1": (127.5, 127.5)}[self.scale]
+        """(mean, std) with the model input = (pixel - mean) / std: what a client told by the model's metadata
+        (NormalizationOptions) computes to feed a float input of this spec's convention."""
+        return normalization(self.input_convention)
+
+
+def check_convention(convention: str) -> str:
+    if convention not in INPUT_CONVENTIONS:
+        raise ValueError(f"unknown input convention {convention!r}; choose one of {', '.join(INPUT_CONVENTIONS)}")
+    return convention
+
+
+def recorded_convention(preprocessing: dict | None) -> str:
+    """The input convention a manifest's ``preprocessing`` section records (none recorded: ``signed_unit``)."""
+    return check_convention((preprocessing or {}).get("input_convention") or LEGACY_CONVENTION)
+
+
+def normalization(convention: str) -> tuple[float, float]:
+    """(mean, std) with model input = (p - mean) / std, for a float input's NormalizationOptions metadata.
+
+    A folded float model (``pixels``) gets (0, 1): a client then feeds p itself, bit for bit what
+    ``model_input`` gives; ``signed_unit`` gets (127.5, 127.5), which a client computes within one
+    float32 ulp of ``scale``.
+    """
+    return (127.5, 127.5) if check_convention(convention) == LEGACY_CONVENTION else (0.0, 1.0)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -196,18 +245,38 @@ def scale_tf(pixels):
     return x / 127.5 - 1.0
 
 
+def model_input(pixels: np.ndarray, convention: str) -> np.ndarray:
+    """Decoded pixels (uint8) -> the float value a model of ``convention`` takes; ``quantize`` then gives
+    its integer input (exact for the pixel conventions: scale 1, integer values)."""
+    if check_convention(convention) == LEGACY_CONVENTION:
+        return scale(pixels)
+    return np.asarray(pixels, dtype=np.float32)
+
+
+def unscale(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] model inputs (float .npy samples) -> pixel values in [0, 255], float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.clip((x + np.float32(1.0)) * np.float32(127.5), 0, 255).astype(np.float32)
+
+
+def model_tensor(pixels: np.ndarray, convention: str, dtype, scale_: float, zero_point: int) -> np.ndarray:
+    """Decoded pixels -> the input tensor of a model of ``convention`` with this input dtype and quantization:
+    what validation, calibration and the parity targets all feed (``devices/runner.py`` mirrors it)."""
+    return quantize(model_input(pixels, convention), dtype, scale_, zero_point)
+
+
 def pixels_for(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
     """Decoded, oriented, cropped and resized uint8 pixels of one file (before scaling)."""
     return resize_rgb(load_rgb(path), spec.size)
 
 
 def preprocess_file(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
-    """One file to one float32 model input of shape (size, size, 3)."""
-    return scale(pixels_for(path, spec))
+    """One file to one float32 model input of shape (size, size, 3), in the spec's input convention."""
+    return model_input(pixels_for(path, spec), spec.input_convention)
 
 
 def preprocess_pixels(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    return scale(resize_rgb(rgb, spec.size))
+    return model_input(resize_rgb(rgb, spec.size), spec.input_convention)
 
 
 def quantize(x: np.ndarray, dtype, scale_: float, zero_point: int) -> np.ndarray:
@@ -216,7 +285,9 @@ def quantize(x: np.ndarray, dtype, scale_: float, zero_point: int) -> np.ndarray
     TFLite divides in float32 and rounds halves to even (measured against the
     op itself, with and without XNNPACK, in tests/conversion/test_convert.py), then
     saturates; a float64 division differs on thousands of pixels of a 71x71
-    image. ``devices/runner.py`` mirrors this function (it cannot import it).
+    image. At scale 1 (pixel inputs) pixels are integers, never halves, so
+    every one of the 256 values is its own level. ``devices/runner.py``
+    mirrors this function (it cannot import it).
     """
     dtype = np.dtype(dtype)
     if dtype.kind == "f":

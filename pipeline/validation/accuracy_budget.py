@@ -51,11 +51,13 @@ from pipeline.conversion.export import (
     float_tflite,
     optimize_graph,
 )
+from pipeline.conversion.input_convention import converted_source, representative_in, resolved
 from pipeline.conversion.float_fallback import method_for
 from pipeline.core import artifacts
 from pipeline.core.data import discover
 from pipeline.core.errors import BudgetNotReached, ConversionError, ValidationError
-from pipeline.core.preprocessing import PreprocessSpec, dequantize, quantize
+from pipeline.core.preprocessing import LEGACY_CONVENTION, PreprocessSpec, dequantize, model_input, quantize
+from pipeline.tflite.input_convention import tensor_convention
 from pipeline.model.modelio import load_source
 from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.splice import splice
@@ -102,13 +104,16 @@ class DropMeter:
 
     The images are split (``holdout_split``): the search measures on the
     ``search`` part only, and the held-out part judges the model it chose.
-    Outputs are kept by content, so a model measured twice runs once.
+    Outputs are kept by content, so a model measured twice runs once. The
+    reference is fed the decoded pixels as its own convention says; a
+    candidate as its input quantization states (``convention``, the one the
+    search converts for, where it states none).
     """
 
     CACHED_MODELS = 16
 
     def __init__(self, reference, data, *, labels=None, limit: int | None = None, workers: int | None = None,
-                 trust_code: bool = False, holdout: bool = True):
+                 trust_code: bool = False, holdout: bool = True, convention: str = LEGACY_CONVENTION):
         found = discover(data, what="eval folder")
         if not found.labeled:
             raise ValidationError(f"--eval needs labeled images (one subfolder per class); {data} is flat")
@@ -122,12 +127,15 @@ class DropMeter:
             loaded = [(item, x) for item, x in loaded if x is not None]
             if not loaded:
                 raise ValidationError(f"no usable images in {data}")
-            self.all_inputs = np.stack([x for _, x in loaded])
-            self.all_reference = as_probabilities(runner.predict(self.all_inputs), runner.output_kind, "reference")
+            self.all_pixels = np.stack([x for _, x in loaded])
+            self.all_reference = as_probabilities(runner.predict_pixels(self.all_pixels), runner.output_kind,
+                                                  "reference")
         finally:
             runner.close()
         index_of = {name: i for i, name in enumerate(names)}
-        self.items = [item for item, _ in loaded]  # eval images in the order of ``all_inputs``
+        self.items = [item for item, _ in loaded]  # eval images in the order of ``all_pixels``
+        self.convention = convention
+        self.all_inputs = model_input(self.all_pixels, convention)
         self.all_labels = np.asarray([index_of[item.label] for item, _ in loaded])
         self.names = names
         if holdout:
@@ -145,10 +153,17 @@ class DropMeter:
     def heldout_images(self) -> int:
         return len(self.parts["heldout"])
 
+    def inputs_for(self, model_bytes: bytes, part: str = "search") -> np.ndarray:
+        """The eval images of ``part`` as these bytes take them (their input quantization, else ``convention``)."""
+        convention = tensor_convention(model_bytes) or self.convention
+        if convention == self.convention:
+            return self.all_inputs[self.parts[part]]
+        return model_input(self.all_pixels[self.parts[part]], convention)
+
     def predict(self, model_bytes: bytes, inputs: np.ndarray | None = None) -> np.ndarray:
         """Outputs of bytes this process just converted (trusted: no sandboxed first load needed)."""
 
-        inputs = self.inputs if inputs is None else inputs
+        inputs = self.inputs_for(model_bytes) if inputs is None else inputs
         interpreters = [open_interpreter(model_bytes) for _ in range(self.workers)]
         inp, out = interpreters[0].get_input_details()[0], interpreters[0].get_output_details()[0]
 
@@ -175,7 +190,7 @@ class DropMeter:
         if key not in self._outputs:
             if len(self._outputs) >= self.CACHED_MODELS:
                 self._outputs.pop(next(iter(self._outputs)))
-            self._outputs[key] = as_probabilities(self.predict(model_bytes, self.all_inputs),
+            self._outputs[key] = as_probabilities(self.predict(model_bytes, self.inputs_for(model_bytes, "all")),
                                                      tflite_output_kind(model_bytes), "candidate")
         return self._outputs[key]
 
@@ -261,164 +276,208 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     included; a rewrite that changes a top-1 prediction on the eval images is
     left out (``optimize_graph``'s gate). A third of the eval images is held
     out of the search (``holdout_split``) and the chosen model must meet the
-    budget on it too.
+    budget on it too. Every candidate has the input convention the written
+    model gets (decided once, ``pipeline.conversion.input_convention``).
 
     Raises ``BudgetNotReached`` (exit 3) when ``max_float_layers`` float layers
     are not enough, or the held-out images miss the budget; the best model
     found is then written beside the output as ``<name>_over_budget.tflite``
     with its manifest, for inspection, and nothing at the output.
     """
-
     if settings.mode not in CALIBRATED_MODES:
         raise ConversionError(f"--max-drop applies to --int8 and --int16x8, not --{settings.mode}")
     if not (max_drop_pp >= 0):
         raise ConversionError(f"--max-drop must be >= 0 percentage points, got {max_drop_pp}")
     if max_float_layers < 0 or candidates < 1:
         raise ConversionError("--max-float-layers must be >= 0 and candidates >= 1")
-    t0 = time.perf_counter()
     model_path = Path(model_path)
     out_path = Path(out) if out is not None else default_output(model_path, settings.mode)
     artifacts.check_writable(out_path, force=force)
-    source = source or load_source(model_path, trust_code=settings.trust_model_code)
-    # The gate on float compute ops is what this search relaxes on purpose.
-    settings = replace(settings, allow_float_fallback=True, float_layers=())
-    method, kept_in = method_for(settings), settings.fallback
-    meter = DropMeter(model_path, eval_dir, labels=labels, limit=eval_limit, trust_code=settings.trust_model_code,
-                      holdout=holdout)
-    held_n = meter.heldout_images
+    search = _BudgetSearch(model_path, settings, representative, source, progress, say)
+    search.meter = DropMeter(model_path, eval_dir, labels=labels, limit=eval_limit,
+                             trust_code=settings.trust_model_code, holdout=holdout,
+                             convention=search.settings.input_convention)
+    meter = search.meter
     say(f"measuring on {len(meter.inputs)} eval images (float top-1 {meter.top1_float:.4f}), "
-        + (f"{held_n} more held out to judge the result; " if held_n else f"{meter.holdout_note}; ")
-        + f"budget {max_drop_pp:g} pp")
-
-    converted: dict[str, bytes] = {}
-    prepared: dict[str, tuple[bytes, list[dict]]] = {}
-
-    def donor() -> bytes:
-        if "donor" not in converted:
-            converted["donor"] = donor_model(source, settings, representative)
-        return converted["donor"]
-
-    def eval_gate(stock: bytes, rewritten: bytes) -> dict:
-        """A rewrite may not change any top-1 prediction on the eval images (all of them: no labels are used)."""
-        changed = int(np.sum(meter.top1(stock) != meter.top1(rewritten)))
-        return {"eval_images": len(meter.all_inputs), "eval_top1_changed": changed, "accepted": changed == 0}
-
-    def prepare(model: bytes) -> tuple[bytes, list[dict]]:
-        """The model as ``export_tflite`` writes it: the graph rewrites that pass both checks applied."""
-        if not settings.optimize:
-            return model, []
-        key = artifacts.sha256_bytes(model)
-        if key not in prepared:
-            prepared[key] = optimize_graph(model, source, representative, gate=eval_gate)
-        return prepared[key]
-
-    def quantize_with(layers: list[str]) -> _State:
-        if layers and method == "splice":
-            model = splice(baseline.model, donor(), layers)
-        else:
-            model = convert_bytes(source, replace(settings, float_layers=tuple(layers)), representative, progress)
-        written, optimizations = prepare(model)
-        return _State(list(layers), model, written, optimizations, meter.measure(written))
-
-    def applied(state: _State) -> list[str]:
-        return [e["name"] for e in state.optimizations if e.get("applied")]
-
-    baseline = None
-    state = quantize_with([])
-    steps = [{"float_layers": [], "top1_drop_pp": state.figures["top1_drop_pp"], "top1": state.figures["top1_quant"],
-              "rewrites": applied(state)}]
-    say(f"step 0: all layers quantized: drop {state.figures['top1_drop_pp']:.2f} pp")
-    baseline, best = state, state
-    while state.figures["top1_drop_pp"] > max_drop_pp and len(state.layers) < max_float_layers:
-        float_bytes = float_tflite(source)  # converted once per source, shared with the int8 stages
-        ranked = rank_layers(float_bytes, state.written, meter.inputs[:layer_samples], exclude=set(state.layers))
-        trials = []
-        for entry in ranked[:candidates]:
-            trial = quantize_with(state.layers + [entry["layer"]])
-            trials.append((trial, entry))
-        if not trials:
-            break
-        trial, entry = min(trials, key=lambda t: t[0].figures["top1_drop_pp"])  # stable: ties keep the rank order
-        state = trial
-        steps.append({"float_layers": list(state.layers), "added": entry["layer"],
-                      "top1_drop_pp": state.figures["top1_drop_pp"], "top1": state.figures["top1_quant"],
-                      "rewrites": applied(state), "ranked": ranked[:candidates],
-                      "tried": [{"layer": e["layer"], "top1_drop_pp": t.figures["top1_drop_pp"]} for t, e in trials]})
-        tried = ", ".join(e["layer"] for _, e in trials)
-        say(f"step {len(steps) - 1}: {entry['layer']} kept in {kept_in} (tried {tried}): "
-            f"drop {state.figures['top1_drop_pp']:.2f} pp")
-        if state.figures["top1_drop_pp"] < best.figures["top1_drop_pp"]:
-            best = state
-    if state.figures["top1_drop_pp"] <= max_drop_pp:
-        best = state  # the search stops at the first state within budget: the fewest float layers
-    for entry in best.optimizations:
-        gate = (entry.get("check") or {}).get("gate")
-        if gate and not gate["accepted"]:
-            say(f"graph rewrite {entry['name']} left out: it changes the top-1 prediction on "
-                f"{gate['eval_top1_changed']} of {gate['eval_images']} eval images (recorded in the manifest)")
+        + (f"{meter.heldout_images} more held out to judge the result; " if meter.heldout_images
+           else f"{meter.holdout_note}; ") + f"budget {max_drop_pp:g} pp")
+    best, baseline, steps = search.run(max_drop_pp, max_float_layers, candidates, layer_samples)
     latency_figures = None
     if latency and best.layers:  # bench what would be written: both with the graph rewrites kept
         latency_figures = _latency(latency, baseline.written, best.written)
+    record = {"budget_top1_drop_pp": max_drop_pp, "max_float_layers": max_float_layers, "steps": steps,
+              "eval": {"folder": str(eval_dir), "limit": eval_limit}, "latency": latency_figures}
+    return search.finish(best, out_path, record, force)
 
-    def judge(model_bytes: bytes) -> tuple[dict, dict | None, str, float]:
+
+class _BudgetSearch:
+    """The search's state: the source in the written model's input convention, its calibration set, the
+    meter, and the conversions and rewrites already done (each candidate is converted and rewritten once)."""
+
+    meter: DropMeter
+
+    def __init__(self, model_path: Path, settings: ConvertSettings, representative, source, progress, say: Say):
+        self.t0 = time.perf_counter()
+        self.model_path, self.progress, self.say = model_path, progress, say
+        self.asked = settings.input_convention  # the written model's manifest says why, as a plain export would
+        self.original = source or load_source(model_path, trust_code=settings.trust_model_code)
+        # The gate on float compute ops is what this search relaxes on purpose.
+        settings = replace(settings, allow_float_fallback=True, float_layers=())
+        self.settings, _ = resolved(self.original, settings)  # one input convention for every candidate
+        self.source = converted_source(self.original, self.settings.input_convention)  # folded once for pixels
+        self.representative = representative_in(representative, self.settings.input_convention)
+        self.method, self.kept_in = method_for(self.settings), self.settings.fallback
+        self.converted: dict[str, bytes] = {}
+        self.prepared: dict[str, tuple[bytes, list[dict]]] = {}
+        self.baseline: _State | None = None
+
+    def donor(self) -> bytes:
+        if "donor" not in self.converted:
+            self.converted["donor"] = donor_model(self.source, self.settings, self.representative)
+        return self.converted["donor"]
+
+    def eval_gate(self, stock: bytes, rewritten: bytes) -> dict:
+        """A rewrite may not change any top-1 prediction on the eval images (all of them: no labels are used)."""
+        changed = int(np.sum(self.meter.top1(stock) != self.meter.top1(rewritten)))
+        return {"eval_images": len(self.meter.all_inputs), "eval_top1_changed": changed, "accepted": changed == 0}
+
+    def prepare(self, model: bytes) -> tuple[bytes, list[dict]]:
+        """The model as ``export_tflite`` writes it: the graph rewrites that pass both checks applied."""
+        if not self.settings.optimize:
+            return model, []
+        key = artifacts.sha256_bytes(model)
+        if key not in self.prepared:
+            self.prepared[key] = optimize_graph(model, self.source, self.representative, gate=self.eval_gate)
+        return self.prepared[key]
+
+    def quantize_with(self, layers: list[str]) -> _State:
+        if layers and self.method == "splice":
+            model = splice(self.baseline.model, self.donor(), layers)
+        else:
+            model = convert_bytes(self.source, replace(self.settings, float_layers=tuple(layers)),
+                                  self.representative, self.progress)
+        written, optimizations = self.prepare(model)
+        return _State(list(layers), model, written, optimizations, self.meter.measure(written))
+
+    def run(self, max_drop_pp: float, max_float_layers: int, candidates: int,
+            layer_samples: int) -> tuple[_State, _State, list[dict]]:
+        """(best, all-quantized baseline, steps): add the layer whose float copy lowers the drop most, until
+        the drop is within budget or ``max_float_layers`` are kept out."""
+        state = self.quantize_with([])
+        steps = [{"float_layers": [], "top1_drop_pp": state.figures["top1_drop_pp"],
+                  "top1": state.figures["top1_quant"], "rewrites": _applied(state)}]
+        self.say(f"step 0: all layers quantized: drop {state.figures['top1_drop_pp']:.2f} pp")
+        self.baseline, best = state, state
+        while state.figures["top1_drop_pp"] > max_drop_pp and len(state.layers) < max_float_layers:
+            step = self.step(state, candidates, layer_samples)
+            if step is None:
+                break
+            state, entry = step
+            steps.append(entry)
+            if state.figures["top1_drop_pp"] < best.figures["top1_drop_pp"]:
+                best = state
+        if state.figures["top1_drop_pp"] <= max_drop_pp:
+            best = state  # the search stops at the first state within budget: the fewest float layers
+        for entry in best.optimizations:
+            gate = (entry.get("check") or {}).get("gate")
+            if gate and not gate["accepted"]:
+                self.say(f"graph rewrite {entry['name']} left out: it changes the top-1 prediction on "
+                         f"{gate['eval_top1_changed']} of {gate['eval_images']} eval images (recorded in the manifest)")
+        return best, self.baseline, steps
+
+    def step(self, state: _State, candidates: int, layer_samples: int) -> tuple[_State, dict] | None:
+        """One step: rank the layers by added error, measure the top ``candidates`` kept out, keep the best."""
+        float_bytes = float_tflite(self.source)  # converted once per source, shared with the int8 stages
+        ranked = rank_layers(float_bytes, state.written, self.meter.inputs_for(state.written)[:layer_samples],
+                             exclude=set(state.layers))
+        trials = [(self.quantize_with(state.layers + [entry["layer"]]), entry) for entry in ranked[:candidates]]
+        if not trials:
+            return None
+        trial, entry = min(trials, key=lambda t: t[0].figures["top1_drop_pp"])  # stable: ties keep the rank order
+        record = {"float_layers": list(trial.layers), "added": entry["layer"],
+                  "top1_drop_pp": trial.figures["top1_drop_pp"], "top1": trial.figures["top1_quant"],
+                  "rewrites": _applied(trial), "ranked": ranked[:candidates],
+                  "tried": [{"layer": e["layer"], "top1_drop_pp": t.figures["top1_drop_pp"]} for t, e in trials]}
+        tried = ", ".join(e["layer"] for _, e in trials)
+        self.say(f"step {len(trial.layers)}: {entry['layer']} kept in {self.kept_in} (tried {tried}): "
+                 f"drop {trial.figures['top1_drop_pp']:.2f} pp")
+        return trial, record
+
+    def judge(self, model_bytes: bytes) -> tuple[dict, dict | None, str, float]:
         """Search and held-out figures of these bytes, and the figure the budget is gated on."""
-        search = meter.measure(model_bytes)
-        held = meter.measure(model_bytes, "heldout") if held_n else None
+        search = self.meter.measure(model_bytes)
+        held = self.meter.measure(model_bytes, "heldout") if self.meter.heldout_images else None
         gate_on = "heldout" if held else "search"
         return search, held, gate_on, (held or search)["top1_drop_pp"]
 
-    def fallback_record(model_bytes: bytes, reached: bool) -> dict:
-        search, held, gate_on, gate_pp = judge(model_bytes)  # the bytes on disk, after the graph rewrites
+    def fallback_record(self, model_bytes: bytes, best: _State, record: dict, reached: bool) -> dict:
+        """The manifest's ``float_fallback``, measured on the bytes on disk (after the graph rewrites)."""
+        search, held, gate_on, gate_pp = self.judge(model_bytes)
+        meter = self.meter
         return {
-            "budget_top1_drop_pp": max_drop_pp, "max_float_layers": max_float_layers, "reached": reached,
-            "method": method, "kept_in": kept_in, "layers": list(best.layers), "steps": steps,
-            "final_top1_drop_pp": search["top1_drop_pp"], "final": search,
+            **record, "reached": reached, "method": self.method, "kept_in": self.kept_in,
+            "layers": list(best.layers), "final_top1_drop_pp": search["top1_drop_pp"], "final": search,
             "heldout": held, "heldout_top1_drop_pp": held["top1_drop_pp"] if held else None,
             "heldout_top1_drop_ci95_pp": held["top1_drop_ci95_pp"] if held else None,
             "gate": {"on": gate_on, "top1_drop_pp": gate_pp, "reason": meter.holdout_note},
-            "eval": {"folder": str(eval_dir), "images": len(meter.all_inputs), "limit": eval_limit,
-                     "search_images": len(meter.inputs), "heldout_images": held_n,
-                     "holdout_min_per_class": HOLDOUT_MIN_PER_CLASS, "holdout": meter.holdout_note,
-                     "labels": meter.labels_source, "top1_float": meter.top1_float},
-            "latency": latency_figures, "search_s": round(time.perf_counter() - t0, 3)}
+            "eval": {**record["eval"], "images": len(meter.all_inputs), "search_images": len(meter.inputs),
+                     "heldout_images": meter.heldout_images, "holdout_min_per_class": HOLDOUT_MIN_PER_CLASS,
+                     "holdout": meter.holdout_note, "labels": meter.labels_source, "top1_float": meter.top1_float},
+            "search_s": round(time.perf_counter() - self.t0, 3)}
 
-    def write(target: Path, reached: bool) -> ExportResult:
+    def write(self, target: Path, best: _State, record: dict, reached: bool, force: bool) -> ExportResult:
+        max_drop_pp = record["budget_top1_drop_pp"]
+
         def annotate(model_bytes: bytes) -> dict:
-            if reached and judge(model_bytes)[3] > max_drop_pp:  # checked before anything is written
+            if reached and self.judge(model_bytes)[3] > max_drop_pp:  # checked before anything is written
                 raise _WrittenOverBudget
-            return {"float_fallback": fallback_record(model_bytes, reached)}
+            return {"float_fallback": self.fallback_record(model_bytes, best, record, reached)}
 
-        return export_tflite(model_path, replace(settings, float_layers=tuple(best.layers)), out=target,
-                             representative=representative, force=force or not reached, source=source,
-                             annotate=annotate, optimize=prepare)
+        settings = replace(self.settings, float_layers=tuple(best.layers), input_convention=self.asked)
+        return export_tflite(self.model_path, settings, out=target, representative=self.representative,
+                             force=force or not reached, source=self.original, annotate=annotate,
+                             optimize=self.prepare)
 
-    _, held, _, gate_pp = judge(best.written)
-    searched = best.figures["top1_drop_pp"] <= max_drop_pp
-    reached = searched and gate_pp <= max_drop_pp
-    over_path = out_path.with_name(f"{out_path.stem}_over_budget.tflite")
-    try:
-        exported = write(out_path if reached else over_path, reached)
-    except _WrittenOverBudget:  # the conversion for the output differed from the one measured
-        exported = write(over_path, False)
-        written = exported.manifest["float_fallback"]["gate"]["top1_drop_pp"]
-        raise BudgetNotReached(f"the written model's top-1 drop is {written:.2f} pp (the search measured "
-                               f"{gate_pp:.2f} pp on the same images); it is kept as {exported.path} for "
-                               "inspection") from None
-    if not searched:
-        raise BudgetNotReached(
-            f"top-1 drop {best.figures['top1_drop_pp']:.2f} pp is over the {max_drop_pp:g} pp budget even with "
-            f"{len(best.layers)} layers in {kept_in} ({', '.join(best.layers) or 'none'}; --max-float-layers "
-            f"{max_float_layers}); the best model is kept as {exported.path} for inspection")
-    if not reached:
+    def finish(self, best: _State, out_path: Path, record: dict, force: bool) -> BudgetResult:
+        """Write the chosen model (or, over budget, the best one beside the output) and say what was reached."""
+        max_drop_pp = record["budget_top1_drop_pp"]
+        _, held, _, gate_pp = self.judge(best.written)
+        searched = best.figures["top1_drop_pp"] <= max_drop_pp
+        reached = searched and gate_pp <= max_drop_pp
+        over_path = out_path.with_name(f"{out_path.stem}_over_budget.tflite")
+        try:
+            exported = self.write(out_path if reached else over_path, best, record, reached, force)
+        except _WrittenOverBudget:  # the conversion for the output differed from the one measured
+            exported = self.write(over_path, best, record, False, force)
+            written = exported.manifest["float_fallback"]["gate"]["top1_drop_pp"]
+            raise BudgetNotReached(f"the written model's top-1 drop is {written:.2f} pp (the search measured "
+                                   f"{gate_pp:.2f} pp on the same images); it is kept as {exported.path} for "
+                                   "inspection") from None
+        if not reached:
+            raise BudgetNotReached(self.over_budget(best, held, gate_pp, max_drop_pp, searched, exported,
+                                                    record["max_float_layers"]))
+        written = exported.manifest["float_fallback"]
+        return BudgetResult(exported, list(best.layers), record["steps"], written["final"], record["latency"],
+                            max_drop_pp, written["heldout"])
+
+    def over_budget(self, best: _State, held, gate_pp: float, max_drop_pp: float, searched: bool,
+                    exported: ExportResult, max_float_layers: int) -> str:
+        """Why the budget was not reached: the search itself, or the held-out images."""
+        layers = ", ".join(best.layers) or "none"
+        if not searched:
+            return (f"top-1 drop {best.figures['top1_drop_pp']:.2f} pp is over the {max_drop_pp:g} pp budget even "
+                    f"with {len(best.layers)} layers in {self.kept_in} ({layers}; --max-float-layers "
+                    f"{max_float_layers}); the best model is kept as {exported.path} for inspection")
         lo, hi = held["top1_drop_ci95_pp"]
-        raise BudgetNotReached(
-            f"on the {held_n} held-out eval images the top-1 drop is {gate_pp:.2f} pp (95% CI {lo:.2f} to "
-            f"{hi:.2f}), over the {max_drop_pp:g} pp budget; the search reached {best.figures['top1_drop_pp']:.2f} "
-            f"pp on its {len(meter.inputs)} images with {len(best.layers)} layers in {kept_in} "
-            f"({', '.join(best.layers) or 'none'}); the model is kept as {exported.path} for inspection")
-    written = exported.manifest["float_fallback"]
-    return BudgetResult(exported, list(best.layers), steps, written["final"], latency_figures, max_drop_pp,
-                        written["heldout"])
+        return (f"on the {self.meter.heldout_images} held-out eval images the top-1 drop is {gate_pp:.2f} pp "
+                f"(95% CI {lo:.2f} to {hi:.2f}), over the {max_drop_pp:g} pp budget; the search reached "
+                f"{best.figures['top1_drop_pp']:.2f} pp on its {len(self.meter.inputs)} images with "
+                f"{len(best.layers)} layers in {self.kept_in} ({layers}); the model is kept as {exported.path} "
+                "for inspection")
+
+
+def _applied(state: _State) -> list[str]:
+    return [e["name"] for e in state.optimizations if e.get("applied")]
 
 
 def _latency(check: LatencyCheck, before: bytes, after: bytes) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.core import artifacts
 from pipeline.core.errors import ParityFailed, ValidationError
 from pipeline.core.preprocessing import PreprocessSpec, dequantize
+from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.safe_tflite import load_untrusted
 from pipeline.validation.parity_images import Feed, Images, ModelIO, model_io, prepare_images, runner_inputs
@@ -225,7 +226,8 @@ def run_parity(model, eval_dir, factories: list[TargetFactory], *, labels=None, 
 
     images = prepare_images(eval_dir, io.size, limit=limit, progress=decoded)
     names, labels_source = resolve_labels(labels, model, model, images.folders, io.classes)
-    feed = replace(runner_inputs(io, images.pixels), paths=tuple(images.paths))
+    convention = file_convention(model, reference.model_bytes)[0]
+    feed = replace(runner_inputs(io, images.pixels, convention), paths=tuple(images.paths))
     ref, outs = _run_all(reference, feed, targets, progress, offset=images.chosen)
     sections = [compare_target(io, images, names, ref, out, target.name, tolerance)
                 for target, out in zip(targets, outs)]

@@ -22,7 +22,15 @@ import numpy as np
 
 from pipeline.core.data import Skip, discover
 from pipeline.core.errors import ValidationError
-from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for, quantize, scale
+from pipeline.core.preprocessing import (
+    LEGACY_CONVENTION,
+    ImageError,
+    PreprocessSpec,
+    model_tensor,
+    pixels_for,
+    quantize,
+    scale,
+)
 from pipeline.validation.predict import default_workers
 from pipeline.validation.validate import select_round_robin
 
@@ -151,7 +159,7 @@ def pixel_input(io: ModelIO) -> bool:
     return io.input.quantized and math.isclose(io.input.scale, 1.0)
 
 
-def runner_inputs(io: ModelIO, pixels: np.ndarray) -> Feed:
+def runner_inputs(io: ModelIO, pixels: np.ndarray, convention: str = LEGACY_CONVENTION) -> Feed:
     """What every runtime is fed for these pixels: the one place parity decides the input convention.
 
     Today's models take x / 127.5 - 1 in float32, or that quantized with the
@@ -160,10 +168,15 @@ def runner_inputs(io: ModelIO, pixels: np.ndarray) -> Feed:
     the pixels themselves). Interpreters (this machine's, the device runner)
     get ``tensor`` with nothing left to compute; image clients get ``pixels``
     and apply the model's metadata (NormalizationOptions) themselves.
+    ``convention`` is the model's (``pipeline.tflite.input_convention``): a
+    float model folded for pixels takes float32 pixels.
     """
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     spec = io.input
-    if pixel_input(io):
+    if convention == "pixels" and np.dtype(spec.dtype).kind == "f":
+        tensor = model_tensor(pixels, convention, spec.dtype, spec.scale, spec.zero_point)
+        how = f"pixels as they are ({spec.dtype}; the model's [-1, 1] scaling is folded in)"
+    elif pixel_input(io):
         tensor = quantize(pixels.astype(np.float32), spec.dtype, 1.0, spec.zero_point)
         how = f"pixels {'as they are' if spec.zero_point == 0 else f'+ ({spec.zero_point})'} ({spec.dtype})"
     elif spec.quantized:

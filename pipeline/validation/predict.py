@@ -1,8 +1,10 @@
 """Model runners for validation: one interface over LiteRT, Keras and SavedModel.
 
-Validation compares two models on the same float inputs, so each runner
-takes the output of the one preprocessing definition and applies its own
-model's input/output quantization (scale and zero point read from the model).
+Validation compares two models on the same decoded pixels: each runner
+turns them into its own model's input through the one preprocessing
+definition (``predict_pixels``: the model's input convention, read from the
+model by ``pipeline.tflite.input_convention``) and applies its model's
+input/output quantization (scale and zero point read from the model).
 Interpreters are built once per runner, never per sample: LiteRT releases the
 GIL in ``invoke``, so a thread pool with one batch-1 interpreter per thread
 keeps every core busy without pickling anything between processes.
@@ -20,9 +22,10 @@ import numpy as np
 
 from pipeline.core import artifacts
 from pipeline.core.errors import ModelLoadError, ValidationError
-from pipeline.core.preprocessing import dequantize
+from pipeline.core.preprocessing import LEGACY_CONVENTION, dequantize, model_input
 from pipeline.model.modelio import load_source
 from pipeline.tflite import flatbuffers
+from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.runtime import invoke_one, open_interpreter
 from pipeline.tflite.safe_tflite import load_untrusted
 
@@ -43,6 +46,8 @@ class ModelFacts:
     classes: int
     input_dtype: str
     output_dtype: str
+    input_convention: str = LEGACY_CONVENTION
+    input_convention_from: str = "Keras model (trained on p / 127.5 - 1)"
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -69,9 +74,10 @@ class TfliteRunner:
             raise ModelLoadError(f"{path}: expected a (1, classes) output, got {out_shape}")
         self._in, self._out = ins[0], outs[0]
         self.output_kind = tflite_output_kind(self.model_bytes)
+        self.convention, how = file_convention(path, self.model_bytes)
         self.facts = ModelFacts(str(path), "tflite", artifacts.sha256_bytes(self.model_bytes), len(self.model_bytes),
                                 shape[1], out_shape[1], np.dtype(ins[0]["dtype"]).name,
-                                np.dtype(outs[0]["dtype"]).name)
+                                np.dtype(outs[0]["dtype"]).name, self.convention, how)
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
         self._pool.put(first)
         for _ in range(self.workers - 1):
@@ -88,7 +94,12 @@ class TfliteRunner:
         return dequantize(raw, scale_, zero)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Outputs for inputs already in this model's convention (float values; quantized here)."""
         return np.stack(list(self._executor.map(self._one, batch))).astype(np.float32)
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Outputs for decoded uint8 pixels, fed as this model's input convention says (what a device feeds)."""
+        return self.predict(model_input(pixels, self.convention))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -98,6 +109,7 @@ class KerasRunner:
     """A Keras 3, tf_keras or SavedModel float model, run in batches."""
 
     batch_size = 16  # Xception-299 activations at batch 64 would need gigabytes
+    convention = LEGACY_CONVENTION  # what the Keras model is trained on
 
     def __init__(self, path: str | os.PathLike, *, trust_code: bool = False):
         path = Path(path)
@@ -129,6 +141,9 @@ class KerasRunner:
             return np.concatenate([self._call(x[None]) for x in batch])
         batch = np.asarray(batch, dtype=np.float32)
         return np.concatenate([self._call(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)])
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return self.predict(model_input(pixels, self.convention))
 
     def close(self) -> None:
         pass

@@ -18,6 +18,9 @@ def md_cell(text) -> str:
 def summary_rows(r: dict) -> list[tuple[str, str]]:
     """(figure, value) pairs shared by the Markdown, the HTML and the terminal table."""
     rows = [("images", f"{r['samples']} ({r['data']['labels_source']})")]
+    conventions = [(r.get(m) or {}).get("input_convention") for m in ("reference", "candidate")]
+    if all(conventions):  # reports from before input conventions have none
+        rows.append(("input convention reference / candidate", " / ".join(conventions)))
     outputs = r.get("outputs") or {}
     rows += [(f"{who} outputs", outputs[who]) for who in ("reference", "candidate") if who in outputs]
     if r.get("top1_float") is not None:

@@ -1,7 +1,8 @@
 """Accuracy drift of a converted model against its float reference, on real labeled images.
 
 The orchestrator of ``xedge validate``: finds the images, runs both models on
-exactly the same preprocessed inputs, computes the paired statistics, writes
+exactly the same decoded pixels (each fed as its input convention says: what
+a device feeds it), computes the paired statistics, writes
 report.json / report.md / report.html, and decides the budget policy. A
 model that outputs NaN, or a folder without one usable image, is an error,
 never a pass: a gate that passes when nothing was measured is worse than none.
@@ -24,7 +25,7 @@ from pipeline.conversion.export import ConvertSettings, convert_bytes
 from pipeline.core import artifacts
 from pipeline.core.data import Item, Skip, discover
 from pipeline.core.errors import BudgetExceeded, ConversionError, DataError, ModelLoadError, ValidationError
-from pipeline.core.preprocessing import ImageError, PreprocessSpec, preprocess_file
+from pipeline.core.preprocessing import PIXEL_CONVENTIONS, ImageError, PreprocessSpec, model_input, pixels_for
 from pipeline.tflite.tflite_info import inspect_tflite
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
@@ -180,8 +181,9 @@ def select_round_robin(items: list[Item], limit: int | None) -> list[Item]:
 
 
 def load_item(item: Item, spec: PreprocessSpec):
+    """Decoded, cropped, resized uint8 pixels of one image (each runner turns them into its model's input)."""
     try:
-        return preprocess_file(item.path, spec), None
+        return pixels_for(item.path, spec), None
     except ImageError as exc:
         return None, Skip(str(item.path), exc.reason)
 
@@ -201,30 +203,30 @@ def _facts(runner, path: Path) -> dict:
     return facts
 
 
-def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
+def _domain(convention: str) -> str:
+    return "pixels" if convention in PIXEL_CONVENTIONS else "signed_unit"
+
+
+def _layer_section(ref_runner, cand_runner, pixels: list[np.ndarray]) -> dict:
     """Per-layer errors when the candidate is integer-quantized (int8, int16x8) and the reference its float source.
 
     Failures are reported in the section (the drift numbers stand on their own);
-    a mismatch of models is "skipped", with the reason.
+    a mismatch of models is "skipped", with the reason. Both models are fed
+    the same float input, the candidate's: a Keras reference is converted with
+    the candidate's scaling folded in where the candidate takes pixels.
     """
 
     if getattr(cand_runner, "model_bytes", None) is None or not inspect_tflite(cand_runner.model_bytes).int_op_count:
         return {"status": "skipped", "reason": "the candidate is not an integer-quantized .tflite model"}
-    if not inputs:
+    if not pixels:
         return {"status": "skipped", "reason": "--layer-samples 0"}
     t0 = time.perf_counter()
-    if getattr(ref_runner, "model_bytes", None) is not None:
-        if ref_runner.facts.input_dtype != "float32":
-            return {"status": "skipped", "reason": "the reference .tflite is not a float model"}
-        float_bytes, how = ref_runner.model_bytes, "reference .tflite"
-    else:
-        try:
-            float_bytes = convert_bytes(ref_runner.source, ConvertSettings("float"))
-        except ConversionError as exc:
-            return {"status": "failed", "reason": f"the reference could not be converted to float .tflite: {exc}"}
-        how = "reference converted to float32 .tflite in memory"
+    float_model = _float_reference(ref_runner, _domain(cand_runner.convention))
+    if "status" in float_model:
+        return float_model
+    inputs = [model_input(p, cand_runner.convention) for p in pixels]
     try:
-        errors = layer_errors(float_bytes, cand_runner.model_bytes, inputs)
+        errors = layer_errors(float_model["bytes"], cand_runner.model_bytes, inputs)
     except ValueError as exc:
         return {"status": "skipped", "reason": str(exc)}
     except (RuntimeError, ModelLoadError) as exc:  # an interpreter failing: say so, keep the drift numbers
@@ -232,8 +234,25 @@ def _layer_section(ref_runner, cand_runner, inputs: list[np.ndarray]) -> dict:
     rows = [e.to_dict() for e in errors]
     return {"status": "ok", "method": "float vs integer .tflite, all tensors preserved, matched by tensor name; "
             "RMSE of the dequantized output over its scale, accumulated through the network",
-            "float_model": how, "samples": len(inputs), "count": len(rows),
+            "float_model": float_model["how"], "samples": len(inputs), "count": len(rows),
             "worst": [r["layer"] for r in rows[:10]], "all": rows, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _float_reference(ref_runner, domain: str) -> dict:
+    """{"bytes", "how"}: the float .tflite whose tensors the candidate's are compared with; or a skip/failure."""
+    if getattr(ref_runner, "model_bytes", None) is not None:
+        if ref_runner.facts.input_dtype != "float32":
+            return {"status": "skipped", "reason": "the reference .tflite is not a float model"}
+        if _domain(ref_runner.convention) != domain:
+            return {"status": "skipped", "reason": f"the reference .tflite takes {ref_runner.convention} input, the "
+                                                  f"candidate {domain}: no tensor compares"}
+        return {"bytes": ref_runner.model_bytes, "how": "reference .tflite"}
+    try:
+        float_bytes = convert_bytes(ref_runner.source, ConvertSettings("float", input_convention=domain))
+    except ConversionError as exc:
+        return {"status": "failed", "reason": f"the reference could not be converted to float .tflite: {exc}"}
+    return {"bytes": float_bytes, "how": "reference converted to float32 .tflite in memory" + (
+        ", its [-1, 1] scaling folded in as in the candidate" if domain == "pixels" else "")}
 
 
 @dataclass
@@ -260,8 +279,8 @@ def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner, cand_runn
             run.skipped.extend(skip for _, skip in loaded if skip is not None)
             if good:
                 batch = np.stack([x for _, x in good])
-                run.reference.append(ref_runner.predict(batch))
-                run.candidate.append(cand_runner.predict(batch))
+                run.reference.append(ref_runner.predict_pixels(batch))
+                run.candidate.append(cand_runner.predict_pixels(batch))
                 run.paths.extend(str(it.path) for it, _ in good)
                 run.labels.extend(it.label for it, _ in good)
                 run.layer_inputs.extend(batch[:max(layer_samples - len(run.layer_inputs), 0)])
@@ -297,6 +316,41 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
 
     t0 = time.perf_counter()
     reference, candidate, out_dir = Path(reference), Path(candidate), Path(out_dir)
+    found = _checked_inputs(data, out_dir, limit, layer_samples, budgets)
+    workers = workers or default_workers()
+    runners = []
+    try:
+        ref_runner = open_runner(reference, workers=workers, trust_code=trust_code)
+        runners.append(ref_runner)
+        cand_runner = open_runner(candidate, workers=workers, trust_code=trust_code)
+        runners.append(cand_runner)
+        _check_comparable(ref_runner.facts, cand_runner.facts)
+        names, labels_source = resolve_labels(labels, reference, candidate, found.classes, ref_runner.facts.classes)
+        spec = PreprocessSpec(size=ref_runner.facts.input_size)
+        chosen = select_round_robin(found.items, limit)
+        run = _predict_all(chosen, spec, ref_runner, cand_runner, workers, layer_samples, progress)
+        if not run.paths:
+            example = f" (e.g. {run.skipped[0].path}: {run.skipped[0].reason})" if run.skipped else ""
+            raise ValidationError(f"no usable images in {data}: all {len(chosen)} files were skipped{example}")
+        scored = _Scored.of(run, ref_runner, cand_runner, names, found.labeled)
+        layers = _layer_section(ref_runner, cand_runner, run.layer_inputs)
+    finally:
+        for runner in runners:
+            runner.close()
+    report = _report(reference, candidate, ref_runner, cand_runner, spec, found, run, scored, layers, names,
+                     labels_source, limit)
+    verdicts, misses = budgets.check(report)
+    report["budgets"] = verdicts
+    report["passed"] = (not misses) if verdicts else None  # None: no budget given, nothing gated
+    run_s = run.seconds
+    report["timing"] = {"predict_s": round(run_s, 3), "images_per_s": round(len(run.paths) / run_s, 1)
+                        if run_s else None, "total_s": round(time.perf_counter() - t0, 3), "workers": workers}
+    written = write_reports(report, out_dir, ref_conf=scored.ref_conf, cand_conf=scored.cand_conf)
+    return ValidationResult(report, written, misses)
+
+
+def _checked_inputs(data, out_dir: Path, limit, layer_samples: int, budgets: Budgets):
+    """The image folder, found, after the options are checked: nothing is loaded for a request that cannot run."""
     if limit is not None and limit < 1:
         raise ValidationError(f"--limit must be at least 1, got {limit}")
     if layer_samples < 0:
@@ -307,68 +361,67 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
     if budgets.max_top1_drop_pp is not None and not found.labeled:
         raise ValidationError(f"--max-top1-drop needs labeled data (one subfolder per class); {data} is flat, "
                               "so only agreement and KL can be checked")
-    workers = workers or default_workers()
-    runners = []
-    try:
-        ref_runner = open_runner(reference, workers=workers, trust_code=trust_code)
-        runners.append(ref_runner)
-        cand_runner = open_runner(candidate, workers=workers, trust_code=trust_code)
-        runners.append(cand_runner)
-        rf, cf = ref_runner.facts, cand_runner.facts
-        if rf.input_size != cf.input_size:
-            raise ValidationError(f"the models take different input sizes ({rf.input_size} vs {cf.input_size} px); "
-                                  "they cannot be compared on the same inputs")
-        if rf.classes != cf.classes:
-            raise ValidationError(f"the models have different numbers of outputs ({rf.classes} vs {cf.classes})")
-        names, labels_source = resolve_labels(labels, reference, candidate, found.classes, rf.classes)
-        spec = PreprocessSpec(size=rf.input_size)
-        chosen = select_round_robin(found.items, limit)
-        run = _predict_all(chosen, spec, ref_runner, cand_runner, workers, layer_samples, progress)
-        if not run.paths:
-            skipped = run.skipped
-            example = f" (e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
-            raise ValidationError(f"no usable images in {data}: all {len(chosen)} files were skipped{example}")
+    return found
+
+
+def _check_comparable(rf, cf) -> None:
+    if rf.input_size != cf.input_size:
+        raise ValidationError(f"the models take different input sizes ({rf.input_size} vs {cf.input_size} px); "
+                              "they cannot be compared on the same inputs")
+    if rf.classes != cf.classes:
+        raise ValidationError(f"the models have different numbers of outputs ({rf.classes} vs {cf.classes})")
+
+
+@dataclass
+class _Scored:
+    """Both models' probabilities turned into the paired statistics, predictions and flips."""
+
+    summary: dict
+    labels: np.ndarray | None
+    ref_pred: np.ndarray
+    cand_pred: np.ndarray
+    ref_conf: np.ndarray
+    cand_conf: np.ndarray
+    flips: list[dict]
+
+    @classmethod
+    def of(cls, run: _Run, ref_runner, cand_runner, names: list[str], labeled: bool) -> "_Scored":
         ref_p = as_probabilities(np.concatenate(run.reference), ref_runner.output_kind, "reference")
         cand_p = as_probabilities(np.concatenate(run.candidate), cand_runner.output_kind, "candidate")
         index_of = {name: i for i, name in enumerate(names)}
-        labels_arr = np.asarray([index_of[label] for label in run.labels]) if found.labeled else None
+        labels_arr = np.asarray([index_of[label] for label in run.labels]) if labeled else None
         summary = drift_metrics(ref_p, cand_p, labels_arr, names)
         ref_pred, cand_pred = topk(ref_p, 1)[:, 0], topk(cand_p, 1)[:, 0]
         ref_conf, cand_conf = ref_p.max(axis=1), cand_p.max(axis=1)
         flips = _flips(run.paths, names, labels_arr, ref_pred, cand_pred, ref_conf, cand_conf)
-        layers = _layer_section(ref_runner, cand_runner, run.layer_inputs)
-    finally:
-        for runner in runners:
-            runner.close()
-    skipped = list(found.skipped) + run.skipped
-    paths, run_s = run.paths, run.seconds
+        return cls(summary, labels_arr, ref_pred, cand_pred, ref_conf, cand_conf, flips)
 
+
+def _report(reference: Path, candidate: Path, ref_runner, cand_runner, spec: PreprocessSpec, found, run: _Run,
+            scored: _Scored, layers: dict, names: list[str], labels_source: str, limit) -> dict:
+    """report.json's content before the budgets and timing (each model's input convention is in its facts)."""
+    skipped = list(found.skipped) + run.skipped
     report = artifacts.base_manifest("validation")
     report["schema"] = REPORT_SCHEMA
     report.update({
         "reference": _facts(ref_runner, reference),
         "candidate": _facts(cand_runner, candidate),
-        "preprocessing": spec.describe(),
+        # Decoding and crop are shared; each model's input convention is in its facts above.
+        "preprocessing": {k: v for k, v in spec.describe().items() if k != "input_convention"},
         "data": {"root": str(found.root.resolve()), "labeled": found.labeled, "labels_source": labels_source,
                  "classes": names, "folders": found.classes, "found": len(found.items), "limit": limit,
-                 "used": len(paths), "images_sha256": _list_hash(paths, found.root),
+                 "used": len(run.paths), "images_sha256": _list_hash(run.paths, found.root),
                  "skipped": [s.to_dict() for s in skipped]},
         "outputs": {"reference": ref_runner.output_kind.describe(),
                     "candidate": cand_runner.output_kind.describe()},
-        **summary,
-        "flips_total": int(np.sum(ref_pred != cand_pred)),
-        "flips": flips,
-        "confusion_change": confusion_change(ref_pred, cand_pred, labels_arr, len(names)),
-        "confidence": {"reference": histogram(ref_conf), "candidate": histogram(cand_conf)},
+        **scored.summary,
+        "flips_total": int(np.sum(scored.ref_pred != scored.cand_pred)),
+        "flips": scored.flips,
+        "confusion_change": confusion_change(scored.ref_pred, scored.cand_pred, scored.labels, len(names)),
+        "confidence": {"reference": histogram(scored.ref_conf), "candidate": histogram(scored.cand_conf)},
         "layers": layers,
     })
-    verdicts, misses = budgets.check(report)
-    report["budgets"] = verdicts
-    report["passed"] = (not misses) if verdicts else None  # None: no budget given, nothing gated
-    report["timing"] = {"predict_s": round(run_s, 3), "images_per_s": round(len(paths) / run_s, 1) if run_s else None,
-                        "total_s": round(time.perf_counter() - t0, 3), "workers": workers}
-    written = write_reports(report, out_dir, ref_conf=ref_conf, cand_conf=cand_conf)
-    return ValidationResult(report, written, misses)
+    return report
 
 
 def write_reports(report: dict, out_dir: Path, *, ref_conf=None, cand_conf=None) -> dict[str, Path]:
