@@ -33,7 +33,7 @@ EXPECT = {
     "float": ("float32", "float32", "float32", {"float32"}),
     "dynamic": ("float32", "float32", "float32", {"int8"}),
     "fp16": ("float32", "float32", "float32", {"float16"}),
-    "int8": ("int8", "int8", "int8", {"int8"}),
+    "int8": ("uint8", "uint8", "int8", {"int8"}),  # RGB pixels in, probabilities x 256 out
     "int16x8": ("int16", "int16", "int16", {"int8"}),
 }
 
@@ -53,9 +53,13 @@ def test_each_mode_has_the_promised_types(mode, tiny_keras_path, calibration, tm
     assert weights <= set(result.manifest["ops"]["weight_dtypes"])
     if mode == "int8":
         assert result.manifest["ops"]["left_float"] == []
-        assert it.get_input_details()[0]["quantization"][0] == pytest.approx(2 / 255, rel=1e-3)
-    # the model runs on realistic input
-    x = np.random.default_rng(0).uniform(-1, 1, (1, 71, 71, 3)).astype(np.float32)
+        assert it.get_input_details()[0]["quantization"] == (1.0, 0)
+    # the model runs on realistic input, in its own input convention
+    from pipeline.core.preprocessing import model_input
+
+    convention = result.manifest["input_convention"]["name"]
+    assert convention == ("signed_unit" if mode == "int16x8" else "pixels")
+    x = model_input(np.random.default_rng(0).integers(0, 256, (1, 71, 71, 3)).astype(np.uint8), convention)
     detail = it.get_input_details()[0]
     if detail["dtype"] != np.float32:
         s, z = detail["quantization"]
@@ -82,17 +86,17 @@ def test_int8_tracks_the_float_model(trained_run, trained_tflite, digits):
     import keras
 
     from pipeline.core.data import discover
-    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file, quantize
+    from pipeline.core.preprocessing import PreprocessSpec, pixels_for, scale
 
     model = keras.saving.load_model(trained_run.model_path)
     items = discover(digits["val"]).items[::6]
-    x = np.stack([preprocess_file(i.path, PreprocessSpec(71)) for i in items])
-    ref = model.predict(x, verbose=0).argmax(1)
+    pixels = np.stack([pixels_for(i.path, PreprocessSpec(71)) for i in items])
+    ref = model.predict(scale(pixels), verbose=0).argmax(1)
     it = _interpreter(trained_tflite["int8"])
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     got = []
-    for sample in x:
-        it.set_tensor(inp["index"], quantize(sample[None], np.int8, *inp["quantization"]))
+    for sample in pixels:  # the int8 model takes the pixels themselves
+        it.set_tensor(inp["index"], sample[None])
         it.invoke()
         got.append(int(it.get_tensor(out["index"]).argmax()))
     agreement = float(np.mean(np.asarray(got) == ref))
@@ -112,11 +116,15 @@ def test_manifest_tells_the_story(trained_run, trained_tflite, calibration):
     assert manifest["source"]["kind"] == "keras3"
     assert manifest["settings"]["mode"] == "int8" and manifest["settings"]["per_channel"] is True
     assert manifest["versions"]["tensorflow"].startswith("2.21")
-    assert manifest["preprocessing"]["fingerprint"] == calibration.spec.fingerprint
+    assert manifest["preprocessing"]["fingerprint"] == calibration.with_convention("pixels").spec.fingerprint
+    assert manifest["preprocessing"]["fingerprint"] != calibration.spec.fingerprint  # the convention is hashed
+    assert manifest["preprocessing"]["input_convention"] == manifest["settings"]["input_convention"] == "pixels"
+    assert manifest["input_convention"]["normalization"] == {"mean": 0.0, "std": 1.0}
+    assert manifest["calibration"]["method"]["input_range"] == [0.0, 255.0]
     cal = manifest["calibration"]
     assert cal["count"] == len(calibration) == len(cal["files"])
     assert all(len(f["sha256"]) == 64 for f in cal["files"])
-    assert manifest["io"]["inputs"][0]["dtype"] == "int8" and manifest["io"]["inputs"][0]["shape"] == [1, 71, 71, 3]
+    assert manifest["io"]["inputs"][0]["dtype"] == "uint8" and manifest["io"]["inputs"][0]["shape"] == [1, 71, 71, 3]
     assert manifest["io"]["outputs"][0]["scale"] > 0
     assert manifest["ops"]["histogram"]["CONV_2D/int8"] > 0 and manifest["ops"]["left_float"] == []
     assert manifest["labels"] == trained_run.classes
@@ -139,7 +147,9 @@ def test_source_formats(tmp_path, calibration, trained_run):
                                representative=calibration)
         assert result.manifest["source"]["kind"] == kind
         assert result.manifest["ops"]["left_float"] == []
-        assert result.manifest["io"]["inputs"][0]["dtype"] == "int8"
+        # a SavedModel has no Keras layers to fold into; the tf_keras model's stem folds into its bias
+        expected = ("int8", "signed_unit") if kind == "saved_model" else ("uint8", "pixels")
+        assert (result.manifest["io"]["inputs"][0]["dtype"], result.manifest["input_convention"]["name"]) == expected
 
 
 def test_existing_output_is_never_overwritten(tiny_keras_path, tmp_path):
@@ -182,8 +192,10 @@ def test_input_quantization_matches_tflite_quantize_op_bit_for_bit(tiny_keras_pa
 
     from pipeline.core.preprocessing import quantize
 
-    export_tflite(tiny_keras_path, ConvertSettings("int8", float_io=True, optimize=False),
-                  out=tmp_path / "fio.tflite", representative=calibration)
+    # [-1, 1] input (scale ~2/255): the QUANTIZE of a pixel input has scale 1, where exact halves are common
+    # and the builtin kernel's scalar tail rounds them away from zero; pixel values are integers, never halves.
+    old = ConvertSettings("int8", float_io=True, optimize=False, input_convention="signed_unit")
+    export_tflite(tiny_keras_path, old, out=tmp_path / "fio.tflite", representative=calibration)
     rng = np.random.default_rng(3)
     for resolver in (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, OpResolverType.AUTO):  # builtin, XNNPACK
         it = Interpreter(model_content=(tmp_path / "fio.tflite").read_bytes(),
