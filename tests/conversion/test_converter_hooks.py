@@ -156,8 +156,10 @@ def test_fast_calibration_is_as_accurate_on_real_images(trained_run, calibration
     reference = float_outputs(source, x)
     results = {}
     for method in ("stock", "fast"):
-        r = export_tflite(trained_run.model_path, ConvertSettings("int8", calibrator=method, optimize=False),
-                          out=tmp_path / f"{method}.tflite", representative=calibration, source=source)
+        # [-1, 1] input: the inputs x and the Keras reference are the training scale's
+        settings = ConvertSettings("int8", calibrator=method, optimize=False, input_convention="signed_unit")
+        r = export_tflite(trained_run.model_path, settings, out=tmp_path / f"{method}.tflite",
+                          representative=calibration, source=source)
         out, _ = run_batch(r.model_bytes, x)
         results[method] = {"mae": float(np.abs(out - reference).mean()),
                            "top1": float(np.mean(out.argmax(1) == labels)),
@@ -176,6 +178,8 @@ def test_unsupported_tensorflow_falls_back_to_stock(monkeypatch, tiny_keras_path
     method = r.manifest["calibration"]["method"]
     assert method["calibrator"] == "stock" and "pinned to TensorFlow 1.99." in method["fallback"]
     assert r.manifest["ops"]["left_float"] == []
+    # the pixel input's range is pinned between the staged conversion's stages: without them, [-1, 1] input
+    assert r.manifest["input_convention"]["name"] == "signed_unit" and "staged" in r.manifest["input_convention"]["why"]
 
 
 def test_fast_path_failure_falls_back(monkeypatch, tiny_keras_path, calibration, tmp_path):
@@ -189,4 +193,4 @@ def test_fast_path_failure_falls_back(monkeypatch, tiny_keras_path, calibration,
                       representative=calibration)
     method = r.manifest["calibration"]["method"]
     assert method["calibrator"] == "stock" and "injected fault" in method["fallback"]
-    assert r.manifest["ops"]["left_float"] == [] and r.manifest["io"]["inputs"][0]["dtype"] == "int8"
+    assert r.manifest["ops"]["left_float"] == [] and r.manifest["io"]["inputs"][0]["dtype"] == "uint8"

@@ -15,6 +15,7 @@ from pipeline.tflite import flatbuffers
 from pipeline.conversion import export as export_module
 from pipeline.core.errors import CalibrationError
 from pipeline.conversion.export import ConvertSettings, convert_bytes, export_tflite
+from pipeline.conversion.input_convention import converted_source
 from pipeline.model.modelio import load_source
 from pipeline.core.quiet import native_stderr_captured
 from tests.conftest import run_cli
@@ -64,11 +65,11 @@ def test_freezing_without_the_reimport_gives_the_same_float_model(trained_run, m
 def test_staged_int8_is_the_converters_own_model(trained_run, calibration, monkeypatch):
     """Every field equal, op options included; only the converter's CONVERSION_METADATA entry is absent."""
     record: dict = {}
-    staged = convert_bytes(load_source(trained_run.model_path), ConvertSettings("int8"), calibration,
-                           calibration_record=record)
+    old = ConvertSettings("int8", input_convention="signed_unit")  # pixel input is also pinned between the stages
+    staged = convert_bytes(load_source(trained_run.model_path), old, calibration, calibration_record=record)
     assert "stages" in record and record["calibrator"] == "fast-minmax"
     monkeypatch.setattr(export_module, "_use_stages", lambda *a: False)
-    once = convert_bytes(load_source(trained_run.model_path), ConvertSettings("int8"), calibration)
+    once = convert_bytes(load_source(trained_run.model_path), old, calibration)
     ours, theirs = flatbuffers.read(staged), flatbuffers.read(once)
     assert b"CONVERSION_METADATA" not in [m.name for m in ours.metadata]
     theirs = _without_conversion_metadata(theirs)
@@ -99,7 +100,7 @@ def test_float_layer_choices_reuse_the_float_model_and_calibration(trained_run, 
     monkeypatch.setattr(converter_hooks, "fast_minmax", minmax)
     source = load_source(trained_run.model_path)
     quantized = convert_bytes(source, ConvertSettings("int8"), calibration)
-    layer = next(iter(op_outputs_by_layer(source.cache["calibrated"][2])))
+    layer = next(iter(op_outputs_by_layer(converted_source(source, "pixels").cache["calibrated"][2])))
     record: dict = {}
     partial = convert_bytes(source, ConvertSettings("int8", float_layers=(layer,)), calibration,
                             calibration_record=record)
@@ -215,7 +216,7 @@ def test_the_extension_route_speaks_the_quantizers_own_constants(trained_run, ca
     assert convert.convert_tensor_tf_type_to_tflite_type(tf.float32) == converter_hooks.IO_FLOAT
     assert types_pb2.QUANTIZED_INT8 == converter_hooks.QUANTIZED_INT8
     source = load_source(trained_run.model_path)
-    convert_bytes(source, ConvertSettings("int8"), calibration)
+    convert_bytes(source, ConvertSettings("int8", input_convention="signed_unit"), calibration)
     quantized = convert.mlir_quantize(source.cache["calibrated"][2], input_data_type=tf.int8,
                                       output_data_type=tf.int8)
     ours = converter_hooks._deduplicate_readonly_buffers(quantized)
