@@ -14,8 +14,9 @@ from pipeline.tflite.tflite_optimize import check_rewrite, delegate_partitions, 
 @pytest.fixture(scope="module")
 def stock_int8(trained_run, calibration, tmp_path_factory):
     out = tmp_path_factory.mktemp("stock") / "stock.tflite"
-    return export_tflite(trained_run.model_path, ConvertSettings("int8", optimize=False), out=out,
-                         representative=calibration)
+    # [-1, 1] input: the calibration set's own inputs and the Keras model's (the rewrite is what is tested here)
+    old = ConvertSettings("int8", optimize=False, input_convention="signed_unit")
+    return export_tflite(trained_run.model_path, old, out=out, representative=calibration)
 
 
 def _quantized_tensors(model_bytes: bytes, indices, inputs) -> dict[int, np.ndarray]:
@@ -195,7 +196,8 @@ def test_xnnpack_report_names_what_splits_the_graph(stock_int8, trained_tflite):
     assert all("no integer RELU" in e["reason"] and "sepconv1_act" in e["output"] for e in stock["outside"])
     assert stock_int8.manifest["xnnpack"] == stock
     ours = json.loads(manifest_path_for(trained_tflite["int8"]).read_text())["xnnpack"]
-    assert ours == {"partitions": 1, "outside": []}
+    # one partition; outside it only the uint8 -> int8 QUANTIZE of the pixel input, before it
+    assert ours["partitions"] == 1 and [e["op"] for e in ours["outside"]] == ["QUANTIZE"]
 
 
 def test_negligible_add_inputs_are_coarsened_so_xnnpack_takes_the_adds(calibration, tmp_path):
@@ -207,8 +209,9 @@ def test_negligible_add_inputs_are_coarsened_so_xnnpack_takes_the_adds(calibrati
 
     keras.utils.set_random_seed(0)
     build_xception(71, 10, 0.25, 8).save(tmp_path / "fresh.keras")
-    stock = export_tflite(tmp_path / "fresh.keras", ConvertSettings("int8", optimize=False),
-                          out=tmp_path / "stock.tflite", representative=calibration).model_bytes
+    old = ConvertSettings("int8", optimize=False, input_convention="signed_unit")  # [-1, 1], as the inputs below
+    stock = export_tflite(tmp_path / "fresh.keras", old, out=tmp_path / "stock.tflite",
+                          representative=calibration).model_bytes
     fused, _ = fuse_shared_add_relu(stock)
     before = xnnpack_report(fused)
     assert before["partitions"] > 1
