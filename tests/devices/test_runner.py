@@ -33,10 +33,30 @@ def run_runner(python, *args, timeout=300, env=None):
 
 @pytest.fixture(scope="session")
 def digit_inputs(tmp_path_factory, calibration) -> Path:
-    """Real preprocessed digits (float32 in [-1, 1]) as the runner's .npy batch."""
+    """Real decoded digits (uint8 pixels, through the one preprocessing definition) as the runner's .npy batch:
+    what ``xedge bench --inputs`` sends; the runner feeds each model its own convention."""
     path = tmp_path_factory.mktemp("inputs") / "inputs.npy"
-    np.save(path, np.stack([calibration.inputs(i) for i in range(12)]).astype(np.float32))
+    np.save(path, np.stack(calibration.samples[:12]).astype(np.uint8))
     return path
+
+
+@pytest.fixture(scope="session")
+def signed_unit_inputs(tmp_path_factory, calibration) -> Path:
+    """The same digits as float32 [-1, 1] inputs: what older hosts sent."""
+    path = tmp_path_factory.mktemp("inputs") / "signed.npy"
+    np.save(path, np.stack([calibration.with_convention("signed_unit").inputs(i) for i in range(12)]))
+    return path
+
+
+def _validate_outputs(model, pixels) -> np.ndarray:
+    """The outputs ``xedge validate`` computes for these pixels (its runner, the model's own convention)."""
+    from pipeline.validation.predict import TfliteRunner
+
+    runner = TfliteRunner(model, workers=1)
+    try:
+        return runner.predict_pixels(pixels)
+    finally:
+        runner.close()
 
 
 @pytest.fixture(scope="session")
@@ -64,18 +84,19 @@ def test_litert_result_has_every_field(trained_tflite):
     from pipeline.core.artifacts import sha256_file
 
     assert out["model"]["sha256"] == sha256_file(trained_tflite["int8"])
-    assert out["model"]["precision"] == "int8" and out["model"]["input_dtype"] == "int8"
-    assert out["inputs"] == {"source": "random", "count": 8, "range": [-1.0, 1.0]}
+    assert out["model"]["precision"] == "int8" and out["model"]["input_dtype"] == "uint8"
+    assert (out["model"]["input_convention"], out["model"]["input_convention_from"]) == ("pixels", "input tensor")
+    assert out["inputs"] == {"source": "random", "count": 8, "range": "pixels 0..255"}
 
 
 def test_random_inputs_are_never_zeros(trained_tflite):
-    """The random feeds span the model's input range; zeros would run faster than real data."""
+    """The random feeds span the pixel range; zeros would run faster than real data."""
     from devices import runner
 
     model = runner.Model(str(trained_tflite["int8"]), runner.load_runtime("ai_edge_litert"), 1, True)
-    model.prepare_inputs(None, seed=0, value_range=(-1.0, 1.0))
+    model.prepare_inputs(None, seed=0)
     x = np.stack([f[0] for f in model.feeds])
-    assert x.dtype == np.int8 and x.min() < -100 and x.max() > 100 and (x == 0).mean() < 0.05
+    assert x.dtype == np.uint8 and x.min() < 5 and x.max() > 250 and (x == 0).mean() < 0.05
     assert len({f[0].tobytes() for f in model.feeds}) == len(model.feeds)
 
 
@@ -88,25 +109,35 @@ def test_quantization_matches_the_pipeline(trained_tflite, digit_inputs):
     assert np.array_equal(runner_quantize(x, np.int8, 2 / 255, -1), quantize(x, np.int8, 2 / 255, -1))
 
 
-def test_outputs_for_real_inputs_match_the_build_machine(trained_tflite, digit_inputs, tmp_path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    from pipeline.core.preprocessing import dequantize, quantize
-
-    proc, out = run_runner(sys.executable, trained_tflite["int8"], "--inputs", digit_inputs, "--outputs",
+@pytest.mark.parametrize("kind", ["int8", "float"])
+def test_outputs_for_real_inputs_match_validate(kind, trained_tflite, digit_inputs, tmp_path):
+    """Fed decoded pixels, the runner computes exactly what ``xedge validate`` computes for the same model."""
+    proc, out = run_runner(sys.executable, trained_tflite[kind], "--inputs", digit_inputs, "--outputs",
                            tmp_path, "--runs", 3, "--warmup", 0)
     assert proc.returncode == 0, proc.stderr
     assert out["inputs"]["source"] == "file" and out["inputs"]["count"] == 12
-    files = out["outputs"]["files"][0]
-    got = np.load(tmp_path / files["float"])
+    # the float model's input states nothing: the manifest beside it says pixels
+    assert out["results" if "results" in out else "model"]["input_convention"] == "pixels"
+    got = np.load(tmp_path / out["outputs"]["files"][0]["float"])
     assert got.shape == (12, 10)
-    it = Interpreter(model_path=str(trained_tflite["int8"]))
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-    for k, x in enumerate(np.load(digit_inputs)):
-        it.set_tensor(i["index"], quantize(x[None], np.int8, *i["quantization"]))
-        it.invoke()
-        assert np.array_equal(got[k], dequantize(it.get_tensor(o["index"])[0], *o["quantization"]))
+    np.testing.assert_array_equal(got, _validate_outputs(trained_tflite[kind], np.load(digit_inputs)))
+
+
+def test_older_hosts_float_inputs_and_an_explicit_convention(trained_tflite, signed_unit_inputs, digit_inputs,
+                                                             tmp_path):
+    """[-1, 1] float samples are turned back into pixels for a pixel model (within the float rounding of
+    (x + 1) * 127.5, which rounds back to the same integers); --input-convention overrides what is read."""
+    proc, out = run_runner(sys.executable, trained_tflite["int8"], "--inputs", signed_unit_inputs, "--outputs",
+                           tmp_path / "a", "--runs", 1, "--warmup", 0)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(tmp_path / "a" / out["outputs"]["files"][0]["float"])
+    np.testing.assert_array_equal(got, _validate_outputs(trained_tflite["int8"], np.load(digit_inputs)))
+    proc, out = run_runner(sys.executable, trained_tflite["float"], "--input-convention", "signed_unit",
+                           "--runs", 1, "--warmup", 0)
+    assert proc.returncode == 0 and out["model"]["input_convention_from"] == "asked for"
+    proc, out = run_runner(sys.executable, trained_tflite["float"], trained_tflite["int8"], "--input-convention",
+                           "pixels", "--input-convention", "pixels", "--input-convention", "pixels")
+    assert proc.returncode == 2 and "once for every model" in out["error"]
 
 
 def test_tensorflow_lite_runtime(trained_tflite):
@@ -168,6 +199,8 @@ def test_tflite_runtime_214_with_numpy_1_only(tflite_runtime_python, trained_tfl
     # Reference kernels (2.14) and XNNPACK (LiteRT) round int8 intermediates differently: same top-1,
     # logits within a few quantization steps (5 of 256 seen on the tiny digits model).
     assert (old_out.argmax(1) == new_out.argmax(1)).all()
+    # and the top-1 is the one ``xedge validate`` computes for the same pixels
+    assert (old_out.argmax(1) == _validate_outputs(trained_tflite["int8"], np.load(digit_inputs)).argmax(1)).all()
     diff = np.abs(old_out.astype(int) - new_out.astype(int))
     assert diff.max() <= 12 and diff.mean() < 1
 
