@@ -269,6 +269,8 @@ def test_old_models_and_manifests_still_validate(tmp_path, trained_run, legacy, 
     truth = np.array([labels.index(f.parent.name) for f in files])
     assert report["top1_quant"] == pytest.approx(np.mean(np.array(by_hand) == truth))
     assert report["layers"]["status"] == "ok"
+    md = (tmp_path / "r_int8" / "report.md").read_text()
+    assert "| input convention reference / candidate | signed_unit / signed_unit |" in md
 
     for candidate, how in ((old["float"], "NormalizationOptions metadata"),
                            (stripped, "manifest from before input conventions"),

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.core.artifacts import manifest_path_for, sha256_file
 from pipeline.core.errors import ValidationError
-from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
+from pipeline.core.preprocessing import PreprocessSpec, pixels_for, preprocess_file, scale
 from pipeline.validation.report_html import CANDIDATE_COLOUR, REFERENCE_COLOUR
 from pipeline.validation.validate import Budgets, validate
 from tests.browser import chromium as _chromium
@@ -91,18 +91,17 @@ def test_int8_report_matches_an_independent_recomputation(int8_cli_run, trained_
     files = sorted(val_subset.rglob("*.png"))
     classes = json.loads((trained_run.run_dir / "labels.json").read_text())["classes"]
     y = np.array([classes.index(f.parent.name) for f in files])
-    x = np.stack([preprocess_file(f, PreprocessSpec(size=71)) for f in files])
+    pixels = np.stack([pixels_for(f, PreprocessSpec(size=71)) for f in files])
     model = keras.saving.load_model(trained_run.model_path, compile=False)
-    p_ref = np.asarray(model(x, training=False), dtype=np.float64)
+    p_ref = np.asarray(model(scale(pixels), training=False), dtype=np.float64)  # trained on p / 127.5 - 1
     it = Interpreter(model_path=str(trained_tflite["int8"]))
     it.allocate_tensors()
     (inp,), (outp,) = it.get_input_details(), it.get_output_details()
-    (s_in, z_in), (s_out, z_out) = inp["quantization"], outp["quantization"]
+    assert inp["dtype"] == np.uint8 and inp["quantization"] == (1.0, 0)  # the pixels themselves, nothing to round
+    s_out, z_out = outp["quantization"]
     rows = []
-    for sample in x:
-        v = (sample[None].astype(np.float32) / np.float32(s_in)).astype(np.float64)
-        q = np.rint(v) + z_in  # TFLite's QUANTIZE: float32 divide, halves to even
-        it.set_tensor(inp["index"], np.clip(q, -128, 127).astype(np.int8))
+    for sample in pixels:
+        it.set_tensor(inp["index"], sample[None])
         it.invoke()
         rows.append((it.get_tensor(outp["index"])[0].astype(np.float64) - z_out) * s_out)
     p_q = np.array(rows)
@@ -429,8 +428,9 @@ def test_thousand_class_int8_softmax_is_read_as_probabilities(tmp_path, calibrat
     names = [str(d) for d in range(10)] + [f"class_{i}" for i in range(10, 1000)]
     (folder / "labels.json").write_text(json.dumps({"classes": names}))
     _thousand_classes(calibration).save(folder / "model.keras")
-    int8 = export_tflite(folder / "model.keras", ConvertSettings("int8"), out=folder / "model_int8.tflite",
-                         representative=calibration).path
+    # [-1, 1] input: _tflite_outputs below feeds the preprocessed inputs (the output side is what is tested)
+    int8 = export_tflite(folder / "model.keras", ConvertSettings("int8", input_convention="signed_unit"),
+                         out=folder / "model_int8.tflite", representative=calibration).path
     r = validate(folder / "model.keras", int8, val_subset, tmp_path / "r", layer_samples=0).report
 
     files = sorted(val_subset.rglob("*.png"))
