@@ -51,6 +51,12 @@ def test_qat_one_epoch_then_convert_to_full_int8_without_calibration(tmp_path, t
              if k[0] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")}
     assert heavy and all(dtype == "int8" for (_, dtype) in heavy), heavy
     assert manifest["io"]["inputs"][0]["dtype"] == "int8"
+    # its FakeQuant ranges were learned on [-1, 1]: it keeps that input, says why, and refuses pixels clearly
+    assert manifest["input_convention"]["name"] == "signed_unit"
+    assert "quantization-aware" in manifest["input_convention"]["why"]
+    refused = run_cli("convert", "--int8", "--input-convention", "pixels", "--out", "p.tflite", cwd=tmp_path)
+    assert refused.returncode == 2 and "quantization-aware" in refused.stderr and "signed-unit" in refused.stderr
+    assert not (tmp_path / "p.tflite").exists()
 
 
 def _ops_by_type(path):
