@@ -729,19 +729,18 @@ def _threads_list(value: str | None) -> list[int] | None:
 
 def _device_inputs(inputs_dir: str | None, model: str):
     """Real samples for the device, decoded through the one preprocessing definition: uint8 pixels, which the
-    runner feeds each model in its own input convention ([-1, 1] inputs where a float .npy sample is given)."""
+    runner feeds each model in its own input convention (a float .npy sample, [-1, 1], is turned back into
+    the nearest pixels)."""
     if not inputs_dir:
         return None
     import numpy as np
 
     from calibrate.dataset import build_calibration_set
     from devices.bench import model_input_shape
-    from pipeline.core.preprocessing import PreprocessSpec
+    from pipeline.core.preprocessing import PreprocessSpec, unscale
 
     cal = build_calibration_set(inputs_dir, PreprocessSpec(size=model_input_shape(Path(model))[1]), size=32)
-    if all(sample.dtype == np.uint8 for sample in cal.samples):
-        return np.stack(cal.samples)
-    return np.stack([cal.inputs(i) for i in range(len(cal))])
+    return np.stack([s if s.dtype == np.uint8 else np.rint(unscale(s)).astype(np.uint8) for s in cal.samples])
 
 
 @cli.command("bench")

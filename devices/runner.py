@@ -12,10 +12,12 @@ Why it is done this way:
 * the model is read as bytes, its flatbuffer identifier checked, and handed
   over as ``model_content``: a path would be mapped by the interpreter without
   any check, and a truncated or foreign file can crash it natively;
-* inputs are real samples (a uint8 ``.npy`` batch of decoded pixels, or a
-  float32 one of [-1, 1] preprocessed inputs) or random pixels; never zeros,
-  which some kernels run faster than real data. Each model is fed as its
-  input convention says (``--input-convention``, which the host reads with
+* inputs are real samples (a uint8 ``.npy`` batch of decoded pixels; or a
+  float32 one of the model's own float input values, or integers already in
+  its input type, both set as they are apart from the model's own
+  quantization: what ``xedge parity`` sends) or random pixels; never zeros,
+  which some kernels run faster than real data. Pixels are fed as the
+  model's input convention says (``--input-convention``, which the host reads with
   ``pipeline.tflite.input_convention``; else its input tensor: uint8 at
   scale 1 takes the pixels, int8 at scale 1 and zero point -128 takes
   p - 128, other integer inputs p / 127.5 - 1 quantized; else a manifest
@@ -179,12 +181,6 @@ def model_input(pixels, convention):
     return x
 
 
-def unscale(x):
-    """[-1, 1] preprocessed inputs -> pixel values; mirrors pipeline.core.preprocessing.unscale."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip((x + np.float32(1.0)) * np.float32(127.5), 0, 255).astype(np.float32)
-
-
 def manifest_convention(path):
     """The input convention the manifest beside the model records (none recorded: [-1, 1]), or None."""
     base = os.path.splitext(path)[0] if path.endswith(".tflite") else path
@@ -282,10 +278,11 @@ class Model(object):
     def prepare_inputs(self, samples, seed, value_range=None):
         """One feed (list of arrays, one per input) per sample; random pixels if no samples.
 
-        uint8 samples are decoded pixels and float samples [-1, 1] inputs, both
-        turned into this model's input convention; samples already in the
-        model's integer input type go in as they are. ``value_range`` draws
-        random float inputs in that range instead of pixels.
+        uint8 samples are decoded pixels, turned into this model's input
+        convention; float samples are the model's own float input values
+        (quantized with its scale and zero point); samples already in its
+        integer input type go in as they are. ``value_range`` draws random
+        float inputs in that range instead of pixels.
         """
         rng = np.random.default_rng(seed)
         count = len(samples) if samples is not None else RANDOM_SAMPLES
@@ -309,7 +306,7 @@ class Model(object):
         self.feeds = feeds
 
     def feed_sample(self, i, sample, detail, shape):
-        """One sample as this model's input tensor (pixels and [-1, 1] inputs through its convention)."""
+        """One sample as this model's input tensor (pixels through its convention)."""
         x = np.asarray(sample)
         if x.shape != shape[1:] and x.shape != shape:
             raise RunnerError("input sample %d has shape %s; the model wants %s" % (i, x.shape, shape))
@@ -318,11 +315,10 @@ class Model(object):
         if x.dtype == np.uint8:
             return quantize(model_input(x, self.convention), detail["dtype"], scale, zero)
         if x.dtype.kind == "f":
-            x = x if self.convention == "signed_unit" else unscale(x)
             return quantize(x, detail["dtype"], scale, zero)
         if x.dtype != np.dtype(detail["dtype"]):
-            raise RunnerError("input samples are %s; the model wants %s (or uint8 pixels, or float32 "
-                              "[-1, 1] inputs)" % (x.dtype, np.dtype(detail["dtype"]).name))
+            raise RunnerError("input samples are %s; the model wants %s (or uint8 pixels, or its float input "
+                              "values)" % (x.dtype, np.dtype(detail["dtype"]).name))
         return x
 
     def set_feed(self, i):
@@ -452,8 +448,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-xnnpack", action="store_true", help="builtin kernels only, no default delegate")
     p.add_argument("--runtime", default="auto", help="auto, " + ", ".join(RUNTIMES))
-    p.add_argument("--inputs", help="a .npy batch (N, H, W, C): uint8 decoded pixels, float32 [-1, 1] "
-                                    "preprocessed inputs, or values already in the model's integer input type")
+    p.add_argument("--inputs", help="a .npy batch (N, H, W, C): uint8 decoded pixels (fed in each model's input "
+                                    "convention), the model's float input values, or values already in its "
+                                    "integer input type")
     p.add_argument("--outputs", help="folder to save the outputs of every input (raw and dequantized .npy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--range-min", type=float, help="random float inputs from this (default: random pixels)")

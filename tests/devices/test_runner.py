@@ -40,14 +40,6 @@ def digit_inputs(tmp_path_factory, calibration) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def signed_unit_inputs(tmp_path_factory, calibration) -> Path:
-    """The same digits as float32 [-1, 1] inputs: what older hosts sent."""
-    path = tmp_path_factory.mktemp("inputs") / "signed.npy"
-    np.save(path, np.stack([calibration.with_convention("signed_unit").inputs(i) for i in range(12)]))
-    return path
-
-
 def _validate_outputs(model, pixels) -> np.ndarray:
     """The outputs ``xedge validate`` computes for these pixels (its runner, the model's own convention)."""
     from pipeline.validation.predict import TfliteRunner
@@ -123,15 +115,19 @@ def test_outputs_for_real_inputs_match_validate(kind, trained_tflite, digit_inpu
     np.testing.assert_array_equal(got, _validate_outputs(trained_tflite[kind], np.load(digit_inputs)))
 
 
-def test_older_hosts_float_inputs_and_an_explicit_convention(trained_tflite, signed_unit_inputs, digit_inputs,
-                                                             tmp_path):
-    """[-1, 1] float samples are turned back into pixels for a pixel model (within the float rounding of
-    (x + 1) * 127.5, which rounds back to the same integers); --input-convention overrides what is read."""
-    proc, out = run_runner(sys.executable, trained_tflite["int8"], "--inputs", signed_unit_inputs, "--outputs",
+def test_float_samples_are_the_models_own_inputs_and_the_convention_can_be_given(trained_tflite, digit_inputs,
+                                                                                    tmp_path):
+    """A float .npy holds the model's own input values (what ``xedge parity`` sends): float32 pixels for the
+    folded float model give validate's outputs; --input-convention overrides what the runner reads."""
+    from pipeline.core.preprocessing import model_input
+
+    floats = tmp_path / "floats.npy"
+    np.save(floats, model_input(np.load(digit_inputs), "pixels"))
+    proc, out = run_runner(sys.executable, trained_tflite["float"], "--inputs", floats, "--outputs",
                            tmp_path / "a", "--runs", 1, "--warmup", 0)
     assert proc.returncode == 0, proc.stderr
     got = np.load(tmp_path / "a" / out["outputs"]["files"][0]["float"])
-    np.testing.assert_array_equal(got, _validate_outputs(trained_tflite["int8"], np.load(digit_inputs)))
+    np.testing.assert_array_equal(got, _validate_outputs(trained_tflite["float"], np.load(digit_inputs)))
     proc, out = run_runner(sys.executable, trained_tflite["float"], "--input-convention", "signed_unit",
                            "--runs", 1, "--warmup", 0)
     assert proc.returncode == 0 and out["model"]["input_convention_from"] == "asked for"

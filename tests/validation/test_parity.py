@@ -86,7 +86,7 @@ def test_float_model_matches_tflite_runtime_214(trained_tflite, digits, tflite_r
     _check_consistent(result, report)
     target = report["targets"][0]
     assert target["runtime"].startswith("tflite_runtime 2.14") and "over local" in target["where"]
-    assert report["inputs"]["convention"] == "x / 127.5 - 1 (float32)"
+    assert report["inputs"]["convention"] == "pixels as they are (float32; the model's [-1, 1] scaling is folded in)"
     assert "model's input size (71x71 px)" in report["inputs"]["what"] and "71x71" in result.output
     assert report["unit"] == "absolute units (float32 output)"
     assert target["max_diff"] < FLOAT_BOUND
@@ -115,17 +115,23 @@ def test_a_tolerance_in_quanta_fails_exactly_the_images_over_it(trained_tflite, 
 
 
 def test_the_reference_sees_what_validate_feeds(trained_tflite, digits):
-    """Parity's LiteRT input is bit for bit what `xedge validate` feeds today's models, from the same pixels."""
+    """Parity's LiteRT input is bit for bit what `xedge validate` feeds each model, from the same pixels."""
+    from pipeline.core.preprocessing import model_input
+    from pipeline.tflite.input_convention import file_convention
     from pipeline.validation.parity import LitertReference
+    from pipeline.validation.predict import TfliteRunner
 
     images = sorted(Path(digits["val"]).glob("*/*.png"))[:12]
     spec = PreprocessSpec(size=71)
     pixels = np.stack([pixels_for(p, spec) for p in images])
     for kind in ("float", "int8"):
         io = LitertReference(trained_tflite[kind]).io
-        expected = quantize(np.stack([preprocess_file(p, spec) for p in images]), io.input.dtype, io.input.scale,
+        runner = TfliteRunner(trained_tflite[kind], workers=1)
+        runner.close()
+        assert runner.convention == "pixels"
+        expected = quantize(model_input(pixels, runner.convention), io.input.dtype, io.input.scale,
                             io.input.zero_point)
-        feed = runner_inputs(io, pixels)
+        feed = runner_inputs(io, pixels, file_convention(trained_tflite[kind])[0])
         assert feed.tensor.dtype == expected.dtype and np.array_equal(feed.tensor, expected)
         assert np.array_equal(feed.pixels, pixels)
 
