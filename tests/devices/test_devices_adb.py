@@ -79,7 +79,7 @@ def _profile(fake_adb, **kw) -> DeviceProfile:
 def test_python_on_device_exact_commands(fake_adb, trained_tflite, calibration, tmp_path):
     import numpy as np
 
-    inputs = np.stack([calibration.inputs(i) for i in range(3)])
+    inputs = np.stack(calibration.samples[:3])  # decoded pixels, as `xedge bench --inputs` sends
     result = bench([trained_tflite["int8"]], _profile(fake_adb, python=sys.executable), inputs=inputs,
                    outputs=tmp_path / "out")
     assert result["runtime"]["name"] == "ai_edge_litert" and result["device"]["transport"] == "adb"
@@ -97,8 +97,8 @@ def test_python_on_device_exact_commands(fake_adb, trained_tflite, calibration, 
     assert cmds[4][2] == "push" and cmds[4][4] == f"{folder}/inputs.npy"
     assert cmds[5][2:] == ["shell", " ".join(q(w) for w in [
         sys.executable, f"{folder}/runner.py", f"{folder}/model0.tflite", "--runs", "4", "--warmup", "1",
-        "--threads", "2", "--runtime", "auto", "--seed", "0", "--name", "int8", "--inputs", f"{folder}/inputs.npy",
-        "--outputs", f"{folder}/outputs"])]
+        "--threads", "2", "--runtime", "auto", "--seed", "0", "--name", "int8", "--input-convention", "pixels",
+        "--inputs", f"{folder}/inputs.npy", "--outputs", f"{folder}/outputs"])]
     assert cmds[6][2] == "pull" and cmds[6][3] == f"{folder}/outputs"
     assert cmds[7][2:] == ["shell", f"rm -rf {q(folder)}"]
     assert list(fake_adb["device"].iterdir()) == []

@@ -131,7 +131,7 @@ LogLevel ERROR
 
 
 def test_bench_over_ssh_fetches_json_and_outputs_and_cleans_up(sshd, trained_tflite, calibration, tmp_path):
-    inputs = np.stack([calibration.inputs(i) for i in range(4)])
+    inputs = np.stack(calibration.samples[:4])  # decoded pixels, as `xedge bench --inputs` sends
     result = bench([trained_tflite["int8"]], sshd["profile"], inputs=inputs, outputs=tmp_path / "out")
     assert result["runtime"]["name"] == "ai_edge_litert" and result["runs"] == 5
     assert result["device"] == {"name": "sshd-test", "transport": "ssh"}
