@@ -6,11 +6,14 @@
 Measured: (1) int8 conversion wall time and peak memory, TensorFlow's
 converter as users call it by hand vs ``convert --int8`` from the Keras
 model and from its float .tflite (the analogue of the peer's ONNX file); (2) LiteRT p50 of
-float32, stock int8 and our int8, with XNNPACK partition counts; (3) the peer,
+float32, stock int8 and our int8 (pixel input, the default; and [-1, 1] input,
+``convert --input-convention signed-unit``, timed side by side), with XNNPACK
+partition counts; (3) the peer,
 ONNX Runtime's quantize_static on the same model and images, and its p50;
 (4) ``xedge validate`` throughput; (5) ``xedge demo`` end to end. Latencies
 alternate between models (medians of interleaved rounds); inputs are real
-photos through the one preprocessing definition, never zeros.
+photos decoded through the one preprocessing definition (each model fed its
+own input convention), never zeros.
 """
 
 from __future__ import annotations
@@ -57,17 +60,18 @@ def _fidelity(model_path: Path, val_dir: Path, candidates: dict) -> dict:
     import keras
 
     from pipeline.core.data import discover
-    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
+    from pipeline.core.preprocessing import PreprocessSpec, pixels_for, scale
 
     model = keras.saving.load_model(model_path, compile=False)
     found = discover(val_dir)
     spec = PreprocessSpec(int(model.inputs[0].shape[1]))
-    x = np.stack([preprocess_file(i.path, spec) for i in found.items])
+    pixels = np.stack([pixels_for(i.path, spec) for i in found.items])
+    x = scale(pixels)
     labels = np.asarray([found.classes.index(i.label) for i in found.items])
     reference = np.concatenate([np.asarray(model(x[i:i + 64], training=False)) for i in range(0, len(x), 64)])
     out = {"images": int(len(x)), "top1_float": float(np.mean(reference.argmax(-1) == labels))}
     for name, predict in candidates.items():
-        got = np.stack([predict(v) for v in x])
+        got = np.stack([predict(p) for p in pixels])
         out[name] = {"top1": float(np.mean(got.argmax(-1) == labels)),
                      "top1_agreement_with_float": float(np.mean(got.argmax(-1) == reference.argmax(-1))),
                      "mean_abs_error": float(np.abs(got - reference).mean())}
@@ -75,18 +79,15 @@ def _fidelity(model_path: Path, val_dir: Path, candidates: dict) -> dict:
 
 
 def _tflite_predict(path: Path):
-    from ai_edge_litert.interpreter import Interpreter
+    from pipeline.core.preprocessing import dequantize
 
-    from pipeline.core.preprocessing import dequantize, quantize
+    runner = LiteRT(path, 2)
+    o = runner.interpreter.get_output_details()[0]
 
-    it = Interpreter(model_content=path.read_bytes(), num_threads=2)
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-
-    def predict(x):
-        it.set_tensor(i["index"], quantize(x[None], i["dtype"], *i["quantization"]))
-        it.invoke()
-        return dequantize(it.get_tensor(o["index"]), *o["quantization"])[0]
+    def predict(pixels):
+        runner.feed(pixels)
+        runner.run()
+        return dequantize(runner.interpreter.get_tensor(o["index"]), *o["quantization"])[0]
 
     return predict
 
@@ -130,6 +131,10 @@ class _Run:
     @property
     def ours_tfl(self) -> Path:
         return self.work / "ours_int8.tflite"
+
+    @property
+    def signed_tfl(self) -> Path:
+        return self.work / "signed_unit_int8.tflite"
 
     @property
     def from_tfl(self) -> Path:
@@ -187,10 +192,10 @@ def _prepare(args, cache: Path, work: Path, env: dict) -> _Run:
     model = _model(cache, args.size, args.width, args.middle_blocks)
     calib = write_photo_crops(cache / f"calib_{args.images}", args.images, seed=1)
     evals = write_photo_crops(cache / f"eval_{args.eval_images}", args.eval_images, seed=2)
-    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
+    from pipeline.core.preprocessing import PreprocessSpec, pixels_for
 
     spec = PreprocessSpec(args.size)
-    inputs = np.stack([preprocess_file(p, spec) for p in sorted(evals.glob("*.jpg"))])
+    inputs = np.stack([pixels_for(p, spec) for p in sorted(evals.glob("*.jpg"))])  # decoded pixels
     print(f"model {model.name}, {args.images} calibration photos, {len(inputs)} eval photos", flush=True)
     return _Run(args, env, work, model, calib, evals, inputs)
 
@@ -226,6 +231,9 @@ def _conversions(run: _Run, results: dict) -> None:
                                                    for e in manifest["optimizations"]],
                                  "timing": manifest["timing"]}
     results["same_bytes_from_tflite_and_keras"] = run.from_tfl.read_bytes() == run.ours_tfl.read_bytes()
+    # The [-1, 1] int8 input of before input conventions, for the latency of the pixel input against it.
+    _checked([str(BIN / "convert"), str(model), "--int8", "--calib", str(calib), "--calib-size", str(args.images),
+              "--input-convention", "signed-unit", "--out", str(run.signed_tfl), "--force", "--json"], run.env)
 
 
 def _peer(run: _Run) -> dict:
@@ -247,7 +255,8 @@ def _latency(run: _Run, peer: dict) -> dict:
     from pipeline.tflite.tflite_optimize import delegate_partitions
 
     threads = run.args.threads
-    litert = {"litert_float32": run.float_tfl, "litert_int8_stock": run.stock_tfl, "litert_int8_xedge": run.ours_tfl}
+    litert = {"litert_float32": run.float_tfl, "litert_int8_stock": run.stock_tfl, "litert_int8_xedge": run.ours_tfl,
+              "litert_int8_xedge_signed_unit": run.signed_tfl}
     runners = {name: LiteRT(path, threads) for name, path in litert.items()}
     if peer:
         runners["ort_float32"] = OnnxRuntime(run.onnx_f, threads)
@@ -262,6 +271,8 @@ def _ratios(conversion: dict, latency: dict, peer: dict) -> dict:
     """The headline ratios: int8 over float32 latency, our conversion time over the others'."""
     f32 = latency["litert_float32"]["p50_ms"]
     ratios = {"xedge_int8_over_float32": round(latency["litert_int8_xedge"]["p50_ms"] / f32, 3),
+              "pixel_int8_over_signed_unit_int8": round(latency["litert_int8_xedge"]["p50_ms"]
+                                                        / latency["litert_int8_xedge_signed_unit"]["p50_ms"], 3),
               "stock_int8_over_float32": round(latency["litert_int8_stock"]["p50_ms"] / f32, 3),
               "xedge_convert_over_tf_by_hand": round(
                   conversion["xedge_convert"]["wall_s_median"] / conversion["tf_by_hand"]["wall_s_median"], 3)}

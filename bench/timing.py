@@ -6,22 +6,26 @@ import time
 
 import numpy as np
 
+from pipeline.core.preprocessing import model_tensor, scale
+from pipeline.tflite.input_convention import file_convention
+
 
 class LiteRT:
+    """A .tflite fed decoded pixels in its own input convention (``pipeline.tflite.input_convention``)."""
+
     def __init__(self, path, threads: int):
         from ai_edge_litert.interpreter import Interpreter
 
         self.name = str(path)
         self.data = open(path, "rb").read()
+        self.convention = file_convention(path, self.data)[0]
         self.interpreter = Interpreter(model_content=self.data, num_threads=threads)
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
 
-    def feed(self, x: np.ndarray) -> None:
-        from pipeline.core.preprocessing import quantize
-
-        self.interpreter.set_tensor(self.input["index"], quantize(x[None], self.input["dtype"],
-                                                                  *self.input["quantization"]))
+    def feed(self, pixels: np.ndarray) -> None:
+        self.interpreter.set_tensor(self.input["index"], model_tensor(pixels[None], self.convention,
+                                                                      self.input["dtype"], *self.input["quantization"]))
 
     def run(self) -> None:
         self.interpreter.invoke()
@@ -38,8 +42,8 @@ class OnnxRuntime:
         self.input_name = self.session.get_inputs()[0].name
         self.feed_dict = None
 
-    def feed(self, x: np.ndarray) -> None:
-        self.feed_dict = {self.input_name: x[None].astype(np.float32)}
+    def feed(self, pixels: np.ndarray) -> None:
+        self.feed_dict = {self.input_name: scale(pixels[None])}  # the ONNX export takes [-1, 1]
 
     def run(self) -> None:
         self.session.run(None, self.feed_dict)
