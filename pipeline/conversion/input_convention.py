@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.conversion.converter_hooks import staged_supported
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings
 from pipeline.core import artifacts
-from pipeline.core.errors import CalibrationError, ConversionError
+from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError
 from pipeline.core.preprocessing import LEGACY_CONVENTION, PIXEL_CONVENTIONS, normalization
 from pipeline.model.fold import fold_input_scaling, fold_plan
 from pipeline.model.modelio import SourceModel
@@ -53,9 +53,21 @@ def source_domain(source: SourceModel) -> str:
         if source.kind == "tflite":
             data = source.cache.get("float_tflite") or source.cache.get("unverified_tflite", (None,))[0]
             manifest = source_manifest(source.path) or None
-            recorded = model_convention(data, manifest)[0] if data is not None else LEGACY_CONVENTION
+            recorded = _tflite_convention(data, manifest)
         source.cache["domain"] = "pixels" if recorded in PIXEL_CONVENTIONS else LEGACY_CONVENTION
     return source.cache["domain"]
+
+
+def _tflite_convention(data: bytes | None, manifest: dict | None) -> str:
+    """A .tflite source's convention; bytes that do not parse are left to the sandboxed probe to refuse."""
+    if data is None:
+        return LEGACY_CONVENTION
+    try:
+        return model_convention(data, manifest)[0]
+    except ModelLoadError:
+        raise
+    except Exception:  # noqa: BLE001 - a corrupt flatbuffer: float_tflite's probe says so in its own words
+        return LEGACY_CONVENTION
 
 
 def pixel_refusal(source: SourceModel) -> str | None:
