@@ -32,8 +32,8 @@ def refusal_message(model: Path, error: str) -> str:
     """MediaPipe's own reason, on one line, with the fix for the refusals known today."""
     reason = " ".join(error.split())
     if "got INT8" in reason:
-        fix = ("it takes uint8 or float32 image inputs and this model's input is int8: convert it with --float-io "
-               "for float32 input and output")
+        fix = ("it takes uint8 or float32 image inputs and this model's input is int8: convert it with plain "
+               "--int8 (uint8 pixel input, the default) or --float-io")
     elif "NormalizationOptions" in reason:
         fix = "its float32 input needs NormalizationOptions metadata: convert the model again with this version"
     else:
