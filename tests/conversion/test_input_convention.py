@@ -299,3 +299,16 @@ def test_float_models_take_pixels_bit_for_bit(trained_tflite):
     assert np.array_equal(model_input(p, "pixels"), (p.astype(np.float32) - np.float32(0)) / np.float32(1))
     # With mean 127.5 / std 127.5 a client's (p - 127.5) / 127.5 is not our p / 127.5 - 1 for half the values.
     assert np.sum(scale(p) != (p.astype(np.float32) - np.float32(127.5)) / np.float32(127.5)) == 128
+
+
+def test_the_cli_refuses_conventions_a_mode_cannot_take(tmp_path, tiny_keras_path):
+    """Usage errors (exit 2) before anything loads: pixels-int8 is --int8 with integer I/O only, and int16x8
+    has no uint8 input."""
+    from tests.conftest import run_cli
+
+    for args, words in ((["--fp16", "--input-convention", "pixels-int8"], "pixels-int8 applies to --int8"),
+                        (["--int8", "--float-io", "--input-convention", "pixels-int8"], "without --float-io"),
+                        (["--int16x8", "--input-convention", "pixels"], "needs --float-io")):
+        proc = run_cli("convert", tiny_keras_path, *args, "--out", tmp_path / "m.tflite", cwd=tmp_path)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "m.tflite").exists()
