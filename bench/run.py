@@ -350,7 +350,7 @@ def _print_table(r: dict) -> None:
             t.add_row(f"trained digits: top-1 {name}", f"{fid[name]['top1']:.4f}, agreement "
                       f"{fid[name]['top1_agreement_with_float']:.4f}, MAE {fid[name]['mean_abs_error']:.2e}")
     if "validate" in r:
-        t.add_row("xedge validate (299, both models)", f"{r['validate'].get('images_per_s')} images/s predict, "
+        t.add_row(f"xedge validate ({r['config']['size']} px, both models)", f"{r['validate'].get('images_per_s')} images/s predict, "
                   f"{r['validate']['wall_s']:.0f} s wall, {r['validate']['peak_rss_mib']:.0f} MiB")
     if "demo" in r:
         t.add_row("xedge demo", f"{r['demo']['wall_s']:.0f} s")
