@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,13 @@ def _docs_mediapipe_snippet_names_validates_top1(cwd: Path, out: Path) -> None:
     from pipeline.validation.validate import load_item
 
     text = (ROOT / "docs" / "converting.md").read_text()
+    command = next(block for block in re.findall(r"```sh\n(.*?)```", text, re.S) if "demo-out/data/samples" in block)
+    words = shlex.split(command)
+    assert words[:3] == ["xedge", "convert", "demo-out/run/model.keras"] and "--int8" in words
+    converted = run_cli(*words, cwd=cwd)  # the docs' convert --int8 --calib, as written, over the demo's model
+    assert converted.returncode == 0, converted.stderr[-2000:]
     snippet = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "ImageClassifier" in block)
+    assert len(snippet.strip().splitlines()) == 5
     printed = subprocess.run([sys.executable, "-c", snippet], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert printed.returncode == 0, printed.stderr[-2000:]
     image = sorted((out / "data" / "val_rgb").glob("*/*.png"))[0]

@@ -1,4 +1,5 @@
-"""Keras or SavedModel to .tflite in five modes: settings, the staged converter, float fallback, export.
+"""Keras or SavedModel to .tflite in five modes: settings, the input convention a model gets, the staged converter,
+float fallback, export.
 
 Everything that touches TensorFlow's private converter API lives in
 ``converter_hooks`` behind one version pin.

@@ -30,7 +30,7 @@ from pipeline.conversion.converter_hooks import (
     quantize_calibrated,
     staged_supported,
 )
-from pipeline.conversion.input_convention import (
+from pipeline.conversion.convention_choice import (
     check_input_convention,
     convention_record,
     converted_source,
@@ -164,7 +164,7 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     """Run the TFLite converter; its native log is kept for the error message, not printed.
 
     ``calibration_record`` (a dict) receives which calibrator ran, for the manifest.
-    The input convention is decided here (``pipeline.conversion.input_convention``):
+    The input convention is decided here (``pipeline.conversion.convention_choice``):
     a pixel-input model is converted from the folded source, calibrated on pixels.
     """
     settings, _ = resolved(source, settings)

@@ -41,7 +41,7 @@ class ConvertSettings:
     float_layers: tuple[str, ...] = ()  # Keras layers kept out of the quantized graph (pipeline.conversion.float_fallback)
     fallback: str = "float"  # what float_layers compute in: "float", or "int16" (int8 only; spliced int16x8 ops)
     # What the model's input holds (pipeline.core.preprocessing); None: the default for this mode and model
-    # (pipeline.conversion.input_convention.resolve_convention: pixels where the scaling folds exactly).
+    # (pipeline.conversion.convention_choice.resolve_convention: pixels where the scaling folds exactly).
     input_convention: str | None = None
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""The .tflite file itself: flatbuffer access, inspection, the sandboxed loader, the interpreter, rewrites, splicing.
+"""The .tflite file itself: flatbuffer access, inspection, metadata, the input convention it takes, the sandboxed
+loader, the interpreter, rewrites, splicing.
 
 Nothing here imports TensorFlow's Python package: a float .tflite can be
 inspected, checked, rewritten and run with LiteRT alone.

@@ -51,7 +51,7 @@ from pipeline.conversion.export import (
     float_tflite,
     optimize_graph,
 )
-from pipeline.conversion.input_convention import converted_source, representative_in, resolved
+from pipeline.conversion.convention_choice import converted_source, representative_in, resolved
 from pipeline.conversion.float_fallback import method_for
 from pipeline.core import artifacts
 from pipeline.core.data import discover
@@ -277,7 +277,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     left out (``optimize_graph``'s gate). A third of the eval images is held
     out of the search (``holdout_split``) and the chosen model must meet the
     budget on it too. Every candidate has the input convention the written
-    model gets (decided once, ``pipeline.conversion.input_convention``).
+    model gets (decided once, ``pipeline.conversion.convention_choice``).
 
     Raises ``BudgetNotReached`` (exit 3) when ``max_float_layers`` float layers
     are not enough, or the held-out images miss the budget; the best model

@@ -15,7 +15,7 @@ from pipeline.tflite import flatbuffers
 from pipeline.conversion import export as export_module
 from pipeline.core.errors import CalibrationError
 from pipeline.conversion.export import ConvertSettings, convert_bytes, export_tflite
-from pipeline.conversion.input_convention import converted_source
+from pipeline.conversion.convention_choice import converted_source
 from pipeline.model.modelio import load_source
 from pipeline.core.quiet import native_stderr_captured
 from tests.conftest import run_cli
