@@ -43,7 +43,7 @@ def decoding_text(t: dict) -> str | None:
     if not d:
         return None
     if not d["compared"]:
-        return (f"decoding: not compared ({d['not_compared']} files {d['not_compared_why']})")
+        return f"decoding: not compared: {d['not_compared']} files are {d['not_compared_why']}"
     changed = d["top1_changed"]
     names = ", ".join(Path(p).name for p in changed[:10]) + (" ..." if len(changed) > 10 else "")
     return (f"decoding (reported, not gated): with its own decoder top-1 changed on {len(changed)} of "
