@@ -1,4 +1,5 @@
-"""The Keras model and its training: Xception, its tf_keras twin, users' models, pretrained weights, training, QAT.
+"""The Keras model and its training: Xception, its tf_keras twin, users' models, pretrained weights, training, QAT,
+and folding the [-1, 1] input scaling into the stem.
 
 May import: ``pipeline.core``, ``pipeline.tflite``.
 """
