@@ -40,19 +40,23 @@ def guarded(fn=None, *, tensorflow: bool = True):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from pipeline.core.errors import XedgeError
+        from pipeline.core.interrupts import exit_code, terminate_as_interrupt
         from pipeline.core.quiet import import_tensorflow_quietly, quiet_tensorflow
 
         quiet_tensorflow()
         try:
-            if tensorflow:
-                import_tensorflow_quietly()
-            return fn(*args, **kwargs)
+            with terminate_as_interrupt():  # SIGTERM unwinds like Ctrl-C: temporary files and children cleaned up
+                if tensorflow:
+                    import_tensorflow_quietly()
+                return fn(*args, **kwargs)
         except XedgeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; no partial output was left behind", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as exc:
+            code = exit_code(exc)
+            click.echo(f"{'interrupted' if code == EXIT_INTERRUPTED else 'terminated (SIGTERM)'}; no partial "
+                       "output was left behind", err=True)
+            sys.exit(code)
 
     return wrapper
 
@@ -238,6 +242,9 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
 
     check_writable(Path(out) if out else default_output(path, mode), force=force)
     source = load_source(path, trust_code=trust_model_code)
+    from pipeline.core.faults import pause
+
+    pause("source-loaded")  # a .tflite source's sandboxed probe is running here (tests signal us at this point)
     representative = _calibration_set(calib, calib_size, seed, source, mode)
     if max_drop is not None:
         return _convert_within_budget(path, settings, representative, source, eval_dir, labels, max_drop,

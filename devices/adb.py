@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from devices.benchmark_model import parse_benchmark_model
-from devices.transport import RUNNER, BenchRequest, parse_runner_output
+from devices.transport import RUNNER, BenchRequest, parse_runner_output, run_in_group
 from pipeline.core.artifacts import sha256_file
 from pipeline.core.errors import DeviceError
 
@@ -51,7 +51,7 @@ class AdbTransport:
     def _adb(self, *args, timeout: float, what: str) -> subprocess.CompletedProcess:
         cmd = [self.profile.adb, *(["-s", self.serial] if self.serial else []), *map(str, args)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            proc = run_in_group(cmd, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise DeviceError(f"adb: {self.profile.adb!r} not found; install Android platform-tools or set adb "
                               "in the profile") from None

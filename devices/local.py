@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from devices.transport import RUNNER, BenchRequest, parse_runner_output
+from devices.transport import RUNNER, BenchRequest, parse_runner_output, run_in_group
 from pipeline.core.errors import DeviceError
 
 _KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
@@ -34,8 +34,8 @@ class LocalTransport:
             [str(m) for m in request.models], str(request.inputs) if request.inputs else None,
             str(request.outputs) if request.outputs else None)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), stdin=subprocess.DEVNULL,
-                                  timeout=self.profile.command_timeout_s)
+            proc = run_in_group(cmd, text=True, env=clean_env(), stdin=subprocess.DEVNULL,
+                                timeout=self.profile.command_timeout_s)
         except FileNotFoundError:
             raise DeviceError(f"local: python {python!r} not found") from None
         except subprocess.TimeoutExpired:

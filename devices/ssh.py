@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from devices.transport import RUNNER, BenchRequest, parse_runner_output
+from devices.transport import RUNNER, BenchRequest, parse_runner_output, run_in_group
 from pipeline.core.errors import DeviceError
 
 _TMP_PATTERN = re.compile(r"^/[^\n]*/xedge\.[A-Za-z0-9]{6,}$")
@@ -54,8 +54,7 @@ class SshTransport:
     def _run(self, remote: str, *, timeout: float, stdin: bytes | None = None,
              what: str) -> subprocess.CompletedProcess:
         try:
-            proc = subprocess.run(self.ssh_command(remote), input=stdin if stdin is not None else b"",
-                                  capture_output=True, timeout=timeout)
+            proc = run_in_group(self.ssh_command(remote), input=stdin if stdin is not None else b"", timeout=timeout)
         except FileNotFoundError:
             raise DeviceError("ssh: the OpenSSH client (ssh) is not installed") from None
         except subprocess.TimeoutExpired:

@@ -8,6 +8,8 @@ maps a profile's ``transport`` name to one of them.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,3 +74,30 @@ def parse_runner_output(proc: subprocess.CompletedProcess, where: str) -> dict:
         raise DeviceError(f"{where}: the runner exited {proc.returncode} without a result"
                           + (f": {tail}" if tail else ""))
     return payload
+
+
+def run_in_group(cmd: list[str], *, timeout: float, input=None, text: bool = False, env: dict | None = None,
+                 stdin=None) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with output captured, the command in a session of its own, and its whole process group
+    killed when the timeout expires or the caller is interrupted (``TimeoutExpired`` is raised as by ``run``).
+
+    Why: ``subprocess.run`` kills only its direct child, so whatever that
+    child started (a shell's background job, a runner's helper, ssh's
+    ProxyCommand) would go on running with parent pid 1. A process that
+    starts a session of its own leaves the group and is out of reach.
+    """
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=text, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group is proc.pid's until proc is reaped below
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

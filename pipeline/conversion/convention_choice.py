@@ -33,13 +33,20 @@ def is_qat_model(source: SourceModel) -> bool:
                for layer in source.model.layers)
 
 
-def source_manifest(model_path: Path) -> dict:
-    """Our manifest beside a float .tflite source (its preprocessing and labels carry over), or {}."""
+def source_manifest(model_path: Path, model_bytes: bytes | None = None) -> dict:
+    """Our manifest record of a float .tflite source's bytes (its preprocessing and labels carry over), or {}.
+
+    The record that names the bytes (``artifacts.describing``): while a write
+    is between its renames, the manifest of the pair being replaced.
+    """
     try:
         data = json.loads(artifacts.manifest_path_for(model_path).read_text())
+        model_bytes = Path(model_path).read_bytes() if model_bytes is None else model_bytes
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) and data.get("tool") == artifacts.TOOL_NAME else {}
+    if not isinstance(data, dict) or data.get("tool") != artifacts.TOOL_NAME:
+        return {}
+    return artifacts.describing(data, model_bytes) or {}
 
 
 def source_domain(source: SourceModel) -> str:
@@ -52,7 +59,7 @@ def source_domain(source: SourceModel) -> str:
         recorded = LEGACY_CONVENTION
         if source.kind == "tflite":
             data = source.cache.get("float_tflite") or source.cache.get("unverified_tflite", (None,))[0]
-            manifest = source_manifest(source.path) or None
+            manifest = (source_manifest(source.path, data) if data is not None else {}) or None
             recorded = _tflite_convention(data, manifest)
         source.cache["domain"] = "pixels" if recorded in PIXEL_CONVENTIONS else LEGACY_CONVENTION
     return source.cache["domain"]

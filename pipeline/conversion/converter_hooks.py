@@ -64,6 +64,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.core import interrupts
 from pipeline.core.errors import ConversionError
 from pipeline.core.quiet import native_stderr_captured
 from pipeline.tflite import flatbuffers
@@ -383,7 +384,8 @@ def calibrate_float_model(float_model: bytes, samples_factory, record: dict, *, 
     prepared = _add_intermediate_tensors(float_model)
     if fast:
         try:
-            calibrated, info = fast_minmax(prepared, samples_factory(), drop_conversion_metadata=True)
+            with interrupts.surfaced():  # an interrupt is not a failure of the fast path to fall back from
+                calibrated, info = fast_minmax(prepared, samples_factory(), drop_conversion_metadata=True)
             record.update(info)
             return calibrated
         except Exception as exc:  # noqa: BLE001 - the fast path must never fail a conversion
@@ -496,7 +498,8 @@ def fast_calibration(record: dict):
     def calibrate(self, dataset_gen):
         # dataset_gen is the converter's generator function: calling it again replays the samples.
         try:
-            calibrated, info = fast_minmax(self._model_content, dataset_gen())  # noqa: SLF001
+            with interrupts.surfaced():  # an interrupt is not a failure of the fast path to fall back from
+                calibrated, info = fast_minmax(self._model_content, dataset_gen())  # noqa: SLF001
         except Exception as exc:  # noqa: BLE001 - any failure here must not fail the conversion
             record.update({"calibrator": "stock", "fallback": f"fast path failed: {type(exc).__name__}: {exc}"})
             return stock(self, dataset_gen)

@@ -42,7 +42,7 @@ from pipeline.conversion.convention_choice import (
     source_manifest,
 )
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
-from pipeline.core import artifacts
+from pipeline.core import artifacts, interrupts
 from pipeline.core.errors import CalibrationError, ConversionError
 from pipeline.core.preprocessing import PreprocessSpec, recorded_convention
 from pipeline.core.quiet import native_stderr_captured
@@ -193,7 +193,7 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     if settings.float_layers:
         layers = settings.float_layers
         keeper = keep_float(lambda calibrated: float_fallback.denylist(calibrated, layers, record))
-    with native_stderr_captured() as log, hook, keeper, fast_freeze():
+    with native_stderr_captured() as log, hook, keeper, fast_freeze(), interrupts.surfaced():
         try:
             return bytes(converter.convert())
         except (CalibrationError, ConversionError):
@@ -268,7 +268,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
         samples = _replayable(representative, progress)
         float_model = float_tflite(source)
         calibration: dict = {}
-        with native_stderr_captured() as log:
+        with native_stderr_captured() as log, interrupts.surfaced():
             try:
                 calibrated = calibrate_float_model(float_model, samples, calibration,
                                                    fast=settings.calibrator == "fast")
@@ -294,7 +294,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
             raise ConversionError(f"cannot keep layers in float: {why}")
         nodes = float_fallback.denylist(calibrated, settings.float_layers, record)
     record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
-    with native_stderr_captured() as log:
+    with native_stderr_captured() as log, interrupts.surfaced():
         try:
             return quantize_calibrated(calibrated, io=io_type(settings), per_channel=settings.per_channel,
                                        denylisted_nodes=nodes)

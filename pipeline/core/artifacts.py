@@ -5,11 +5,20 @@ fsynced, then renamed over the target: a reader sees the old file or the new
 one, never a torn one, even after SIGKILL or power loss. A manifest (JSON)
 beside each artifact records hashes, versions and settings.
 
-An artifact and its manifest are two files, and no rename covers both. So
-the manifest goes first, naming the new bytes and the ones they replace, and
-the artifact follows: a kill between the two renames leaves the old artifact
-beside a manifest that names it as replaced, which ``integrity`` reports as
-an unfinished write rather than as a modified file.
+An artifact and its manifest are two files side by side, and no rename covers
+both; yet a reader must see the old pair or the new pair at every instant.
+So the manifest that goes first is a bridge: it describes the new bytes and,
+under ``previous``, the pair being replaced (its manifest, or only its hash
+when it had none of ours). Readers pick the record that names the bytes they
+hold (``describing``, ``integrity``): before the artifact's rename that is the
+old pair, after it the new one. Then the final manifest (no ``previous``)
+replaces the bridge. A kill at any point leaves a readable pair; SIGINT and
+SIGTERM are held back over the renames (``interrupts.deferred``): one that
+arrives before the artifact's rename puts the old manifest back, so an
+interrupted write changed nothing, and one that arrives after it lets the
+final manifest land first. With no previous artifact, a kill between the
+renames leaves a bridge manifest beside no artifact: readers start from the
+artifact's path, so they see no pair, as before the write.
 """
 
 from __future__ import annotations
@@ -21,12 +30,12 @@ import os
 import platform
 import signal
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.core import faults, interrupts
 from pipeline.core.errors import ArtifactError, OutputExistsError
 
 MANIFEST_SCHEMA = 1
@@ -86,6 +95,9 @@ def now_iso() -> str:
 def check_writable(target: str | os.PathLike, *, force: bool) -> Path:
     """Refuse early (before hours of work) when the output exists or its folder is unusable."""
     target = Path(target)
+    for path in (target, manifest_path_for(target)):
+        if path.is_dir():
+            raise ArtifactError(f"cannot write {path}: it is a folder; nothing was changed")
     if target.exists() and not force:
         raise OutputExistsError(f"output exists: {target} (pass --force to overwrite, or --out to choose another)")
     folder = target.parent if str(target.parent) else Path(".")
@@ -119,42 +131,66 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_pair(target: str | os.PathLike, data: bytes, manifest_target: str | os.PathLike,
                       manifest: dict) -> Path:
-    """Write an artifact and its manifest as one unit (see the module docstring).
+    """Write an artifact and its manifest so that a reader sees the old pair or the new one (module docstring).
 
-    The artifact's bytes are staged first, so a full disk or a size limit
-    changes nothing; then the manifest is renamed into place with
-    ``output.sha256`` (the new bytes) and ``output.replaces_sha256`` (the
-    file being replaced, or None); then the artifact.
+    Everything is staged first (a full disk or a size limit changes
+    nothing); then the bridge manifest, the artifact and the final manifest
+    are renamed into place. ``manifest["output"]["sha256"]`` is set here.
     """
-    target = Path(target)
+    target, manifest_target = Path(target), Path(manifest_target)
+    manifest["output"]["sha256"] = sha256_bytes(data)
+    staged: list[str] = []
     with _writing(target):
-        staged = _staged(target, data)
         try:
-            manifest["output"]["sha256"] = sha256_bytes(data)
-            manifest["output"]["replaces_sha256"] = sha256_file(target) if target.is_file() else None
-            atomic_write_json(manifest_target, manifest)
-            _pause_for_tests()
-            _rename_into_place(staged, target)
-        except BaseException:
-            _unlink_quietly(staged)
-            raise
+            old_manifest = manifest_target.read_bytes() if manifest_target.is_file() else None
+            bridge = {**manifest, "previous": _replaced_record(target, old_manifest)}
+            staged += [_staged(target, data), _staged(manifest_target, to_json(bridge)),
+                       _staged(manifest_target, to_json(manifest))]
+            faults.pause("pair-staged")
+            _commit(target, manifest_target, staged, old_manifest)
+        finally:
+            for name in staged:  # the ones renamed into place are gone already
+                _unlink_quietly(name)
     return target
 
 
-PAUSE_ENV = "XEDGE_TEST_PAUSE_BETWEEN_WRITES"
+def _commit(target: Path, manifest_target: Path, staged: list[str], old_manifest: bytes | None) -> None:
+    """Bridge manifest, artifact, final manifest, with interrupts held back (see the module docstring)."""
+    model, bridge, final = staged
+    with interrupts.deferred() as held:
+        _rename_into_place(bridge, manifest_target)
+        try:
+            faults.pause("pair-between", held.pending)
+            if held.pending():  # interrupted before the artifact moved: the old pair, as it was
+                _put_back(manifest_target, old_manifest)
+                return
+            _rename_into_place(model, target)
+        except BaseException:
+            _put_back(manifest_target, old_manifest)
+            raise
+        faults.pause("pair-after", held.pending)
+        _rename_into_place(final, manifest_target)
 
 
-def _pause_for_tests() -> None:
-    """Fault injection for tests/test_bad_input.py only: with XEDGE_TEST_PAUSE_BETWEEN_WRITES=FILE set,
-    stop between the manifest's rename and the artifact's, after creating FILE, so that a test can
-    SIGKILL the process in that window every time rather than by the luck of a timer."""
-    marker = os.environ.get(PAUSE_ENV)
-    if not marker:
-        return
-    Path(marker).write_text(str(os.getpid()))
-    deadline = time.monotonic() + 600  # a test that never kills us must not leave us behind for ever
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
+def _put_back(manifest_target: Path, old_manifest: bytes | None) -> None:
+    if old_manifest is None:
+        _unlink_quietly(str(manifest_target))
+    else:
+        _rename_into_place(_staged(manifest_target, old_manifest), manifest_target)
+
+
+def _replaced_record(target: Path, old_manifest: bytes | None) -> dict | None:
+    """What the bridge says about the file being replaced: its manifest of ours, or its hash alone (None: no file)."""
+    if not target.is_file():
+        return None
+    try:
+        old = json.loads(old_manifest) if old_manifest is not None else None
+    except ValueError:
+        old = None
+    if isinstance(old, dict) and old.get("tool") == TOOL_NAME:
+        old.pop("previous", None)
+        return old
+    return {"output": {"sha256": sha256_file(target)}, "manifest": None}
 
 
 class _writing:
@@ -268,16 +304,38 @@ def base_manifest(kind: str) -> dict:
 class Integrity:
     """What the manifest beside an artifact says about its bytes (``integrity``).
 
-    ``state``: "unchecked" (no manifest of ours beside it), "ok", "unreadable"
+    ``state``: "unchecked" (no manifest of ours describes it), "ok", "unreadable"
     (a manifest is there but cannot be read, so nothing could be checked),
-    "unfinished" (the last write stopped between the manifest and the
-    artifact: the bytes are the ones the manifest says were being replaced),
     or "mismatch" (bytes the manifest never named: modified or corrupted).
+    ``record``: the manifest record that describes the bytes ("ok" only).
     """
 
     state: str
     manifest: Path
     detail: str = ""
+    record: dict | None = None
+
+
+def _output_sha(record) -> str | None:
+    output = record.get("output") if isinstance(record, dict) else None
+    sha = output.get("sha256") if isinstance(output, dict) else None
+    return sha if isinstance(sha, str) and sha else None
+
+
+def describing(manifest: dict, data: bytes) -> dict | None:
+    """The record in ``manifest`` that names these bytes, or None.
+
+    The manifest itself, or, while a pair write is between its renames, the
+    manifest of the pair being replaced (``previous``; see the module
+    docstring). None: neither names them, or they had no manifest of ours.
+    """
+    actual = sha256_bytes(data)
+    if _output_sha(manifest) == actual:
+        return {k: v for k, v in manifest.items() if k != "previous"}
+    previous = manifest.get("previous")
+    if _output_sha(previous) == actual and previous.get("tool") == TOOL_NAME:
+        return previous
+    return None
 
 
 def integrity(artifact: str | os.PathLike, data: bytes) -> Integrity:
@@ -292,13 +350,11 @@ def integrity(artifact: str | os.PathLike, data: bytes) -> Integrity:
         return Integrity("unreadable", manifest, f"not valid JSON: {exc}")
     if not isinstance(recorded, dict) or recorded.get("tool") != TOOL_NAME:
         return Integrity("unchecked", manifest)  # another tool's file that happens to share the name
-    output = recorded.get("output")
-    expected = output.get("sha256") if isinstance(output, dict) else None
-    if not isinstance(expected, str) or not expected:
+    if _output_sha(recorded) is None:
         return Integrity("unreadable", manifest, "it records no output.sha256")
-    actual = sha256_bytes(data)
-    if actual == expected:
-        return Integrity("ok", manifest)
-    if actual == output.get("replaces_sha256"):
-        return Integrity("unfinished", manifest)
+    record = describing(recorded, data)
+    if record is not None:
+        return Integrity("ok", manifest, record=record)
+    if _output_sha(recorded.get("previous")) == sha256_bytes(data):
+        return Integrity("unchecked", manifest)  # the file being replaced had no manifest of ours
     return Integrity("mismatch", manifest)

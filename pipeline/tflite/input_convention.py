@@ -106,18 +106,23 @@ def model_convention(model_bytes: bytes, manifest: dict | None = None) -> tuple[
     return LEGACY_CONVENTION, "assumed: a float input, no metadata or manifest says otherwise"
 
 
-def manifest_beside(path: str | Path) -> dict | None:
-    """The manifest written beside a model, or None (missing or unreadable: the model itself still speaks)."""
+def manifest_beside(path: str | Path, model_bytes: bytes | None = None) -> dict | None:
+    """The manifest written beside a model, or None (missing or unreadable: the model itself still speaks).
+
+    Given the model's bytes, the record that names them (``artifacts.describing``:
+    while a write is between its renames, the manifest of the pair being replaced).
+    """
     manifest = artifacts.manifest_path_for(path)
     if not manifest.is_file():
         return None
     try:
-        return artifacts.read_manifest(manifest)
+        found = artifacts.read_manifest(manifest)
     except ArtifactError:
         return None
+    return found if model_bytes is None else artifacts.describing(found, model_bytes)
 
 
 def file_convention(path: str | Path, model_bytes: bytes | None = None) -> tuple[str, str]:
     """``model_convention`` of the .tflite at ``path``, with the manifest beside it."""
     data = Path(path).read_bytes() if model_bytes is None else model_bytes
-    return model_convention(data, manifest_beside(path))
+    return model_convention(data, manifest_beside(path, data))

@@ -217,9 +217,6 @@ def check_manifest(path: str | os.PathLike, data: bytes) -> None:
     if found.state == "unreadable":
         raise ModelLoadError(f"cannot check the integrity of {path}: its manifest {found.manifest} is unreadable "
                              f"({found.detail}); regenerate it (rerun convert) or remove it")
-    if found.state == "unfinished":
-        raise ModelLoadError(f"the last write of {path} did not finish: {name} names new bytes, the file still "
-                             "holds the ones they were to replace; rerun convert")
     if found.state == "mismatch":
         raise ModelLoadError(f"invalid model: {path} does not match the sha256 in {name}; it was "
                              "modified or corrupted after conversion")

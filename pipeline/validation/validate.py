@@ -26,6 +26,7 @@ from pipeline.core import artifacts
 from pipeline.core.data import Item, Skip, discover
 from pipeline.core.errors import BudgetExceeded, ConversionError, DataError, ModelLoadError, ValidationError
 from pipeline.core.preprocessing import PIXEL_CONVENTIONS, ImageError, PreprocessSpec, model_input, pixels_for
+from pipeline.tflite.safe_tflite import read_model_bytes
 from pipeline.tflite.tflite_info import inspect_tflite
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
@@ -113,14 +114,16 @@ def _read_labels(path: Path) -> list[str]:
 
 
 def _manifest_of(model: Path) -> tuple[dict | None, str | None]:
-    """The manifest beside a .tflite, or why it could not be read (said in the report, never hidden)."""
+    """The manifest record of a .tflite's bytes (``artifacts.describing``), or why it could not be read (said in
+    the report, never hidden)."""
     manifest = artifacts.manifest_path_for(model)
     if model.suffix.lower() != ".tflite" or not manifest.is_file():
         return None, None
     try:
-        return artifacts.read_manifest(manifest), None
+        found = artifacts.read_manifest(manifest)
     except artifacts.ArtifactError as exc:
         return None, str(exc)
+    return artifacts.describing(found, read_model_bytes(model)), None
 
 
 def _manifest_labels(model: Path) -> list[str] | None:
