@@ -63,7 +63,8 @@ from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.splice import splice
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import drift_metrics, topk
-from pipeline.validation.predict import as_probabilities, default_workers, open_runner, tflite_output_kind
+from pipeline.validation.output_kind import tflite_output_kind
+from pipeline.validation.predict import as_probabilities, default_workers, open_runner
 from pipeline.validation.validate import load_item, resolve_labels, select_round_robin
 
 Say = Callable[[str], None]

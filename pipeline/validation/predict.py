@@ -24,10 +24,10 @@ from pipeline.core import artifacts
 from pipeline.core.errors import ModelLoadError, ValidationError
 from pipeline.core.preprocessing import LEGACY_CONVENTION, dequantize, model_input
 from pipeline.model.modelio import load_source
-from pipeline.tflite import flatbuffers
 from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.runtime import invoke_one, open_interpreter
 from pipeline.tflite.safe_tflite import load_untrusted
+from pipeline.validation.output_kind import OutputKind, keras_output_kind, saved_model_output_kind, tflite_output_kind
 
 
 def default_workers() -> int:
@@ -156,130 +156,6 @@ def open_runner(path: str | os.PathLike, *, workers: int | None = None, trust_co
     if path.suffix.lower() == ".tflite":
         return TfliteRunner(path, workers=workers)
     return KerasRunner(path, trust_code=trust_code)
-
-
-@dataclass(frozen=True)
-class OutputKind:
-    """Whether a model's output already is a probability, and what in the model says so.
-
-    Decided from the model (the op or layer that produces the output), never
-    from the values: an int8 softmax over 1000 classes rounds most entries
-    to zero, so its rows sum to well under 1 (0.54 to 1.0 on an ImageNet
-    classifier, issue 14) and a test of the sums took them for logits.
-    """
-
-    probabilities: bool
-    evidence: str
-
-    def describe(self) -> str:
-        if self.probabilities:
-            return f"probabilities ({self.evidence})"
-        return f"logits ({self.evidence}; softmax applied)"
-
-
-# Ops that pass their input through unchanged up to quantization or shape.
-_TFLITE_PASS_THROUGH = {"DEQUANTIZE", "QUANTIZE", "RESHAPE", "SQUEEZE"}
-_TFLITE_PROBABILITY_OPS = {"SOFTMAX", "LOGISTIC"}
-_TF_PASS_THROUGH = {"Identity", "Reshape", "Squeeze"}
-_TF_PROBABILITY_OPS = {"Softmax", "Sigmoid"}
-_TF_CALLS = {"StatefulPartitionedCall", "PartitionedCall"}
-_KERAS_PROBABILITY_ACTIVATIONS = {"softmax", "sigmoid"}
-
-
-def tflite_output_kind(model_bytes: bytes) -> OutputKind:
-    """The op producing the .tflite's output (through DEQUANTIZE, QUANTIZE, RESHAPE, SQUEEZE), read in place."""
-    model = flatbuffers.schema().Model.GetRootAs(model_bytes, 0)
-    graph = model.Subgraphs(0)
-    names = flatbuffers.op_names()
-    producer = {}
-    for i in range(graph.OperatorsLength()):
-        op = graph.Operators(i)
-        for j in range(op.OutputsLength()):
-            producer[int(op.Outputs(j))] = op
-    tensor, passed = int(graph.Outputs(0)), []
-    for _ in range(graph.OperatorsLength()):
-        op = producer.get(tensor)
-        if op is None:
-            break
-        code = model.OperatorCodes(op.OpcodeIndex())
-        name = names.get(flatbuffers.builtin_code(code), "CUSTOM")
-        if name in _TFLITE_PROBABILITY_OPS:
-            through = f" (through {', '.join(reversed(passed))})" if passed else ""
-            return OutputKind(True, f"{name} op produces the output{through}")
-        if name not in _TFLITE_PASS_THROUGH or not op.InputsLength():
-            return OutputKind(False, f"the output comes from {name}, not from a SOFTMAX or LOGISTIC op")
-        passed.append(name)
-        tensor = int(op.Inputs(0))
-    return OutputKind(False, "no SOFTMAX or LOGISTIC op produces the output")
-
-
-def _activation_name(value) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):  # Keras 3 {"class_name": "function", "config": "softmax"}; tfmot's wrapped activation
-        inner = value.get("config")
-        return inner if isinstance(inner, str) else _activation_name((inner or {}).get("activation"))
-    return None
-
-
-def _layer_activation(class_name: str | None, config: dict) -> str | None:
-    if class_name == "Softmax":
-        return "softmax"
-    if "activation" in config:
-        return _activation_name(config["activation"])
-    inner = config.get("layer")  # wrappers (tfmot's QuantizeWrapper) hold the wrapped layer's config
-    if isinstance(inner, dict):
-        return _layer_activation(inner.get("class_name"), inner.get("config") or {})
-    return None
-
-
-def keras_output_kind(model) -> OutputKind:
-    """The activation of the layer producing a Keras model's output, from its configuration."""
-    try:
-        config = model.get_config()
-    except NotImplementedError:  # a subclassed model: its last layer is the best there is
-        config = {}
-    outputs = config.get("output_layers") if isinstance(config, dict) else None
-    if outputs:  # Functional: [name, node, tensor] (Keras 3, one output) or a list of them (tf_keras)
-        layer = model.get_layer(outputs[0][0] if isinstance(outputs[0], list) else outputs[0])
-    else:  # Sequential
-        layer = model.layers[-1]
-    if hasattr(layer, "get_layer") and hasattr(layer, "layers"):  # a nested model as the last layer
-        return keras_output_kind(layer)
-    activation = _layer_activation(type(layer).__name__, layer.get_config())
-    where = f"the output layer {layer.name!r}"
-    if activation in _KERAS_PROBABILITY_ACTIVATIONS:
-        return OutputKind(True, f"{where} has a {activation} activation")
-    return OutputKind(False, f"{where} has activation {activation or 'none'!r}, not softmax or sigmoid")
-
-
-def _tf_ref(ref: str) -> tuple[str, int]:
-    """``node``, ``node:k`` (a graph) or ``node:arg:k`` (a function body) -> (node, k)."""
-    parts = ref.split(":")
-    return parts[0], int(parts[-1]) if len(parts) > 1 else 0
-
-
-def saved_model_output_kind(signature) -> OutputKind:
-    """The op producing a SavedModel signature's output, followed through Identity ops and function calls."""
-    graph_def = signature.graph.as_graph_def()
-    functions = {f.signature.name: f for f in graph_def.library.function}
-    nodes = {n.name: n for n in graph_def.node}
-    name, index = _tf_ref(signature.outputs[0].name)
-    for _ in range(10_000):
-        node = nodes.get(name)
-        if node is None:  # a function's argument, a placeholder
-            break
-        if node.op in _TF_PROBABILITY_OPS:
-            return OutputKind(True, f"a {node.op} op produces the serving output")
-        if node.op in _TF_CALLS and node.attr["f"].func.name in functions:
-            function = functions[node.attr["f"].func.name]
-            nodes = {n.name: n for n in function.node_def}
-            name, index = _tf_ref(function.ret[function.signature.output_arg[index].name])
-        elif node.op in _TF_PASS_THROUGH and node.input:
-            name, index = _tf_ref(node.input[0])
-        else:
-            return OutputKind(False, f"the serving output comes from a {node.op} op, not Softmax or Sigmoid")
-    return OutputKind(False, "no Softmax or Sigmoid op produces the serving output")
 
 
 def as_probabilities(outputs: np.ndarray, kind: OutputKind, what: str) -> np.ndarray:
