@@ -126,13 +126,18 @@ def deferred():
     Ctrl-C raises ``KeyboardInterrupt`` right there, a default SIGTERM ends the process.
     """
     held = Held()
+
+    def hold(signum, frame):
+        held.signals.append(signum)
+        _received.append(signum)
+
     saved = {}
     if _in_main_thread():
         for signum in SIGNALS:
             previous = signal.getsignal(signum)
-            if previous is not signal.SIG_IGN and previous is not None:
+            if previous is not signal.SIG_IGN and previous is not None:  # None: a handler set outside Python
                 saved[signum] = previous
-                signal.signal(signum, lambda s, frame: (held.signals.append(s), _received.append(s)))
+                signal.signal(signum, hold)
     try:
         yield held
     finally:
