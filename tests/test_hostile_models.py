@@ -142,6 +142,9 @@ def test_allow_list_names_are_keras_classes():
     for module, names in allow.APPLICATION_LAYERS.items():
         assert names <= classes(__import__(module, fromlist=["_"])), module
     assert {"Add", "Multiply", "Softmax", "Resize"} <= set().union(*map(allow.operations, allow.OP_MODULES))
+    import importlib.util
+
+    assert all(importlib.util.find_spec(m) for m in allow.QUANTIZATION_MODULES)
     assert "Cond" not in allow.CORE_OPS and "Map" not in allow.CORE_OPS
 
 
@@ -174,6 +177,10 @@ def users_models(tmp_path_factory) -> dict[str, Path]:
     small.save(paths.setdefault("tf_keras_keras", out / "small.keras"))
     tf_keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=5).save(
         paths.setdefault("tf_keras_mobilenet_h5", out / "mobilenet.h5"))
+    from pipeline.model.tfmot_import import import_tfmot
+
+    qat = import_tfmot().quantization.keras.quantize_model(tf_keras.Model(small.inputs, small.outputs))
+    qat.save(paths.setdefault("qat_h5", out / "qat.h5"))  # what ``xedge qat`` writes: tfmot's wrappers
     return paths
 
 
@@ -190,7 +197,67 @@ def test_users_legitimate_models_pass_the_allow_list(users_models, tiny_keras_pa
             with h5py.File(path) as f:
                 config = json.loads(f.attrs["model_config"])
         assert disallowed_objects(config) == [], name
-    for name in ("transfer", "efficientnet_b0", "tf_keras_h5", "tf_keras_keras"):
+    for name in ("transfer", "efficientnet_b0", "tf_keras_h5", "tf_keras_keras", "qat_h5"):
         source = load_source(users_models[name])
         assert source.classes in (3, 5)
         assert np.isfinite(np.asarray(source.model(np.zeros((1, *source.input_shape), np.float32)))).all()
+
+
+# ---------------------------------------------------------------- MediaPipe's native metadata parser
+
+
+def _metadata_past_the_buffers(source: Path, out: Path) -> Path:
+    """``source`` with its TFLITE_METADATA entry naming a buffer past the end of the buffer list."""
+    from pipeline.tflite import flatbuffers
+
+    model = flatbuffers.read(source.read_bytes())
+    for entry in model.metadata:
+        if entry.name in (b"TFLITE_METADATA", "TFLITE_METADATA"):
+            entry.buffer = len(model.buffers) + 7
+    out.write_bytes(flatbuffers.write(model))
+    return out
+
+
+def test_metadata_past_the_buffer_list_is_one_error_before_mediapipe_reads_it(trained_tflite, digits, tmp_path):
+    from pipeline.tflite.tflite_metadata import read_metadata
+
+    crafted = _metadata_past_the_buffers(trained_tflite["float"], tmp_path / "crafted.tflite")
+    with pytest.raises(ModelLoadError, match="names buffer .* but the model has"):
+        read_metadata(crafted.read_bytes())
+    for _ in range(2):  # the parent never crashes, run after run
+        proc = run_cli("xedge", "parity", crafted, "--eval", digits["val"], "--mediapipe", "--limit", 3,
+                       cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "metadata" in lines[0], proc.stderr
+
+
+def test_mediapipe_runs_in_a_child_whose_crash_is_one_error(trained_tflite, monkeypatch, tmp_path):
+    """With the schema check off, MediaPipe's own parser gets the crafted file: whatever it does (crash, refuse,
+    run), this process gets a result or a ValidationError."""
+    import importlib.util
+
+    from pipeline.core.errors import ValidationError
+    from pipeline.validation import mediapipe_client
+    from pipeline.validation.parity import LitertReference
+
+    if importlib.util.find_spec("mediapipe") is None:
+        from tests.conftest import missing
+
+        missing("needs mediapipe (the dev extra installs it)")
+    crafted = _metadata_past_the_buffers(trained_tflite["float"], tmp_path / "crafted.tflite")
+    io = LitertReference(trained_tflite["float"]).io
+    monkeypatch.setattr(mediapipe_client, "read_metadata", lambda data: None)
+    outcomes = []
+    for _ in range(3):
+        try:
+            target = mediapipe_client.MediapipeTarget(crafted, io)
+            target.close()
+            outcomes.append("opened")
+        except ValidationError as exc:
+            assert "\n" not in str(exc)
+            outcomes.append(str(exc).split(":")[0])
+    assert len(outcomes) == 3
+    target = mediapipe_client.MediapipeTarget(trained_tflite["float"], io)  # a sound model still opens
+    assert target._process.is_alive()
+    target.close()
+    assert not target._process.is_alive()

@@ -76,6 +76,10 @@ Default8BitActivationQuantizeConfig Default8BitConvTransposeQuantizeConfig Defau
 DefaultNBitQuantizeConfig DefaultNBitQuantizeConfigRNN DefaultNBitConvQuantizeConfig
 DefaultNBitActivationQuantizeConfig DefaultNBitConvTransposeQuantizeConfig DefaultNBitOutputQuantizeConfig
 """.split())
+_TFMOT = "tensorflow_model_optimization.python.core.quantization.keras."
+QUANTIZATION_MODULES = tuple(_TFMOT + m for m in (
+    "quantize_aware_activation", "quantize_wrapper", "quantize_layer", "quantize_annotate", "quantizers",
+    "quantize_config", "default_8bit.default_8bit_quantize_registry", "default_8bit.default_8bit_quantize_configs"))
 # Layers that Keras's own applications define in their modules (ConvNeXt, InceptionResNetV2).
 APPLICATION_LAYERS = {
     "keras.src.applications.convnext": frozenset({"LayerScale", "StochasticDepth"}),
@@ -105,6 +109,7 @@ _BY_MODULE = {
     "keras.mixed_precision": DTYPE_POLICIES,
     "keras.src.ops.core": CORE_OPS,
     **APPLICATION_LAYERS,
+    **dict.fromkeys(QUANTIZATION_MODULES, QUANTIZATION),
 }
 # Objects without a module (tf_keras's .h5 format) are looked up by name among Keras's own classes.
 _WITHOUT_MODULE = LAYERS | MODELS | INITIALIZERS | REGULARIZERS | CONSTRAINTS | DTYPE_POLICIES | QUANTIZATION
