@@ -40,6 +40,9 @@ from pipeline.tflite import flatbuffers
 from pipeline.tflite.safe_tflite import check_manifest, read_model_bytes, start_probe
 
 TRUST_HINT = "pass --trust-model-code only if you trust whoever made this file"
+# The largest input side accepted: every calibration and evaluation image is held decoded at the model's size
+# (64 uint8 samples of 2048x2048x3 are 805 MB); image classifiers take 224 to 600.
+MAX_INPUT_SIZE = 2048
 # A Keras configuration is JSON of a few kilobytes per layer; past this it is not a model a user made.
 MAX_KERAS_CONFIG_BYTES = 64 * 2**20
 
@@ -315,6 +318,11 @@ def detect_kind(path: Path) -> str:
                          ".tflite")
 
 
+def _size_refusal(what, side: int) -> str:
+    return (f"{what} takes {side}x{side} images; the tool handles inputs from 1 to {MAX_INPUT_SIZE} pixels a side "
+            f"(each calibration and evaluation image is held at that size)")
+
+
 def _shape_of(model) -> tuple[tuple, int]:
     inputs = model.inputs
     if len(inputs) != 1:
@@ -322,6 +330,8 @@ def _shape_of(model) -> tuple[tuple, int]:
     shape = tuple(inputs[0].shape)[1:]
     if len(shape) != 3 or shape[2] != 3 or shape[0] is None or shape[0] != shape[1]:
         raise ModelLoadError(f"expected a square RGB image input (H, H, 3), got {shape}")
+    if not 1 <= shape[0] <= MAX_INPUT_SIZE:
+        raise ModelLoadError(_size_refusal("the model", shape[0]))
     outputs = model.outputs
     if len(outputs) != 1 or len(outputs[0].shape) != 2:
         raise ModelLoadError("expected one (batch, classes) output")
@@ -345,6 +355,8 @@ def _saved_model_shape(path: Path) -> tuple[tuple, int]:
     shape = tuple(specs[0].shape)[1:]
     if len(shape) != 3 or shape[0] is None or shape[0] != shape[1] or shape[2] != 3:
         raise ModelLoadError(f"SavedModel {path} input must be (batch, H, H, 3), got {tuple(specs[0].shape)}")
+    if not 1 <= shape[0] <= MAX_INPUT_SIZE:
+        raise ModelLoadError(_size_refusal(path, shape[0]))
     return tuple(int(s) for s in shape), int(outs[0].shape[-1])
 
 
@@ -419,6 +431,9 @@ def _float_tflite_source(path: Path) -> SourceModel:
     shape, out_shape = inputs[0], outputs[0]
     if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
         raise ModelLoadError(f"expected a square RGB image input (1, H, H, 3) in {path.name}, got {tuple(shape)}")
+    if not 1 <= shape[1] <= MAX_INPUT_SIZE:
+        pending.result()  # a malformed model says so through the probe first; a sound one gets the size refusal
+        raise ModelLoadError(_size_refusal(path, shape[1]))
     if len(out_shape) != 2:
         raise ModelLoadError(f"expected a (1, classes) output in {path.name}, got {tuple(out_shape)}")
     if quantized:
