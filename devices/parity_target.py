@@ -45,7 +45,7 @@ class DeviceTarget:
             np.save(inputs, np.ascontiguousarray(feed.tensor), allow_pickle=False)
             result = get_transport(self.profile).bench(self.request(inputs, outputs))
             base = outputs / f"{self.model.stem}_output0"
-            raw, scores = (self._outputs(Path(f"{base}{suffix}.npy"), n) for suffix in ("", "_float"))
+            raw, scores = (self.read_outputs(Path(f"{base}{suffix}.npy"), n) for suffix in ("", "_float"))
         if step:
             step(n)
         runtime = result.get("runtime") or {}
@@ -57,7 +57,7 @@ class DeviceTarget:
                        f"the same {feed.tensor.dtype} input tensors as a .npy batch, set as they are")
 
 
-    def _outputs(self, path: Path, n: int) -> np.ndarray:
+    def read_outputs(self, path: Path, n: int) -> np.ndarray:
         """One array the runner saved: ``n`` rows of numbers, or a ``DeviceError`` (a device is not trusted to
         write well-formed files: truncated, malformed, pickled or oversized ones are refused here)."""
         try:

@@ -25,11 +25,12 @@ MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest lists calibration files and ops: a
 
 _INT = "int"  # an int that is not a bool
 # Top-level fields -> type; nested fields as "parent.child". Only fields some reader uses are listed.
+_DICT, _LIST = (dict, type(None)), (list, type(None))  # a section may be null (a float model has no calibration)
 SCHEMA: dict[str, object] = {
     "tool": str, "schema": _INT, "kind": str, "created": str,
-    "versions": dict, "machine": dict, "settings": dict, "source": dict, "output": dict, "preprocessing": dict,
-    "input_convention": dict, "calibration": dict, "io": dict, "labels": list, "xnnpack": dict, "ops": dict,
-    "float_fallback": dict, "timing": dict,
+    "versions": _DICT, "machine": _DICT, "settings": _DICT, "source": _DICT, "output": _DICT,
+    "preprocessing": _DICT, "input_convention": _DICT, "calibration": _DICT, "io": _DICT, "labels": _LIST,
+    "xnnpack": _DICT, "ops": _DICT, "float_fallback": _DICT, "timing": _DICT,
     "settings.mode": str, "source.bytes": _INT, "source.classes": _INT, "source.input_shape": list,
     "output.path": str, "output.sha256": str, "output.replaces_sha256": (str, type(None)), "output.bytes": _INT,
     "preprocessing.size": _INT, "preprocessing.fingerprint": str, "preprocessing.input_convention": str,
