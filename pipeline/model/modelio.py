@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +117,7 @@ def _keras_zip_meta(path: Path) -> tuple[dict, dict]:
     except zipfile.BadZipFile:
         raise ModelLoadError(f"{path} is not a valid .keras file (not a zip archive)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError, OSError, EOFError,
-            NotImplementedError) as exc:
+            NotImplementedError, RuntimeError, zlib.error, struct.error, KeyError) as exc:  # damaged, encrypted
         raise ModelLoadError(f"{path} has an unreadable configuration ({type(exc).__name__}: "
                              f"{str(exc)[:120]})") from None
     if not isinstance(meta, dict) or not isinstance(config, dict):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import flatbuffers as flatbuffers_lib
@@ -46,6 +47,7 @@ OUTPUT_NAME = "scores"
 # The oldest metadata parser that reads every field written here (MediaPipe's
 # metadata_version.cc: no field added after 1.0.0 is used).
 MIN_PARSER_VERSION = "1.0.0"
+MAX_ASSOCIATED_BYTES = 64 * 2**20  # a labels file; a zip claiming more is not one a converter packed
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can record; fixed so equal models give equal bytes
 
 
@@ -187,9 +189,15 @@ def associated_files(model_bytes: bytes) -> dict[str, bytes]:
     """The files packed after the flatbuffer (name -> contents); {} when there are none."""
     try:
         with zipfile.ZipFile(io.BytesIO(model_bytes)) as archive:
+            if sum(info.file_size for info in archive.infolist()) > MAX_ASSOCIATED_BYTES:
+                raise ModelLoadError(f"invalid model: its packed files hold over {MAX_ASSOCIATED_BYTES >> 20} MiB")
             return {name: archive.read(name) for name in archive.namelist()}
     except zipfile.BadZipFile:
         return {}
+    except (NotImplementedError, RuntimeError, ValueError, EOFError, OSError, zlib.error, UnicodeDecodeError,
+            struct.error) as exc:  # a zip that is there but damaged, encrypted or of an unknown version
+        raise ModelLoadError(f"invalid model: its packed files cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:80]})") from None
 
 
 def _metadata_flatbuffer(info: ModelInfo, float_input: bool, uint8_input: bool) -> bytes:
