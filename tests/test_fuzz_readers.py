@@ -281,7 +281,8 @@ def test_allow_list_walk_takes_any_json(seed):
         if pick == 0:
             return None
         if pick == 1:
-            return rng.choice(["Dense", "class_name", "module", "relu", "keras.layers", "x"]).item()
+            return rng.choice(["Dense", "function", "__keras_tensor__", "module", "relu", "keras.layers",
+                               "keras.src.ops.nn", "builtins", "x"]).item()
         if pick == 2:
             return int(rng.integers(-5, 5))
         if pick == 3:

@@ -105,6 +105,7 @@ def test_allow_list_refuses_code_carrying_objects_anywhere():
         ({"module": "keras.src.ops.core", "class_name": "Cond", "config": {}}, "Cond"),
         ({"module": "os", "class_name": "system", "config": "true"}, "from os"),
         ({"module": "builtins", "class_name": "function", "config": "exec"}, "function 'exec'"),
+        ({"module": "builtins", "class_name": "function", "config": {"a": 1}}, "function"),
         ({"module": "keras.layers", "class_name": "Dense", "config": {"activation": "exec"}}, "activation 'exec'"),
         ({"module": "keras.layers", "class_name": "Dense", "config": {"kernel_initializer": "os.system"}},
          "kernel_initializer"),

@@ -162,7 +162,8 @@ def _object_problem(node: dict) -> str | None:
     if cls in DATA_MARKERS:
         return None
     if cls == "function":
-        return None if module in FUNCTION_MODULES and inner in ACTIVATIONS else f"function {str(inner)[:60]!r}"
+        known = module in FUNCTION_MODULES and isinstance(inner, str) and inner in ACTIVATIONS
+        return None if known else f"function {str(inner)[:60]!r}"
     if cls in _allowed_in(module):
         return None
     return described if module is None or module in _BY_MODULE or module in OP_MODULES else \
