@@ -22,6 +22,8 @@ from pipeline.core.errors import DeviceError
 from pipeline.validation.parity import Outputs, Step
 from pipeline.validation.parity_images import Feed, ModelIO
 
+MAX_OUTPUT_BYTES = 1 << 30  # a class score per image: far below this for any feed the tool sends
+
 
 class DeviceTarget:
     """One model on one device profile, run once per image through the profile's transport."""
@@ -43,19 +45,36 @@ class DeviceTarget:
             np.save(inputs, np.ascontiguousarray(feed.tensor), allow_pickle=False)
             result = get_transport(self.profile).bench(self.request(inputs, outputs))
             base = outputs / f"{self.model.stem}_output0"
-            try:
-                raw, scores = np.load(f"{base}.npy"), np.load(f"{base}_float.npy")
-            except OSError as exc:
-                raise DeviceError(f"{self.name}: the runner saved no outputs ({exc})") from None
+            raw, scores = (self.read_outputs(Path(f"{base}{suffix}.npy"), n) for suffix in ("", "_float"))
         if step:
             step(n)
         runtime = result.get("runtime") or {}
         machine = result.get("machine") or {}
-        return Outputs(scores.reshape(n, -1).astype(np.float32), raw.reshape(n, -1),
+        return Outputs(scores.astype(np.float32), raw,
                        f"{runtime.get('name', '?')} {runtime.get('version') or '?'}",
                        f"device {self.profile.name} over {self.profile.transport} ({machine.get('machine', '?')}, "
                        f"python {machine.get('python', '?')})",
                        f"the same {feed.tensor.dtype} input tensors as a .npy batch, set as they are")
+
+
+    def read_outputs(self, path: Path, n: int) -> np.ndarray:
+        """One array the runner saved: ``n`` rows of numbers, or a ``DeviceError`` (a device is not trusted to
+        write well-formed files: truncated, malformed, pickled or oversized ones are refused here)."""
+        try:
+            if path.stat().st_size > MAX_OUTPUT_BYTES:
+                raise DeviceError(f"{self.name}: the runner's {path.name} is over {MAX_OUTPUT_BYTES >> 20} MiB")
+            array = np.load(path, allow_pickle=False)
+        except DeviceError:
+            raise
+        except OSError as exc:
+            raise DeviceError(f"{self.name}: the runner saved no outputs ({exc.strerror or exc})") from None
+        except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many types on a malformed file
+            raise DeviceError(f"{self.name}: the runner's {path.name} is not a readable .npy "
+                              f"({type(exc).__name__}: {str(exc)[:80]})") from None
+        if array.dtype.kind not in "biuf" or array.size == 0 or array.size % n:
+            raise DeviceError(f"{self.name}: the runner's {path.name} holds {array.dtype} {list(array.shape)}, "
+                              f"not {n} rows of outputs")
+        return array.reshape(n, -1)
 
 
 def device_target(name: str):

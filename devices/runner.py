@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import sys
 import time
 
@@ -47,6 +48,7 @@ MAX_MODEL_BYTES = 2 * 1024 ** 3
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
 RANDOM_SAMPLES = 8
 CONVENTIONS = ("pixels", "pixels_int8", "signed_unit")  # pipeline.core.preprocessing.INPUT_CONVENTIONS
+MAX_MANIFEST_BYTES = 16 * 2**20  # pipeline.core.manifest_schema.MAX_MANIFEST_BYTES
 PIXEL_TENSORS = {("uint8", 1.0, 0): "pixels", ("int8", 1.0, -128): "pixels_int8"}
 
 
@@ -184,14 +186,20 @@ def model_input(pixels, convention):
 def manifest_convention(path):
     """The input convention the manifest beside the model records (none recorded: [-1, 1]), or None."""
     base = os.path.splitext(path)[0] if path.endswith(".tflite") else path
-    try:
-        with open(base + ".manifest.json") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
+    try:  # only a regular file of sane size: a FIFO would block, /dev/zero would never end
+        fd = os.open(base + ".manifest.json", os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        manifest = json.loads(raw) if len(raw) <= MAX_MANIFEST_BYTES else None
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(manifest, dict):
         return None
-    return (manifest.get("preprocessing") or {}).get("input_convention") or "signed_unit"
+    preprocessing = manifest.get("preprocessing")
+    convention = (preprocessing.get("input_convention") if isinstance(preprocessing, dict) else None) or "signed_unit"
+    return convention if convention in CONVENTIONS else None
 
 
 def dequantize(q, scale, zero_point):

@@ -441,7 +441,7 @@ def test_keras3_tfsmlayer_is_refused_by_us_and_by_keras_safe_mode(tmp_path, monk
     marker.unlink(missing_ok=True)
     with pytest.raises(ModelLoadError, match="TFSMLayer layer 'outside'.*--trust-model-code"):
         modelio.load_source(tmp_path / "wrapper.keras")
-    monkeypatch.setattr(modelio, "code_carrying_layers", lambda config: [])  # without our check: safe_mode alone
+    monkeypatch.setattr(modelio, "disallowed_objects", lambda config: [])  # without our check: safe_mode alone
     with pytest.raises(ModelLoadError, match="TFSMLayer"):
         modelio.load_source(tmp_path / "wrapper.keras")
     assert not marker.exists()

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.core import faults, interrupts
+from pipeline.core import faults, interrupts, manifest_schema
 from pipeline.core.errors import ArtifactError, OutputExistsError
 
 MANIFEST_SCHEMA = 1
@@ -281,18 +281,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """Read a manifest, checking that it is one of ours (for tools that compare artifacts)."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        raw = manifest_schema.read_regular(p)
     except OSError as exc:
         raise ArtifactError(f"cannot read manifest {p}: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"manifest {p} is not valid JSON ({exc})") from None
+    data = manifest_schema.parse(raw, p)
     if not isinstance(data, dict) or data.get("tool") != TOOL_NAME or not isinstance(data.get("schema"), int):
         raise ArtifactError(f"{p} is not an xception-edge manifest")
     if data["schema"] > MANIFEST_SCHEMA:
         raise ArtifactError(f"manifest {p} has schema {data['schema']}; this version reads up to {MANIFEST_SCHEMA}")
-    return data
+    return manifest_schema.check(data, p)
 
 
 def base_manifest(kind: str) -> dict:
@@ -343,13 +340,16 @@ def integrity(artifact: str | os.PathLike, data: bytes) -> Integrity:
     if not manifest.exists():
         return Integrity("unchecked", manifest)
     try:
-        recorded = json.loads(manifest.read_bytes())
+        recorded = json.loads(manifest_schema.read_regular(manifest))
     except OSError as exc:
         return Integrity("unreadable", manifest, exc.strerror or str(exc))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         return Integrity("unreadable", manifest, f"not valid JSON: {exc}")
     if not isinstance(recorded, dict) or recorded.get("tool") != TOOL_NAME:
         return Integrity("unchecked", manifest)  # another tool's file that happens to share the name
+    problems = manifest_schema.problems(recorded)
+    if problems:
+        return Integrity("unreadable", manifest, f"malformed: {problems[0]}")
     if _output_sha(recorded) is None:
         return Integrity("unreadable", manifest, "it records no output.sha256")
     record = describing(recorded, data)

@@ -55,6 +55,20 @@ class Discovery:
         return groups
 
 
+def shown(path: str | os.PathLike) -> str:
+    """A path as text that any report or terminal can hold: bytes of a name that is not UTF-8 (which Python
+    keeps as lone surrogates, unencodable) are written as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _walk_files(root: Path, skipped: list[Skip]):
     """Yield regular files (or symlinks to them) below root in sorted order."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
@@ -62,26 +76,29 @@ def _walk_files(root: Path, skipped: list[Skip]):
         base = Path(dirpath)
         for name in list(dirnames):
             if (base / name).is_symlink():
-                skipped.append(Skip(str(base / name), "symlinked folder not followed"))
+                skipped.append(Skip(shown(base / name), "symlinked folder not followed"))
         for name in sorted(filenames):
             yield base / name
 
 
 def _accept(path: Path, suffixes: frozenset[str], skipped: list[Skip]) -> bool:
+    if not _utf8(path):  # class names and report rows are text: such a name could not be written
+        skipped.append(Skip(shown(path), "file or folder name is not valid UTF-8; rename it"))
+        return False
     if path.name.startswith("."):
-        skipped.append(Skip(str(path), "hidden file"))
+        skipped.append(Skip(shown(path), "hidden file"))
         return False
     if path.suffix.lower() not in suffixes:
-        skipped.append(Skip(str(path), f"not an image (suffix {path.suffix or 'none'!r})"))
+        skipped.append(Skip(shown(path), f"not an image (suffix {path.suffix or 'none'!r})"))
         return False
     if path.is_symlink():
         try:
             path.resolve(strict=True)
         except (OSError, RuntimeError):
-            skipped.append(Skip(str(path), "dangling or looping symlink"))
+            skipped.append(Skip(shown(path), "dangling or looping symlink"))
             return False
     if not path.is_file():
-        skipped.append(Skip(str(path), "not a regular file"))
+        skipped.append(Skip(shown(path), "not a regular file"))
         return False
     return True
 
@@ -95,9 +112,9 @@ def discover(root: str | os.PathLike, *, allow_npy: bool = False, what: str = "i
     """
     root = Path(root)
     if not root.exists():
-        raise DataError(f"{what} not found: {root}")
+        raise DataError(f"{what} not found: {shown(root)}")
     if not root.is_dir():
-        raise DataError(f"{what} is not a folder: {root}")
+        raise DataError(f"{what} is not a folder: {shown(root)}")
     suffixes = IMAGE_SUFFIXES | ({NPY_SUFFIX} if allow_npy else frozenset())
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -114,12 +131,15 @@ def discover(root: str | os.PathLike, *, allow_npy: bool = False, what: str = "i
     if subdirs and not top_usable:
         classes = []
         for sub in subdirs:
+            if not _utf8(sub):
+                skipped.append(Skip(shown(sub), "class folder name is not valid UTF-8; rename it"))
+                continue
             found = [Item(p, sub.name) for p in _walk_files(sub, skipped) if _accept(p, suffixes, skipped)]
             if found:
                 classes.append(sub.name)
                 items.extend(found)
             else:
-                skipped.append(Skip(str(sub), "class folder without usable files"))
+                skipped.append(Skip(shown(sub), "class folder without usable files"))
     else:
         classes = None
         items.extend(Item(p, None) for p in top_usable)
@@ -129,7 +149,7 @@ def discover(root: str | os.PathLike, *, allow_npy: bool = False, what: str = "i
     if not items:
         kinds = "images or .npy arrays" if allow_npy else "images"
         detail = f" ({len(skipped)} files skipped, e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
-        raise DataError(f"no usable {kinds} in {what} {root}{detail}")
+        raise DataError(f"no usable {kinds} in {what} {shown(root)}{detail}")
     return Discovery(root=root, items=items, classes=classes or None, skipped=skipped)
 
 

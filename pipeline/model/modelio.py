@@ -3,14 +3,14 @@
 Model files come from colleagues and the internet, and TensorFlow's security
 guidance says it plainly: models are programs. Without ``trust_code=True``:
 
-* Keras files: the configuration is read as JSON first, and a Lambda layer
-  (marshalled Python bytecode), any layer whose config carries a
-  ``function``, or a TFSMLayer (which loads and runs a SavedModel) is refused
-  before Keras sees the file. Keras 3's own ``safe_mode`` stays on as a second
-  line (in Keras 3.15 it refuses Python lambdas anywhere in the config and
-  TFSMLayer; independently of it, Keras imports classes only from its own
-  packages). tf_keras ignores ``safe_mode`` for ``.h5`` files, which is why
-  the check here does not rely on it. The weights are numbers and run nothing.
+* Keras files: the configuration is read as JSON first, and every object it
+  names (nested to any depth) must be on ``keras_allowlist``'s list of Keras's
+  own classes that hold numbers and settings only; anything else (Lambda,
+  TFSMLayer, tf_keras's ReloadedLayer, custom objects, unknown modules) is
+  refused before Keras imports or builds anything: tf_keras imports whatever
+  module a configuration names, and ignores ``safe_mode`` for ``.h5``. Keras
+  3's own ``safe_mode`` stays on as a second line. The weights are numbers
+  and run nothing.
 * SavedModels: validation and the rewrite check execute the signature, and
   loading one runs its resource initializers, so its graph is a program. Every
   op of the meta graph and of every function in its library is checked
@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +36,17 @@ from pathlib import Path
 from google.protobuf import message, text_format
 
 from pipeline.core.errors import ModelLoadError
+from pipeline.model.keras_allowlist import disallowed_objects
 from pipeline.model.tfmot_import import import_tfmot
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.safe_tflite import check_manifest, read_model_bytes, start_probe
 
 TRUST_HINT = "pass --trust-model-code only if you trust whoever made this file"
-# Layers whose configuration carries executable Python, or loads a SavedModel and runs it (TFSMLayer).
-_CODE_LAYERS = {"Lambda", "TFSMLayer"}
+# The largest input side accepted: every calibration and evaluation image is held decoded at the model's size
+# (64 uint8 samples of 2048x2048x3 are 805 MB); image classifiers take 224 to 600.
+MAX_INPUT_SIZE = 2048
+# A Keras configuration is JSON of a few kilobytes per layer; past this it is not a model a user made.
+MAX_KERAS_CONFIG_BYTES = 64 * 2**20
 
 # TensorFlow ops a SavedModel may hold without --trust-model-code: computation on tensors and on the model's
 # own variables, function calls and control flow (their bodies are checked as functions of the library), asserts
@@ -98,16 +104,25 @@ class SourceModel:
 def _keras_zip_meta(path: Path) -> tuple[dict, dict]:
     try:
         with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
+            names = [info.filename for info in zf.infolist()]
             if "config.json" not in names:
                 raise ModelLoadError(f"{path} is not a Keras model archive (no config.json inside)")
+            for entry in ("config.json", "metadata.json"):
+                if names.count(entry) > 1:  # which copy a loader reads is its own choice: refuse the ambiguity
+                    raise ModelLoadError(f"{path} holds {entry} twice; refused")
+                if entry in names and zf.getinfo(entry).file_size > MAX_KERAS_CONFIG_BYTES:
+                    raise ModelLoadError(f"{path} has a {entry} over {MAX_KERAS_CONFIG_BYTES >> 20} MiB; refused")
             meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
             config = json.loads(zf.read("config.json"))
-            return meta, config
     except zipfile.BadZipFile:
         raise ModelLoadError(f"{path} is not a valid .keras file (not a zip archive)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} has an unreadable configuration ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError, OSError, EOFError,
+            NotImplementedError, RuntimeError, zlib.error, struct.error, KeyError) as exc:  # damaged, encrypted
+        raise ModelLoadError(f"{path} has an unreadable configuration ({type(exc).__name__}: "
+                             f"{str(exc)[:120]})") from None
+    if not isinstance(meta, dict) or not isinstance(config, dict):
+        raise ModelLoadError(f"{path} has an unreadable configuration (not a JSON object)")
+    return meta, config
 
 
 def _h5_config(path: Path) -> dict:
@@ -120,42 +135,24 @@ def _h5_config(path: Path) -> dict:
         raise ModelLoadError(f"{path} is not a valid HDF5 model file ({exc})") from None
     if raw is None:
         raise ModelLoadError(f"{path} holds weights only (no model_config); build the model and load weights instead")
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} has an unreadable model_config ({exc})") from None
-
-
-def code_carrying_layers(config) -> list[str]:
-    """Names of layers in a Keras config whose deserialization would run Python code."""
-    found: list[str] = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            cls = node.get("class_name")
-            if cls in _CODE_LAYERS or (isinstance(node.get("config"), dict) and "function" in node["config"]
-                                       and cls not in (None, "Activation")):
-                name = node.get("config", {}).get("name") if isinstance(node.get("config"), dict) else None
-                found.append(f"{cls} layer {name!r}" if name else str(cls))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(config)
-    return found
+        config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{path} has an unreadable model_config ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} has an unreadable model_config (not a JSON object)")
+    return config
 
 
 def _refuse_code(path: Path, config, trust_code: bool) -> None:
     if trust_code:
         return
-    layers = code_carrying_layers(config)
-    if layers:
-        raise ModelLoadError(f"{path} contains code ({', '.join(layers[:3])}) that would run when loaded; "
-                             f"refused. {TRUST_HINT}")
+    found = disallowed_objects(config)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise ModelLoadError(f"{path} names objects outside Keras's own layers, initializers, regularizers, "
+                             f"constraints, activations and dtype policies ({', '.join(found[:3])}{more}); they "
+                             f"could run code when loaded; refused. {TRUST_HINT}")
 
 
 def _read_saved_model_proto(path: Path):
@@ -323,6 +320,11 @@ def detect_kind(path: Path) -> str:
                          ".tflite")
 
 
+def _size_refusal(what, side: int) -> str:
+    return (f"{what} takes {side}x{side} images; the tool handles inputs from 1 to {MAX_INPUT_SIZE} pixels a side "
+            f"(each calibration and evaluation image is held at that size)")
+
+
 def _shape_of(model) -> tuple[tuple, int]:
     inputs = model.inputs
     if len(inputs) != 1:
@@ -330,6 +332,8 @@ def _shape_of(model) -> tuple[tuple, int]:
     shape = tuple(inputs[0].shape)[1:]
     if len(shape) != 3 or shape[2] != 3 or shape[0] is None or shape[0] != shape[1]:
         raise ModelLoadError(f"expected a square RGB image input (H, H, 3), got {shape}")
+    if not 1 <= shape[0] <= MAX_INPUT_SIZE:
+        raise ModelLoadError(_size_refusal("the model", shape[0]))
     outputs = model.outputs
     if len(outputs) != 1 or len(outputs[0].shape) != 2:
         raise ModelLoadError("expected one (batch, classes) output")
@@ -353,6 +357,8 @@ def _saved_model_shape(path: Path) -> tuple[tuple, int]:
     shape = tuple(specs[0].shape)[1:]
     if len(shape) != 3 or shape[0] is None or shape[0] != shape[1] or shape[2] != 3:
         raise ModelLoadError(f"SavedModel {path} input must be (batch, H, H, 3), got {tuple(specs[0].shape)}")
+    if not 1 <= shape[0] <= MAX_INPUT_SIZE:
+        raise ModelLoadError(_size_refusal(path, shape[0]))
     return tuple(int(s) for s in shape), int(outs[0].shape[-1])
 
 
@@ -427,6 +433,9 @@ def _float_tflite_source(path: Path) -> SourceModel:
     shape, out_shape = inputs[0], outputs[0]
     if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
         raise ModelLoadError(f"expected a square RGB image input (1, H, H, 3) in {path.name}, got {tuple(shape)}")
+    if not 1 <= shape[1] <= MAX_INPUT_SIZE:
+        pending.result()  # a malformed model says so through the probe first; a sound one gets the size refusal
+        raise ModelLoadError(_size_refusal(path, shape[1]))
     if len(out_shape) != 2:
         raise ModelLoadError(f"expected a (1, classes) output in {path.name}, got {tuple(out_shape)}")
     if quantized:

@@ -12,6 +12,9 @@ copies do not mix.
 from __future__ import annotations
 
 import functools
+import struct
+
+from pipeline.core.errors import ModelLoadError
 
 
 def tools():
@@ -29,9 +32,19 @@ def schema():
     return tools()[1]
 
 
+# What the generated readers raise on a flatbuffer whose offsets, indices or strings are wrong.
+MALFORMED = (IndexError, KeyError, struct.error, ValueError, TypeError, AttributeError, UnicodeDecodeError,
+             OverflowError, RecursionError, MemoryError)
+
+
 def read(model_bytes: bytes):
-    """The model as mutable objects."""
-    return tools()[0].read_model_from_bytearray(bytearray(model_bytes))
+    """The model as mutable objects; ``ModelLoadError`` when the flatbuffer cannot be read (an index past a
+    list, an offset past the end: the object API reads everything, the interpreter only what it runs)."""
+    try:
+        return tools()[0].read_model_from_bytearray(bytearray(model_bytes))
+    except MALFORMED as exc:
+        raise ModelLoadError(f"invalid model: its flatbuffer cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:100]})") from None
 
 
 def write(model) -> bytes:

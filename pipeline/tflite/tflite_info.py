@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.core.errors import ModelLoadError
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.flatbuffers import read
 
@@ -68,7 +69,17 @@ def read_model_object(model_bytes: bytes):
 
 
 def inspect_tflite(model_bytes: bytes) -> TfliteInfo:
+    """What the model holds; ``ModelLoadError`` for a flatbuffer whose indices or names are wrong (an operator
+    naming a tensor or opcode past its list, a name that is not UTF-8)."""
     model = read_model_object(model_bytes)
+    try:
+        return _inspect(model)
+    except flatbuffers.MALFORMED as exc:
+        raise ModelLoadError(f"invalid model: its graph cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:100]})") from None
+
+
+def _inspect(model) -> TfliteInfo:
     types, ops = _type_names(), _op_names()
     graph = model.subgraphs[0]
     tensors = graph.tensors

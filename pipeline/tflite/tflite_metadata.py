@@ -26,13 +26,15 @@ result does not depend on where a previous tool put it.
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import flatbuffers as flatbuffers_lib
 import numpy as np
 
-from pipeline.core.errors import ConversionError
+from pipeline.core.errors import ConversionError, ModelLoadError
 from pipeline.tflite import flatbuffers
 from pipeline.tflite import metadata_schema_py_generated as md
 
@@ -45,6 +47,7 @@ OUTPUT_NAME = "scores"
 # The oldest metadata parser that reads every field written here (MediaPipe's
 # metadata_version.cc: no field added after 1.0.0 is used).
 MIN_PARSER_VERSION = "1.0.0"
+MAX_ASSOCIATED_BYTES = 64 * 2**20  # a labels file; a zip claiming more is not one a converter packed
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can record; fixed so equal models give equal bytes
 
 
@@ -108,31 +111,93 @@ def add_metadata(model_bytes: bytes, info: ModelInfo) -> bytes:
 
 
 def read_metadata(model_bytes: bytes):
-    """The model's metadata as ``ModelMetadataT``, or None."""
+    """The model's metadata as ``ModelMetadataT``, or None; ``ModelLoadError`` when it is malformed.
+
+    Checked against the schema as it is read: the entry's buffer index and the buffer's bytes lie inside the
+    model, every offset inside the metadata buffer (``_Bounded``), every string is UTF-8. Native parsers
+    (MediaPipe's) trust these, so a model whose metadata fails here is never handed to one."""
     buffer = metadata_buffer(model_bytes)
     if buffer is None:
         return None
-    return md.ModelMetadataT.InitFromObj(md.ModelMetadata.GetRootAsModelMetadata(buffer, 0))
+    try:
+        meta = md.ModelMetadataT.InitFromObj(md.ModelMetadata.GetRootAsModelMetadata(_Bounded(buffer), 0))
+        _check_strings(meta, depth=0)
+    except (IndexError, struct.error, ValueError, TypeError, AttributeError, UnicodeDecodeError, OverflowError,
+            RecursionError) as exc:
+        raise ModelLoadError(f"invalid model: its {METADATA_NAME} metadata is malformed "
+                             f"({type(exc).__name__}: {str(exc)[:100]})") from None
+    return meta
+
+
+class _Bounded(bytes):
+    """Bytes whose slices must lie inside them. The flatbuffers package reads scalars with ``struct`` (which
+    fails past the end) but slices strings and byte vectors, which past the end silently come back short."""
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and not 0 <= (key.start or 0) <= (len(self) if key.stop is None else key.stop) \
+                <= len(self):
+            raise IndexError(f"bytes {key.start}..{key.stop} lie outside the {len(self)}-byte buffer")
+        return super().__getitem__(key)
+
+
+def _check_strings(node, depth: int) -> None:
+    """Every string of the metadata object tree decodes as UTF-8 (the clients read them as text)."""
+    if depth > 32:
+        raise RecursionError("metadata nested deeper than the schema allows")
+    if isinstance(node, bytes):
+        node.decode("utf-8")
+    elif isinstance(node, list):
+        for item in node:
+            _check_strings(item, depth + 1)
+    elif hasattr(node, "__dict__"):
+        for value in vars(node).values():
+            _check_strings(value, depth + 1)
 
 
 def metadata_buffer(model_bytes: bytes) -> bytes | None:
-    """The raw ``TFLITE_METADATA`` flatbuffer, read in place (no copy of the model)."""
-    model = flatbuffers.schema().Model.GetRootAs(model_bytes, 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() in (METADATA_NAME.encode(), METADATA_NAME):
-            data = model.Buffers(entry.Buffer()).DataAsNumpy()
-            return None if isinstance(data, int) else data.tobytes()
+    """The raw ``TFLITE_METADATA`` flatbuffer (None when there is none); ``ModelLoadError`` when an entry
+    names a buffer the model does not have, or bytes outside the file."""
+    try:
+        model = flatbuffers.schema().Model.GetRootAs(model_bytes, 0)
+        buffers = model.BuffersLength()
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            index = entry.Buffer()
+            if not 0 <= index < buffers:
+                raise ModelLoadError(f"invalid model: metadata entry {i} names buffer {index}, but the model has "
+                                     f"{buffers} buffers")
+            if entry.Name() in (METADATA_NAME.encode(), METADATA_NAME):
+                return _buffer_bytes(model_bytes, model.Buffers(index))
+    except (IndexError, struct.error, ValueError, TypeError, OverflowError) as exc:
+        raise ModelLoadError(f"invalid model: its metadata entries are malformed ({type(exc).__name__})") from None
     return None
+
+
+def _buffer_bytes(model_bytes: bytes, buffer) -> bytes | None:
+    """A buffer's bytes: inline in the flatbuffer, or (models over 2 GiB) at an offset in the file."""
+    offset, size = buffer.Offset(), buffer.Size()
+    if offset > 1:
+        if offset + size > len(model_bytes):
+            raise ModelLoadError(f"invalid model: its metadata buffer ({size} bytes at {offset}) lies past the end "
+                                 f"of the {len(model_bytes)}-byte file")
+        return bytes(model_bytes[offset:offset + size])
+    data = buffer.DataAsNumpy()  # numpy refuses a vector that runs past the end (ValueError)
+    return None if isinstance(data, int) else data.tobytes()
 
 
 def associated_files(model_bytes: bytes) -> dict[str, bytes]:
     """The files packed after the flatbuffer (name -> contents); {} when there are none."""
     try:
         with zipfile.ZipFile(io.BytesIO(model_bytes)) as archive:
+            if sum(info.file_size for info in archive.infolist()) > MAX_ASSOCIATED_BYTES:
+                raise ModelLoadError(f"invalid model: its packed files hold over {MAX_ASSOCIATED_BYTES >> 20} MiB")
             return {name: archive.read(name) for name in archive.namelist()}
     except zipfile.BadZipFile:
         return {}
+    except (NotImplementedError, RuntimeError, ValueError, EOFError, OSError, zlib.error, UnicodeDecodeError,
+            struct.error) as exc:  # a zip that is there but damaged, encrypted or of an unknown version
+        raise ModelLoadError(f"invalid model: its packed files cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:80]})") from None
 
 
 def _metadata_flatbuffer(info: ModelInfo, float_input: bool, uint8_input: bool) -> bytes:
