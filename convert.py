@@ -13,8 +13,12 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:  # rich is imported when a command runs, not for --help
+    from rich.progress import TaskID
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -66,7 +70,7 @@ class Bar:
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeRemainingColumn(), console=_console(), transient=True)
         self._description = description
-        self._task = None
+        self._task: TaskID | None = None
 
     def __enter__(self):
         return self
@@ -634,8 +638,8 @@ class EpochBars:
         self.console = _console(stderr=False)
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeRemainingColumn(), console=self.console, transient=True)
-        self._task = None
-        self._epoch = None
+        self._task: TaskID | None = None
+        self._epoch: int | None = None
 
     def __enter__(self):
         if self.console.is_terminal:  # in logs and pipes the per-epoch lines are enough
@@ -655,7 +659,8 @@ class EpochBars:
                 self._progress.remove_task(self._task)
             self._task = self._progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, completed=step - 1)
             self._epoch = epoch
-        self._progress.update(self._task, completed=step)
+        if self._task is not None:
+            self._progress.update(self._task, completed=step)
 
     def epoch(self, epoch: int, row: dict) -> None:
         self.console.print(f"  epoch {epoch}/{self.epochs}: loss {row['loss']:.3f}  accuracy {row['accuracy']:.3f}  "
@@ -877,6 +882,7 @@ def main():
     TensorFlow's autograph sources), flushes its output streams and ends
     with ``os._exit``.
     """
+    code: int | str | None
     try:
         convert_command(prog_name="convert")  # click's standalone mode always ends in SystemExit
         code = 0

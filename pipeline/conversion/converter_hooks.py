@@ -107,7 +107,7 @@ def denylist_supported() -> tuple[bool, str]:
     quantize = getattr(lite, "_mlir_quantize", None)
     if lite is not None and not callable(quantize):
         why = "tensorflow.lite.python.lite._mlir_quantize is gone"
-    elif lite is not None and "denylisted_nodes" not in inspect.signature(quantize).parameters:
+    elif quantize is not None and "denylisted_nodes" not in inspect.signature(quantize).parameters:
         why = "tensorflow.lite.python.lite._mlir_quantize no longer takes denylisted_nodes"
     return why == "ok", why
 
@@ -298,8 +298,10 @@ def _converter_api():
     if not _API:
         path = _converter_api_path()
         loader = importlib.machinery.ExtensionFileLoader("_pywrap_converter_api", str(path))  # its PyInit name
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(loader.name, path,
-                                                                                       loader=loader))
+        spec = importlib.util.spec_from_file_location(loader.name, path, loader=loader)
+        if spec is None:
+            raise ImportError(f"cannot load TensorFlow's converter extension from {path}")
+        module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
         _API.append(module)
     return _API[0]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import heapq
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +51,8 @@ def _text(value) -> str:
 class _Graph:
     """One model's single subgraph, with op names, layers and tensor wiring worked out once."""
 
-    model: object
-    graph: object = field(init=False)
+    model: Any  # a schema ModelT (generated, untyped)
+    graph: Any = field(init=False)
     op_names: list[str] = field(init=False)
     op_layers: list[str | None] = field(init=False)
     producer: dict[int, int] = field(init=False)
@@ -153,7 +154,7 @@ class _Splice:
         self.donor_ops = {d for _, d in pairs}
         self.rank = {d: float(h) for h, d in pairs}
         self.opcode_cache: dict[tuple, int] = {}
-        self.new_ops: list[tuple[float, object]] = []
+        self.new_ops: list[tuple[float, Any]] = []  # (rank, schema OperatorT)
         self.conversions: dict[str, int] = {}
         self.mapped: dict[int, int] = {}  # donor tensor -> host tensor
         self.buffer_map: dict[int, int] = {}  # donor buffer -> host buffer
@@ -253,7 +254,7 @@ class _Splice:
         tensor.buffer = self.buffer_map[tensor.buffer]
         return self.add_tensor(tensor)
 
-    def read(self, t: int, layer_of_op: str, at: float) -> int:
+    def read(self, t: int, layer_of_op: str | None, at: float) -> int:
         """The host tensor a donor op reads in place of donor tensor ``t``."""
         donor = self.donor
         if t in self.mapped:  # produced by a spliced op, or already read

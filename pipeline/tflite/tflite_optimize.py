@@ -30,6 +30,7 @@ import copy
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,8 @@ def fuse_shared_add_relu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
 
 def _wiring(graph) -> tuple[dict, dict]:
     """Tensor -> the op producing it, and tensor -> the ops reading it."""
-    producer, consumers = {}, {}
+    producer: dict[int, Any] = {}
+    consumers: dict[int, list[Any]] = {}
     for op in graph.operators or []:
         for t in op.outputs if op.outputs is not None else []:
             producer[int(t)] = op
@@ -236,7 +238,7 @@ def check_rewrite(stock: bytes, rewritten: bytes, inputs, reference=None, cache:
 
     a, qa = outputs(stock)
     b, qb = outputs(rewritten)
-    result = {"samples": int(len(inputs)),
+    result: dict[str, Any] = {"samples": int(len(inputs)),
               "top1_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))),
               "max_abs_quanta": int(np.abs(qa - qb).max()) if qa.dtype.kind in "iu" else None,
               "mean_abs_diff": float(np.abs(a - b).mean())}
@@ -293,7 +295,8 @@ def _xnnpack_report(model_bytes: bytes, threads: int = 1) -> dict:
             return {"partitions": 0, "outside": [], "refused": refused}
     nodes = interpreter._get_ops_details()  # noqa: SLF001 - the only per-node view
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    delegate_in, delegate_out = set(), set()
+    delegate_in: set[int] = set()
+    delegate_out: set[int] = set()
     partitions = 0
     for node in nodes:
         if node["op_name"] == "DELEGATE":

@@ -196,7 +196,8 @@ def tflite_output_kind(model_bytes: bytes) -> OutputKind:
         op = graph.Operators(i)
         for j in range(op.OutputsLength()):
             producer[int(op.Outputs(j))] = op
-    tensor, passed = int(graph.Outputs(0)), []
+    tensor = int(graph.Outputs(0))
+    passed: list[str] = []  # the pass-through ops walked, output first
     for _ in range(graph.OperatorsLength()):
         op = producer.get(tensor)
         if op is None:
