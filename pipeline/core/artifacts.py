@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from pipeline.core.errors import ArtifactError, OutputExistsError
 
@@ -105,7 +106,7 @@ def _explain(exc: OSError, target: Path) -> ArtifactError:
         errno.EACCES: "permission denied",
         errno.EPERM: "permission denied",
     }
-    why = reasons.get(exc.errno, exc.strerror or str(exc))
+    why = reasons.get(exc.errno or 0, exc.strerror or str(exc))
     return ArtifactError(f"cannot write {target}: {why}; nothing was changed")
 
 
@@ -163,7 +164,7 @@ class _writing:
 
     def __init__(self, target: Path):
         self.target = target
-        self.previous = None
+        self.previous: Any = None  # the SIGXFSZ handler to restore
 
     def __enter__(self):
         try:
@@ -299,6 +300,6 @@ def integrity(artifact: str | os.PathLike, data: bytes) -> Integrity:
     actual = sha256_bytes(data)
     if actual == expected:
         return Integrity("ok", manifest)
-    if actual == output.get("replaces_sha256"):
+    if isinstance(output, dict) and actual == output.get("replaces_sha256"):
         return Integrity("unfinished", manifest)
     return Integrity("mismatch", manifest)
