@@ -117,9 +117,10 @@ def _print_summary(summary: dict, title: str = "conversion") -> None:
     table.add_row("ops int / float", f"{summary['int_ops']} / {summary['float_ops']}")
     if summary.get("calibration_samples"):
         table.add_row("calibration images", str(summary["calibration_samples"]))
-    table.add_row("XNNPACK partitions", str(summary["xnnpack_partitions"]) + (
+    partitions = summary["xnnpack_partitions"]
+    table.add_row("XNNPACK partitions", "unknown" if partitions is None else str(partitions) + (
         " (XNNPACK refuses the model)" if summary.get("xnnpack_refused")
-        else " (one is best)" if summary["xnnpack_partitions"] > 1 else ""))
+        else " (one is best)" if partitions > 1 else ""))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     _console(stderr=False).print(table)
     outside = summary.get("xnnpack_outside") or []

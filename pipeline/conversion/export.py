@@ -23,6 +23,7 @@ from pipeline.conversion import float_fallback
 from pipeline.conversion.converter_hooks import (
     calibrate_float_model,
     denylist_supported,
+    disable_per_channel,
     fast_calibration,
     fast_freeze,
     keep_float,
@@ -143,7 +144,7 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
             converter.inference_input_type = tf.int16
             converter.inference_output_type = tf.int16
     if not settings.per_channel:
-        converter._experimental_disable_per_channel = True  # noqa: SLF001 - the converter's only switch for it
+        disable_per_channel(converter)
 
 
 def _replayable(representative, progress: Progress | None):

@@ -37,12 +37,6 @@ from pipeline.tflite import flatbuffers
 from pipeline.tflite.layers import layer_names, primary_layer
 
 
-def _schema():
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    return schema
-
-
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
 
@@ -102,11 +96,9 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
     done: donor type, ops spliced, conversion ops added. Raises
     ``ConversionError`` naming the layer when a layer cannot be matched.
     """
-    from tensorflow.lite.tools import flatbuffer_utils
-
     layers = list(dict.fromkeys(str(layer) for layer in layers))
-    host = _Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(host_bytes)))
-    donor = _Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(donor_bytes)))
+    host = _Graph(flatbuffers.read(host_bytes))
+    donor = _Graph(flatbuffers.read(donor_bytes))
     edit = _Splice(host, donor, _match_layers(host, donor, layers))
     edit.add_donor_ops()
     edit.write_back_outputs()
@@ -115,7 +107,7 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
         record.update({"method": "splice", "layers": layers,
                        "donor": _donor_kind(donor, edit.donor_ops, edit.types),
                        "ops": len(edit.donor_ops), "conversion_ops": dict(sorted(edit.conversions.items()))})
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(host.model))
+    return flatbuffers.write(host.model)
 
 
 def _match_layers(host: _Graph, donor: _Graph, layers: list[str]) -> list[tuple[int, int]]:
@@ -146,7 +138,7 @@ class _Splice:
     """
 
     def __init__(self, host: _Graph, donor: _Graph, pairs: list[tuple[int, int]]):
-        self.schema = _schema()
+        self.schema = flatbuffers.schema()
         self.types = {code: name.lower() for code, name in flatbuffers.type_names().items()}
         self.host, self.donor = host, donor
         self.model, self.graph = host.model, host.graph

@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.core.quiet import native_stderr_captured
 from pipeline.tflite import flatbuffers
-from pipeline.tflite.runtime import run_batch
+from pipeline.tflite.runtime import delegated_nodes, run_batch
 
 _FUSABLE = {"RELU": "RELU", "RELU6": "RELU6", "RELU_N1_TO_1": "RELU_N1_TO_1"}
 _INTEGER_TYPES = {"INT8", "UINT8"}
@@ -208,8 +208,8 @@ def _rescalable_chain(model, t: int, producer: dict, consumers: dict) -> list[in
     return chain
 
 
-def delegate_partitions(model_bytes: bytes, threads: int = 1) -> int:
-    """How many pieces XNNPACK cut the model into (1 is the goal; 0 means it took nothing)."""
+def delegate_partitions(model_bytes: bytes, threads: int = 1) -> int | None:
+    """How many pieces XNNPACK cut the model into (1 is the goal; 0 means it took nothing; None: unknown)."""
     return xnnpack_report(model_bytes, threads)["partitions"]
 
 
@@ -293,7 +293,9 @@ def _xnnpack_report(model_bytes: bytes, threads: int = 1) -> dict:
         except RuntimeError as exc:  # XNNPACK refuses the whole graph (measured: extreme requantization scales)
             refused = re.sub(r"(?<=[a-z])(?=Node number)", "; ", str(exc).strip().splitlines()[0][:200]) or log.tail(1)
             return {"partitions": 0, "outside": [], "refused": refused}
-    nodes = interpreter._get_ops_details()  # noqa: SLF001 - the only per-node view
+    nodes, why = delegated_nodes(interpreter)
+    if nodes is None:
+        return {"partitions": None, "outside": [], "unknown": why}
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     delegate_in: set[int] = set()
     delegate_out: set[int] = set()

@@ -59,7 +59,7 @@ from pipeline.core.errors import BudgetNotReached, ConversionError, ValidationEr
 from pipeline.core.preprocessing import LEGACY_CONVENTION, PreprocessSpec, dequantize, model_input, quantize
 from pipeline.tflite.input_convention import tensor_convention
 from pipeline.model.modelio import load_source
-from pipeline.tflite.runtime import open_interpreter
+from pipeline.tflite.runtime import graph_ops, open_interpreter
 from pipeline.tflite.splice import splice
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import drift_metrics, topk
@@ -219,7 +219,7 @@ def rank_layers(float_bytes: bytes, quant_bytes: bytes, inputs, exclude=()) -> l
     interpreter = open_interpreter(quant_bytes)  # names and op wiring only; nothing runs
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
     scores: dict[str, dict] = {}
-    for op in interpreter._get_ops_details():  # noqa: SLF001 - the only API that maps ops to tensors
+    for op in graph_ops(interpreter, quant_bytes):
         upstream = [by_tensor[names[int(i)]].rmse_over_scale for i in op["inputs"]
                     if int(i) >= 0 and names.get(int(i)) in by_tensor]
         for index in op["outputs"]:
