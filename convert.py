@@ -28,7 +28,27 @@ LATEST_RUN = Path("runs") / "latest"
 def _console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    if stderr:
+        return Console(file=_user_stderr(), highlight=False)
+    return Console(highlight=False)
+
+
+@functools.cache
+def _user_stderr():
+    """The user's stderr as it was before any library call, on a file descriptor of its own.
+
+    While the converter runs, the library points fd 2 at a temporary file
+    (``pipeline.core.quiet.native_stderr_captured``) to keep TensorFlow's
+    native log for its error messages; the calibration progress bar is drawn
+    during exactly that time, so it writes to a duplicate of fd 2 taken first.
+    """
+    try:
+        if sys.stderr is None or sys.stderr.fileno() != 2:
+            return sys.stderr  # already redirected in Python (click's CliRunner): write where it points
+        sys.stderr.flush()
+        return os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="replace")
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return sys.stderr
 
 
 def guarded(fn=None, *, tensorflow: bool = True):
@@ -67,8 +87,9 @@ class Bar:
     def __init__(self, description: str):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        # redirect_stderr=False: Python writes to sys.stderr during the bar stay where the library points fd 2.
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeRemainingColumn(), console=_console(), transient=True)
+                                  TimeRemainingColumn(), console=_console(), transient=True, redirect_stderr=False)
         self._description = description
         self._task: TaskID | None = None
 
