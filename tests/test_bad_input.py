@@ -16,7 +16,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import time
 import zlib
 from pathlib import Path
 
@@ -109,9 +108,7 @@ def test_image_corpus_each_file_is_used_or_skipped_with_its_reason(tmp_path):
     root = tmp_path / "dossier à trier" / "chats et chiens"
     root.mkdir(parents=True)
     expected = _corpus(root)
-    start = time.perf_counter()
     cal = build_calibration_set(tmp_path / "dossier à trier", SPEC, size=100)
-    assert time.perf_counter() - start < 20  # the bomb is refused from its header, not decoded
     used = {Path(f["path"]).name for f in cal.files}
     skipped = {Path(s.path).name: s.reason for s in cal.skipped}
     for name, outcome in expected.items():
@@ -119,6 +116,7 @@ def test_image_corpus_each_file_is_used_or_skipped_with_its_reason(tmp_path):
             assert name in used, (name, skipped.get(name))
         else:
             assert name in skipped and outcome in skipped[name], (name, skipped.get(name))
+    assert "possible decompression bomb" in skipped["bomb.png"]  # refused from its header (ours or Pillow's)
     assert {f["label"] for f in cal.files} == {"chats et chiens"}  # non-ASCII, spaces
     # converted, never clamped: 16-bit 40000 -> 156, not 255
     gray16 = cal.samples[[Path(f["path"]).name for f in cal.files].index("gray16.png")]
@@ -254,10 +252,8 @@ def test_a_loader_that_hangs_is_stopped(small_tflite, tmp_path, monkeypatch):
     import pipeline.tflite.safe_tflite as safe
 
     monkeypatch.setattr(safe, "_CHILD", "import time\ntime.sleep(60)\n")
-    start = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="did not finish in 2 s"):
+    with pytest.raises(ModelLoadError, match="did not finish in 2 s"):  # only the timeout says so: it was stopped
         probe(small_tflite, timeout=2)
-    assert time.perf_counter() - start < 10
 
 
 # Replaces the probe's body (after the limits it sets first): reports what the child sees.
@@ -464,36 +460,41 @@ def _convert_args(trained_run, digits, out):
             "--calib-size", "600", "--out", str(out), "--force"]
 
 
-def _is_complete_model(path: Path) -> bool:
-    from pipeline.tflite.safe_tflite import precheck
-    from pipeline.tflite.tflite_info import inspect_tflite
-
-    data = path.read_bytes()
-    try:
-        precheck(data)
-        inspect_tflite(data)
-    except Exception:  # noqa: BLE001
-        return False
+def _paused(marker: Path, proc: subprocess.Popen) -> bool:
+    """Wait until ``proc`` stops at the pause hook of pipeline.core.artifacts.atomic_write_pair (True), or ends
+    without reaching it (False)."""
+    while not marker.exists():
+        try:
+            proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            continue
+        return marker.exists()
     return True
 
 
 @pytest.mark.slow
-def test_interrupted_convert_leaves_old_output_or_a_whole_new_one(trained_run, digits, tmp_path):
-    out = tmp_path / "m.tflite"
+def test_interrupted_convert_leaves_the_old_model_and_no_staged_file(trained_run, digits, tmp_path):
+    """SIGINT at the last moment an interrupt can land, held there by the pause hook (the manifest renamed,
+    the new model staged, not yet renamed): exit 130 with one message, the old bytes in place."""
+    out, marker = tmp_path / "m.tflite", tmp_path / "paused"
     old = b"previous model bytes"
-    for delay in (3.0, 6.0):
-        out.write_bytes(old)
-        proc = subprocess.Popen(_convert_args(trained_run, digits, out), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
+    out.write_bytes(old)
+    args = _convert_args(trained_run, digits, out)
+    args[args.index("600")] = "20"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, PAUSE_ENV: str(marker)})
+    try:
+        assert _paused(marker, proc), proc.communicate(timeout=60)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-        content = out.read_bytes()
-        assert content == old or _is_complete_model(out), delay
-        if proc.returncode == 130:
-            assert "interrupted" in err and "Traceback" not in err
-            assert content == old
-            assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert out.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 @pytest.mark.slow
@@ -510,10 +511,7 @@ def test_kill_between_manifest_and_model_is_an_unfinished_write(trained_run, tra
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, PAUSE_ENV: str(marker)})
     try:
-        deadline = time.monotonic() + 300
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert marker.exists(), proc.communicate(timeout=60)
+        assert _paused(marker, proc), proc.communicate(timeout=60)
         proc.kill()
     finally:
         if proc.poll() is None:
