@@ -157,6 +157,8 @@ def test_no_import_cycles():
 LAZY_MODULES_OK = {
     "convert": "the CLI's commands load their library code on use, keeping --help instant",
     "devices.runner": "runs alone on boards down to Python 3.7, where importlib.metadata may be missing (tried)",
+    "pipeline": "the facade: every `import pipeline.x` runs pipeline/__init__.py first, so its entry points load "
+                "their stage when first used; nothing in the library imports the facade, so no cycle hides there",
 }
 # Generated code, vendored unchanged: not ours to shape.
 GENERATED = {"pipeline.tflite.metadata_schema_py_generated"}
