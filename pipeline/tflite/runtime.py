@@ -1,9 +1,21 @@
-"""Running .tflite bytes: the one place they become an interpreter, and the one quantize-invoke-dequantize step.
+"""Running .tflite bytes in this process: an interpreter with XNNPACK's refusals handled, and a batch run.
 
-Every part of the library that runs a model (validation, the rewrite check,
-the budget search, per-layer error) goes through here, so XNNPACK's refusals
-and the model's own I/O quantization are handled once. ``devices/runner.py``
-keeps its own copy on purpose: it runs on devices without this package.
+Validation's runners, parity's reference, the budget search, per-layer error
+and the rewrite check open their interpreters with ``open_interpreter``, so
+XNNPACK refusing a graph and LiteRT's own load errors are handled once. The
+quantize-invoke-dequantize loop itself is not shared: ``run_batch`` (the
+rewrite check, float outputs) and ``invoke_one`` (validation) are here, while
+the budget search runs its own over one interpreter per thread, per-layer
+error reads intermediate tensors, and parity keeps the raw integers; all of
+them quantize and dequantize with ``pipeline.core.preprocessing``'s one
+definition. Two places build a bare interpreter on purpose: the fast
+calibrator (``conversion.converter_hooks``: a probe model, one per thread)
+and the XNNPACK report (``tflite_optimize``: its own log captured).
+``devices/runner.py`` keeps its own copy: it runs on devices without this package.
+
+LiteRT's private per-node view is read here alone, behind a version pin, with
+the flatbuffer's own ops as the tested fallback (``graph_ops``,
+``delegated_nodes``).
 """
 
 from __future__ import annotations

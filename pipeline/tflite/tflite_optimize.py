@@ -20,8 +20,9 @@ Add's scale before the ReLU requantizes it, the fused form rounds once.
 ``export_tflite`` therefore measures the rewritten model against the original
 on the calibration images and records the difference in the manifest. That
 check sees 32 images; ``convert --max-drop`` also refuses a rewrite that
-changes any top-1 prediction on its eval images (issue 14: on another CPU a
-rewrite the check had passed cost 2 pp there).
+changes any top-1 prediction on its eval images: the 32 images cannot see
+every such change (measured: on another CPU, a rewrite the check had passed
+cost 2 pp on the eval images).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ The drop is computed by the same pieces as ``xedge validate`` (discovery,
 round-robin limit, preprocessing, label mapping, ``drift_metrics``), with the
 eval images decoded and the float model run once for the whole search.
 
-Two things keep the reported figure honest (issue 14). Each candidate is
+Two things keep the reported figure honest. Each candidate is
 measured as it will be written: after the graph rewrites, and a rewrite that
 changes any top-1 prediction on the eval images is left out (said, and
 recorded), since the rewrite check's 32 calibration images cannot see every

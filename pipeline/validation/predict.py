@@ -164,8 +164,8 @@ class OutputKind:
 
     Decided from the model (the op or layer that produces the output), never
     from the values: an int8 softmax over 1000 classes rounds most entries
-    to zero, so its rows sum to well under 1 (0.54 to 1.0 on an ImageNet
-    classifier, issue 14) and a test of the sums took them for logits.
+    to zero, so its rows sum to well under 1 (0.54 to 1.0, measured on an
+    ImageNet classifier), and a test of the sums would take them for logits.
     """
 
     probabilities: bool
