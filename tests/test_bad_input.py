@@ -455,9 +455,9 @@ def test_no_pickle_anywhere():
 # ---------------------------------------------------------------- faults while writing
 
 
-def _convert_args(trained_run, digits, out):
+def _convert_args(trained_run, digits, out, calib_size: int = 600):
     return [str(VENV_BIN / "convert"), str(trained_run.model_path), "--int8", "--calib", str(digits["train"]),
-            "--calib-size", "600", "--out", str(out), "--force"]
+            "--calib-size", str(calib_size), "--out", str(out), "--force"]
 
 
 def _paused(marker: Path, proc: subprocess.Popen) -> bool:
@@ -472,26 +472,32 @@ def _paused(marker: Path, proc: subprocess.Popen) -> bool:
     return True
 
 
-@pytest.mark.slow
-def test_interrupted_convert_leaves_the_old_model_and_no_staged_file(trained_run, digits, tmp_path):
-    """SIGINT at the last moment an interrupt can land, held there by the pause hook (the manifest renamed,
-    the new model staged, not yet renamed): exit 130 with one message, the old bytes in place."""
-    out, marker = tmp_path / "m.tflite", tmp_path / "paused"
-    old = b"previous model bytes"
-    out.write_bytes(old)
-    args = _convert_args(trained_run, digits, out)
-    args[args.index("600")] = "20"
+def _signalled_at_the_pause(args: list[str], marker: Path, sig: int) -> tuple[int, str]:
+    """Run convert ``args`` until the pause hook holds it between the manifest's rename and the model's, send
+    ``sig`` there: the exit code and stderr."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, PAUSE_ENV: str(marker)})
     try:
         assert _paused(marker, proc), proc.communicate(timeout=60)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_interrupted_convert_leaves_the_old_model_and_no_staged_file(trained_run, digits, tmp_path):
+    """SIGINT at the last moment an interrupt can land, held there by the pause hook (the manifest renamed,
+    the new model staged, not yet renamed): exit 130 with one message, the old bytes in place."""
+    out = tmp_path / "m.tflite"
+    old = b"previous model bytes"
+    out.write_bytes(old)
+    args = _convert_args(trained_run, digits, out, calib_size=20)
+    code, err = _signalled_at_the_pause(args, tmp_path / "paused", signal.SIGINT)
+    assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert out.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
@@ -505,19 +511,9 @@ def test_kill_between_manifest_and_model_is_an_unfinished_write(trained_run, tra
     shutil.copy(trained_tflite["float"], out)  # a complete previous pair
     shutil.copy(manifest_path_for(trained_tflite["float"]), manifest_path_for(out))
     old = out.read_bytes()
-    marker = tmp_path / "paused"
-    args = _convert_args(trained_run, digits, out)
-    args[args.index("600")] = "20"
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, PAUSE_ENV: str(marker)})
-    try:
-        assert _paused(marker, proc), proc.communicate(timeout=60)
-        proc.kill()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    args = _convert_args(trained_run, digits, out, calib_size=20)
+    code, _ = _signalled_at_the_pause(args, tmp_path / "paused", signal.SIGKILL)
+    assert code == -signal.SIGKILL
     manifest = json.loads(manifest_path_for(out).read_text())
     assert out.read_bytes() == old  # the model's rename never happened; the manifest's did
     assert manifest["output"]["replaces_sha256"] == sha256_bytes(old) != manifest["output"]["sha256"]
