@@ -13,8 +13,12 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:  # rich is imported when a command runs, not for --help
+    from rich.progress import TaskID
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -24,7 +28,27 @@ LATEST_RUN = Path("runs") / "latest"
 def _console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    if stderr:
+        return Console(file=_user_stderr(), highlight=False)
+    return Console(highlight=False)
+
+
+@functools.cache
+def _user_stderr():
+    """The user's stderr as it was before any library call, on a file descriptor of its own.
+
+    While the converter runs, the library points fd 2 at a temporary file
+    (``pipeline.core.quiet.native_stderr_captured``) to keep TensorFlow's
+    native log for its error messages; the calibration progress bar is drawn
+    during exactly that time, so it writes to a duplicate of fd 2 taken first.
+    """
+    try:
+        if sys.stderr is None or sys.stderr.fileno() != 2:
+            return sys.stderr  # already redirected in Python (click's CliRunner): write where it points
+        sys.stderr.flush()
+        return os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="replace")
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return sys.stderr
 
 
 def guarded(fn=None, *, tensorflow: bool = True):
@@ -67,10 +91,11 @@ class Bar:
     def __init__(self, description: str):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        # redirect_stderr=False: Python writes to sys.stderr during the bar stay where the library points fd 2.
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeRemainingColumn(), console=_console(), transient=True)
+                                  TimeRemainingColumn(), console=_console(), transient=True, redirect_stderr=False)
         self._description = description
-        self._task = None
+        self._task: TaskID | None = None
 
     def __enter__(self):
         return self
@@ -117,9 +142,10 @@ def _print_summary(summary: dict, title: str = "conversion") -> None:
     table.add_row("ops int / float", f"{summary['int_ops']} / {summary['float_ops']}")
     if summary.get("calibration_samples"):
         table.add_row("calibration images", str(summary["calibration_samples"]))
-    table.add_row("XNNPACK partitions", str(summary["xnnpack_partitions"]) + (
+    partitions = summary["xnnpack_partitions"]
+    table.add_row("XNNPACK partitions", "unknown" if partitions is None else str(partitions) + (
         " (XNNPACK refuses the model)" if summary.get("xnnpack_refused")
-        else " (one is best)" if summary["xnnpack_partitions"] > 1 else ""))
+        else " (one is best)" if partitions > 1 else ""))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     _console(stderr=False).print(table)
     outside = summary.get("xnnpack_outside") or []
@@ -641,8 +667,8 @@ class EpochBars:
         self.console = _console(stderr=False)
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeRemainingColumn(), console=self.console, transient=True)
-        self._task = None
-        self._epoch = None
+        self._task: TaskID | None = None
+        self._epoch: int | None = None
 
     def __enter__(self):
         if self.console.is_terminal:  # in logs and pipes the per-epoch lines are enough
@@ -662,7 +688,8 @@ class EpochBars:
                 self._progress.remove_task(self._task)
             self._task = self._progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, completed=step - 1)
             self._epoch = epoch
-        self._progress.update(self._task, completed=step)
+        if self._task is not None:
+            self._progress.update(self._task, completed=step)
 
     def epoch(self, epoch: int, row: dict) -> None:
         self.console.print(f"  epoch {epoch}/{self.epochs}: loss {row['loss']:.3f}  accuracy {row['accuracy']:.3f}  "
@@ -884,6 +911,7 @@ def main():
     TensorFlow's autograph sources), flushes its output streams and ends
     with ``os._exit``.
     """
+    code: int | str | None
     try:
         convert_command(prog_name="convert")  # click's standalone mode always ends in SystemExit
         code = 0

@@ -10,12 +10,12 @@ allows, and a bad file is replaced by the next file of its own class.
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence, TypeVar
+from typing import Iterator, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
 
-def stratified_order(groups: dict[str | None, Sequence[T]], seed: int) -> Iterator[T]:
+def stratified_order(groups: Mapping[str | None, Sequence[T]], seed: int) -> Iterator[T]:
     """Yield every item once: shuffled within its class, classes interleaved."""
     queues = []
     for key in sorted(groups, key=lambda k: (k is None, str(k))):

@@ -127,14 +127,14 @@ class AdbTransport:
         self._push(RUNNER, f"{folder}/runner.py")
         for local, remote in zip(request.models, names):
             self._push(local, remote)
-        inputs = f"{folder}/inputs.npy" if request.inputs else None
-        if inputs:
+        inputs = f"{folder}/inputs.npy" if request.inputs is not None else None
+        if request.inputs is not None and inputs is not None:
             self._push(request.inputs, inputs)
-        outputs = f"{folder}/outputs" if request.outputs else None
+        outputs = f"{folder}/outputs" if request.outputs is not None else None
         command = _quote([p.python, f"{folder}/runner.py", *request.runner_args(names, inputs, outputs)])
         proc = self._shell(command, timeout=p.command_timeout_s, what="the bench")
         result = parse_runner_output(proc, f"adb {self.serial}")
-        if outputs:
+        if request.outputs is not None and outputs is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 self._check(self._adb("pull", outputs, tmp, timeout=p.command_timeout_s, what="pulling outputs"),
                             "pull outputs")

@@ -13,6 +13,7 @@ passes on the true p90 too; where it prints no percentiles at all they stay
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pipeline.core.errors import DeviceError
 
@@ -44,7 +45,7 @@ def parse_benchmark_model(text: str) -> dict:
     run = stats[-1]  # the warm-up's Stat line comes first, the timed runs' last
     latency = {"min": _ms(run["min"]), "p50": _ms(run["median"]), "p90": _ms(run["p95"]), "p99": None,
                "mean": _ms(run["avg"]), "max": _ms(run["max"]), "std": _ms(run["std"])}
-    result = {"schema": 1, "init_ms": _ms(timings["init"]), "latency_ms": latency, "runs": int(run["count"]),
+    result: dict[str, Any] = {"schema": 1, "init_ms": _ms(timings["init"]), "latency_ms": latency, "runs": int(run["count"]),
               "warmup": int(stats[0]["count"]) if len(stats) > 1 else None,
               "first_inference_ms": _ms(timings["first"]),
               "runtime": {"name": "benchmark_model", "version": None},

@@ -92,7 +92,7 @@ def select_cases(profile: DeviceProfile, models: list[str | os.PathLike] | None)
     if missing:
         raise DeviceError(f"give the model files (xedge latency-test --device {profile.name} MODEL...), or a path "
                           f"in [budgets.{missing[0]}]")
-    return [Case(name, b.path, b) for name, b in profile.budgets.items()], []
+    return [Case(name, b.path, b) for name, b in profile.budgets.items() if b.path], []  # every one has a path
 
 
 def run_latency_tests(profile: DeviceProfile, models=None, *, runs: int | None = None, warmup: int | None = None,

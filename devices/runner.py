@@ -115,7 +115,7 @@ def read_model(path):
 
 def cpu_description():
     """A human description of the CPU: x86 'model name', or ARM 'Hardware'/'Model'/implementer+part."""
-    info = {}
+    info = {}  # type: dict[str, str]
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -277,7 +277,7 @@ class Model(object):
 
     def precision(self):
         """'int8' when most tensors are 8-bit integers, else the dtype of most tensors."""
-        counts = {}
+        counts = {}  # type: dict[str, int]
         for t in self.interpreter.get_tensor_details():
             key = getattr(t["dtype"], "__name__", str(t["dtype"]))
             counts[key] = counts.get(key, 0) + 1
@@ -345,7 +345,7 @@ class Model(object):
 
         if not os.path.isdir(folder):
             os.makedirs(folder)
-        raw = [[] for _ in self.outputs]
+        raw = [[] for _ in self.outputs]  # type: list[list]
         for i in range(len(self.feeds)):
             self.set_feed(i)
             self.interpreter.invoke()
@@ -406,7 +406,7 @@ def bench(args):
     for i in range(args.warmup):
         for m in models:
             m.timed_invoke(i)
-    times = [[] for _ in models]
+    times = [[] for _ in models]  # type: list[list[float]]
     for i in range(args.runs):
         for k, m in enumerate(models):
             times[k].append(m.timed_invoke(i))

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.conversion.export import ConvertSettings, export_tflite
+from pipeline.conversion.export import ConvertSettings, ExportResult, export_tflite
+from pipeline.conversion.settings import Representative
 from pipeline.core.data import write_model_size_rgb
 from pipeline.core.digits import write_digits
 from pipeline.core.preprocessing import PreprocessSpec
 from pipeline.model.train import TrainConfig, train
-from pipeline.validation.validate import validate
+from pipeline.validation.validate import ValidationResult, validate
 
 
 @dataclass
@@ -26,13 +27,13 @@ class DemoResult:
     folders: dict
     run_dir: Path
     val_accuracy: float | None
-    exports: dict = field(default_factory=dict)  # mode -> ExportResult
+    exports: dict[str, ExportResult] = field(default_factory=dict)  # by mode
     steps: list[tuple[str, float]] = field(default_factory=list)
-    validation: object | None = None  # pipeline.validation.validate.ValidationResult of int8 vs the float model
+    validation: ValidationResult | None = None  # int8 against the float model
     bench: dict | None = None  # devices.bench.compare of float (A) and int8 (B) on this machine
 
 
-def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], object],
+def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], Representative],
              say: Callable[[str], None] = lambda s: None,
              on_epoch=None, on_calibration=None, config: TrainConfig | None = None,
              force: bool = True, bench: Callable[[dict[str, Path]], dict] | None = None) -> DemoResult:
@@ -78,7 +79,8 @@ def run_demo(out, *, build_calibration: Callable[[Path, PreprocessSpec], object]
     return result
 
 
-def validate_step(result: DemoResult, *, say: Callable[[str], None] = lambda s: None, progress=None):
+def validate_step(result: DemoResult, *, say: Callable[[str], None] = lambda s: None,
+                  progress=None) -> ValidationResult:
     """Drift of the int8 model against the float Keras model on the held-out digits."""
 
     t = time.perf_counter()

@@ -157,6 +157,8 @@ def test_no_import_cycles():
 LAZY_MODULES_OK = {
     "convert": "the CLI's commands load their library code on use, keeping --help instant",
     "devices.runner": "runs alone on boards down to Python 3.7, where importlib.metadata may be missing (tried)",
+    "pipeline": "the facade: every `import pipeline.x` runs pipeline/__init__.py first, so its entry points load "
+                "their stage when first used; nothing in the library imports the facade, so no cycle hides there",
 }
 # Generated code, vendored unchanged: not ours to shape.
 GENERATED = {"pipeline.tflite.metadata_schema_py_generated"}
@@ -187,6 +189,66 @@ def test_no_private_names_imported_across_modules():
     assert not wrong, "private names imported from another module:\n" + "\n".join(wrong)
 
 
+# TensorFlow's Python packages: pipeline/tflite/ works on .tflite bytes with LiteRT alone.
+TENSORFLOW = ("tensorflow", "keras", "tf_keras", "tensorflow_model_optimization")
+# Packages whose private names (``_get_ops_details``, ``tensorflow.lite.python``) may change in any release.
+UPSTREAM = TENSORFLOW + ("ai_edge_litert", "tflite_runtime")
+# The modules that read those private names, each behind its own version check with the stock path as fallback.
+PRIVATE_API_OK = {
+    "pipeline.conversion.converter_hooks": "TensorFlow's converter internals, pinned to one TensorFlow version",
+    "pipeline.tflite.runtime": "LiteRT's per-node view, pinned to one ai-edge-litert version (in the tflite stage: "
+                               "pipeline/tflite/ may not import the conversion stage)",
+    "devices.runner": "copied to devices alone and run on whatever interpreter is there; reads the per-node view "
+                      "where it exists and reports no node counts where it does not",
+}
+# Private names of other owners, read on purpose.
+OTHER_PRIVATE_OK = {
+    "convert.py: atexit._run_exitfuncs": "the standard library's exit handlers, run before os._exit (convert.main)",
+    "pipeline/tflite/safe_tflite.py: pending._cleanup": "the module's own Probe objects",
+}
+STDLIB_PRIVATE_OK = {"os._exit"}
+
+
+def private_api_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) for each import of an upstream package's internals and each ``obj._name`` read on an object
+    other than ``self``/``cls`` (upstream objects are not typed, so every such read counts)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [
+                f"{node.module}.{a.name}" for a in node.names] if node.module and not node.level else []
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] in UPSTREAM and any(p == "python" or (p.startswith("_") and not p.startswith("__"))
+                                                for p in parts[1:]):
+                    found.append((node.lineno, f"import {module}"))
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                text = ast.unparse(node)
+                if text not in STDLIB_PRIVATE_OK:
+                    found.append((node.lineno, text))
+    return sorted(found)
+
+
+def test_tflite_stage_never_imports_tensorflow():
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+             for name, (path, tree) in parsed().items() if name.startswith("pipeline.tflite")
+             for target, line, _ in imports(tree) if target.split(".")[0] in TENSORFLOW]
+    assert not wrong, "pipeline/tflite/ runs on LiteRT alone, without TensorFlow:\n" + "\n".join(wrong)
+
+
+def test_private_upstream_names_only_behind_the_pins():
+    wrong = []
+    for name, (path, tree) in parsed().items():
+        if name in PRIVATE_API_OK:
+            continue
+        rel = str(path.relative_to(ROOT))
+        wrong += [f"{rel}:{line} {what}" for line, what in private_api_uses(tree)
+                  if f"{rel}: {what}" not in OTHER_PRIVATE_OK]
+    assert not wrong, ("private TensorFlow/LiteRT names outside the pinned modules (route them through "
+                       "pipeline/conversion/converter_hooks.py or pipeline/tflite/runtime.py):\n" + "\n".join(wrong))
+
+
 def test_functions_fit_in_a_readers_head():
     long = []
     files = [p for p in project_files() if module_name(p) not in GENERATED] + sorted((ROOT / "bench").glob("*.py"))
@@ -209,3 +271,9 @@ def test_the_checks_see_a_violation(tmp_path):
     assert stage_of("pipeline.tflite.splice") == 1 and stage_of("pipeline.validation.validate") == 4
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
     assert find_cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+    private = ast.parse("from tensorflow.lite.python import lite\nimport tensorflow.python.framework\n"
+                        "from ai_edge_litert import interpreter\n"
+                        "def f(it, x):\n    it._get_ops_details()\n    self._ok = x._cache\n    return it.__dict__\n")
+    assert private_api_uses(private) == [(1, "import tensorflow.lite.python.lite"),
+                                         (2, "import tensorflow.python.framework"),
+                                         (5, "it._get_ops_details"), (6, "x._cache")]

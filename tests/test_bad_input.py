@@ -16,7 +16,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import time
 import zlib
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from PIL import Image
 from calibrate.dataset import build_calibration_set
 from pipeline.core.artifacts import manifest_path_for, read_manifest
 from pipeline.core.errors import ArtifactError, CalibrationError, ModelLoadError
+from pipeline.core.faults import PAUSE_ENV
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, decode_rgb, pixels_for
 from pipeline.tflite.safe_tflite import load_untrusted, probe
 from tests.conftest import VENV_BIN, missing, run_cli
@@ -109,9 +109,7 @@ def test_image_corpus_each_file_is_used_or_skipped_with_its_reason(tmp_path):
     root = tmp_path / "dossier à trier" / "chats et chiens"
     root.mkdir(parents=True)
     expected = _corpus(root)
-    start = time.perf_counter()
     cal = build_calibration_set(tmp_path / "dossier à trier", SPEC, size=100)
-    assert time.perf_counter() - start < 20  # the bomb is refused from its header, not decoded
     used = {Path(f["path"]).name for f in cal.files}
     skipped = {Path(s.path).name: s.reason for s in cal.skipped}
     for name, outcome in expected.items():
@@ -119,6 +117,7 @@ def test_image_corpus_each_file_is_used_or_skipped_with_its_reason(tmp_path):
             assert name in used, (name, skipped.get(name))
         else:
             assert name in skipped and outcome in skipped[name], (name, skipped.get(name))
+    assert "possible decompression bomb" in skipped["bomb.png"]  # refused from its header (ours or Pillow's)
     assert {f["label"] for f in cal.files} == {"chats et chiens"}  # non-ASCII, spaces
     # converted, never clamped: 16-bit 40000 -> 156, not 255
     gray16 = cal.samples[[Path(f["path"]).name for f in cal.files].index("gray16.png")]
@@ -254,10 +253,8 @@ def test_a_loader_that_hangs_is_stopped(small_tflite, tmp_path, monkeypatch):
     import pipeline.tflite.safe_tflite as safe
 
     monkeypatch.setattr(safe, "_CHILD", "import time\ntime.sleep(60)\n")
-    start = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="did not finish in 2 s"):
+    with pytest.raises(ModelLoadError, match="did not finish in 2 s"):  # only the timeout says so: it was stopped
         probe(small_tflite, timeout=2)
-    assert time.perf_counter() - start < 10
 
 
 # Replaces the probe's body (after the limits it sets first): reports what the child sees.
@@ -459,41 +456,52 @@ def test_no_pickle_anywhere():
 # ---------------------------------------------------------------- faults while writing
 
 
-def _convert_args(trained_run, digits, out):
+def _convert_args(trained_run, digits, out, calib_size: int = 600):
     return [str(VENV_BIN / "convert"), str(trained_run.model_path), "--int8", "--calib", str(digits["train"]),
-            "--calib-size", "600", "--out", str(out), "--force"]
+            "--calib-size", str(calib_size), "--out", str(out), "--force"]
 
 
-def _is_complete_model(path: Path) -> bool:
-    from pipeline.tflite.safe_tflite import precheck
-    from pipeline.tflite.tflite_info import inspect_tflite
-
-    data = path.read_bytes()
-    try:
-        precheck(data)
-        inspect_tflite(data)
-    except Exception:  # noqa: BLE001
-        return False
+def _paused(marker: Path, proc: subprocess.Popen) -> bool:
+    """Wait until ``proc`` stops at the pause hook of pipeline.core.artifacts.atomic_write_pair (True), or ends
+    without reaching it (False)."""
+    while not marker.exists():
+        try:
+            proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            continue
+        return marker.exists()
     return True
 
 
+def _signalled_at_the_pause(args: list[str], marker: Path, sig: int) -> tuple[int, str]:
+    """Run convert ``args`` until the pause hook holds it between the manifest's rename and the model's, send
+    ``sig`` there: the exit code and stderr."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, PAUSE_ENV: f"pair-between:{marker}"})
+    try:
+        assert _paused(marker, proc), proc.communicate(timeout=60)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
 @pytest.mark.slow
-def test_interrupted_convert_leaves_old_output_or_a_whole_new_one(trained_run, digits, tmp_path):
+def test_interrupted_convert_leaves_the_old_model_and_no_staged_file(trained_run, digits, tmp_path):
+    """SIGINT at the last moment an interrupt can land, held there by the pause hook (the manifest renamed,
+    the new model staged, not yet renamed): exit 130 with one message, the old bytes in place."""
     out = tmp_path / "m.tflite"
     old = b"previous model bytes"
-    for delay in (3.0, 6.0):
-        out.write_bytes(old)
-        proc = subprocess.Popen(_convert_args(trained_run, digits, out), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-        content = out.read_bytes()
-        assert content == old or _is_complete_model(out), delay
-        if proc.returncode == 130:
-            assert "interrupted" in err and "Traceback" not in err
-            assert content == old
-            assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    out.write_bytes(old)
+    args = _convert_args(trained_run, digits, out, calib_size=20)
+    code, err = _signalled_at_the_pause(args, tmp_path / "paused", signal.SIGINT)
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert out.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_file_size_limit_is_a_clear_error(trained_run, digits, tmp_path):

@@ -1,8 +1,10 @@
-"""Keras or SavedModel to .tflite in five modes: settings, the input convention a model gets, the staged converter,
-float fallback, export.
+"""Keras, SavedModel or float .tflite to .tflite in five modes: settings, the input convention a model gets, the
+staged converter, float fallback, export.
 
-Everything that touches TensorFlow's private converter API lives in
-``converter_hooks`` behind one version pin.
+Every private name of TensorFlow read here (the calibrator, the MLIR
+quantizer, freezing, the per-tensor switch) is read in ``converter_hooks``,
+behind one version pin, with the stock path as the fallback
+(``tests/test_architecture.py`` checks that no other module reads one).
 
 May import: ``pipeline.core``, ``pipeline.tflite``, ``pipeline.model``.
 """

@@ -43,7 +43,9 @@ function's tensors have the same names, types and shapes.
 
 Pinned to the TensorFlow version below: on any other version, or if the
 private names are missing, conversion falls back to the stock path and the
-manifest says so.
+manifest says so. Per-tensor weight scales (``disable_per_channel``) have no
+stock path: there they are refused. No other module reads a private
+TensorFlow name (``tests/test_architecture.py``).
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def denylist_supported() -> tuple[bool, str]:
     quantize = getattr(lite, "_mlir_quantize", None)
     if lite is not None and not callable(quantize):
         why = "tensorflow.lite.python.lite._mlir_quantize is gone"
-    elif lite is not None and "denylisted_nodes" not in inspect.signature(quantize).parameters:
+    elif quantize is not None and "denylisted_nodes" not in inspect.signature(quantize).parameters:
         why = "tensorflow.lite.python.lite._mlir_quantize no longer takes denylisted_nodes"
     return why == "ok", why
 
@@ -299,8 +301,10 @@ def _converter_api():
     if not _API:
         path = _converter_api_path()
         loader = importlib.machinery.ExtensionFileLoader("_pywrap_converter_api", str(path))  # its PyInit name
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(loader.name, path,
-                                                                                       loader=loader))
+        spec = importlib.util.spec_from_file_location(loader.name, path, loader=loader)
+        if spec is None:
+            raise ImportError(f"cannot load TensorFlow's converter extension from {path}")
+        module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
         _API.append(module)
     return _API[0]
@@ -441,6 +445,18 @@ def quantize_calibrated(calibrated: bytes, *, io: str = "int8", per_channel: boo
     return bytes(lite._deduplicate_readonly_buffers(quantized))  # noqa: SLF001
 
 
+def disable_per_channel(converter) -> None:
+    """Per-tensor weight scales on ``converter``: its only switch for them is the private
+    ``_experimental_disable_per_channel``, set here on the pinned TensorFlow once it is seen to exist."""
+    ok, why = tf_supported()
+    if not ok:
+        raise ConversionError(f"cannot use per-tensor weight scales: the converter's private switch for them is {why}")
+    if not hasattr(converter, "_experimental_disable_per_channel"):
+        raise ConversionError("cannot use per-tensor weight scales: TFLiteConverter._experimental_disable_per_channel "
+                              "is gone")
+    converter._experimental_disable_per_channel = True  # noqa: SLF001
+
+
 @contextlib.contextmanager
 def fast_freeze():
     """Within this block, the converter freezes a concrete function without re-importing the frozen graph."""
@@ -449,11 +465,12 @@ def fast_freeze():
     from tensorflow.python.framework import dtypes
 
     cls = lite.TFLiteFrozenGraphConverterV2
-    stock = cls._freeze_concrete_function  # noqa: SLF001
     needed = ("_FunctionConverterDataInEager", "_replace_variables_by_constants")
-    if not all(hasattr(c2c, n) for n in needed) or not calibrator_supported()[0]:
+    if not calibrator_supported()[0] or not all(hasattr(c2c, n) for n in needed) \
+            or not callable(getattr(cls, "_freeze_concrete_function", None)):
         yield False
         return
+    stock = cls._freeze_concrete_function  # noqa: SLF001 - read after the version pin and the check above
 
     class _Frozen:  # what the converter reads of the frozen function: its graph, for Grappler if it runs
         def __init__(self, graph):

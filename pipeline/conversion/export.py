@@ -23,6 +23,7 @@ from pipeline.conversion import float_fallback
 from pipeline.conversion.converter_hooks import (
     calibrate_float_model,
     denylist_supported,
+    disable_per_channel,
     fast_calibration,
     fast_freeze,
     keep_float,
@@ -143,7 +144,7 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
             converter.inference_input_type = tf.int16
             converter.inference_output_type = tf.int16
     if not settings.per_channel:
-        converter._experimental_disable_per_channel = True  # noqa: SLF001 - the converter's only switch for it
+        disable_per_channel(converter)
 
 
 def _replayable(representative, progress: Progress | None):
@@ -168,8 +169,8 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     a pixel-input model is converted from the folded source, calibrated on pixels.
     """
     settings, _ = resolved(source, settings)
-    source = converted_source(source, settings.input_convention)
-    representative = representative_in(representative, settings.input_convention)
+    source = converted_source(source, settings.decided_convention)
+    representative = representative_in(representative, settings.decided_convention)
     qat = is_qat_model(source)
     if source.kind == "tflite":
         return _from_float_tflite(source, settings, representative, progress, calibration_record)
@@ -189,7 +190,7 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
     hook = fast_calibration(record) if use_fast else contextlib.nullcontext()
     if representative is not None and not use_fast:
         record["calibrator"] = "stock"
-    keeper = contextlib.nullcontext()
+    keeper: contextlib.AbstractContextManager = contextlib.nullcontext()
     if settings.float_layers:
         layers = settings.float_layers
         keeper = keep_float(lambda calibrated: float_fallback.denylist(calibrated, layers, record))
@@ -372,8 +373,8 @@ class _ExportJob:
         artifacts.check_writable(out_path, force=force)
         original = source or load_source(model_path, trust_code=settings.trust_model_code)
         settings, note = resolved(original, settings)
-        converted = converted_source(original, settings.input_convention)
-        representative = representative_in(representative, settings.input_convention)
+        converted = converted_source(original, settings.decided_convention)
+        representative = representative_in(representative, settings.decided_convention)
         if representative is not None and settings.mode in CALIBRATED_MODES:
             if representative.spec.size != original.input_size:
                 raise CalibrationError(f"calibration images are preprocessed to {representative.spec.size}px but "
@@ -407,7 +408,7 @@ def _spec_and_labels(job: _ExportJob) -> tuple[PreprocessSpec, list[str] | None]
     """The preprocessing the model takes (checked against a .tflite source's own) and its class names."""
     representative, settings = job.representative, job.settings
     spec = representative.spec if representative is not None else PreprocessSpec(
-        size=job.source.input_size, input_convention=settings.input_convention)
+        size=job.source.input_size, input_convention=settings.decided_convention)
     earlier = source_manifest(job.model_path) if job.source.kind == "tflite" else {}
     recorded = (earlier.get("preprocessing") or {}).get("fingerprint")
     source_convention = recorded_convention(earlier.get("preprocessing"))
@@ -432,9 +433,9 @@ def _manifest(job: _ExportJob, model_bytes: bytes, info, spec: PreprocessSpec, l
         "output": {"path": job.out_path.name, "sha256": artifacts.sha256_bytes(model_bytes),
                    "bytes": len(model_bytes)},
         "preprocessing": spec.describe(),
-        "input_convention": convention_record(settings.input_convention, job.convention_note),
+        "input_convention": convention_record(settings.decided_convention, job.convention_note),
         "calibration": ({**job.representative.to_manifest(), "method": calibration_record}
-                        if job.uses_calibration else None),
+                        if job.uses_calibration and job.representative is not None else None),
         "io": {"inputs": info.inputs, "outputs": info.outputs},
         "optimizations": optimizations,
         "xnnpack": xnnpack_report(model_bytes),
@@ -561,7 +562,7 @@ def _model_info(source: SourceModel, settings: ConvertSettings, spec: Preprocess
     return ModelInfo(name=name, version=artifacts.versions()["xception-edge"] or "unknown",
                      description=f"{settings.mode} image classifier, {source.classes} classes, "
                                  f"{source.input_size}x{source.input_size} RGB input; converted by xception-edge",
-                     labels=labels, mean=mean, std=std)
+                     labels=labels, mean=(mean,), std=(std,))
 
 
 def _labels_beside(model_path: Path) -> list[str] | None:

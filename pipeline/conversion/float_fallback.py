@@ -15,8 +15,8 @@ quantizer matches ``denylisted_nodes`` against op output tensor names of the
 (``xception_1/block7_sepconv2_bn_1/batchnorm/add_1;xception_1/block7_sepconv2_1/separable_conv2d;...sub1``;
 measured on TF 2.21: the names of the float model, or a single fused part,
 match nothing). So the names are resolved inside the wrapper, on the model
-it is given, with ``pipeline.validation.layer_error``'s reading of tensor names: an op
-belongs to the layer of its conv/matmul part.
+it is given, with ``pipeline.tflite.layers``' reading of tensor names (the one
+per-layer error uses too): an op belongs to the layer of its conv/matmul part.
 
 int16x8 models, and int8 models whose chosen layers should compute in int16
 rather than float, are made another way: TF 2.21 quantizes 16-bit

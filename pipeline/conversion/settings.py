@@ -63,6 +63,13 @@ class ConvertSettings:
         if self.input_convention == "pixels_int8" and (self.mode != "int8" or self.float_io):
             raise ConversionError("the pixels_int8 input (int8 p - 128) is for --int8 models with integer I/O")
 
+    @property
+    def decided_convention(self) -> str:
+        """The input convention once decided for a model (``convention_choice.resolved`` sets it)."""
+        if self.input_convention is None:
+            raise ConversionError("the input convention has not been decided for a model yet")
+        return self.input_convention
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from pipeline.core import faults, interrupts, manifest_schema
 from pipeline.core.errors import ArtifactError, OutputExistsError
@@ -117,7 +118,7 @@ def _explain(exc: OSError, target: Path) -> ArtifactError:
         errno.EACCES: "permission denied",
         errno.EPERM: "permission denied",
     }
-    why = reasons.get(exc.errno, exc.strerror or str(exc))
+    why = reasons.get(exc.errno or 0, exc.strerror or str(exc))
     return ArtifactError(f"cannot write {target}: {why}; nothing was changed")
 
 
@@ -199,7 +200,7 @@ class _writing:
 
     def __init__(self, target: Path):
         self.target = target
-        self.previous = None
+        self.previous: Any = None  # the SIGXFSZ handler to restore
 
     def __enter__(self):
         try:
@@ -330,7 +331,7 @@ def describing(manifest: dict, data: bytes) -> dict | None:
     if _output_sha(manifest) == actual:
         return {k: v for k, v in manifest.items() if k != "previous"}
     previous = manifest.get("previous")
-    if _output_sha(previous) == actual and previous.get("tool") == TOOL_NAME:
+    if isinstance(previous, dict) and _output_sha(previous) == actual and previous.get("tool") == TOOL_NAME:
         return previous
     return None
 

@@ -36,6 +36,13 @@ class Item:
     path: Path
     label: str | None  # class folder name, None in a flat folder
 
+    @property
+    def class_name(self) -> str:
+        """The class folder name, for an item of a labeled folder (where every item has one)."""
+        if self.label is None:
+            raise DataError(f"{self.path} is not in a class folder")
+        return self.label
+
 
 @dataclass
 class Discovery:

@@ -22,7 +22,7 @@ SIZE = 32
 
 def _to_image(digit: np.ndarray):
     gray = (255.0 - digit * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(gray, mode="L").resize((SIZE, SIZE), Image.BILINEAR)
+    return Image.fromarray(gray, mode="L").resize((SIZE, SIZE), Image.Resampling.BILINEAR)
 
 
 def write_digits(out: str | os.PathLike, *, val_fraction: float = 0.2, samples: int = 100,

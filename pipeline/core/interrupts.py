@@ -143,5 +143,5 @@ def deferred():
     finally:
         for signum, previous in saved.items():
             signal.signal(signum, previous)
-        for signum in held.signals:
-            signal.raise_signal(signum)
+        for received in held.signals:
+            signal.raise_signal(received)

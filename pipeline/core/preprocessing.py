@@ -194,7 +194,7 @@ def decode_rgb(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
+            im: Image.Image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise ImageError(path, f"image too large ({width}x{height} pixels > {MAX_PIXELS:,}); "
@@ -232,7 +232,7 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     square = rgb[top:top + side, left:left + side]
     if side == size:
         return np.ascontiguousarray(square)
-    return np.asarray(Image.fromarray(square).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def scale(pixels: np.ndarray) -> np.ndarray:

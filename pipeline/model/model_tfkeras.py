@@ -17,6 +17,8 @@ so per-layer reports still point at ``block7_sepconv2_bn`` and friends.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.core.errors import ModelLoadError
 
 SUPPORTED = ("InputLayer", "Conv2D", "SeparableConv2D", "DepthwiseConv2D", "BatchNormalization", "Activation",
@@ -60,7 +62,7 @@ def translate(model):
 
     config = model.get_config()
     tensors: dict[str, object] = {}
-    copies: list[tuple[str, object, list[int] | None]] = []  # (keras3 layer name, tf_keras layer, weight indices)
+    copies: list[tuple[str, Any, list[int] | None]] = []  # (keras3 layer name, tf_keras layer, weight indices)
     for entry in config["layers"]:
         cls, cfg, name = entry["class_name"], entry["config"], entry["name"]
         if cls not in SUPPORTED:

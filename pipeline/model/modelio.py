@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import message, text_format
 
@@ -90,7 +91,7 @@ class SourceModel:
 
     path: Path
     kind: str  # "keras3" | "tf_keras" | "saved_model" | "tflite" (a float32 .tflite, to quantize)
-    model: object | None  # the Keras model; None for a SavedModel or a .tflite
+    model: Any  # the Keras model (untyped library: Any); None for a SavedModel or a .tflite
     input_shape: tuple  # (H, W, C)
     classes: int
     # Conversion stages already computed for this model (pipeline.conversion.export: the float .tflite, its calibration)

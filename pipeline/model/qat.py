@@ -19,7 +19,6 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from pipeline.core import artifacts
 from pipeline.core.errors import TrainingError
@@ -81,8 +80,8 @@ def qat(model_path, data_dir, out_dir, cfg: QatConfig = QatConfig(), *, val_dir=
     out = Path(out_dir)
     source = _keras3_source(model_path, out, trust_code)
     tf_keras.utils.set_random_seed(cfg.seed)
-    prep = SimpleNamespace(input_size=source.input_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, prep)
+    spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, input_size=source.input_size,
+                                                                 val_fraction=cfg.val_fraction, seed=cfg.seed)
     _check_classes(model_path, data_dir, classes, source.classes)
 
     model = quantize_aware(source.model)

@@ -57,10 +57,10 @@ class Images:
 
 def list_labeled(folder, classes: list[str] | None = None) -> LabeledFolder:
     found = discover(folder, what="training folder")
-    if not found.labeled:
+    if found.classes is None:
         raise DataError(f"{folder} must hold one subfolder per class (found only loose files)")
     classes = list(classes or found.classes)
-    unknown = sorted({i.label for i in found.items} - set(classes))
+    unknown = sorted({i.class_name for i in found.items} - set(classes))
     if unknown:
         raise DataError(f"{folder}: class folders {', '.join(map(repr, unknown[:5]))} are not among the "
                         f"training classes ({', '.join(classes[:10])})")
@@ -68,7 +68,7 @@ def list_labeled(folder, classes: list[str] | None = None) -> LabeledFolder:
         raise DataError(f"{folder} holds one class ({classes[0]!r}); a classifier needs at least two")
     index = {c: i for i, c in enumerate(classes)}
     return LabeledFolder([str(i.path) for i in found.items],
-                         np.asarray([index[i.label] for i in found.items], dtype=np.int64), classes,
+                         np.asarray([index[i.class_name] for i in found.items], dtype=np.int64), classes,
                          list(found.skipped))
 
 

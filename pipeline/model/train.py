@@ -35,12 +35,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.core import artifacts
-from pipeline.core.data import discover
+from pipeline.core.data import Skip, discover
 from pipeline.core.errors import DataError, TrainingError, TrainingInterrupted
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for
 from pipeline.model import tfdata
@@ -120,7 +120,7 @@ BatchHook = Callable[[int, int, int], None]  # (epoch, step done, steps per epoc
 
 @dataclass
 class Devices:
-    strategy: object  # a tf.distribute strategy
+    strategy: Any  # a tf.distribute strategy (TensorFlow is untyped)
     kind: str  # "cpu" | "gpu" | "multi-gpu" | "multi-worker"
     names: list[str]
     replicas: int
@@ -253,7 +253,8 @@ class Checkpoint:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.counter += 1
         name = f"ckpt-{self.counter}.npz"
-        arrays = {f"w{i}": np.asarray(v.numpy()) for i, v in enumerate(model.weights)}
+        # Any: numpy's stubs read ``**arrays`` as possibly setting savez's allow_pickle flag.
+        arrays: dict[str, Any] = {f"w{i}": np.asarray(v.numpy()) for i, v in enumerate(model.weights)}
         arrays.update({f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
         tmp = self.dir / f".{name}.tmp"
         with open(tmp, "wb") as f:
@@ -337,11 +338,11 @@ def link_latest(run_dir: Path) -> Path | None:
     return link
 
 
-def prepare_data(data_dir, val_dir, cfg: TrainConfig):
-    spec = PreprocessSpec(size=cfg.input_size)
+def prepare_data(data_dir, val_dir, *, input_size: int, val_fraction: float, seed: int):
+    spec = PreprocessSpec(size=input_size)
     folder = tfdata.list_labeled(data_dir)
     train_digest, method = tfdata.digest(folder.paths, data_dir)
-    data = {"train_dir": str(data_dir), "val_dir": str(val_dir) if val_dir else None,
+    data: dict[str, Any] = {"train_dir": str(data_dir), "val_dir": str(val_dir) if val_dir else None,
             "digest": train_digest, "digest_method": method}
     images = tfdata.load_images(folder, spec)
     if val_dir is not None:
@@ -351,9 +352,9 @@ def prepare_data(data_dir, val_dir, cfg: TrainConfig):
         skipped = folder.skipped + vfolder.skipped
         train = images
     else:
-        train_idx, val_idx = tfdata.stratified_split(images.labels, cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = tfdata.stratified_split(images.labels, val_fraction, seed)
         train, val, skipped = images.subset(train_idx), images.subset(val_idx), folder.skipped
-        data["split"] = f"stratified {cfg.val_fraction:.0%} of {data_dir} (seed {cfg.seed})"
+        data["split"] = f"stratified {val_fraction:.0%} of {data_dir} (seed {seed})"
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"{data_dir} has too few images to train and validate ({len(train)} / {len(val)})")
     data.update({"train_images": len(train), "val_images": len(val), "cached_in_memory": train.pixels is not None,
@@ -369,15 +370,15 @@ class _Run:
     devices: Devices
     spec: PreprocessSpec
     classes: list[str]
-    train_images: object
-    val_images: object
+    train_images: tfdata.Images
+    val_images: tfdata.Images
     data: dict
     global_batch: int
     steps: int
     ckpt: Checkpoint
     state: dict | None
-    model: object
-    optimizer: object
+    model: Any  # a keras.Model (keras is untyped)
+    optimizer: Any  # a keras optimizer
     pretrained: dict | None
     loop: Steps
 
@@ -427,7 +428,8 @@ def _start_run(data_dir, out: Path, cfg: TrainConfig, val_dir) -> _Run:
 
     devices = select_devices(cfg)
     keras.utils.set_random_seed(cfg.seed)
-    spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, cfg)
+    spec, classes, train_images, val_images, data = prepare_data(data_dir, val_dir, input_size=cfg.input_size,
+                                                                 val_fraction=cfg.val_fraction, seed=cfg.seed)
     global_batch = cfg.batch_size * devices.replicas
     steps = max(1, -(-len(train_images) // global_batch))
     config = {**cfg.to_dict(), "classes": classes, "data_digest": data["digest"],
@@ -464,12 +466,12 @@ def _train_epoch(run: _Run, epoch: int, first: int, state: dict | None, history:
         loss_sum, correct = loss_sum + l_, correct + c_
         if on_batch:
             on_batch(epoch + 1, step, steps)
-        stopping = stop is not None and stop.signum is not None
-        if step < steps and (stopping or step % cfg.checkpoint_every == 0):
+        signum = stop.signum if stop is not None else None
+        if step < steps and (signum is not None or step % cfg.checkpoint_every == 0):
             run.ckpt.save(run.model, run.optimizer, epoch=epoch, step=step, history=history,
                           sums=(loss_sum, correct))
-        if stopping and step < steps:
-            raise _interrupted(stop.signum, epoch, run.ckpt)
+        if signum is not None and step < steps:
+            raise _interrupted(signum, epoch, run.ckpt)
     loss_sum, correct = float(loss_sum), float(correct)  # waits for the last step
     seconds = time.perf_counter() - t0
     seen = (steps - counted_from) * global_batch  # the images the loss and accuracy cover
@@ -568,10 +570,11 @@ def _write_outputs(out: Path, model, cfg: TrainConfig, classes: list[str], manif
 def load_labeled(folder, spec: PreprocessSpec, classes: list[str] | None = None):
     """Decode a class-per-folder directory into (pixels uint8, labels int, classes, skipped)."""
     found = discover(folder, what="training folder")
-    if not found.labeled:
+    if found.classes is None:
         raise DataError(f"{folder} must hold one subfolder per class (found only loose files)")
     classes = classes or found.classes
-    xs, ys, skipped = [], [], list(found.skipped)
+    xs, ys = [], []
+    skipped: list[Skip | ImageError] = list(found.skipped)
     for item in found.items:
         if item.label not in classes:
             raise DataError(f"{folder}: class folder {item.label!r} is not among the training classes")
@@ -580,7 +583,7 @@ def load_labeled(folder, spec: PreprocessSpec, classes: list[str] | None = None)
         except ImageError as exc:
             skipped.append(exc)
             continue
-        ys.append(classes.index(item.label))
+        ys.append(classes.index(item.class_name))
     if not xs:
         raise DataError(f"no usable images in {folder}")
     return np.stack(xs), np.asarray(ys, dtype=np.int64), classes, skipped

@@ -1,12 +1,13 @@
-"""The TFLite flatbuffer schema and its object API, from LiteRT when it is there.
+"""The TFLite flatbuffer schema and its object API, from LiteRT.
 
 Why not TensorFlow's copy: reading and rewriting a .tflite (inspection, the
-graph rewrites, calibration) needs only these generated Python classes, and
-importing them from ``tensorflow.lite`` imports all of TensorFlow (about
-2.7 s of CPU). LiteRT ships the same schema, newer (the schema only ever
-gains fields), so ``convert X.tflite --int8`` runs without TensorFlow's
-Python package loaded. Use one pair for one model: objects of the two
-copies do not mix.
+graph rewrites, splicing, calibration) needs only these generated Python
+classes, and importing them from ``tensorflow.lite`` imports all of
+TensorFlow (about 2.7 s of CPU). LiteRT (a dependency) ships the same schema,
+newer (the schema only ever gains fields), so ``convert X.tflite --int8``
+runs without TensorFlow's Python package loaded, and nothing in
+``pipeline.tflite`` imports it (``tests/test_architecture.py``). Objects of
+this schema do not mix with those of TensorFlow's copy.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ from pipeline.core.errors import ModelLoadError
 
 def tools():
     """(flatbuffer_utils, schema_py_generated)."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-        from ai_edge_litert.tools import flatbuffer_utils
-    except ImportError:
-        from tensorflow.lite.python import schema_py_generated as schema
-        from tensorflow.lite.tools import flatbuffer_utils
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
     return flatbuffer_utils, schema
 
 

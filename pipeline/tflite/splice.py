@@ -28,18 +28,13 @@ from __future__ import annotations
 import copy
 import heapq
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pipeline.core.errors import ConversionError
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.layers import layer_names, primary_layer
-
-
-def _schema():
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    return schema
 
 
 def _text(value) -> str:
@@ -50,8 +45,8 @@ def _text(value) -> str:
 class _Graph:
     """One model's single subgraph, with op names, layers and tensor wiring worked out once."""
 
-    model: object
-    graph: object = field(init=False)
+    model: Any  # a schema ModelT (generated, untyped)
+    graph: Any = field(init=False)
     op_names: list[str] = field(init=False)
     op_layers: list[str | None] = field(init=False)
     producer: dict[int, int] = field(init=False)
@@ -101,11 +96,9 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
     done: donor type, ops spliced, conversion ops added. Raises
     ``ConversionError`` naming the layer when a layer cannot be matched.
     """
-    from tensorflow.lite.tools import flatbuffer_utils
-
     layers = list(dict.fromkeys(str(layer) for layer in layers))
-    host = _Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(host_bytes)))
-    donor = _Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(donor_bytes)))
+    host = _Graph(flatbuffers.read(host_bytes))
+    donor = _Graph(flatbuffers.read(donor_bytes))
     edit = _Splice(host, donor, _match_layers(host, donor, layers))
     edit.add_donor_ops()
     edit.write_back_outputs()
@@ -114,7 +107,7 @@ def splice(host_bytes: bytes, donor_bytes: bytes, layers, *, record: dict | None
         record.update({"method": "splice", "layers": layers,
                        "donor": _donor_kind(donor, edit.donor_ops, edit.types),
                        "ops": len(edit.donor_ops), "conversion_ops": dict(sorted(edit.conversions.items()))})
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(host.model))
+    return flatbuffers.write(host.model)
 
 
 def _match_layers(host: _Graph, donor: _Graph, layers: list[str]) -> list[tuple[int, int]]:
@@ -145,7 +138,7 @@ class _Splice:
     """
 
     def __init__(self, host: _Graph, donor: _Graph, pairs: list[tuple[int, int]]):
-        self.schema = _schema()
+        self.schema = flatbuffers.schema()
         self.types = {code: name.lower() for code, name in flatbuffers.type_names().items()}
         self.host, self.donor = host, donor
         self.model, self.graph = host.model, host.graph
@@ -153,7 +146,7 @@ class _Splice:
         self.donor_ops = {d for _, d in pairs}
         self.rank = {d: float(h) for h, d in pairs}
         self.opcode_cache: dict[tuple, int] = {}
-        self.new_ops: list[tuple[float, object]] = []
+        self.new_ops: list[tuple[float, Any]] = []  # (rank, schema OperatorT)
         self.conversions: dict[str, int] = {}
         self.mapped: dict[int, int] = {}  # donor tensor -> host tensor
         self.buffer_map: dict[int, int] = {}  # donor buffer -> host buffer
@@ -253,7 +246,7 @@ class _Splice:
         tensor.buffer = self.buffer_map[tensor.buffer]
         return self.add_tensor(tensor)
 
-    def read(self, t: int, layer_of_op: str, at: float) -> int:
+    def read(self, t: int, layer_of_op: str | None, at: float) -> int:
         """The host tensor a donor op reads in place of donor tensor ``t``."""
         donor = self.donor
         if t in self.mapped:  # produced by a spliced op, or already read

@@ -106,7 +106,7 @@ def _inspect(model) -> TfliteInfo:
             # The stored weight type: fp16 and some hybrid models feed weights through a DEQUANTIZE op.
             w = int(op.inputs[1])
             weights[types.get(tensors[produced_by_dequantize.get(w, w)].type, "?")] += 1
-        if dtype in _FLOAT and name not in _BOUNDARY_OPS:
+        if out is not None and dtype in _FLOAT and name not in _BOUNDARY_OPS:
             out_name = out.name.decode() if isinstance(out.name, bytes) else str(out.name)
             entry = {"op": name, "output": out_name}
             float_ops.append(entry)

@@ -59,8 +59,8 @@ class ModelInfo:
     version: str
     description: str
     labels: tuple[str, ...] | None = None  # any sequence; stored as a tuple
-    mean: float | tuple[float, ...] = (127.5,)  # one value, or one per channel; stored as a tuple
-    std: float | tuple[float, ...] = (127.5,)
+    mean: tuple[float, ...] = (127.5,)  # one value (a float is taken too), or one per channel; stored as a tuple
+    std: tuple[float, ...] = (127.5,)
     author: str = "xception-edge"
 
     def __post_init__(self):

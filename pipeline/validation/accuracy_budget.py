@@ -19,7 +19,7 @@ The drop is computed by the same pieces as ``xedge validate`` (discovery,
 round-robin limit, preprocessing, label mapping, ``drift_metrics``), with the
 eval images decoded and the float model run once for the whole search.
 
-Two things keep the reported figure honest (issue 14). Each candidate is
+Two things keep the reported figure honest. Each candidate is
 measured as it will be written: after the graph rewrites, and a rewrite that
 changes any top-1 prediction on the eval images is left out (said, and
 recorded), since the rewrite check's 32 calibration images cannot see every
@@ -59,7 +59,7 @@ from pipeline.core.errors import BudgetNotReached, ConversionError, ValidationEr
 from pipeline.core.preprocessing import LEGACY_CONVENTION, PreprocessSpec, dequantize, model_input, quantize
 from pipeline.tflite.input_convention import tensor_convention
 from pipeline.model.modelio import load_source
-from pipeline.tflite.runtime import open_interpreter
+from pipeline.tflite.runtime import graph_ops, open_interpreter
 from pipeline.tflite.splice import splice
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import drift_metrics, topk
@@ -137,7 +137,7 @@ class DropMeter:
         self.items = [item for item, _ in loaded]  # eval images in the order of ``all_pixels``
         self.convention = convention
         self.all_inputs = model_input(self.all_pixels, convention)
-        self.all_labels = np.asarray([index_of[item.label] for item, _ in loaded])
+        self.all_labels = np.asarray([index_of[item.class_name] for item, _ in loaded])
         self.names = names
         if holdout:
             search, held, self.holdout_note = holdout_split(self.all_labels, names)
@@ -178,10 +178,8 @@ class DropMeter:
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             parts = list(pool.map(run, range(self.workers)))
-        rows = [None] * len(inputs)
-        for k, part in enumerate(parts):
-            rows[k::self.workers] = part
-        return np.stack(rows)
+        # Worker k ran inputs k, k + workers, ...: put the rows back in input order.
+        return np.stack([parts[i % self.workers][i // self.workers] for i in range(len(inputs))])
 
     def outputs(self, model_bytes: bytes) -> np.ndarray:
         """Probabilities of the model on every eval image (search and held-out), kept by content."""
@@ -222,11 +220,12 @@ def rank_layers(float_bytes: bytes, quant_bytes: bytes, inputs, exclude=()) -> l
     interpreter = open_interpreter(quant_bytes)  # names and op wiring only; nothing runs
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
     scores: dict[str, dict] = {}
-    for op in interpreter._get_ops_details():  # noqa: SLF001 - the only API that maps ops to tensors
+    for op in graph_ops(interpreter, quant_bytes):
         upstream = [by_tensor[names[int(i)]].rmse_over_scale for i in op["inputs"]
                     if int(i) >= 0 and names.get(int(i)) in by_tensor]
         for index in op["outputs"]:
-            entry = by_tensor.get(names.get(int(index)))
+            name = names.get(int(index))
+            entry = by_tensor.get(name) if name is not None else None
             if entry is None or not entry.fused or entry.layer in exclude:  # "Identity": no layer to name
                 continue
             added = entry.rmse_over_scale - max(upstream, default=0.0)
@@ -297,7 +296,7 @@ def convert_within_budget(model_path, settings: ConvertSettings, *, representati
     search = _BudgetSearch(model_path, settings, representative, source, progress, say)
     search.meter = DropMeter(model_path, eval_dir, labels=labels, limit=eval_limit,
                              trust_code=settings.trust_model_code, holdout=holdout,
-                             convention=search.settings.input_convention)
+                             convention=search.settings.decided_convention)
     meter = search.meter
     say(f"measuring on {len(meter.inputs)} eval images (float top-1 {meter.top1_float:.4f}), "
         + (f"{meter.heldout_images} more held out to judge the result; " if meter.heldout_images
@@ -325,8 +324,8 @@ class _BudgetSearch:
         # The gate on float compute ops is what this search relaxes on purpose.
         settings = replace(settings, allow_float_fallback=True, float_layers=())
         self.settings, _ = resolved(self.original, settings)  # one input convention for every candidate
-        self.source = converted_source(self.original, self.settings.input_convention)  # folded once for pixels
-        self.representative = representative_in(representative, self.settings.input_convention)
+        self.source = converted_source(self.original, self.settings.decided_convention)  # folded once for pixels
+        self.representative = representative_in(representative, self.settings.decided_convention)
         self.method, self.kept_in = method_for(self.settings), self.settings.fallback
         self.converted: dict[str, bytes] = {}
         self.prepared: dict[str, tuple[bytes, list[dict]]] = {}
@@ -353,6 +352,8 @@ class _BudgetSearch:
 
     def quantize_with(self, layers: list[str]) -> _State:
         if layers and self.method == "splice":
+            if self.baseline is None:
+                raise ConversionError("splicing float layers needs the all-quantized baseline first (run)")
             model = splice(self.baseline.model, self.donor(), layers)
         else:
             model = convert_bytes(self.source, replace(self.settings, float_layers=tuple(layers)),

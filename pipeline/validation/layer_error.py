@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.core.preprocessing import dequantize, quantize
 from pipeline.tflite.layers import expose_tensors, layer_names, primary_layer
-from pipeline.tflite.runtime import open_interpreter
+from pipeline.tflite.runtime import graph_ops, open_interpreter
 
 
 @dataclass
@@ -71,11 +71,11 @@ class LayerError:
                 "float_abs_max": self._range, "samples": self.samples}
 
 
-def _quantized_outputs(interpreter) -> list[tuple[int, str, str, float, int]]:
+def _quantized_outputs(interpreter, model_bytes: bytes) -> list[tuple[int, str, str, float, int]]:
     """(index, name, op, scale, zero point) of every integer op output that has a quantization scale."""
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
     found = []
-    for op in interpreter._get_ops_details():  # noqa: SLF001 - the only API that maps ops to tensors
+    for op in graph_ops(interpreter, model_bytes):
         if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
             continue
         for index in op["outputs"]:
@@ -100,7 +100,7 @@ def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.nda
     quant_plain = open_interpreter(quant_model)
     ref_by_name = {d["name"]: d for d in ref_plain.get_tensor_details() if d["name"]}
     pairs = []
-    for index, name, op, scale_, zero in _quantized_outputs(quant_plain):
+    for index, name, op, scale_, zero in _quantized_outputs(quant_plain, quant_model):
         match = ref_by_name.get(name)
         if match is None or np.dtype(match["dtype"]).kind != "f":
             continue

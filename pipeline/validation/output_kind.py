@@ -14,6 +14,7 @@ followed by a reshape is probabilities in the Keras model and in its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.tflite import flatbuffers
 
@@ -48,12 +49,12 @@ def tflite_output_kind(model_bytes: bytes) -> OutputKind:
     model = flatbuffers.schema().Model.GetRootAs(model_bytes, 0)
     graph = model.Subgraphs(0)
     names = flatbuffers.op_names()
-    producer = {}
+    producer: dict[int, Any] = {}
     for i in range(graph.OperatorsLength()):
         op = graph.Operators(i)
         for j in range(op.OutputsLength()):
             producer[int(op.Outputs(j))] = op
-    tensor, passed = int(graph.Outputs(0)), []
+    tensor, passed = int(graph.Outputs(0)), list[str]()
     for _ in range(graph.OperatorsLength()):
         op = producer.get(tensor)
         if op is None:
@@ -97,7 +98,7 @@ def _layer_activation(class_name: str | None, config: dict) -> str | None:
     if class_name in _ACTIVATION_CLASSES:
         return _ACTIVATION_CLASSES[class_name]
     if class_name == "TFOpLambda":
-        return _FUNCTION_ACTIVATIONS.get(config.get("function"))
+        return _FUNCTION_ACTIVATIONS.get(str(config.get("function")))
     if "activation" in config:
         return _activation_name(config["activation"])
     inner = config.get("layer")  # wrappers (tfmot's QuantizeWrapper) hold the wrapped layer's config
@@ -142,12 +143,15 @@ def _chain(config: dict):
     by_name = {entry.get("name") or (entry.get("config") or {}).get("name"): entry for entry in layers}
     ref = _history(config["output_layers"])
     for _ in range(len(layers)):
-        entry = by_name.get(ref[0]) if ref else None
+        if ref is None:
+            return
+        name, node = ref
+        entry = by_name.get(name)
         if entry is None:
             return
-        yield entry.get("class_name"), entry.get("config") or {}, ref[0]
+        yield entry.get("class_name"), entry.get("config") or {}, name
         nodes = entry.get("inbound_nodes") or []
-        ref = _history(nodes[ref[1]] if ref[1] < len(nodes) else nodes[:1])
+        ref = _history(nodes[node] if node < len(nodes) else nodes[:1])
 
 
 def keras_config_output_kind(config: dict) -> OutputKind:

@@ -120,7 +120,7 @@ def differences(io: ModelIO, ref: Outputs, tgt: Outputs) -> np.ndarray:
     target gives them), absolute for a float one."""
     if not io.output.quantized:
         return np.abs(ref.scores.astype(np.float64) - tgt.scores.astype(np.float64)).max(axis=1)
-    if tgt.raw is not None and np.asarray(tgt.raw).dtype.kind in "iu":
+    if ref.raw is not None and tgt.raw is not None and np.asarray(tgt.raw).dtype.kind in "iu":
         return np.abs(ref.raw.astype(np.int64) - np.asarray(tgt.raw).reshape(ref.raw.shape).astype(np.int64)).max(1)
     diff = np.abs(ref.scores.astype(np.float64) - tgt.scores.astype(np.float64)) / io.output.scale
     return diff.max(axis=1)

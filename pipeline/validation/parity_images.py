@@ -100,10 +100,10 @@ class Images:
     labeled: bool
     folders: list[str] | None
     found: int
+    pixels: np.ndarray  # (N, H, H, 3) uint8
     chosen: int = 0  # after --limit, before skips
     paths: list[str] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
-    pixels: np.ndarray | None = None  # (N, H, H, 3) uint8
     skipped: list[Skip] = field(default_factory=list)
 
 
@@ -120,25 +120,23 @@ def prepare_images(folder, size: int, *, limit: int | None = None, workers: int 
     found = discover(folder, what="eval folder")
     chosen = select_round_robin(found.items, limit)
     spec = PreprocessSpec(size=size)
-    images = Images(found.root, found.labeled, found.classes, len(found.items), len(chosen),
-                    skipped=list(found.skipped))
-    rows = []
+    skipped, paths, labels, rows = list(found.skipped), [], [], []
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="decode") as pool:
         for done, (item, (pixels, skip)) in enumerate(zip(chosen, pool.map(lambda it: _decode(it.path, spec),
                                                                              chosen)), start=1):
             if skip is not None:
-                images.skipped.append(skip)
+                skipped.append(skip)
             else:
-                images.paths.append(str(item.path))
-                images.labels.append(item.label)
+                paths.append(str(item.path))
+                labels.append(item.label)
                 rows.append(pixels)
             if progress:
                 progress(done, len(chosen))
     if not rows:
-        example = f" (e.g. {images.skipped[0].path}: {images.skipped[0].reason})" if images.skipped else ""
+        example = f" (e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
         raise ValidationError(f"no usable images in {folder}: all {len(chosen)} files were skipped{example}")
-    images.pixels = np.stack(rows)
-    return images
+    return Images(found.root, found.labeled, found.classes, len(found.items), np.stack(rows), len(chosen),
+                  paths, labels, skipped)
 
 
 # ---------------------------------------------------------------- what each runtime is fed

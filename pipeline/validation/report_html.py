@@ -148,7 +148,7 @@ def _thumbnail(path: str, size: int) -> str | None:
         return None
     im = Image.fromarray(pixels)
     if size < 96:
-        im = im.resize((96, 96), Image.NEAREST)
+        im = im.resize((96, 96), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()

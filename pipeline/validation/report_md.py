@@ -18,7 +18,7 @@ def md_cell(text) -> str:
 def summary_rows(r: dict) -> list[tuple[str, str]]:
     """(figure, value) pairs shared by the Markdown, the HTML and the terminal table."""
     rows = [("images", f"{r['samples']} ({r['data']['labels_source']})")]
-    conventions = [(r.get(m) or {}).get("input_convention") for m in ("reference", "candidate")]
+    conventions = [str((r.get(m) or {}).get("input_convention") or "") for m in ("reference", "candidate")]
     if all(conventions):  # reports from before input conventions have none
         rows.append(("input convention reference / candidate", " / ".join(conventions)))
     outputs = r.get("outputs") or {}

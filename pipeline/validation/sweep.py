@@ -9,6 +9,7 @@ callable the caller passes in (``devices`` may not be imported from here).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from pipeline.conversion.export import ConvertSettings, export_tflite
 from pipeline.core import artifacts
 from pipeline.core.data import discover
 from pipeline.core.errors import BudgetNotReached, ConversionError
-from pipeline.model.modelio import load_source
+from pipeline.conversion.settings import Representative
+from pipeline.model.modelio import SourceModel, load_source
 from pipeline.validation.accuracy_budget import convert_within_budget
 from pipeline.validation.sweep_report import render_html, render_markdown
 from pipeline.validation.validate import resolve_labels, validate
@@ -47,11 +49,11 @@ class SweepResult:
 class _Sweep:
     """What every mode of one sweep shares: the source, its data and budget, where the models go."""
     model_path: Path
-    source: object
-    representative: object
-    eval_dir: object
+    source: SourceModel
+    representative: Representative | None
+    eval_dir: str | os.PathLike
     out_dir: Path
-    labels: object
+    labels: str | os.PathLike | None  # a labels file
     max_drop_pp: float
     max_float_layers: int
     eval_limit: int | None

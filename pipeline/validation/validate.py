@@ -134,10 +134,10 @@ def _manifest_labels(model: Path) -> list[str] | None:
 def resolve_labels(labels_file, reference: Path, candidate: Path, folders: list[str] | None,
                    classes: int) -> tuple[list[str], str]:
     """Output index -> class name, and where that mapping came from (said in the report)."""
+    names: list[str] | None = None
     if labels_file:
         names, source = _read_labels(Path(labels_file)), f"--labels {labels_file}"
     else:
-        names = source = None
         for model in (reference, candidate):
             found = _labels_file(model)
             if found is not None:
@@ -392,7 +392,7 @@ class _Scored:
         ref_p = as_probabilities(np.concatenate(run.reference), ref_runner.output_kind, "reference")
         cand_p = as_probabilities(np.concatenate(run.candidate), cand_runner.output_kind, "candidate")
         index_of = {name: i for i, name in enumerate(names)}
-        labels_arr = np.asarray([index_of[label] for label in run.labels]) if labeled else None
+        labels_arr = np.asarray([index_of[str(label)] for label in run.labels]) if labeled else None
         summary = drift_metrics(ref_p, cand_p, labels_arr, names)
         ref_pred, cand_pred = topk(ref_p, 1)[:, 0], topk(cand_p, 1)[:, 0]
         ref_conf, cand_conf = ref_p.max(axis=1), cand_p.max(axis=1)

@@ -194,3 +194,22 @@ def test_fast_path_failure_falls_back(monkeypatch, tiny_keras_path, calibration,
     method = r.manifest["calibration"]["method"]
     assert method["calibrator"] == "stock" and "injected fault" in method["fallback"]
     assert r.manifest["ops"]["left_float"] == [] and r.manifest["io"]["inputs"][0]["dtype"] == "uint8"
+
+
+def test_per_tensor_switch_only_on_the_pinned_tensorflow(monkeypatch):
+    """The converter's per-tensor switch is private: set on the pinned TensorFlow when present, refused otherwise."""
+    import pytest
+
+    from pipeline.core.errors import ConversionError
+
+    class Converter:
+        _experimental_disable_per_channel = False
+
+    converter = Converter()
+    converter_hooks.disable_per_channel(converter)
+    assert converter._experimental_disable_per_channel is True
+    with pytest.raises(ConversionError, match="_experimental_disable_per_channel is gone"):
+        converter_hooks.disable_per_channel(object())
+    monkeypatch.setattr(converter_hooks, "SUPPORTED_TF", ("1.99.",))
+    with pytest.raises(ConversionError, match="pinned to TensorFlow 1.99.x"):
+        converter_hooks.disable_per_channel(Converter())

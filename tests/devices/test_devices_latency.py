@@ -192,17 +192,22 @@ def test_notes_point_out_a_ratio_far_from_the_build_machine():
 
 
 @pytest.mark.slow
-def test_compare_under_tflite_runtime_explains_the_slow_int8(tmp_path, trained_tflite, tflite_runtime_python):
-    """End to end: a 'device' with tflite-runtime 2.14 makes int8 slower, and the notes say why."""
+def test_compare_under_tflite_runtime_names_why_int8_is_slow(tmp_path, trained_tflite, tflite_runtime_python):
+    """End to end: on a 'device' with tflite-runtime 2.14, XNNPACK takes no op of the int8 graph (a property of
+    that runtime, not of one run's timing), and an int8/float ratio over the threshold is explained by it.
+    How much slower it is, is measured by ``python -m bench.runtimes`` (bench/), not asserted here."""
     from devices.bench import compare
+    from devices.diagnose import SLOWER, explain_pair
 
     profile = write_profile(tmp_path, "old-board",
                             f'transport = "local"\npython = "{tflite_runtime_python}"\nthreads = 1\n')
-    result = compare(trained_tflite["float"], trained_tflite["int8"], load_profile(str(profile)), runs=10,
-                     warmup=2)
-    assert result["results"][1]["runtime"] == {"name": "tflite_runtime", "version": "2.14.0"}
-    assert result["compare"]["ratio_b_over_a"]["p50"] > 1.1
-    assert any("XNNPACK took no op of the int8 graph" in n for n in result["notes"])
+    result = compare(trained_tflite["float"], trained_tflite["int8"], load_profile(str(profile)), runs=2,
+                     warmup=1)
+    flt, q = result["results"]
+    assert q["runtime"] == {"name": "tflite_runtime", "version": "2.14.0"}
+    assert q["ops"]["delegate_partitions"] == 0 < flt["ops"]["delegate_partitions"]
+    slower = {**result, "compare": {"ratio_b_over_a": {"p50": 2 * SLOWER}}}  # the measured pair, found slow
+    assert any("XNNPACK took no op of the int8 graph" in n for n in explain_pair(slower))
 
 
 def test_demo_bench_hook_compares_float_and_int8(trained_tflite):

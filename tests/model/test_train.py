@@ -81,6 +81,34 @@ loop.Steps.train_step = train_step
 convert.cli(sys.argv[1:])
 """
 
+# Stops the training at a known step until the test's signal has been handled: a line on the pipe PAUSE_FD says
+# "send it now", and the step goes on only once the handler the run installed has run.
+PAUSE_SCRIPT = """
+import os, signal, sys, threading
+import convert
+from pipeline.model import loop
+real, calls = loop.Steps.train_step, [0]
+
+def train_step(self, iterator):
+    calls[0] += 1
+    if calls[0] == int(os.environ["PAUSE_AT_CALL"]):
+        handler, landed = signal.getsignal(signal.SIGTERM), threading.Event()
+
+        def handled(signum, frame):
+            handler(signum, frame)
+            landed.set()
+
+        signal.signal(signal.SIGTERM, handled)
+        os.write(int(os.environ["PAUSE_FD"]), b"paused\\n")
+        if not landed.wait(600):  # a test that never signals must not leave us behind for ever
+            sys.exit("no signal came")
+        signal.signal(signal.SIGTERM, handler)
+    return real(self, iterator)
+
+loop.Steps.train_step = train_step
+convert.cli(sys.argv[1:])
+"""
+
 
 def _weights(run: Path) -> list[np.ndarray]:
     import keras
@@ -126,22 +154,29 @@ def test_resume_after_kill_9_mid_epoch_equals_an_uninterrupted_run(tmp_path, sma
 
 
 def test_sigterm_saves_a_checkpoint_and_a_changed_config_is_refused(tmp_path, small_digits):
+    """SIGTERM while the 3rd step of the first epoch runs (the pause hook holds it there until the signal was
+    handled): the run checkpoints after that step and exits 143, never at a checkpoint of its own schedule."""
     out = tmp_path / "run"
     cmd = _train_cmd(small_digits["train"], out, "--checkpoint-every", "1000")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    paused, pause_fd = os.pipe()
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "-c", PAUSE_SCRIPT, *cmd[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, pass_fds=(pause_fd,),
+                            env={**os.environ, "PAUSE_AT_CALL": "3", "PAUSE_FD": str(pause_fd)})
+    os.close(pause_fd)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "logs").exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(1.0)  # inside the first epoch
+        with os.fdopen(paused) as pipe:
+            said = pipe.readline()  # blocks until step 3 waits, or the process ended (then "")
+        assert said == "paused\n", proc.communicate(timeout=60)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
     assert "run the same command to resume" in stderr and "Traceback" not in stderr
     state = json.loads((out / ".backup/state.json").read_text())
+    assert (state["epoch"], state["step"]) == (0, 3)  # the interrupt landed in step 3, and was obeyed after it
     assert (out / ".backup" / state["checkpoint"]).exists()
 
     changed = subprocess.run(cmd + ["--lr", "0.01"], capture_output=True, text=True, timeout=120)
