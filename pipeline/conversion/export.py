@@ -41,6 +41,7 @@ from pipeline.conversion.convention_choice import (
     source_domain,
     source_manifest,
 )
+from pipeline.conversion.int8_methods import refine_int8
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
 from pipeline.core import artifacts
 from pipeline.core.errors import CalibrationError, ConversionError
@@ -182,6 +183,9 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
             return convert_spliced(source, settings, representative, progress, record)
     if _use_stages(settings, representative, qat):
         return _staged_int8(source, settings, representative, progress, record)
+    if settings.int8_methods:
+        raise ConversionError("learned rounding and bias correction need calibration images and the staged int8 "
+                              f"conversion ({staged_supported()[1]})")
     converter = _make_converter(source)
     _configure(converter, settings, representative, progress, qat)
     # int16x8 goes through the converter's old quantizer, which calibrates on its own: stock only.
@@ -296,10 +300,11 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
     record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
     with native_stderr_captured() as log:
         try:
-            return quantize_calibrated(calibrated, io=io_type(settings), per_channel=settings.per_channel,
-                                       denylisted_nodes=nodes)
+            quantized = quantize_calibrated(calibrated, io=io_type(settings), per_channel=settings.per_channel,
+                                            denylisted_nodes=nodes)
         except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
             raise _converter_failed(settings, exc, log) from None
+    return refine_int8(quantized, float_tflite(source), representative, settings, record)
 
 
 def check_integer_ops(info, settings: ConvertSettings) -> None:

@@ -1,0 +1,61 @@
+"""Post-training methods applied to a quantized int8 model before anything else sees it: learned weight rounding,
+then bias correction, both on the calibration images.
+
+Why here: the quantizer's output is the one place every int8 conversion of
+this project passes through (``export._staged_int8``: plain ``--int8``, each
+``--max-drop`` candidate, the sweep), so what is measured, searched and
+written is the same refined model. Both methods only rewrite constant
+buffers of the int8 model (``pipeline.tflite.weighted_layers``): same graph,
+same ops, same scales, so the XNNPACK partitions and the device's arithmetic
+are those of the unrefined model, and ``validate`` runs exactly these bytes.
+
+Rounding goes first: bias correction then measures the mean shift of the
+model with its final weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.conversion.settings import ConvertSettings, Rounding
+from pipeline.tflite.bias_correction import correct_biases
+from pipeline.tflite.weight_rounding import learn_rounding
+
+# The calibration images the methods see (the first ones of the stratified sample: every class in turn).
+# Bias correction runs the int8 model once per layer depth, so its cost grows with this number; means and
+# second moments over every output position of 64 images are already stable (measured in docs/validation.md).
+METHOD_SAMPLES = 64
+
+
+def refine_int8(quantized: bytes, float_model: bytes, representative, settings: ConvertSettings,
+                record: dict) -> bytes:
+    """``quantized`` with the methods ``settings`` asks for; ``record["int8_methods"]`` says what each changed."""
+    if not settings.int8_methods:
+        return quantized
+    t0 = time.perf_counter()
+    count = min(METHOD_SAMPLES, len(representative))
+    inputs = [representative.inputs(i) for i in range(count)]
+    reports = []
+    if settings.rounding == Rounding.LEARNED:
+        quantized, rounding = learn_rounding(quantized, float_model, inputs)
+        reports.append(rounding.to_dict())
+    if settings.bias_correction:
+        quantized, bias = correct_biases(quantized, float_model, inputs)
+        reports.append(bias.to_dict())
+    record["int8_methods"] = {"rounding": str(settings.rounding), "bias_correction": settings.bias_correction,
+                              "samples": count, "seconds": round(time.perf_counter() - t0, 3), "methods": reports}
+    return quantized
+
+
+def summary(methods: dict | None) -> list[dict]:
+    """One line per method and layer (output error before and after), for the drift report."""
+    lines = []
+    for report in (methods or {}).get("methods", []):
+        for layer in report.get("layers", []):
+            if report["method"] == "learned-rounding":
+                before, after, unit = layer["mse_before"], layer["mse_after"], "output MSE"
+            else:
+                before, after, unit = layer["mean_abs_shift_before"], layer["mean_abs_shift_after"], "mean |shift|"
+            lines.append({"method": report["method"], "layer": layer["layer"], "op": layer["op"],
+                          "figure": unit, "before": before, "after": after})
+    return lines
