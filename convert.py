@@ -189,6 +189,9 @@ labels_option = click.option(
 @click.option("--rounding", type=click.Choice(["nearest", "learned"]), default="nearest", show_default=True,
               help="--int8 weights: rounded to the nearest level, or up or down per weight to minimize each "
               "layer's output error on the calibration images (scales and graph unchanged).")
+@click.option("--ranges", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+              help="--int8 activation ranges: the min/max seen on the calibration images, or per tensor the "
+              "clipping of least expected quantization error.")
 @click.option("--bias-correction", is_flag=True, help="--int8: fold each layer's mean output shift on the "
               "calibration images into its int32 bias.")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
@@ -209,7 +212,7 @@ labels_option = click.option(
               "spliced from an int16x8 conversion).")
 @guarded(tensorflow=False)
 def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
-                    input_convention, calibrator, rounding, bias_correction, out, force, trust_model_code, as_json,
+                    input_convention, calibrator, rounding, ranges, bias_correction, out, force, trust_model_code, as_json,
                     max_drop, eval_dir, eval_limit, labels, max_float_layers, fallback):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
@@ -229,8 +232,8 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
     from pipeline.model.modelio import load_source
 
     _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fallback, input_convention)
-    if (rounding != "nearest" or bias_correction) and mode != "int8":
-        raise click.UsageError(f"--rounding learned and --bias-correction apply to --int8, not --{mode}")
+    if (rounding != "nearest" or bias_correction or ranges != "minmax") and mode != "int8":
+        raise click.UsageError(f"--rounding learned, --ranges mse and --bias-correction apply to --int8, not --{mode}")
     path = _resolve_model(model)
     if not (path.suffix.lower() == ".tflite" and mode == "int8" and max_drop is None):
         from pipeline.core.quiet import import_tensorflow_quietly
@@ -239,7 +242,7 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
     settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
                                per_channel=not per_tensor, trust_model_code=trust_model_code,
                                optimize=not no_optimize, calibrator=calibrator, fallback=fallback,
-                               rounding=rounding, bias_correction=bias_correction,
+                               rounding=rounding, bias_correction=bias_correction, ranges=ranges,
                                input_convention=input_convention.replace("-", "_") if input_convention else None)
     from pipeline.core.artifacts import check_writable
     from pipeline.conversion.export import default_output
@@ -592,7 +595,7 @@ def _sweep_bench(path: Path) -> dict:
 @click.option("--max-float-layers", default=8, show_default=True, type=click.IntRange(0))
 @click.option("--modes", help="Comma-separated list of: float, dynamic, fp16, int8, int8-per-tensor, "
               "int8-fallback, int16x8 (the default: all of these), int8-bias-correction, int8-learned-rounding, "
-              "int8-learned-bc (learned rounding then bias correction).")
+              "int8-learned-bc (learned rounding then bias correction), int8-mse-ranges.")
 @click.option("--no-bench", is_flag=True, help="Skip the local latency bench.")
 @click.option("--force", is_flag=True, help="Overwrite models from an earlier sweep in --out.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)

@@ -41,7 +41,7 @@ from pipeline.conversion.convention_choice import (
     source_domain,
     source_manifest,
 )
-from pipeline.conversion.int8_methods import refine_int8
+from pipeline.conversion.int8_methods import chosen_ranges, refine_int8
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
 from pipeline.core import artifacts
 from pipeline.core.errors import CalibrationError, ConversionError
@@ -183,9 +183,9 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
             return convert_spliced(source, settings, representative, progress, record)
     if _use_stages(settings, representative, qat):
         return _staged_int8(source, settings, representative, progress, record)
-    if settings.int8_methods:
-        raise ConversionError("learned rounding and bias correction need calibration images and the staged int8 "
-                              f"conversion ({staged_supported()[1]})")
+    if settings.int8_methods or settings.ranges != "minmax":
+        raise ConversionError("learned rounding, bias correction and error-chosen ranges need calibration images "
+                              f"and the staged int8 conversion ({staged_supported()[1]})")
     converter = _make_converter(source)
     _configure(converter, settings, representative, progress, qat)
     # int16x8 goes through the converter's old quantizer, which calibrates on its own: stock only.
@@ -268,7 +268,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
     """Float conversion, calibration, quantizer: the first two are reused across calls on the same images."""
 
     kept = source.cache.get("calibrated")
-    if kept is None or kept[0] is not representative or kept[1] != settings.calibrator:
+    if kept is None or kept[0] is not representative or kept[1] != (settings.calibrator, settings.ranges):
         samples = _replayable(representative, progress)
         float_model = float_tflite(source)
         calibration: dict = {}
@@ -280,10 +280,11 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
                 raise
             except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
                 raise _converter_failed(settings, exc, log) from None
+        calibrated = chosen_ranges(calibrated, samples, settings, calibration)
         if source_domain(source) == "pixels":
             calibrated = pin_input_range(calibrated, 0.0, 255.0)  # scale 1: each pixel its own level
             calibration["input_range"] = [0.0, 255.0]
-        kept = (representative, settings.calibrator, calibrated, calibration)
+        kept = (representative, (settings.calibrator, settings.ranges), calibrated, calibration)
         source.cache["calibrated"] = kept
     _, _, calibrated, calibration = kept
     record.update(calibration)

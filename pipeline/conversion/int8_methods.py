@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import time
 
-from pipeline.conversion.settings import ConvertSettings, Rounding
+from pipeline.conversion.settings import ConvertSettings, Ranges, Rounding
+from pipeline.tflite.activation_ranges import mse_ranges
 from pipeline.tflite.bias_correction import correct_biases
 from pipeline.tflite.weight_rounding import learn_rounding
 
@@ -25,6 +26,16 @@ from pipeline.tflite.weight_rounding import learn_rounding
 # Bias correction runs the int8 model once per layer depth, so its cost grows with this number; means and
 # second moments over every output position of 64 images are already stable (measured in docs/validation.md).
 METHOD_SAMPLES = 64
+
+
+def chosen_ranges(calibrated: bytes, samples, settings: ConvertSettings, record: dict) -> bytes:
+    """The calibrated float model with the activation ranges ``settings.ranges`` asks for (``samples()``: a fresh
+    iterable of input batches, the calibration images); ``record["ranges"]`` says what was clipped."""
+    if settings.ranges == Ranges.MINMAX:
+        return calibrated
+    calibrated, report = mse_ranges(calibrated, samples())
+    record["ranges"] = report.to_dict()
+    return calibrated
 
 
 def refine_int8(quantized: bytes, float_model: bytes, representative, settings: ConvertSettings,

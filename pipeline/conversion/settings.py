@@ -28,6 +28,14 @@ class Rounding(enum.StrEnum):
     LEARNED = "learned"
 
 
+class Ranges(enum.StrEnum):
+    """How int8 activation ranges come from calibration: the min/max seen, or the clipping of least expected
+    error per tensor (``pipeline.tflite.activation_ranges``)."""
+
+    MINMAX = "minmax"
+    MSE = "mse"
+
+
 class Representative(Protocol):
     spec: PreprocessSpec
 
@@ -54,15 +62,19 @@ class ConvertSettings:
     input_convention: str | None = None
     rounding: Rounding = Rounding.NEAREST  # int8 only: pipeline.conversion.int8_methods
     bias_correction: bool = False  # int8 only: the mean output shift folded into each bias (int8_methods)
+    ranges: Ranges = Ranges.MINMAX  # int8 only: activation ranges from calibration
 
     def __post_init__(self):
         object.__setattr__(self, "float_layers", tuple(str(name) for name in self.float_layers))
         if self.rounding not in tuple(Rounding):
             raise ConversionError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(Rounding)}")
         object.__setattr__(self, "rounding", Rounding(self.rounding))
-        if self.mode != "int8" and (self.rounding != Rounding.NEAREST or self.bias_correction):
-            raise ConversionError(f"learned rounding and bias correction rewrite int8 layers: they apply to int8, "
-                                  f"not {self.mode}")
+        if self.ranges not in tuple(Ranges):
+            raise ConversionError(f"unknown ranges {self.ranges!r}; choose one of {', '.join(Ranges)}")
+        object.__setattr__(self, "ranges", Ranges(self.ranges))
+        if self.mode != "int8" and (self.int8_methods or self.ranges != Ranges.MINMAX):
+            raise ConversionError(f"learned rounding, bias correction and error-chosen ranges are int8 methods: "
+                                  f"they apply to int8, not {self.mode}")
         if self.float_layers and self.mode not in CALIBRATED_MODES:
             raise ConversionError(f"float layers only apply to int8 and int16x8, not {self.mode}")
         if self.fallback not in ("float", "int16"):
@@ -87,7 +99,7 @@ class ConvertSettings:
 
     def to_dict(self) -> dict:
         found = asdict(self)
-        found["rounding"] = str(self.rounding)
+        found["rounding"], found["ranges"] = str(self.rounding), str(self.ranges)
         return found
 
 

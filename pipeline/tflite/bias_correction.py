@@ -28,7 +28,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from pipeline.tflite.layers import expose_tensors
 from pipeline.tflite.weighted_layers import (
     Constants,
     WeightedLayer,
@@ -94,8 +96,10 @@ def float_output_means(float_model: bytes, layers: list[WeightedLayer], inputs) 
     return found
 
 
-def accumulator_means(quant_model: bytes, layers: list[WeightedLayer], inputs) -> dict[int, np.ndarray]:
-    """Each int8 layer's mean accumulator without its bias (integer units, exact in float64) over ``inputs``."""
+def accumulator_means(quant_model: bytes, layers: list[WeightedLayer], inputs,
+                      exposed: bool = False) -> dict[int, np.ndarray]:
+    """Each int8 layer's mean accumulator without its bias (integer units, exact in float64) over ``inputs``
+    (``exposed``: the layers' inputs are already outputs of ``quant_model``)."""
     constants = Constants(quant_model)
     zero = {layer.quant_op: int(constants.quantization(layer.quant_input)[1][0]) for layer in layers}
     sums: dict[int, np.ndarray] = {}
@@ -105,7 +109,8 @@ def accumulator_means(quant_model: bytes, layers: list[WeightedLayer], inputs) -
             x = values[layer.quant_input][0].astype(np.int64) - zero[layer.quant_op]
             sums[layer.quant_op] = sums.get(layer.quant_op, 0) + tap_means(x, layer)
 
-    count = run_exposing(quant_model, sorted({layer.quant_input for layer in layers}), inputs, visit)
+    count = run_exposing(quant_model, sorted({layer.quant_input for layer in layers}), inputs, visit,
+                         exposed=exposed)
     return {layer.quant_op: output_means(constants.view(layer.quant_weights), sums[layer.quant_op] / count, layer)
             for layer in layers}
 
@@ -120,6 +125,11 @@ def bias_quanta(constants: Constants, layer: WeightedLayer) -> np.ndarray:
 
 def correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[bytes, BiasCorrectionReport]:
     """``quant_model`` with every matched layer's int32 bias corrected on ``inputs`` (float model inputs, HxWx3)."""
+    with threadpool_limits(1):  # small products: one BLAS thread is faster beside the interpreter's own
+        return _correct_biases(quant_model, float_model, inputs)
+
+
+def _correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[bytes, BiasCorrectionReport]:
     t0 = time.perf_counter()
     inputs = [np.asarray(x, dtype=np.float32) for x in inputs]
     report = BiasCorrectionReport(samples=len(inputs))
@@ -130,16 +140,21 @@ def correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[byte
         return quant_model, report
     targets = float_output_means(float_model, layers, inputs)
     current = unshared(quant_model, [layer.quant_bias for layer in layers])
+    # Every pass runs this copy (same tensors and buffers, every layer input an output), patched in place.
+    probe = expose_tensors(current, [layer.quant_input for layer in layers])
     for group in levels(current, layers):
-        accumulators = accumulator_means(current, group, inputs)
-        constants = Constants(current)
+        accumulators = accumulator_means(probe, group, inputs, exposed=True)
+        constants = Constants(probe)
         for layer in group:
             report.layers.append(_correct(constants, layer, accumulators[layer.quant_op],
                                           targets[layer.quant_op]))
-        current = constants.bytes()
+        probe = constants.bytes()
         report.passes += 1
+    corrected, final = Constants(probe), Constants(current)
+    for layer in layers:
+        final.view(layer.quant_bias)[...] = corrected.view(layer.quant_bias)
     report.seconds = time.perf_counter() - t0
-    return current, report
+    return final.bytes(), report
 
 
 def _correct(constants: Constants, layer: WeightedLayer, accumulator: np.ndarray, target: np.ndarray) -> LayerShift:

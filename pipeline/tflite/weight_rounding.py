@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline.tflite.weighted_layers import Constants, WeightedLayer, rows, run_exposing, taps, weighted_layers
 
@@ -94,13 +95,15 @@ def second_moments(float_model: bytes, layers: list[WeightedLayer], inputs) -> t
         for layer in layers:
             x = values[layer.float_input]
             if layer.op == "DEPTHWISE_CONV_2D":
-                t = _depthwise_taps(x, layer)
-                h = np.einsum("pac,pbc->cab", t, t, optimize=True)
-                n = t.shape[0]
+                t = np.ascontiguousarray(_depthwise_taps(x, layer).transpose(2, 0, 1))  # C x positions x taps
+                h, n = np.matmul(t.transpose(0, 2, 1), t), t.shape[1]
             else:
                 p = _patch_matrix(x, layer)
                 h, n = p.T @ p, p.shape[0]
-            moments[layer.quant_op] = moments.get(layer.quant_op, 0) + h
+            if layer.quant_op in moments:
+                moments[layer.quant_op] += h
+            else:
+                moments[layer.quant_op] = h
             positions[layer.quant_op] = positions.get(layer.quant_op, 0) + n
 
     run_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs, visit)
@@ -110,8 +113,8 @@ def second_moments(float_model: bytes, layers: list[WeightedLayer], inputs) -> t
 def channel_errors(errors: np.ndarray, h: np.ndarray, depthwise: bool) -> np.ndarray:
     """e^T H e per output channel (errors: channels x K in quanta)."""
     if depthwise:
-        return np.einsum("ca,cab,cb->c", errors, h, errors)
-    return np.einsum("ca,ab,cb->c", errors, h, errors)
+        return np.sum(np.matmul(h, errors[:, :, None])[:, :, 0] * errors, axis=1)
+    return np.sum((errors @ h) * errors, axis=1)
 
 
 def _descend(rounded: np.ndarray, exact: np.ndarray, h: np.ndarray, depthwise: bool) -> tuple[np.ndarray, int]:
@@ -119,7 +122,7 @@ def _descend(rounded: np.ndarray, exact: np.ndarray, h: np.ndarray, depthwise: b
     rounded = rounded.astype(np.float64).copy()
     low, high = np.floor(exact), np.ceil(exact)
     errors = rounded - exact
-    gradient = np.einsum("cab,cb->ca", h, errors) if depthwise else errors @ h
+    gradient = np.matmul(h, errors[:, :, None])[:, :, 0] if depthwise else errors @ h
     diagonal = np.einsum("caa->ca", h) if depthwise else np.broadcast_to(np.diag(h), errors.shape)
     sweeps = 0
     for sweeps in range(1, MAX_SWEEPS + 1):
@@ -148,14 +151,13 @@ def learn_rounding(quant_model: bytes, float_model: bytes, inputs) -> tuple[byte
     layers = weighted_layers(quant_model, float_model)
     if not layers or not inputs:
         return quant_model, report
-    moments, positions = second_moments(float_model, layers, inputs)
     constants, floating = Constants(quant_model), Constants(float_model)
-    for layer in layers:
-        entry = _round_layer(constants, floating, layer, moments[layer.quant_op], positions[layer.quant_op])
-        if isinstance(entry, dict):
-            report.skipped.append(entry)
-        else:
-            report.layers.append(entry)
+    # Many small products: BLAS threads cost more than they give here (measured 2-10x slower on 2 busy cores).
+    with threadpool_limits(1):
+        moments, positions = second_moments(float_model, layers, inputs)
+        for layer in layers:
+            entry = _round_layer(constants, floating, layer, moments[layer.quant_op], positions[layer.quant_op])
+            (report.skipped if isinstance(entry, dict) else report.layers).append(entry)
     report.seconds = time.perf_counter() - t0
     return constants.bytes(), report
 

@@ -266,10 +266,15 @@ def output_means(weights: np.ndarray, means: np.ndarray, layer: WeightedLayer) -
 
 
 def run_exposing(model_bytes: bytes, tensors: list[int], inputs: Iterable[np.ndarray],
-                 visit: Callable[[dict[int, np.ndarray]], None]) -> int:
+                 visit: Callable[[dict[int, np.ndarray]], None], *, exposed: bool = False) -> int:
     """Run the model on each float input (its own input quantization applied) and hand ``visit`` the values of
-    ``tensors`` (as stored: integers for an integer tensor); returns how many inputs ran."""
-    interpreter = open_interpreter(expose_tensors(model_bytes, tensors), threads=max(1, os.cpu_count() or 1))
+    ``tensors`` (as stored: integers for an integer tensor); returns how many inputs ran.
+
+    ``exposed``: the model already has ``tensors`` among its outputs (``expose_tensors`` re-serializes the
+    whole model, which costs more than the run on a small one).
+    """
+    probe = model_bytes if exposed else expose_tensors(model_bytes, tensors)
+    interpreter = open_interpreter(probe, threads=max(1, os.cpu_count() or 1))
     detail = interpreter.get_input_details()[0]
     count = 0
     for x in inputs:

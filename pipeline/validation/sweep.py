@@ -33,6 +33,7 @@ SWEEP_MODES: dict[str, tuple[str, dict]] = {
     "int8-bias-correction": ("int8", {"bias_correction": True}),
     "int8-learned-rounding": ("int8", {"rounding": "learned"}),
     "int8-learned-bc": ("int8", {"rounding": "learned", "bias_correction": True}),
+    "int8-mse-ranges": ("int8", {"ranges": "mse"}),
     "int8-fallback": ("int8", {}),
     "int16x8": ("int16x8", {}),
 }
