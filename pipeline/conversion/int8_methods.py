@@ -58,15 +58,19 @@ def refine_int8(quantized: bytes, float_model: bytes, representative, settings: 
     return quantized
 
 
-def summary(methods: dict | None) -> list[dict]:
-    """One line per method and layer (output error before and after), for the drift report."""
-    lines = []
-    for report in (methods or {}).get("methods", []):
-        for layer in report.get("layers", []):
-            if report["method"] == "learned-rounding":
-                before, after, unit = layer["mse_before"], layer["mse_after"], "output MSE"
-            else:
-                before, after, unit = layer["mean_abs_shift_before"], layer["mean_abs_shift_after"], "mean |shift|"
-            lines.append({"method": report["method"], "layer": layer["layer"], "op": layer["op"],
-                          "figure": unit, "before": before, "after": after})
-    return lines
+def summary(calibration: dict) -> dict:
+    """What the int8 methods of a manifest's calibration record changed, for the drift report: per method its
+    time and, per layer, the output error before and after (rounding: output MSE; bias correction: mean
+    absolute shift), and the count of clipped activation ranges."""
+    methods = calibration.get("int8_methods") or {}
+    found = {"seconds": methods.get("seconds"), "samples": methods.get("samples"), "layers": []}
+    for report in methods.get("methods", []):
+        figure = ("output MSE", "mse_before", "mse_after") if report["method"] == "learned-rounding" else \
+            ("mean |shift|", "mean_abs_shift_before", "mean_abs_shift_after")
+        found["layers"] += [{"method": report["method"], "layer": layer["layer"], "op": layer["op"],
+                             "figure": figure[0], "before": layer[figure[1]], "after": layer[figure[2]]}
+                            for layer in report.get("layers", [])]
+    ranges = calibration.get("ranges")
+    if ranges:
+        found["ranges"] = {"method": ranges["method"], "clipped": ranges["clipped"], "seconds": ranges["seconds"]}
+    return found

@@ -132,11 +132,16 @@ def _sweep_mode(sweep: _Sweep, name: str, bench: Bench | None) -> tuple[dict, in
 
 def _methods_note(manifest: dict) -> str:
     """What the int8 methods of a row changed and what they cost, from its manifest."""
-    methods = ((manifest.get("calibration") or {}).get("method") or {}).get("int8_methods")
-    if not methods:
-        return ""
-    parts = [f"{m['method']}: {len(m['layers'])} layers" for m in methods["methods"]]
-    return f"{'; '.join(parts)} ({methods['seconds']:.1f} s on {methods['samples']} images)"
+    calibration = (manifest.get("calibration") or {}).get("method") or {}
+    parts = []
+    if calibration.get("ranges"):
+        ranges = calibration["ranges"]
+        parts.append(f"{ranges['method']}: {ranges['clipped']} ranges clipped ({ranges['seconds']:.1f} s)")
+    methods = calibration.get("int8_methods")
+    if methods:
+        parts += [f"{m['method']}: {len(m['layers'])} layers" for m in methods["methods"]]
+        parts[-1] += f" ({methods['seconds']:.1f} s on {methods['samples']} images)"
+    return "; ".join(parts)
 
 
 def _convert_fallback(sweep: _Sweep, settings: ConvertSettings, target: Path) -> tuple[Path, str, list]:

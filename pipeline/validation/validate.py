@@ -27,6 +27,7 @@ from pipeline.core.data import Item, Skip, discover
 from pipeline.core.errors import BudgetExceeded, ConversionError, DataError, ModelLoadError, ValidationError
 from pipeline.core.preprocessing import PIXEL_CONVENTIONS, ImageError, PreprocessSpec, model_input, pixels_for
 from pipeline.tflite.tflite_info import inspect_tflite
+from pipeline.conversion.int8_methods import summary as int8_summary
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
 from pipeline.validation.predict import as_probabilities, default_workers, open_runner
@@ -197,6 +198,9 @@ def _facts(runner, path: Path) -> dict:
     if manifest is not None:
         facts["mode"] = (manifest.get("settings") or {}).get("mode")
         facts["source_sha256"] = (manifest.get("source") or {}).get("sha256")
+        calibration = (manifest.get("calibration") or {}).get("method") or {}
+        if calibration.get("int8_methods") or calibration.get("ranges"):
+            facts["int8_methods"] = int8_summary(calibration)
     if error:
         facts["manifest_error"] = error
     facts.setdefault("mode", "float" if runner.facts.kind != "tflite" else None)

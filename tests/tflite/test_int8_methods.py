@@ -177,3 +177,32 @@ def test_convert_with_both_methods_keeps_the_graph_and_reports_each_layer(traine
 def test_cli_refuses_the_methods_outside_int8(trained_run, tmp_path):
     proc = run_cli("convert", trained_run.model_path, "--fp16", "--bias-correction", "--out", tmp_path / "m.tflite")
     assert proc.returncode == 2 and "--bias-correction" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_error_chosen_range_never_has_more_expected_error_and_clips_an_outlier():
+    from pipeline.tflite.activation_ranges import BINS, best_range, expected_error
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, 100_000), [40.0]])  # one outlier sets min/max's scale
+    low, high = float(values.min()), float(values.max())
+    edges = np.linspace(low, high, BINS + 1)
+    hist = np.histogram(values, BINS, range=(low, high))[0].astype(float)
+    new_low, new_high, error, full = best_range(hist, edges, low, high)
+    assert error <= full and error == expected_error(hist, edges, new_low, new_high)
+    assert low <= new_low <= 0 <= new_high < high  # clipped inside the seen range, zero kept
+    relu = np.histogram(np.abs(values), BINS, range=(0.0, high))[0].astype(float)
+    assert best_range(relu, np.linspace(0.0, high, BINS + 1), 0.0, high)[0] == 0.0  # a ReLU output keeps 0
+
+
+def test_mse_ranges_keep_the_graph(trained_run, calibration, tmp_path):
+    plain = export_tflite(trained_run.model_path, ConvertSettings("int8"), out=tmp_path / "plain.tflite",
+                          representative=calibration)
+    ranged = export_tflite(trained_run.model_path, ConvertSettings("int8", ranges="mse"), out=tmp_path / "r.tflite",
+                           representative=calibration)
+    assert ranged.manifest["ops"] == plain.manifest["ops"]
+    assert ranged.manifest["xnnpack"]["partitions"] == plain.manifest["xnnpack"]["partitions"] == 1
+    record = ranged.manifest["calibration"]["method"]["ranges"]
+    assert record["clipped"] == len(record["tensors"]) > 0
+    for entry in record["tensors"]:
+        (low, high), (new_low, new_high) = entry["minmax"], entry["range"]
+        assert low <= new_low <= new_high <= high and entry["error_ratio"] <= 1
