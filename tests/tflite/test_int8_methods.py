@@ -22,6 +22,7 @@ from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.tflite_optimize import delegate_partitions
 from pipeline.tflite.weight_rounding import learn_rounding
 from pipeline.tflite.weighted_layers import Constants, weighted_layers
+from pipeline.validation.validate import validate
 from tests.conftest import run_cli
 
 
@@ -157,7 +158,7 @@ def _graph(model_bytes: bytes) -> list:
     return [ops, tensors, list(graph.inputs), list(graph.outputs)]
 
 
-def test_convert_with_both_methods_keeps_the_graph_and_reports_each_layer(trained_run, calibration, tmp_path):
+def test_convert_with_both_methods_keeps_the_graph_and_reports_each_layer(trained_run, calibration, digits, tmp_path):
     plain = export_tflite(trained_run.model_path, ConvertSettings("int8"), out=tmp_path / "plain.tflite",
                           representative=calibration)
     refined = export_tflite(trained_run.model_path, ConvertSettings("int8", rounding="learned", bias_correction=True),
@@ -172,6 +173,12 @@ def test_convert_with_both_methods_keeps_the_graph_and_reports_each_layer(traine
     for report in methods["methods"]:
         assert report["layers"] and all("layer" in entry for entry in report["layers"])
     assert manifest["settings"]["rounding"] == "learned" and manifest["settings"]["bias_correction"] is True
+    drift = validate(trained_run.model_path, refined.path, digits["val"], tmp_path / "drift", limit=20,
+                     layer_samples=0).report
+    reported = drift["candidate"]["int8_methods"]
+    layers = sum(len(report["layers"]) for report in methods["methods"])
+    assert len(reported["layers"]) == layers and all(e["after"] <= e["before"] for e in reported["layers"])
+    assert "## int8 methods" in (tmp_path / "drift" / "report.md").read_text()
 
 
 def test_cli_refuses_the_methods_outside_int8(trained_run, tmp_path):
