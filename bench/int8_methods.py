@@ -8,7 +8,9 @@ the same eval images: top-1 agreement, flips, mean KL and, for an eval
 folder with class subfolders, top-1. Calibration time: the TF converter's
 whole child process (load, convert) for its row; for this project's rows the
 conversion time from the manifest (float conversion, calibration,
-quantizer) and the methods' own seconds. Run the TF row on a --calib folder
+quantizer; the float conversion and a min/max calibration are done once and
+reused by the later rows), the calibration's own seconds (min/max, plus the
+range search for ``--ranges mse``) and the methods' seconds. Run the TF row on a --calib folder
 holding exactly --calib-size images so that both calibrate on the same ones.
 """
 
@@ -68,8 +70,10 @@ def run(model: Path, calib: Path, eval_dir: Path, calib_size: int, limit: int | 
         exported = export_tflite(model, ConvertSettings("int8", **overrides), out=path, representative=representative,
                                  force=True, source=source)
         methods = (exported.manifest["calibration"]["method"] or {}).get("int8_methods") or {}
+        calibration = exported.manifest["calibration"]["method"] or {}
         rows[name] = {**_measure(model, path, eval_dir, limit, work), "convert_s": exported.manifest["timing"]["convert_s"],
-                      "methods_s": methods.get("seconds", 0.0), "methods_samples": methods.get("samples")}
+                      "calibration_s": calibration.get("seconds"), "methods_s": methods.get("seconds", 0.0),
+                      "methods_samples": methods.get("samples")}
     for name, settings in SCALE_ROWS.items():
         path = work / f"{name}.tflite"
         exported = export_tflite(model, settings, out=path, force=True, source=source,
@@ -80,11 +84,13 @@ def run(model: Path, calib: Path, eval_dir: Path, calib_size: int, limit: int | 
 
 
 def table(result: dict) -> str:
-    lines = ["| conversion | agreement | flips | KL mean | top-1 | convert s | methods s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| conversion | agreement | flips | KL mean | top-1 | convert s | calibration s | methods s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
         top1 = "n/a" if r["top1"] is None else f"{r['top1']:.4f}"
+        calibration = "n/a" if r.get("calibration_s") is None else f"{r['calibration_s']:.2f}"
         lines.append(f"| {name} | {r['agreement']:.4f} | {r['flips']} | {r['kl_mean']:.5f} | {top1} | "
-                     f"{r['convert_s']:.2f} | {r.get('methods_s', 0.0):.2f} |")
+                     f"{r['convert_s']:.2f} | {calibration} | {r.get('methods_s', 0.0):.2f} |")
     return "\n".join(lines)
 
 

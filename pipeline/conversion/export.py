@@ -272,6 +272,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
         samples = _replayable(representative, progress)
         float_model = float_tflite(source)
         calibration: dict = {}
+        started = time.perf_counter()
         with native_stderr_captured() as log:
             try:
                 calibrated = calibrate_float_model(float_model, samples, calibration,
@@ -281,6 +282,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
             except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
                 raise _converter_failed(settings, exc, log) from None
         calibrated = chosen_ranges(calibrated, samples, settings, calibration)
+        calibration["seconds"] = round(time.perf_counter() - started, 3)  # reused calibrations keep their first time
         if source_domain(source) == "pixels":
             calibrated = pin_input_range(calibrated, 0.0, 255.0)  # scale 1: each pixel its own level
             calibration["input_range"] = [0.0, 255.0]
