@@ -209,6 +209,7 @@ def test_mse_ranges_keep_the_graph(trained_run, calibration, tmp_path):
     assert ranged.manifest["ops"] == plain.manifest["ops"]
     assert ranged.manifest["xnnpack"]["partitions"] == plain.manifest["xnnpack"]["partitions"] == 1
     record = ranged.manifest["calibration"]["method"]["ranges"]
+    assert ranged.manifest["calibration"]["method"]["seconds"] >= record["seconds"] > 0  # the search is part of it
     assert record["clipped"] == len(record["tensors"]) > 0
     for entry in record["tensors"]:
         (low, high), (new_low, new_high) = entry["minmax"], entry["range"]
