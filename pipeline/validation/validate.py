@@ -22,12 +22,12 @@ from typing import Callable
 import numpy as np
 
 from pipeline.conversion.export import ConvertSettings, convert_bytes
+from pipeline.conversion.int8_methods import summary as int8_summary
 from pipeline.core import artifacts
 from pipeline.core.data import Item, Skip, discover
 from pipeline.core.errors import BudgetExceeded, ConversionError, DataError, ModelLoadError, ValidationError
 from pipeline.core.preprocessing import PIXEL_CONVENTIONS, ImageError, PreprocessSpec, model_input, pixels_for
 from pipeline.tflite.tflite_info import inspect_tflite
-from pipeline.conversion.int8_methods import summary as int8_summary
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
 from pipeline.validation.predict import as_probabilities, default_workers, open_runner
