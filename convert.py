@@ -216,6 +216,14 @@ labels_option = click.option(
 @click.option("--calibrator", type=click.Choice(["fast", "stock"]), default="fast", show_default=True,
               help="fast: min/max under XNNPACK, one interpreter per core (at most 4); stock: TFLite's own "
               "logging calibrator.")
+@click.option("--rounding", type=click.Choice(["nearest", "learned"]), default="nearest", show_default=True,
+              help="--int8 weights: rounded to the nearest level, or up or down per weight to minimize each "
+              "layer's output error on the calibration images (scales and graph unchanged).")
+@click.option("--ranges", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+              help="--int8 activation ranges: the min/max seen on the calibration images, or per tensor the "
+              "clipping of least expected quantization error.")
+@click.option("--bias-correction", is_flag=True, help="--int8: fold each layer's mean output shift on the "
+              "calibration images into its int32 bias.")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
@@ -234,8 +242,8 @@ labels_option = click.option(
               "spliced from an int16x8 conversion).")
 @guarded(tensorflow=False)
 def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_fallback, per_tensor, no_optimize,
-                    input_convention, calibrator, out, force, trust_model_code, as_json, max_drop, eval_dir, eval_limit, labels,
-                    max_float_layers, fallback):
+                    input_convention, calibrator, rounding, ranges, bias_correction, out, force, trust_model_code, as_json,
+                    max_drop, eval_dir, eval_limit, labels, max_float_layers, fallback):
     """Convert MODEL (SavedModel folder, Keras 3 .keras, tf_keras .keras/.h5) to TFLite.
 
     A float32 .tflite MODEL is quantized directly with --int8 (calibration
@@ -254,6 +262,8 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
     from pipeline.model.modelio import load_source
 
     _check_convert_options(mode, calib, float_io, max_drop, eval_dir, labels, fallback, input_convention)
+    if (rounding != "nearest" or bias_correction or ranges != "minmax") and mode != "int8":
+        raise click.UsageError(f"--rounding learned, --ranges mse and --bias-correction apply to --int8, not --{mode}")
     path = _resolve_model(model)
     if not (path.suffix.lower() == ".tflite" and mode == "int8" and max_drop is None):
         from pipeline.core.quiet import import_tensorflow_quietly
@@ -262,6 +272,7 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
     settings = ConvertSettings(mode=mode, float_io=float_io, allow_float_fallback=allow_float_fallback,
                                per_channel=not per_tensor, trust_model_code=trust_model_code,
                                optimize=not no_optimize, calibrator=calibrator, fallback=fallback,
+                               rounding=rounding, bias_correction=bias_correction, ranges=ranges,
                                input_convention=input_convention.replace("-", "_") if input_convention else None)
     from pipeline.core.artifacts import check_writable
     from pipeline.conversion.export import default_output
@@ -615,8 +626,9 @@ def _sweep_bench(path: Path) -> dict:
 @click.option("--max-drop", default=1.0, show_default=True, type=click.FloatRange(min=0), metavar="PP",
               help="Budget of the int8-fallback mode (top-1 drop, percentage points).")
 @click.option("--max-float-layers", default=8, show_default=True, type=click.IntRange(0))
-@click.option("--modes", help="Comma-separated subset of: float, dynamic, fp16, int8, int8-per-tensor, "
-              "int8-fallback, int16x8 (default: all).")
+@click.option("--modes", help="Comma-separated list of: float, dynamic, fp16, int8, int8-per-tensor, "
+              "int8-fallback, int16x8 (the default: all of these), int8-bias-correction, int8-learned-rounding, "
+              "int8-learned-bc (learned rounding then bias correction), int8-mse-ranges.")
 @click.option("--no-bench", is_flag=True, help="Skip the local latency bench.")
 @click.option("--force", is_flag=True, help="Overwrite models from an earlier sweep in --out.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
@@ -634,13 +646,13 @@ def sweep_command(model, calib, calib_size, eval_dir, eval_limit, labels, out, m
     from calibrate.dataset import build_calibration_set
     from pipeline.model.modelio import load_source
     from pipeline.core.preprocessing import PreprocessSpec
-    from pipeline.validation.sweep import SWEEP_MODES, run_sweep
+    from pipeline.validation.sweep import DEFAULT_MODES, run_sweep
     from pipeline.validation.sweep_report import COLUMNS, table_rows
 
     size = load_source(Path(model), trust_code=trust_model_code).input_size
     with Bar("reading calibration images") as bar:
         representative = build_calibration_set(calib, PreprocessSpec(size=size), size=calib_size, progress=bar)
-    chosen = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(SWEEP_MODES)
+    chosen = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(DEFAULT_MODES)
     result = run_sweep(model, representative=representative, eval_dir=eval_dir, out_dir=out, labels=labels,
                        bench=None if no_bench else _sweep_bench, max_drop_pp=max_drop,
                        max_float_layers=max_float_layers, eval_limit=eval_limit, modes=chosen, force=force,

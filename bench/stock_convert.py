@@ -14,12 +14,12 @@ import numpy as np
 
 def main(model_path: str, image_dir: str, out: str, count: int) -> None:
     import tensorflow as tf
-    import keras
 
     from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
+    from pipeline.model.modelio import load_source
 
     start = time.perf_counter()
-    model = keras.saving.load_model(model_path, compile=False)
+    model = load_source(model_path).model  # a Keras 3 or a tf_keras model, as saved
     spec = PreprocessSpec(int(model.inputs[0].shape[1]))
     from pipeline.core.data import discover
 

@@ -1,5 +1,5 @@
 """Keras, SavedModel or float .tflite to .tflite in five modes: settings, the input convention a model gets, the
-staged converter, float fallback, export.
+staged converter, float fallback, the int8 methods run after calibration and the quantizer, export.
 
 Every private name of TensorFlow read here (the calibrator, the MLIR
 quantizer, freezing, the per-tensor switch) is read in ``converter_hooks``,

@@ -42,6 +42,7 @@ from pipeline.conversion.convention_choice import (
     source_domain,
     source_manifest,
 )
+from pipeline.conversion.int8_methods import chosen_ranges, refine_int8
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
 from pipeline.core import artifacts, interrupts
 from pipeline.core.errors import CalibrationError, ConversionError
@@ -183,6 +184,9 @@ def convert_bytes(source: SourceModel, settings: ConvertSettings, representative
             return convert_spliced(source, settings, representative, progress, record)
     if _use_stages(settings, representative, qat):
         return _staged_int8(source, settings, representative, progress, record)
+    if settings.int8_methods or settings.ranges != "minmax":
+        raise ConversionError("learned rounding, bias correction and error-chosen ranges need calibration images "
+                              f"and the staged int8 conversion ({staged_supported()[1]})")
     converter = _make_converter(source)
     _configure(converter, settings, representative, progress, qat)
     # int16x8 goes through the converter's old quantizer, which calibrates on its own: stock only.
@@ -265,10 +269,11 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
     """Float conversion, calibration, quantizer: the first two are reused across calls on the same images."""
 
     kept = source.cache.get("calibrated")
-    if kept is None or kept[0] is not representative or kept[1] != settings.calibrator:
+    if kept is None or kept[0] is not representative or kept[1] != (settings.calibrator, settings.ranges):
         samples = _replayable(representative, progress)
         float_model = float_tflite(source)
         calibration: dict = {}
+        started = time.perf_counter()
         with native_stderr_captured() as log, interrupts.surfaced():
             try:
                 calibrated = calibrate_float_model(float_model, samples, calibration,
@@ -277,10 +282,12 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
                 raise
             except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
                 raise _converter_failed(settings, exc, log) from None
+        calibrated = chosen_ranges(calibrated, samples, settings, calibration)
+        calibration["seconds"] = round(time.perf_counter() - started, 3)  # reused calibrations keep their first time
         if source_domain(source) == "pixels":
             calibrated = pin_input_range(calibrated, 0.0, 255.0)  # scale 1: each pixel its own level
             calibration["input_range"] = [0.0, 255.0]
-        kept = (representative, settings.calibrator, calibrated, calibration)
+        kept = (representative, (settings.calibrator, settings.ranges), calibrated, calibration)
         source.cache["calibrated"] = kept
     _, _, calibrated, calibration = kept
     record.update(calibration)
@@ -297,10 +304,11 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
     record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
     with native_stderr_captured() as log, interrupts.surfaced():
         try:
-            return quantize_calibrated(calibrated, io=io_type(settings), per_channel=settings.per_channel,
-                                       denylisted_nodes=nodes)
+            quantized = quantize_calibrated(calibrated, io=io_type(settings), per_channel=settings.per_channel,
+                                            denylisted_nodes=nodes)
         except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
             raise _converter_failed(settings, exc, log) from None
+    return refine_int8(quantized, float_tflite(source), representative, settings, record)
 
 
 def check_integer_ops(info, settings: ConvertSettings) -> None:

@@ -6,6 +6,7 @@ the CLI can name settings without importing the conversion machinery.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -17,6 +18,22 @@ MODES = ("float", "dynamic", "fp16", "int8", "int16x8")
 CALIBRATED_MODES = ("int8", "int16x8")
 
 Progress = Callable[[int, int], None]
+
+
+class Rounding(enum.StrEnum):
+    """How an int8 model's weights are rounded: to the nearest level (the quantizer's), or learned per layer
+    from the calibration data (``pipeline.tflite.weight_rounding``)."""
+
+    NEAREST = "nearest"
+    LEARNED = "learned"
+
+
+class Ranges(enum.StrEnum):
+    """How int8 activation ranges come from calibration: the min/max seen, or the clipping of least expected
+    error per tensor (``pipeline.tflite.activation_ranges``)."""
+
+    MINMAX = "minmax"
+    MSE = "mse"
 
 
 class Representative(Protocol):
@@ -43,9 +60,21 @@ class ConvertSettings:
     # What the model's input holds (pipeline.core.preprocessing); None: the default for this mode and model
     # (pipeline.conversion.convention_choice.resolve_convention: pixels where the scaling folds exactly).
     input_convention: str | None = None
+    rounding: Rounding = Rounding.NEAREST  # int8 only: pipeline.conversion.int8_methods
+    bias_correction: bool = False  # int8 only: the mean output shift folded into each bias (int8_methods)
+    ranges: Ranges = Ranges.MINMAX  # int8 only: activation ranges from calibration
 
     def __post_init__(self):
         object.__setattr__(self, "float_layers", tuple(str(name) for name in self.float_layers))
+        if self.rounding not in tuple(Rounding):
+            raise ConversionError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(Rounding)}")
+        object.__setattr__(self, "rounding", Rounding(self.rounding))
+        if self.ranges not in tuple(Ranges):
+            raise ConversionError(f"unknown ranges {self.ranges!r}; choose one of {', '.join(Ranges)}")
+        object.__setattr__(self, "ranges", Ranges(self.ranges))
+        if self.mode != "int8" and (self.int8_methods or self.ranges != Ranges.MINMAX):
+            raise ConversionError(f"learned rounding, bias correction and error-chosen ranges are int8 methods: "
+                                  f"they apply to int8, not {self.mode}")
         if self.float_layers and self.mode not in CALIBRATED_MODES:
             raise ConversionError(f"float layers only apply to int8 and int16x8, not {self.mode}")
         if self.fallback not in ("float", "int16"):
@@ -70,8 +99,15 @@ class ConvertSettings:
             raise ConversionError("the input convention has not been decided for a model yet")
         return self.input_convention
 
+    @property
+    def int8_methods(self) -> bool:
+        """Whether the converted int8 layers are refined from the calibration data after the quantizer."""
+        return self.rounding != Rounding.NEAREST or self.bias_correction
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        found = asdict(self)
+        found["rounding"], found["ranges"] = str(self.rounding), str(self.ranges)
+        return found
 
 
 def default_output(model_path: Path, mode: str) -> Path:

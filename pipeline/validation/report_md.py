@@ -58,6 +58,23 @@ def budget_lines(r: dict) -> list[str]:
             for name, v in r["budgets"].items()]
 
 
+def int8_method_lines(methods: dict | None) -> list[str]:
+    """The candidate's int8 methods (from its manifest): per layer, the error each changed, before and after."""
+    if not methods:
+        return []
+    lines = ["", "## int8 methods", ""]
+    if methods.get("ranges"):
+        ranges = methods["ranges"]
+        lines += [f"Activation ranges by {ranges['method']}: {ranges['clipped']} tensors clipped "
+                  f"({ranges['seconds']:.1f} s).", ""]
+    if methods.get("layers"):
+        lines += [f"On {methods['samples']} calibration images, {methods['seconds']:.1f} s.", "",
+                  "| method | layer | op | figure | before | after |", "|---|---|---|---|---|---|"]
+        lines += [f"| {e['method']} | {md_cell(e['layer'])} | {e['op']} | {e['figure']} | {e['before']:.4g} | "
+                  f"{e['after']:.4g} |" for e in methods["layers"]]
+    return lines
+
+
 def render_markdown(r: dict) -> str:
     lines = [f"# Drift: {md_cell(r['candidate']['path'])} vs {md_cell(r['reference']['path'])}", "",
              f"Verdict: **{verdict(r)}**", ""]
@@ -75,6 +92,7 @@ def render_markdown(r: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {md_cell(e['layer'])} | {e['op']} | {e['rmse_over_scale']:.3f} | {e['max_abs_error']:.4g} |"
                   for e in layers["all"][:15]]
+    lines += int8_method_lines(r["candidate"].get("int8_methods"))
     if r["flips"]:
         lines += ["", f"## Flipped predictions ({r['flips_total']})", "",
                   "| image | label | reference | candidate | change |", "|---|---|---|---|---|"]

@@ -32,9 +32,15 @@ SWEEP_MODES: dict[str, tuple[str, dict]] = {
     "fp16": ("fp16", {}),
     "int8": ("int8", {}),
     "int8-per-tensor": ("int8", {"per_channel": False}),
+    "int8-bias-correction": ("int8", {"bias_correction": True}),
+    "int8-learned-rounding": ("int8", {"rounding": "learned"}),
+    "int8-learned-bc": ("int8", {"rounding": "learned", "bias_correction": True}),
+    "int8-mse-ranges": ("int8", {"ranges": "mse"}),
     "int8-fallback": ("int8", {}),
     "int16x8": ("int16x8", {}),
 }
+# What a sweep runs unless told otherwise; the int8 method rows are asked for by name (each calibrates again).
+DEFAULT_MODES = ("float", "dynamic", "fp16", "int8", "int8-per-tensor", "int8-fallback", "int16x8")
 Bench = Callable[[Path], dict]  # .tflite -> {"p50_ms": ..., "p90_ms": ...}
 
 
@@ -64,7 +70,7 @@ class _Sweep:
 
 def run_sweep(model_path, *, representative, eval_dir, out_dir, labels=None, bench: Bench | None = None,
               max_drop_pp: float = 1.0, max_float_layers: int = 8, eval_limit: int | None = None,
-              modes=tuple(SWEEP_MODES), force: bool = False, say: Callable[[str], None] = lambda s: None,
+              modes=DEFAULT_MODES, force: bool = False, say: Callable[[str], None] = lambda s: None,
               trust_model_code: bool = False) -> SweepResult:
     unknown = [m for m in modes if m not in SWEEP_MODES]
     if unknown:
@@ -107,9 +113,9 @@ def _sweep_mode(sweep: _Sweep, name: str, bench: Bench | None) -> tuple[dict, in
     if name == "int8-fallback":
         path, note, float_layers = _convert_fallback(sweep, settings, target)
     else:
-        path = export_tflite(sweep.model_path, settings, out=target, representative=calibration, force=sweep.force,
-                             source=sweep.source).path
-        note, float_layers = "", []
+        exported = export_tflite(sweep.model_path, settings, out=target, representative=calibration,
+                                 force=sweep.force, source=sweep.source)
+        path, note, float_layers = exported.path, _methods_note(exported.manifest), []
     convert_s = time.perf_counter() - t
     sweep.say(f"{name}: validating")
     report = validate(sweep.model_path, path, sweep.eval_dir, sweep.out_dir / "reports" / name, labels=sweep.labels,
@@ -124,6 +130,20 @@ def _sweep_mode(sweep: _Sweep, name: str, bench: Bench | None) -> tuple[dict, in
            "float_layers": float_layers, "note": note, "convert_s": round(convert_s, 2),
            "report": str(Path("reports") / name / "report.html")}
     return row, report["samples"]
+
+
+def _methods_note(manifest: dict) -> str:
+    """What the int8 methods of a row changed and what they cost, from its manifest."""
+    calibration = (manifest.get("calibration") or {}).get("method") or {}
+    parts = []
+    if calibration.get("ranges"):
+        ranges = calibration["ranges"]
+        parts.append(f"{ranges['method']}: {ranges['clipped']} ranges clipped ({ranges['seconds']:.1f} s)")
+    methods = calibration.get("int8_methods")
+    if methods:
+        parts += [f"{m['method']}: {len(m['layers'])} layers" for m in methods["methods"]]
+        parts[-1] += f" ({methods['seconds']:.1f} s on {methods['samples']} images)"
+    return "; ".join(parts)
 
 
 def _convert_fallback(sweep: _Sweep, settings: ConvertSettings, target: Path) -> tuple[Path, str, list]:

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.conversion.export import ConvertSettings, convert_bytes
+from pipeline.conversion.int8_methods import summary as int8_summary
 from pipeline.core import artifacts
 from pipeline.core.data import Item, Skip, discover
 from pipeline.core.errors import BudgetExceeded, ConversionError, DataError, ModelLoadError, ValidationError
@@ -200,6 +201,9 @@ def _facts(runner, path: Path) -> dict:
     if manifest is not None:
         facts["mode"] = (manifest.get("settings") or {}).get("mode")
         facts["source_sha256"] = (manifest.get("source") or {}).get("sha256")
+        calibration = (manifest.get("calibration") or {}).get("method") or {}
+        if calibration.get("int8_methods") or calibration.get("ranges"):
+            facts["int8_methods"] = int8_summary(calibration)
     if error:
         facts["manifest_error"] = error
     facts.setdefault("mode", "float" if runner.facts.kind != "tflite" else None)

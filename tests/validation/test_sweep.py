@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.artifacts import manifest_path_for
-from pipeline.validation.sweep import SWEEP_MODES
+from pipeline.validation.sweep import DEFAULT_MODES as SWEEP_MODES
 from tests.browser import chromium as _chromium
 from tests.conftest import run_cli
 

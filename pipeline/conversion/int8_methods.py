@@ -1,0 +1,77 @@
+"""Post-training methods applied to a quantized int8 model before anything else sees it: learned weight rounding,
+then bias correction, both on the calibration images.
+
+Why here: the quantizer's output is the one place every int8 conversion of
+this project passes through (``export._staged_int8``: plain ``--int8``, each
+``--max-drop`` candidate, the sweep), so what is measured, searched and
+written is the same refined model. Both methods only rewrite constant
+buffers of the int8 model (``pipeline.tflite.weighted_layers``): same graph,
+same ops, same scales, so the XNNPACK partitions and the device's arithmetic
+are those of the unrefined model, and ``validate`` runs exactly these bytes.
+
+Rounding goes first: bias correction then measures the mean shift of the
+model with its final weights.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipeline.conversion.settings import ConvertSettings, Ranges, Rounding
+from pipeline.tflite.activation_ranges import mse_ranges
+from pipeline.tflite.bias_correction import correct_biases
+from pipeline.tflite.weight_rounding import learn_rounding
+
+# The calibration images the methods see (the first ones of the stratified sample: every class in turn).
+# Bias correction runs the int8 model once per layer depth, so its cost grows with this number; means and
+# second moments over every output position of 64 images are already stable (measured in docs/validation.md).
+METHOD_SAMPLES = 64
+
+
+def chosen_ranges(calibrated: bytes, samples, settings: ConvertSettings, record: dict) -> bytes:
+    """The calibrated float model with the activation ranges ``settings.ranges`` asks for (``samples()``: a fresh
+    iterable of input batches, the calibration images); ``record["ranges"]`` says what was clipped."""
+    if settings.ranges == Ranges.MINMAX:
+        return calibrated
+    calibrated, report = mse_ranges(calibrated, samples())
+    record["ranges"] = report.to_dict()
+    return calibrated
+
+
+def refine_int8(quantized: bytes, float_model: bytes, representative, settings: ConvertSettings,
+                record: dict) -> bytes:
+    """``quantized`` with the methods ``settings`` asks for; ``record["int8_methods"]`` says what each changed."""
+    if not settings.int8_methods:
+        return quantized
+    t0 = time.perf_counter()
+    count = min(METHOD_SAMPLES, len(representative))
+    inputs = [representative.inputs(i) for i in range(count)]
+    reports = []
+    if settings.rounding == Rounding.LEARNED:
+        quantized, rounding = learn_rounding(quantized, float_model, inputs)
+        reports.append(rounding.to_dict())
+    if settings.bias_correction:
+        quantized, bias = correct_biases(quantized, float_model, inputs)
+        reports.append(bias.to_dict())
+    record["int8_methods"] = {"rounding": str(settings.rounding), "bias_correction": settings.bias_correction,
+                              "samples": count, "seconds": round(time.perf_counter() - t0, 3), "methods": reports}
+    return quantized
+
+
+def summary(calibration: dict) -> dict:
+    """What the int8 methods of a manifest's calibration record changed, for the drift report: per method its
+    time and, per layer, the output error before and after (rounding: output MSE; bias correction: mean
+    absolute shift), and the count of clipped activation ranges."""
+    methods = calibration.get("int8_methods") or {}
+    found: dict[str, Any] = {"seconds": methods.get("seconds"), "samples": methods.get("samples"), "layers": []}
+    for report in methods.get("methods", []):
+        figure = ("output MSE", "mse_before", "mse_after") if report["method"] == "learned-rounding" else \
+            ("mean |shift|", "mean_abs_shift_before", "mean_abs_shift_after")
+        found["layers"] += [{"method": report["method"], "layer": layer["layer"], "op": layer["op"],
+                             "figure": figure[0], "before": layer[figure[1]], "after": layer[figure[2]]}
+                            for layer in report.get("layers", [])]
+    ranges = calibration.get("ranges")
+    if ranges:
+        found["ranges"] = {"method": ranges["method"], "clipped": ranges["clipped"], "seconds": ranges["seconds"]}
+    return found

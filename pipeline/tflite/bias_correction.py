@@ -1,0 +1,179 @@
+"""Empirical bias correction: fold the mean output shift that quantization introduces into each int32 bias.
+
+Why: rounding weights and activations to 8 bits shifts a layer's mean output
+(Nagel et al. 2019, "Data-free quantization through weight equalization and
+bias correction"; Banner et al. 2019), and the shift is passed on and grows
+through the network. Per output channel c, the shift on the calibration
+images is
+
+    mean(int8 layer output before activation) - mean(float layer output before activation)
+
+where the int8 side sees the int8 model's own inputs (so upstream error is
+corrected too) and the float side the float model's. Both means are exact
+sums of tap means (``weighted_layers.output_means``: a convolution is linear),
+so no convolution is run in numpy. The shift is subtracted from the int32
+bias in units of its quantum (input scale x weight scale of that channel);
+afterwards the mean shift is at most half a bias quantum per channel on the
+same images.
+
+Layers are corrected in dependency order (``weighted_layers.levels``), each
+group measured on the model with every earlier group already corrected, so
+that bound holds for every layer of the final model: one run of the int8
+model per group, one run of the float model in all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from pipeline.tflite.layers import expose_tensors
+from pipeline.tflite.weighted_layers import (
+    Constants,
+    WeightedLayer,
+    levels,
+    output_means,
+    run_exposing,
+    tap_means,
+    unshared,
+    weighted_layers,
+)
+
+_INT32 = np.iinfo(np.int32)
+
+
+@dataclass
+class LayerShift:
+    """What bias correction did to one layer: the mean output shift before and after, in output units."""
+
+    layer: str
+    op: str
+    channels: int
+    mean_abs_shift_before: float
+    mean_abs_shift_after: float
+    max_abs_shift_before: float
+    max_abs_shift_after: float
+    max_bias_quantum: float
+    changed: int  # channels whose bias moved
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class BiasCorrectionReport:
+    samples: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+    layers: list[LayerShift] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"method": "bias-correction", "samples": self.samples, "passes": self.passes,
+                "seconds": round(self.seconds, 3), "layers": [entry.to_dict() for entry in self.layers],
+                "skipped": self.skipped}
+
+
+def float_output_means(float_model: bytes, layers: list[WeightedLayer], inputs) -> dict[int, np.ndarray]:
+    """Each layer's mean float output (before activation) per channel over ``inputs``, keyed by its int8 op."""
+    constants = Constants(float_model)
+    sums: dict[int, np.ndarray] = {}
+
+    def visit(values):
+        for layer in layers:
+            m = tap_means(values[layer.float_input][0], layer)
+            sums[layer.quant_op] = sums.get(layer.quant_op, 0) + m
+
+    count = run_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs, visit)
+    found = {}
+    for layer in layers:
+        bias = constants.view(layer.float_bias).astype(np.float64) if layer.float_bias is not None else 0.0
+        found[layer.quant_op] = (output_means(constants.view(layer.float_weights),
+                                                                 sums[layer.quant_op] / count, layer) + bias)
+    return found
+
+
+def accumulator_means(quant_model: bytes, layers: list[WeightedLayer], inputs,
+                      exposed: bool = False) -> dict[int, np.ndarray]:
+    """Each int8 layer's mean accumulator without its bias (integer units, exact in float64) over ``inputs``
+    (``exposed``: the layers' inputs are already outputs of ``quant_model``)."""
+    constants = Constants(quant_model)
+    zero = {layer.quant_op: int(constants.quantization(layer.quant_input)[1][0]) for layer in layers}
+    sums: dict[int, np.ndarray] = {}
+
+    def visit(values):
+        for layer in layers:
+            x = values[layer.quant_input][0].astype(np.int64) - zero[layer.quant_op]
+            sums[layer.quant_op] = sums.get(layer.quant_op, 0) + tap_means(x, layer)
+
+    count = run_exposing(quant_model, sorted({layer.quant_input for layer in layers}), inputs, visit,
+                         exposed=exposed)
+    return {layer.quant_op: output_means(constants.view(layer.quant_weights), sums[layer.quant_op] / count, layer)
+            for layer in layers}
+
+
+def _bias(layer: WeightedLayer) -> int:
+    """The layer's int32 bias tensor; only layers that have one are corrected."""
+    if layer.quant_bias is None:
+        raise ValueError(f"layer {layer.name} has no bias tensor")
+    return layer.quant_bias
+
+
+def bias_quanta(constants: Constants, layer: WeightedLayer) -> np.ndarray:
+    """Per output channel, the real value of one unit of the int32 bias (input scale x weight scale)."""
+    input_scale = constants.quantization(layer.quant_input)[0][0]
+    weight_scales = constants.quantization(layer.quant_weights)[0]
+    channels = constants.shape(_bias(layer))[0]
+    return input_scale * np.broadcast_to(weight_scales, (channels,)).astype(np.float64)
+
+
+def correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[bytes, BiasCorrectionReport]:
+    """``quant_model`` with every matched layer's int32 bias corrected on ``inputs`` (float model inputs, HxWx3)."""
+    with threadpool_limits(1):  # small products: one BLAS thread is faster beside the interpreter's own
+        return _correct_biases(quant_model, float_model, inputs)
+
+
+def _correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[bytes, BiasCorrectionReport]:
+    t0 = time.perf_counter()
+    inputs = [np.asarray(x, dtype=np.float32) for x in inputs]
+    report = BiasCorrectionReport(samples=len(inputs))
+    layers = weighted_layers(quant_model, float_model)
+    report.skipped = [{"layer": layer.name, "why": "no bias tensor"} for layer in layers if layer.quant_bias is None]
+    layers = [layer for layer in layers if layer.quant_bias is not None]
+    if not layers or not inputs:
+        return quant_model, report
+    targets = float_output_means(float_model, layers, inputs)
+    current = unshared(quant_model, [_bias(layer) for layer in layers])
+    # Every pass runs this copy (same tensors and buffers, every layer input an output), patched in place.
+    probe = expose_tensors(current, [layer.quant_input for layer in layers])
+    for group in levels(current, layers):
+        accumulators = accumulator_means(probe, group, inputs, exposed=True)
+        constants = Constants(probe)
+        for layer in group:
+            report.layers.append(_correct(constants, layer, accumulators[layer.quant_op],
+                                          targets[layer.quant_op]))
+        probe = constants.bytes()
+        report.passes += 1
+    corrected, final = Constants(probe), Constants(current)
+    for layer in layers:
+        final.view(_bias(layer))[...] = corrected.view(_bias(layer))
+    report.seconds = time.perf_counter() - t0
+    return final.bytes(), report
+
+
+def _correct(constants: Constants, layer: WeightedLayer, accumulator: np.ndarray, target: np.ndarray) -> LayerShift:
+    """Move the layer's int32 bias by the rounded mean shift, in place; what changed, in output units."""
+    bias = constants.view(_bias(layer))
+    quantum = bias_quanta(constants, layer)
+    before = quantum * (accumulator + bias.astype(np.float64)) - target
+    step = np.round(before / quantum).astype(np.int64)
+    new = np.clip(bias.astype(np.int64) - step, _INT32.min, _INT32.max)
+    after = quantum * (accumulator + new.astype(np.float64)) - target
+    changed = int(np.count_nonzero(new != bias))
+    bias[...] = new.astype(np.int32)
+    return LayerShift(layer.name, layer.op, int(len(bias)), float(np.mean(np.abs(before))),
+                      float(np.mean(np.abs(after))), float(np.max(np.abs(before))), float(np.max(np.abs(after))),
+                      float(np.max(quantum)), changed)
