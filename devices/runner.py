@@ -204,7 +204,7 @@ def dequantize(q, scale, zero_point):
 class Model(object):
     """One interpreter, built once, with its inputs ready to cycle through."""
 
-    def __init__(self, path, runtime, threads, xnnpack, name=None, convention="auto"):
+    def __init__(self, path, runtime, threads, xnnpack, name=None, convention="auto", reference_kernels=False):
         interpreter_cls, resolver, self.runtime, self.runtime_version = runtime
         data = read_model(path)
         self.path = path
@@ -212,7 +212,15 @@ class Model(object):
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.bytes = len(data)
         kwargs = {"model_content": data, "num_threads": threads}
-        if resolver is not None:
+        if reference_kernels:
+            # The portable C++ kernels: the same integers on every CPU, where the optimized builtin int8
+            # kernels round some requantizations differently on aarch64 than on x86 (by one quantum).
+            if resolver is None or not hasattr(resolver, "BUILTIN_REF"):
+                raise RunnerError("%s %s has no reference kernels (OpResolverType.BUILTIN_REF)" % (
+                    self.runtime, self.runtime_version))
+            kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_REF
+            xnnpack = False
+        elif resolver is not None:
             kwargs["experimental_op_resolver_type"] = (resolver.AUTO if xnnpack
                                                        else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         elif not xnnpack:
@@ -389,7 +397,7 @@ def bench(args):
     if len(conventions) not in (0, 1, len(args.models)):
         raise RunnerError("give --input-convention once for every model, or once for all")
     models = [Model(p, runtime, args.threads, not args.no_xnnpack, names[i] if i < len(names) else None,
-                    conventions[min(i, len(conventions) - 1)] if conventions else "auto")
+                    conventions[min(i, len(conventions) - 1)] if conventions else "auto", args.reference_kernels)
               for i, p in enumerate(args.models)]
     samples = load_samples(args.inputs) if args.inputs else None
     value_range = _value_range(args)
@@ -406,7 +414,9 @@ def bench(args):
     for k, m in enumerate(models):
         result = {"schema": SCHEMA, "model": m.describe(), "init_ms": round(m.init_ms, 3),
                   "latency_ms": summarize(times[k]), "runs": args.runs, "warmup": args.warmup,
-                  "threads": args.threads, "xnnpack": not args.no_xnnpack and not m.xnnpack_refused,
+                  "threads": args.threads,
+                  "xnnpack": not (args.no_xnnpack or args.reference_kernels) and not m.xnnpack_refused,
+                  "kernels": "reference" if args.reference_kernels else "optimized",
                   "xnnpack_refused": m.xnnpack_refused, "ops": m.ops(),
                   "runtime": {"name": m.runtime, "version": m.runtime_version},
                   "numpy": np.__version__,
@@ -447,6 +457,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-xnnpack", action="store_true", help="builtin kernels only, no default delegate")
+    p.add_argument("--reference-kernels", action="store_true",
+                   help="the runtime's reference kernels (portable C++, the same integers on every CPU): to check "
+                        "a board or an emulator, never to time one")
     p.add_argument("--runtime", default="auto", help="auto, " + ", ".join(RUNTIMES))
     p.add_argument("--inputs", help="a .npy batch (N, H, W, C): uint8 decoded pixels (fed in each model's input "
                                     "convention), the model's float input values, or values already in its "
