@@ -53,8 +53,8 @@ class DeviceTarget:
         machine = result.get("machine") or {}
         return Outputs(scores.reshape(n, -1).astype(np.float32), raw.reshape(n, -1),
                        f"{runtime.get('name', '?')} {runtime.get('version') or '?'}",
-                       f"device {self.profile.name} over {self.profile.transport} ({machine.get('machine', '?')}, "
-                       f"python {machine.get('python', '?')})",
+                       f"device {self.profile.name} over {self.profile.transport} ({machine.get('machine', '?')}"
+                       f"{', emulated' if self.profile.emulated else ''}, python {machine.get('python', '?')})",
                        f"the same {feed.tensor.dtype} input tensors as a .npy batch, set as they are")
 
 

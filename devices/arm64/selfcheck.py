@@ -30,6 +30,7 @@ from devices.local import clean_env
 from devices.transport import RUNNER, parse_runner_output
 from pipeline.core.artifacts import atomic_write_json
 from pipeline.core.errors import DeviceError
+from pipeline.core.quiet import import_tensorflow_quietly, native_stderr_captured
 
 LAUNCHER = Path(__file__).resolve().parent / "board"
 CORES = ("cortex-a53", "cortex-a72", "cortex-a76")
@@ -54,8 +55,6 @@ class BoardRun:
 
 def check_model(path: Path) -> Path:
     """A seeded random conv net (conv, depthwise, 1x1 conv, residual add, max pooling, dense logits), full int8."""
-    from pipeline.core.quiet import import_tensorflow_quietly, native_stderr_captured
-
     tf = import_tensorflow_quietly()
     tf.keras.utils.set_random_seed(0)
     layers = tf.keras.layers
