@@ -51,7 +51,7 @@ class DeviceProfile:
     benchmark_model: str | None = None  # adb: a local benchmark_model binary to push instead of Python
     python: str | None = None        # remote python; local: this interpreter
     exec_prefix: tuple[str, ...] = ()  # local: words run before python (an emulator's launcher); a relative
-                                       # first word is relative to the profile's own folder
+                                       # first word is a launcher in this package (arm64/board)
     emulated: bool = False           # an emulated CPU: its times are the emulator's, never the board's latency
     runtime: str = "auto"
     threads: int = 1
@@ -114,19 +114,20 @@ def parse_profile(data: dict, name: str, source: str | None = None) -> DevicePro
             raise DeviceError(f"profile {source or name}: [budgets.{model}]: {exc}") from None
     prefix = data.get("exec_prefix")
     if isinstance(prefix, list):
-        data["exec_prefix"] = _resolve_prefix(prefix, source)
+        data["exec_prefix"] = _resolve_prefix(prefix)
     try:
         return DeviceProfile(name=name, budgets=budgets, source=source, **data)
     except (ValueError, TypeError) as exc:
         raise DeviceError(f"profile {source or name}: {exc}") from None
 
 
-def _resolve_prefix(prefix: list, source: str | None) -> tuple:
-    """A relative path as the first word is relative to the profile's folder, so a shipped profile finds its launcher."""
+def _resolve_prefix(prefix: list) -> tuple:
+    """A relative path as the first word names a launcher shipped in this package (``arm64/board``), so a copy
+    of a shipped profile in any folder still finds it."""
     words = tuple(prefix)
     first = words[0] if words else None
-    if source and isinstance(first, str) and "/" in first and not os.path.isabs(first):
-        words = (str((Path(source).parent / first).resolve()), *words[1:])
+    if isinstance(first, str) and "/" in first and not os.path.isabs(first):
+        words = (str(PACKAGED.parent / first), *words[1:])
     return words
 
 
