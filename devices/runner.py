@@ -456,13 +456,13 @@ def xnnpack_warning(result):
     quantized = model["precision"] in ("int8", "uint8", "int16") or model["input_dtype"] in ("int8", "uint8")
     if not (quantized and result["xnnpack"] and ops.get("delegate_partitions") == 0):
         return None
-    where = "%s %s" % (rt["name"], rt["version"] or "")
+    where = ("%s %s" % (rt["name"], rt["version"] or "")).strip()
     if rt["name"] == "ai_edge_litert":
         return ("XNNPACK took none of the %s nodes of this quantized model under %s: they run on builtin kernels; "
                 "check the ops the conversion left (the manifest's ops_left_float)" % (ops.get("nodes"), where))
     return ("XNNPACK took none of the %s nodes of this quantized model under %s: they run on builtin kernels, "
             "several times slower; ai-edge-litert (pip install ai-edge-litert) runs it through XNNPACK"
-            % (ops.get("nodes"), where.strip()))
+            % (ops.get("nodes"), where))
 
 
 def _value_range(args):

@@ -153,8 +153,9 @@ def test_emulated_times_are_never_called_latencies(board, trained_tflite, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "EMULATED" in proc.stdout and "latency on" not in proc.stdout
     profile = tmp_path / "budgeted.toml"
-    profile.write_text(board[LITERT].read_text() + f'[budgets.int8]\np50_ms = 1e6\npath = "{trained_tflite["int8"]}"\n')
-    proc = run_cli("xedge", "latency-test", "--device", profile, "--out", tmp_path / "out", "--runs", 1)
+    profile.write_text(board[LITERT].read_text() + '[budgets.int8]\np50_ms = 1e6\n')
+    proc = run_cli("xedge", "latency-test", "--device", profile, trained_tflite["int8"], "--out", tmp_path / "out",
+                   "--runs", 1)
     assert proc.returncode == 0, proc.stderr
     assert "EMULATED" in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
