@@ -54,10 +54,12 @@ def board(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def held_out(digits) -> np.ndarray:
     """A few dozen held-out digits at the tiny models' input size, as uint8 pixels (what `xedge bench` sends)."""
-    from pipeline.core.preprocessing import PreprocessSpec, preprocess_file
+    from pipeline.core.preprocessing import PreprocessSpec, pixels_for
 
     files = sorted(Path(digits["val"]).rglob("*.png"))[:IMAGES]
-    return np.stack([preprocess_file(f, PreprocessSpec(size=71)) for f in files])
+    pixels = np.stack([pixels_for(f, PreprocessSpec(size=71)) for f in files])
+    assert pixels.dtype == np.uint8
+    return pixels
 
 
 def _bench(model, profile, inputs, outputs):
