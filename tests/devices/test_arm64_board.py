@@ -41,9 +41,10 @@ def board_profile(folder: Path, runtime: str, core: str = "cortex-a72") -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def board(tmp_path_factory) -> dict[str, Path]:
-    """The board's profiles per runtime; the board must be built and have passed its self-check."""
+    """The board's profiles per runtime; the board must be built and have passed its self-check (session-scoped,
+    so a missing board is reported before the models are trained)."""
     check = BOARD / "check.json"
     if not (BOARD / ".installed").is_file() or not json.loads(check.read_text())["passed"]:
         missing(f"needs the emulated arm64 board {BOARD.relative_to(ROOT)} (make arm64-board builds it, as root)")
