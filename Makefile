@@ -11,8 +11,10 @@ STAMP := $(VENV)/.installed
 # used by tests/devices/test_runner.py. tflite-runtime 2.14 has wheels for Python 3.8 to 3.11 only.
 RUNTIME_PYTHON ?= python3.11
 TFLITE_RUNTIME := .cache/tflite-runtime-2.14
+# The emulated aarch64 board (devices/arm64/): Debian's arm64 Python under qemu-user, one venv per runtime.
+ARM64_BOARD := .cache/arm64-board
 
-.PHONY: install demo test test-fast bench clean system-deps check-python tflite-runtime
+.PHONY: install demo test test-fast bench clean system-deps check-python tflite-runtime arm64-board
 
 install: $(STAMP)
 
@@ -65,10 +67,17 @@ $(TFLITE_RUNTIME)/.installed:
 	$(TFLITE_RUNTIME)/bin/python -m pip install --quiet 'numpy<2' tflite-runtime==2.14.0
 	touch $@
 
+# Built once (apt, dpkg -x, aarch64 wheels, about 2 minutes), then kept: the stamp is written only after the board's
+# self-check passed, and the launcher (devices/arm64/board) serves only with it. Needs root (apt-get, unshare -m).
+arm64-board: $(ARM64_BOARD)/.installed
+
+$(ARM64_BOARD)/.installed: | $(STAMP)
+	devices/arm64/build.sh $(ARM64_BOARD) $(PY)
+
 demo: install
 	$(VENV)/bin/xedge demo --out demo-out
 
-test: install system-deps tflite-runtime
+test: install system-deps tflite-runtime arm64-board
 	$(PY) -m pytest -q
 
 test-fast: install

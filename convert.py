@@ -812,7 +812,7 @@ def bench_command(model, device, runs, warmup, threads, inputs, outputs, other, 
     """
     from devices.bench import bench, compare, sweep
     from devices.profile import load_profile
-    from devices.tables import bench_table, compare_table, describe_machine
+    from devices.tables import bench_table, compare_table, describe_machine, time_title
 
     profile, thread_list = load_profile(device), _threads_list(threads)
     if other and thread_list and len(thread_list) > 1:
@@ -829,8 +829,10 @@ def bench_command(model, device, runs, warmup, threads, inputs, outputs, other, 
     else:
         result = bench([model], profile, threads=thread_list[0] if thread_list else None, outputs=outputs, **common)
         shown = [result]
-    console.print(bench_table(shown, title=f"latency on {profile.name}"))
+    console.print(bench_table(shown, title=time_title(profile)))
     console.print(describe_machine(shown[0]))
+    for warning in {w for r in shown for w in r.get("warnings") or ()}:
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     if other:
         console.print(compare_table(result))
         for note in result["notes"]:

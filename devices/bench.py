@@ -77,7 +77,7 @@ def bench(models, profile: DeviceProfile | None = None, *, runs: int | None = No
                                xnnpack=profile.xnnpack if xnnpack is None else xnnpack, runtime=profile.runtime,
                                inputs=batch, outputs=Path(outputs) if outputs else None, keep_times=keep_times)
         result = get_transport(profile).bench(request)
-    device = {"name": profile.name, "transport": profile.transport}
+    device = {"name": profile.name, "transport": profile.transport, "emulated": profile.emulated}
     result["device"] = device
     for r in result.get("results", []):
         r["device"] = device

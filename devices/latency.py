@@ -3,7 +3,10 @@
 The result is a JUnit XML (one testcase per model, which CI systems show
 as tests) and a JSON summary with the full bench of each model. Whether an
 exceeded budget stops anything is the caller's choice: the CLI raises
-``BudgetExceeded`` (exit 3), the pytest entry fails the test.
+``BudgetExceeded`` (exit 3), the pytest entry fails the test. Against an
+emulated profile every case, the table, the JUnit suite and the summary say
+the times were emulated: such a budget only catches a model that got slower
+under the same emulator.
 """
 
 from __future__ import annotations
@@ -43,17 +46,21 @@ class LatencyReport:
     cases: list[Case] = field(default_factory=list)
     unbudgeted: list[str] = field(default_factory=list)
     created: str = field(default_factory=now_iso)
+    emulated: bool = False            # the budgets were checked against an emulator's times, not a board's
 
     @property
     def failed(self) -> list[Case]:
         return [c for c in self.cases if c.status != "passed"]
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "created": self.created, "passed": not self.failed,
+        return {"device": self.device, "emulated": self.emulated, "created": self.created, "passed": not self.failed,
                 "cases": [c.to_dict() for c in self.cases], "models_without_budget": self.unbudgeted}
 
     def failure_message(self) -> str:
-        return "; ".join(f"{c.name}: {c.message}" for c in self.failed)
+        return "; ".join(f"{c.name}: {c.message}" for c in self.failed) + (EMULATED_NOTE if self.emulated else "")
+
+
+EMULATED_NOTE = " (emulated times: the emulator's speed, not the board's latency)"
 
 
 def check_budget(result: dict, budget: Budget) -> list[str]:
@@ -98,7 +105,7 @@ def select_cases(profile: DeviceProfile, models: list[str | os.PathLike] | None)
 def run_latency_tests(profile: DeviceProfile, models=None, *, runs: int | None = None, warmup: int | None = None,
                       progress=None) -> LatencyReport:
     cases, unbudgeted = select_cases(profile, models)
-    report = LatencyReport(profile.name, cases, unbudgeted)
+    report = LatencyReport(profile.name, cases, unbudgeted, emulated=profile.emulated)
     for i, case in enumerate(cases):
         start = time.perf_counter()
         try:
@@ -108,6 +115,8 @@ def run_latency_tests(profile: DeviceProfile, models=None, *, runs: int | None =
         else:
             broken = check_budget(case.result, case.budget)
             case.status, case.message = ("failed", ", ".join(broken)) if broken else ("passed", "")
+            if profile.emulated:
+                case.message = (case.message + EMULATED_NOTE).strip()
         case.seconds = time.perf_counter() - start
         if progress:
             progress(i + 1, len(cases))
@@ -115,19 +124,20 @@ def run_latency_tests(profile: DeviceProfile, models=None, *, runs: int | None =
 
 
 def junit_xml(report: LatencyReport) -> bytes:
-    suite = ET.Element("testsuite", name=f"latency[{report.device}]", tests=str(len(report.cases)),
+    kind = "emulated" if report.emulated else "latency"
+    suite = ET.Element("testsuite", name=f"{kind}[{report.device}]", tests=str(len(report.cases)),
                        failures=str(sum(c.status == "failed" for c in report.cases)),
                        errors=str(sum(c.status == "error" for c in report.cases)), skipped="0",
                        timestamp=report.created,
                        time=f"{sum(c.seconds for c in report.cases):.3f}")
     for case in report.cases:
-        el = ET.SubElement(suite, "testcase", classname=f"latency.{report.device}", name=case.name,
+        el = ET.SubElement(suite, "testcase", classname=f"{kind}.{report.device}", name=case.name,
                            time=f"{case.seconds:.3f}")
         lat = (case.result or {}).get("latency_ms") or {}
         props = ET.SubElement(el, "properties")
         for key, value in (("p50_ms", lat.get("p50")), ("p90_ms", lat.get("p90")),
                            ("budget_p50_ms", case.budget.p50_ms), ("budget_p90_ms", case.budget.p90_ms),
-                           ("model", case.model)):
+                           ("model", case.model), ("emulated", "true" if report.emulated else None)):
             if value is not None:
                 ET.SubElement(props, "property", name=key, value=str(value))
         if case.status == "failed":

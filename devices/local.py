@@ -2,7 +2,9 @@
 
 A fresh process (``python -I``, a minimal environment) so the numbers do not
 depend on what the calling process has loaded (TensorFlow, its thread pools)
-or on variables such as ``OMP_NUM_THREADS`` or ``PYTHONPATH``.
+or on variables such as ``OMP_NUM_THREADS`` or ``PYTHONPATH``. A profile's
+``exec_prefix`` runs that process through a launcher: the emulated arm64
+board (``devices/arm64/board``) runs an aarch64 Python under qemu-user.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ class LocalTransport:
 
     def bench(self, request: BenchRequest) -> dict:
         python = self.profile.python or sys.executable
-        cmd = [python, "-I", str(RUNNER), *request.runner_args(
+        prefix = list(self.profile.exec_prefix)
+        cmd = [*prefix, python, "-I", str(RUNNER), *request.runner_args(
             [str(m) for m in request.models], str(request.inputs) if request.inputs else None,
             str(request.outputs) if request.outputs else None)]
         try:
             proc = run_in_group(cmd, text=True, env=clean_env(), stdin=subprocess.DEVNULL,
                                 timeout=self.profile.command_timeout_s)
         except FileNotFoundError:
-            raise DeviceError(f"local: python {python!r} not found") from None
+            what = f"exec_prefix {prefix[0]!r}" if prefix else f"python {python!r}"
+            raise DeviceError(f"local: {what} not found") from None
         except subprocess.TimeoutExpired:
             raise DeviceError(f"local: the bench took longer than {self.profile.command_timeout_s:g} s "
                               "(command_timeout_s in the profile)") from None

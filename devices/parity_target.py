@@ -52,8 +52,8 @@ class DeviceTarget:
         machine = result.get("machine") or {}
         return Outputs(scores.astype(np.float32), raw,
                        f"{runtime.get('name', '?')} {runtime.get('version') or '?'}",
-                       f"device {self.profile.name} over {self.profile.transport} ({machine.get('machine', '?')}, "
-                       f"python {machine.get('python', '?')})",
+                       f"device {self.profile.name} over {self.profile.transport} ({machine.get('machine', '?')}"
+                       f"{', emulated' if self.profile.emulated else ''}, python {machine.get('python', '?')})",
                        f"the same {feed.tensor.dtype} input tensors as a .npy batch, set as they are")
 
 

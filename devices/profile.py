@@ -50,6 +50,9 @@ class DeviceProfile:
     adb: str = "adb"
     benchmark_model: str | None = None  # adb: a local benchmark_model binary to push instead of Python
     python: str | None = None        # remote python; local: this interpreter
+    exec_prefix: tuple[str, ...] = ()  # local: words run before python (an emulator's launcher); a relative
+                                       # first word is a launcher in this package (arm64/board)
+    emulated: bool = False           # an emulated CPU: its times are the emulator's, never the board's latency
     runtime: str = "auto"
     threads: int = 1
     xnnpack: bool = True
@@ -74,6 +77,12 @@ class DeviceProfile:
                 raise ValueError(f"{key} must be an integer >= 1")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError("warmup must be an integer >= 0")
+        if self.exec_prefix and (self.transport != "local" or not self.python):
+            raise ValueError("exec_prefix is for the local transport, with python (the interpreter it runs)")
+        if not all(isinstance(w, str) and w for w in self.exec_prefix):
+            raise ValueError("exec_prefix must be a list of non-empty strings")
+        if not isinstance(self.emulated, bool):
+            raise ValueError("emulated must be true or false")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise ValueError("workdir must be an absolute path on the device")
         if self.connect_timeout_s <= 0 or self.command_timeout_s <= 0:
@@ -103,10 +112,23 @@ def parse_profile(data: dict, name: str, source: str | None = None) -> DevicePro
             budgets[model] = Budget(**spec)
         except ValueError as exc:
             raise DeviceError(f"profile {source or name}: [budgets.{model}]: {exc}") from None
+    prefix = data.get("exec_prefix")
+    if isinstance(prefix, list):
+        data["exec_prefix"] = _resolve_prefix(prefix)
     try:
         return DeviceProfile(name=name, budgets=budgets, source=source, **data)
     except (ValueError, TypeError) as exc:
         raise DeviceError(f"profile {source or name}: {exc}") from None
+
+
+def _resolve_prefix(prefix: list) -> tuple:
+    """A relative path as the first word names a launcher shipped in this package (``arm64/board``), so a copy
+    of a shipped profile in any folder still finds it."""
+    words = tuple(prefix)
+    first = words[0] if words else None
+    if isinstance(first, str) and "/" in first and not os.path.isabs(first):
+        words = (str(PACKAGED.parent / first), *words[1:])
+    return words
 
 
 def load_profile_file(path: str | os.PathLike) -> DeviceProfile:

@@ -212,7 +212,7 @@ def dequantize(q, scale, zero_point):
 class Model(object):
     """One interpreter, built once, with its inputs ready to cycle through."""
 
-    def __init__(self, path, runtime, threads, xnnpack, name=None, convention="auto"):
+    def __init__(self, path, runtime, threads, xnnpack, name=None, convention="auto", reference_kernels=False):
         interpreter_cls, resolver, self.runtime, self.runtime_version = runtime
         data = read_model(path)
         self.path = path
@@ -220,7 +220,15 @@ class Model(object):
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.bytes = len(data)
         kwargs = {"model_content": data, "num_threads": threads}
-        if resolver is not None:
+        if reference_kernels:
+            # The portable C++ kernels: the same integers on every CPU, where the optimized builtin int8
+            # kernels round some requantizations differently on aarch64 than on x86 (by one quantum).
+            if resolver is None or not hasattr(resolver, "BUILTIN_REF"):
+                raise RunnerError("%s %s has no reference kernels (OpResolverType.BUILTIN_REF)" % (
+                    self.runtime, self.runtime_version))
+            kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_REF
+            xnnpack = False
+        elif resolver is not None:
             kwargs["experimental_op_resolver_type"] = (resolver.AUTO if xnnpack
                                                        else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         elif not xnnpack:
@@ -397,7 +405,7 @@ def bench(args):
     if len(conventions) not in (0, 1, len(args.models)):
         raise RunnerError("give --input-convention once for every model, or once for all")
     models = [Model(p, runtime, args.threads, not args.no_xnnpack, names[i] if i < len(names) else None,
-                    conventions[min(i, len(conventions) - 1)] if conventions else "auto")
+                    conventions[min(i, len(conventions) - 1)] if conventions else "auto", args.reference_kernels)
               for i, p in enumerate(args.models)]
     samples = load_samples(args.inputs) if args.inputs else None
     value_range = _value_range(args)
@@ -414,13 +422,19 @@ def bench(args):
     for k, m in enumerate(models):
         result = {"schema": SCHEMA, "model": m.describe(), "init_ms": round(m.init_ms, 3),
                   "latency_ms": summarize(times[k]), "runs": args.runs, "warmup": args.warmup,
-                  "threads": args.threads, "xnnpack": not args.no_xnnpack and not m.xnnpack_refused,
+                  "threads": args.threads,
+                  "xnnpack": not (args.no_xnnpack or args.reference_kernels) and not m.xnnpack_refused,
+                  "kernels": "reference" if args.reference_kernels else "optimized",
                   "xnnpack_refused": m.xnnpack_refused, "ops": m.ops(),
                   "runtime": {"name": m.runtime, "version": m.runtime_version},
                   "numpy": np.__version__,
                   "inputs": {"source": "file" if samples is not None else "random", "count": len(m.feeds),
                              "range": (None if samples is not None else list(value_range) if value_range
                                        else "pixels 0..255")}}
+        warning = xnnpack_warning(result)
+        result["warnings"] = [warning] if warning else []
+        if warning:
+            sys.stderr.write("warning: %s\n" % warning)
         if args.keep_times:
             result["times_ms"] = [round(t, 4) for t in times[k]]
         if args.outputs:
@@ -439,6 +453,26 @@ def bench(args):
             "results": results}
 
 
+def xnnpack_warning(result):
+    """A quantized model of which XNNPACK took nothing runs on builtin kernels, several times slower: say so.
+
+    tflite-runtime 2.14's XNNPACK takes no int8 op (an int8 Xception-299 ran in
+    305 ms there against 46 ms under ai-edge-litert 2.3), while its float ops
+    go through XNNPACK as usual.
+    """
+    model, ops, rt = result["model"], result["ops"] or {}, result["runtime"]
+    quantized = model["precision"] in ("int8", "uint8", "int16") or model["input_dtype"] in ("int8", "uint8")
+    if not (quantized and result["xnnpack"] and ops.get("delegate_partitions") == 0):
+        return None
+    where = ("%s %s" % (rt["name"], rt["version"] or "")).strip()
+    if rt["name"] == "ai_edge_litert":
+        return ("XNNPACK took none of the %s nodes of this quantized model under %s: they run on builtin kernels; "
+                "check the ops the conversion left (the manifest's ops_left_float)" % (ops.get("nodes"), where))
+    return ("XNNPACK took none of the %s nodes of this quantized model under %s: they run on builtin kernels, "
+            "several times slower; ai-edge-litert (pip install ai-edge-litert) runs it through XNNPACK"
+            % (ops.get("nodes"), where))
+
+
 def _value_range(args):
     """(min, max) of random float inputs, or None for random pixels (each model in its own convention)."""
     if args.range_min is None and args.range_max is None:
@@ -455,6 +489,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-xnnpack", action="store_true", help="builtin kernels only, no default delegate")
+    p.add_argument("--reference-kernels", action="store_true",
+                   help="the runtime's reference kernels (portable C++, the same integers on every CPU): to check "
+                        "a board or an emulator, never to time one")
     p.add_argument("--runtime", default="auto", help="auto, " + ", ".join(RUNTIMES))
     p.add_argument("--inputs", help="a .npy batch (N, H, W, C): uint8 decoded pixels (fed in each model's input "
                                     "convention), the model's float input values, or values already in its "

@@ -5,6 +5,11 @@ from __future__ import annotations
 from rich.table import Table
 
 
+# Every output of an emulated profile says this: qemu translates each instruction, so a time there says how
+# the emulator ran the model, not how the board would (docs/devices.md).
+EMULATED = "EMULATED times (qemu-user), not latencies"
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
@@ -36,7 +41,12 @@ def describe_machine(r: dict) -> str:
     return (f"{device.get('name', '?')} ({device.get('transport', '?')}), {_runtime(r)}: {m.get('cpu') or '?'}, "
             f"{m.get('cpu_count') or '?'} cores, {m.get('machine') or '?'}; {r.get('runs')} runs after "
             f"{r.get('warmup')} warm-up, XNNPACK {xnnpack}, {inputs} inputs; "
-            "latencies in ms")
+            + (f"{EMULATED}, in ms" if device.get("emulated") else "latencies in ms"))
+
+
+def time_title(profile) -> str:
+    """A bench table's title: an emulated profile's times are never called latencies."""
+    return f"{profile.name}: {EMULATED} (ms)" if profile.emulated else f"latency on {profile.name}"
 
 
 def compare_table(result: dict) -> Table:
@@ -54,7 +64,7 @@ def compare_table(result: dict) -> Table:
 
 
 def latency_table(report) -> Table:
-    table = Table(title=f"latency test on {report.device}")
+    table = Table(title=f"latency test on {report.device}" + (f": {EMULATED}" if report.emulated else ""))
     for col in ("model", "p50", "budget p50", "p90", "budget p90", "result"):
         table.add_column(col, justify="left" if col in ("model", "result") else "right")
     for case in report.cases:

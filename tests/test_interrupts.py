@@ -66,9 +66,13 @@ except KeyboardInterrupt as exc:
 """
 
 
+# A distinct, valid convention per pair, so a reader that mixed two records would be caught.
+CONVENTION = {"old": "signed_unit", "new": "pixels"}
+
+
 def _manifest(mode: str, data: bytes) -> dict:
     manifest = artifacts.base_manifest("tflite")
-    manifest.update({"settings": {"mode": mode}, "preprocessing": {"input_convention": f"convention-{mode}"},
+    manifest.update({"settings": {"mode": mode}, "preprocessing": {"input_convention": CONVENTION[mode]},
                      "output": {"bytes": len(data)}})
     return manifest
 
@@ -94,7 +98,7 @@ def _seen(out: Path) -> tuple[str | None, str]:
     found = artifacts.integrity(out, data)
     record = manifest_beside(out, data)
     assert (record is None) == (found.record is None) and (record or {}) == (found.record or {})
-    assert record is None or record["preprocessing"]["input_convention"] == f"convention-{record['settings']['mode']}"
+    assert record is None or record["preprocessing"]["input_convention"] == CONVENTION[record["settings"]["mode"]]
     return (record or {}).get("settings", {}).get("mode"), found.state
 
 

@@ -92,6 +92,8 @@ def test_ci_entry_point_requires_every_dependency(tmp_path):
     run = (ROOT / ".ci" / "run").read_text()
     assert "export XEDGE_REQUIRE_ALL=1" in run and "\nmake test\n" in run
     # `make test` makes the tflite-runtime venv the runner test uses (shown here for a venv not yet made).
-    make = subprocess.run(["make", "-n", "-C", str(ROOT), "test", f"TFLITE_RUNTIME={tmp_path / 'rt'}"],
-                          capture_output=True, text=True, timeout=60)
+    # ... and the emulated arm64 board the tests/devices/test_arm64_board.py runs on.
+    make = subprocess.run(["make", "-n", "-C", str(ROOT), "test", f"TFLITE_RUNTIME={tmp_path / 'rt'}",
+                           f"ARM64_BOARD={tmp_path / 'board'}"], capture_output=True, text=True, timeout=60)
     assert f"{tmp_path / 'rt'}/bin/python -m pip install --quiet 'numpy<2' tflite-runtime==2.14.0" in make.stdout
+    assert f"devices/arm64/build.sh {tmp_path / 'board'} .venv/bin/python" in make.stdout

@@ -134,7 +134,7 @@ def test_bench_over_ssh_fetches_json_and_outputs_and_cleans_up(sshd, trained_tfl
     inputs = np.stack(calibration.samples[:4])  # decoded pixels, as `xedge bench --inputs` sends
     result = bench([trained_tflite["int8"]], sshd["profile"], inputs=inputs, outputs=tmp_path / "out")
     assert result["runtime"]["name"] == "ai_edge_litert" and result["runs"] == 5
-    assert result["device"] == {"name": "sshd-test", "transport": "ssh"}
+    assert result["device"] == {"name": "sshd-test", "transport": "ssh", "emulated": False}
     assert result["inputs"]["source"] == "file" and result["inputs"]["count"] == 4
     assert np.load(tmp_path / "out" / "int8_output0_float.npy").shape == (4, 10)
     assert list(sshd["workdir"].iterdir()) == []  # the temporary folder is gone
