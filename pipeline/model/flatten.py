@@ -8,9 +8,9 @@ called ``xception`` instead of its 100; and the stem convolution that the
 input scaling folds into is hidden inside it. Inlined, the base's layers
 keep their own names (``block4_sepconv2``) and the stem is the first layer.
 
-The graph is rebuilt by calling the very same layer objects (weights
-shared, nothing copied) on new symbolic tensors, in the order the models'
-own Keras configs wire them; a nested model's call arguments (``training``)
+The graph is rebuilt by calling the same layer objects on new symbolic
+tensors, in the order the models' own Keras configs wire them, then cloned
+with its weights (so no layer belongs to both models); a nested model's call arguments (``training``)
 are dropped, as they only matter for training. A leaf layer whose name an
 earlier one already took is cloned under ``<nested model>_<name>``. Keras 3
 models only (a tf_keras model is converted as it is).
@@ -158,7 +158,12 @@ def rebuild(model, substitute: dict[str, Substitute] | None = None, input_dtype:
 
 
 def flatten(model):
-    """``model`` with every nested model inlined (module docstring); ``model`` itself when nothing is nested."""
+    """``model`` with every nested model inlined (module docstring); ``model`` itself when nothing is nested.
+
+    The result is cloned, weights copied: its layers belong to it alone, so ``layer.output`` is its own."""
     if not nested_models(model):
         return model
-    return rebuild(model)
+    rebuilt = rebuild(model)
+    flat = _keras().models.clone_model(rebuilt)
+    flat.set_weights(rebuilt.get_weights())
+    return flat

@@ -280,6 +280,9 @@ def _stem_layers():
                 super().__init__(**kwargs)
                 self.pads, self.values = [[0, 0], *map(list, pads), [0, 0]], [float(v) for v in values]
 
+            def get_config(self):
+                return {**super().get_config(), "pads": self.pads[1:3], "values": self.values}
+
             def call(self, x):
                 if len(set(self.values)) == 1:
                     return keras.ops.pad(x, self.pads, constant_values=self.values[0])
@@ -292,6 +295,9 @@ def _stem_layers():
             def __init__(self, value, **kwargs):
                 super().__init__(**kwargs)
                 self.value = np.asarray(value, dtype=np.float32)
+
+            def get_config(self):
+                return {**super().get_config(), "value": self.value.tolist()}
 
             def call(self, x):
                 return x + keras.ops.convert_to_tensor(self.value)
@@ -316,54 +322,61 @@ def border_error(stem: Stem, kernel: np.ndarray, size: tuple[int, int], values, 
 
 
 def fold_stem(model, stem: Stem, pad: StemPad = StemPad.NEAREST):
-    """A copy of ``model`` that takes pixels p in [0, 255] (module docstring); ``model`` is not changed."""
+    """A model that takes pixels p in [0, 255] where ``model`` takes its own input (module docstring): new
+    layers throughout (``model`` is not changed, and no layer belongs to both)."""
     import keras
 
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    conv = copy.get_layer(stem.conv)
+    conv = model.get_layer(stem.conv)
     weights = [np.asarray(w, dtype=np.float64) for w in conv.get_weights()]
-    kernel = weights[0]
-    scale, offset = np.asarray(stem.scale), np.asarray(stem.offset)
-    shift = np.einsum("hwio,i->o", kernel, offset)  # sum(w b) per output channel
-    weights[0] = kernel * scale[None, None, :, None]
+    shift = np.einsum("hwio,i->o", weights[0], np.asarray(stem.offset))  # sum(w b) per output channel
+    weights[0] = weights[0] * np.asarray(stem.scale)[None, None, :, None]
     if stem.bn is None:
         weights[1] = weights[1] + shift
-    else:
-        bn = copy.get_layer(stem.bn)
-        bn.moving_mean.assign((np.asarray(bn.moving_mean.numpy(), dtype=np.float64) - shift).astype(np.float32))
-    pixel_pad, add_constant = _stem_layers()
     values = stem.pad_pixels(pad)
-    strides = tuple(conv.get_config()["strides"])
     correction = None
     if stem.padded and not stem.exact and pad is StemPad.CORRECTED:
         size = tuple(int(s) for s in model.inputs[0].shape[1:3])
+        strides = tuple(conv.get_config()["strides"])
         correction = -border_error(stem, weights[0], size, values, strides)[None].astype(np.float32)
-    new_conv = type(conv).from_config({**conv.get_config(), "padding": "valid"})
+    pixel_pad, add_constant = _stem_layers()
 
     def padded(layer, xs):
         return pixel_pad(stem.pads, values, name=f"{stem.conv}_pixel_pad")(xs[0])
 
     def convolved(layer, xs):
-        x = xs[0]
-        if stem.padded and stem.pad_layer is None:
-            x = padded(layer, xs)
-        y = new_conv(x)
-        new_conv.set_weights([w.astype(np.float32) for w in weights])
+        x = padded(layer, xs) if stem.padded and stem.pad_layer is None else xs[0]
+        new = type(conv).from_config({**conv.get_config(), "padding": "valid"})
+        y = new(x)
+        new.set_weights([w.astype(np.float32) for w in weights])
         return y if correction is None else add_constant(correction, name=f"{stem.conv}_border")(y)
+
+    def normalized(layer, xs):  # the BatchNormalization after a bias-free stem takes the offset in its mean
+        new = type(layer).from_config(layer.get_config())
+        y = new(xs[0])
+        gamma, beta, mean, variance = layer.get_weights()
+        new.set_weights([gamma, beta, (np.asarray(mean, dtype=np.float64) - shift).astype(np.float32), variance])
+        return y
 
     substitute = {name: (lambda layer, xs: xs[0]) for name in stem.normalizing}
     substitute[stem.conv] = convolved
     if stem.pad_layer is not None:
         substitute[stem.pad_layer] = padded
-    return rebuild(copy, substitute)
+    if stem.bn is not None:
+        substitute[stem.bn] = normalized
+    rebuilt = rebuild(model, substitute)
+    folded = keras.models.clone_model(rebuilt)
+    folded.set_weights(rebuilt.get_weights())
+    return folded
 
 
 def fold_effect(original, folded, domain: str, pixels: np.ndarray) -> dict:
     """How far the folded model is from the original on decoded ``pixels`` (N, H, W, 3 uint8), in float:
     top-1 agreement, mean KL(original || folded) and the largest probability difference."""
-    ref = probabilities(original, original(model_input(pixels, domain), training=False))
-    new = probabilities(original, folded(model_input(pixels, "pixels"), training=False))
+    def run(model, convention):  # in batches of 8: a 299 px network holds ~300 MB of activations per image
+        return np.concatenate([np.asarray(model(model_input(pixels[i:i + 8], convention), training=False))
+                               for i in range(0, len(pixels), 8)])
+
+    ref, new = probabilities(original, run(original, domain)), probabilities(original, run(folded, "pixels"))
     eps = 1e-12
     kl = np.sum(ref * (np.log(ref + eps) - np.log(new + eps)), axis=1)
     return {"images": int(len(pixels)), "top1_agreement": float(np.mean(ref.argmax(1) == new.argmax(1))),

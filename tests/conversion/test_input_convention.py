@@ -170,7 +170,7 @@ def test_the_stem_is_read_from_the_keras_model():
         return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
 
     same = find_stem(user("same"))
-    assert same.padded and not same.exact and same.zero_pixel == (127.5,) * 3 and same.pads == ((0, 1), (0, 1))
+    assert same.padded and not same.exact and same.zero_pixel == (127.5,) * 3 and same.pads == ((1, 1), (1, 1))
     assert not find_stem(user()).padded
     depthwise = find_stem(user(first=keras.layers.DepthwiseConv2D(3, name="d")))
     assert isinstance(depthwise, str) and "DepthwiseConv2D" in depthwise

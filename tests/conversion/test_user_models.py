@@ -88,7 +88,9 @@ ARCHS = [
 ]
 
 
-@pytest.fixture(scope="module", params=ARCHS, ids=[a.name for a in ARCHS])
+# Xception at 71 px is the heaviest by far (20 M parameters): ``make test`` runs it, ``make test-fast`` skips it.
+@pytest.fixture(scope="module", params=[pytest.param(a, marks=[pytest.mark.slow] if a.inlined else [])
+                                        for a in ARCHS], ids=[a.name for a in ARCHS])
 def user_model(request, tmp_path_factory, digits) -> dict:
     """One architecture saved as .keras and converted with ``convert --int8``'s defaults."""
     import keras
