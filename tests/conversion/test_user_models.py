@@ -233,28 +233,41 @@ def test_the_flat_model_computes_what_the_nested_one_does():
     assert np.array_equal(np.asarray(nested(x, training=False)), np.asarray(flat(x, training=False)))
 
 
-@pytest.mark.parametrize("padding", ["same", "zero_padding"])
-def test_a_padded_stem_is_exact_inside_and_off_by_the_border_error_on_the_ring(padding):
-    """conv(pad_0(p / 127.5 - 1); w) against the folded conv(pad_c(p); w / 127.5) + sum(-w): equal up to float
-    rounding inside; on the ring, off by exactly ``border_error``; with the correction, equal everywhere."""
+@pytest.mark.parametrize("kind", ["same", "zero_padding", "per_channel_normalization"])
+def test_a_padded_stem_is_exact_inside_and_off_by_the_border_error_on_the_ring(kind):
+    """conv(pad_0(a p + b); w) against the folded conv(pad_c(p); w a) + sum(w b): equal up to float rounding
+    inside; on the ring, off by exactly ``border_error`` for each pad; with the correction, equal everywhere.
+    The [-1, 1] scaling ('same' or ZeroPadding2D), and a Normalization with a mean per channel (ImageNet's
+    kind: a different pad pixel per channel)."""
     import keras
 
     keras.utils.set_random_seed(2)
     inputs = keras.Input((17, 17, 3))
     x = inputs
-    if padding == "zero_padding":
+    if kind == "per_channel_normalization":
+        x = keras.layers.Normalization(mean=[120.3, 110.7, 100.2], variance=[2500.0, 3600.0, 4900.0])(x)
+    if kind != "same":
         x = keras.layers.ZeroPadding2D(((1, 2), (2, 1)), name="pad")(x)
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same" if padding == "same" else "valid", use_bias=True,
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same" if kind == "same" else "valid", use_bias=True,
                             bias_initializer="random_normal", name="stem")(x)
     model = keras.Model(inputs, x)
     stem = find_stem(model)
     assert isinstance(stem, Stem) and stem.padded and not stem.exact
+    assert stem.domain == ("pixels" if kind == "per_channel_normalization" else "signed_unit")
     p = np.random.default_rng(3).integers(0, 256, (2, 17, 17, 3)).astype(np.uint8)
-    want = np.asarray(model(model_input(p, "signed_unit")), dtype=np.float64)
+    normalized = model_input(p, "signed_unit") if stem.domain == "signed_unit" else p.astype(np.float32)
+    want = np.asarray(model(normalized), dtype=np.float64)
     w = np.asarray(model.get_layer("stem").get_weights()[0], dtype=np.float64)
-    bound = (w[..., 0].size + 8) * U * (3 * np.abs(w).sum(axis=(0, 1, 2)) + 2 * np.abs(w.sum(axis=(0, 1, 2))) + 1)
-    error = border_error(stem, w / 127.5, (17, 17), stem.pad_pixels(StemPad.NEAREST), (2, 2))
-    assert np.abs(error).max() > 0 and error.shape == want.shape[1:]
-    for pad, expected in ((StemPad.NEAREST, error), (StemPad.NEAREST_DOWN, -error), (StemPad.CORRECTED, 0 * error)):
+    folded_w = w * np.asarray(stem.scale)[None, None, :, None]
+    largest = max(1.0, float(np.abs(np.asarray(stem.scale) * 255 + np.asarray(stem.offset)).max()),
+                  float(np.abs(stem.offset).max()))
+    shift = np.abs(np.einsum("hwio,i->o", w, np.asarray(stem.offset)))
+    bound = (w[..., 0].size + 8) * U * (4 * largest * np.abs(w).sum(axis=(0, 1, 2)) + 2 * shift + 1)
+    for pad in StemPad:
+        expected = 0.0 if pad is StemPad.CORRECTED else border_error(stem, folded_w, (17, 17),
+                                                                     stem.pad_pixels(pad), (2, 2))
+        assert pad is StemPad.CORRECTED or np.abs(expected).max() > 0
         got = np.asarray(fold_stem(model, stem, pad)(p.astype(np.float32)), dtype=np.float64)
         assert (np.abs(got - want - expected) <= bound).all(), pad
+    if kind == "per_channel_normalization":
+        assert stem.pad_pixels(StemPad.NEAREST) == (120, 111, 100)
