@@ -183,13 +183,16 @@ def find_stem(model) -> Stem | str:
     scale, offset = np.ones(channels), np.zeros(channels)
     current, normalizing, pad_layer, pads = inputs[0], [], None, ((0, 0), (0, 0))
     size = (int(model.inputs[0].shape[1]), int(model.inputs[0].shape[2]))
+    operations = {op.name: op for op in getattr(model, "operations", None) or model.layers}  # ops too (x / 255)
     while True:
         after = consumers.get(current, [])
         if len(after) != 1:
             return f"{'the input' if current == inputs[0] else current} feeds {len(after)} layers, not one convolution"
         current = after[0]
-        layer = model.get_layer(current)
+        layer = operations.get(current)
         kind = type(layer).__name__
+        if layer is None:
+            return f"the first layer ({current}) is not in the model's layers"
         if is_model(layer):
             return f"the first layer ({current}) is a nested model, converted as it is"
         if kind in NORMALIZING and pad_layer is None:
