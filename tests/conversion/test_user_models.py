@@ -271,3 +271,22 @@ def test_a_padded_stem_is_exact_inside_and_off_by_the_border_error_on_the_ring(k
         assert (np.abs(got - want - expected) <= bound).all(), pad
     if kind == "per_channel_normalization":
         assert stem.pad_pixels(StemPad.NEAREST) == (120, 111, 100)
+
+
+def test_a_keras_3_h5_file_loads_with_keras_3_and_its_base_is_inlined(tmp_path):
+    """Keras 3 writes .h5 files too (a transfer-learning model shipped that way, base nested): they load with
+    Keras 3, which wrote them, not tf_keras, which cannot read its configs."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(keras.layers.Dropout(0.2)(x)))
+    path = tmp_path / "fine_tuned.h5"
+    model.save(path)
+    source = load_source(path)
+    assert source.kind == "keras3" and source.cache["inlined_models"] == [base.name]
+    assert isinstance(find_stem(source.model), Stem) and find_stem(source.model).conv == "Conv1"
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    assert np.array_equal(np.asarray(model(x, training=False)), np.asarray(source.model(x, training=False)))
