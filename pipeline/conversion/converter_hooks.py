@@ -421,27 +421,30 @@ def pin_input_range(calibrated: bytes, low: float, high: float) -> bytes:
     return flatbuffers.write(model)
 
 
-def quantize_calibrated(calibrated: bytes, *, io: str = "int8", per_channel: bool, denylisted_nodes=None) -> bytes:
+def quantize_calibrated(calibrated: bytes, *, io: str = "int8", output: str | None = None, per_channel: bool,
+                        denylisted_nodes=None) -> bytes:
     """The converter's MLIR quantizer and buffer deduplication, as ``TFLiteConverterBase`` calls them for int8.
 
-    ``io``: the input and output type, "int8", "uint8" (the quantizer keeps the
-    int8 scale and adds 128 to the zero point) or "float32".
+    ``io``: the input type, "int8", "uint8" (the quantizer keeps the int8 scale
+    and adds 128 to the zero point) or "float32"; ``output`` the output type
+    (the input's when None).
     """
     nodes = list(denylisted_nodes or []) or None
-    if io not in IO_TYPES:
-        raise ValueError(f"unknown I/O type {io!r}; choose one of {', '.join(IO_TYPES)}")
+    output = io if output is None else output
+    for kind in (io, output):
+        if kind not in IO_TYPES:
+            raise ValueError(f"unknown I/O type {kind!r}; choose one of {', '.join(IO_TYPES)}")
     if "tensorflow" not in sys.modules:  # a float .tflite source: TensorFlow's Python package never loaded
-        code = IO_TYPES[io]
         quantized = _converter_api().ExperimentalMlirQuantizeModel(
-            calibrated, not per_channel, False, QUANTIZED_INT8, code, code, False, False, None, nodes, False, False,
-            "")
+            calibrated, not per_channel, False, QUANTIZED_INT8, IO_TYPES[io], IO_TYPES[output], False, False, None,
+            nodes, False, False, "")
         return _deduplicate_readonly_buffers(quantized)
     import tensorflow as tf
     from tensorflow.lite.python import lite
 
-    dtype = {"float32": tf.float32, "uint8": tf.uint8, "int8": tf.int8}[io]
-    quantized = lite._mlir_quantize(calibrated, not per_channel, input_data_type=dtype,  # noqa: SLF001
-                                    output_data_type=dtype, denylisted_nodes=nodes)
+    dtypes = {"float32": tf.float32, "uint8": tf.uint8, "int8": tf.int8}
+    quantized = lite._mlir_quantize(calibrated, not per_channel, input_data_type=dtypes[io],  # noqa: SLF001
+                                    output_data_type=dtypes[output], denylisted_nodes=nodes)
     return bytes(lite._deduplicate_readonly_buffers(quantized))  # noqa: SLF001
 
 

@@ -37,10 +37,12 @@ from pipeline.conversion.convention_choice import (
     converted_source,
     io_type,
     is_qat_model,
+    output_type,
     representative_in,
     resolved,
     source_domain,
     source_manifest,
+    stem_record,
 )
 from pipeline.conversion.int8_methods import chosen_ranges, refine_int8
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
@@ -134,9 +136,8 @@ def _configure(converter, settings: ConvertSettings, representative, progress: P
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                                    tf.lite.OpsSet.TFLITE_BUILTINS]
         if not settings.float_io:
-            io = tf.uint8 if settings.input_convention == "pixels" else tf.int8
-            converter.inference_input_type = io
-            converter.inference_output_type = io
+            converter.inference_input_type = tf.uint8 if io_type(settings) == "uint8" else tf.int8
+            converter.inference_output_type = tf.uint8 if output_type(settings) == "uint8" else tf.int8
     elif mode == "int16x8":
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
@@ -304,8 +305,8 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
     record["quantizer_route"] = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
     with native_stderr_captured() as log, interrupts.surfaced():
         try:
-            quantized = quantize_calibrated(calibrated, io=io_type(settings), per_channel=settings.per_channel,
-                                            denylisted_nodes=nodes)
+            quantized = quantize_calibrated(calibrated, io=io_type(settings), output=output_type(settings),
+                                            per_channel=settings.per_channel, denylisted_nodes=nodes)
         except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
             raise _converter_failed(settings, exc, log) from None
     return refine_int8(quantized, float_tflite(source), representative, settings, record)
@@ -437,11 +438,12 @@ def _manifest(job: _ExportJob, model_bytes: bytes, info, spec: PreprocessSpec, l
                      "converter": "tf.lite.TFLiteConverter", "batch_size": 1},
         "source": {"path": str(model_path), "kind": source.kind, "sha256": artifacts.sha256_any(model_path),
                    "bytes": artifacts.size_any(model_path), "input_shape": list(source.input_shape),
-                   "classes": source.classes},
+                   "classes": source.classes, "inlined_models": job.original.cache.get("inlined_models", [])},
         "output": {"path": job.out_path.name, "sha256": artifacts.sha256_bytes(model_bytes),
                    "bytes": len(model_bytes)},
         "preprocessing": spec.describe(),
-        "input_convention": convention_record(settings.decided_convention, job.convention_note),
+        "input_convention": convention_record(settings.decided_convention, job.convention_note,
+                                              stem_record(source, job.representative)),
         "calibration": ({**job.representative.to_manifest(), "method": calibration_record}
                         if job.uses_calibration and job.representative is not None else None),
         "io": {"inputs": info.inputs, "outputs": info.outputs},

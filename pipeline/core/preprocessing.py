@@ -30,7 +30,7 @@ the model's metadata) feeds it the same way from the same decoded pixels p:
   conventions existed; a manifest without the field means this one);
 * ``pixels``: p itself, as uint8 (integer models: scale 1, zero point 0) or
   float32 (float models): the scaling is folded into the model's first
-  convolution (``pipeline.model.fold``), so each of the 256 values is its own
+  convolution (``pipeline.model.stem``), so each of the 256 values is its own
   input level and a device feeds camera bytes as they are;
 * ``pixels_int8``: p - 128 as int8 (scale 1, zero point -128), for runtimes
   that want int8 in and out (no uint8 -> int8 QUANTIZE op).

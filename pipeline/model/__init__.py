@@ -1,5 +1,5 @@
-"""The Keras model and its training: Xception, its tf_keras twin, users' models, pretrained weights, training, QAT,
-and folding the [-1, 1] input scaling into the stem.
+"""The Keras model and its training: Xception, its tf_keras twin, users' models (nested ones inlined), pretrained
+weights, training, QAT, and folding the input scaling into the stem.
 
 May import: ``pipeline.core``, ``pipeline.tflite``.
 """

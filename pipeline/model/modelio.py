@@ -38,6 +38,7 @@ from google.protobuf import message, text_format
 
 from pipeline.core.errors import ModelLoadError
 from pipeline.model.keras_allowlist import disallowed_objects
+from pipeline.model.flatten import flatten, nested_models
 from pipeline.model.tfmot_import import import_tfmot
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.safe_tflite import check_manifest, read_model_bytes, start_probe
@@ -143,6 +144,18 @@ def _h5_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} has an unreadable model_config (not a JSON object)")
     return config
+
+
+def _h5_keras_version(path: Path) -> str:
+    """The Keras version an .h5 model file was saved by ("" when unknown): Keras 3 writes .h5 files too."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get("keras_version", "")
+    except OSError:
+        return ""  # not HDF5: _h5_config says so in its own words
+    return version.decode("utf-8", "replace") if isinstance(version, bytes) else str(version)
 
 
 def _refuse_code(path: Path, config, trust_code: bool) -> None:
@@ -314,7 +327,7 @@ def detect_kind(path: Path) -> str:
         version = str(meta.get("keras_version", ""))
         return "tf_keras" if version.startswith("2.") else "keras3"
     if suffix in (".h5", ".hdf5"):
-        return "tf_keras"
+        return "keras3" if _h5_keras_version(path).startswith("3.") else "tf_keras"
     if suffix == ".tflite":
         return "tflite"
     raise ModelLoadError(f"unsupported model file {path}: expected a SavedModel folder, .keras, .h5 or a float "
@@ -409,7 +422,11 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
         raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     shape, classes = _shape_of(model)
-    return SourceModel(path, kind, model, shape, classes)
+    inlined = nested_models(model) if kind == "keras3" else []
+    source = SourceModel(path, kind, flatten(model) if inlined else model, shape, classes)
+    if inlined:  # pipeline.model.flatten: the base network's layers keep their names through conversion
+        source.cache["inlined_models"] = inlined
+    return source
 
 
 def _float_tflite_source(path: Path) -> SourceModel:

@@ -24,6 +24,7 @@ from pipeline.core import artifacts
 from pipeline.core.errors import ModelLoadError, ValidationError
 from pipeline.core.preprocessing import LEGACY_CONVENTION, dequantize, model_input
 from pipeline.model.modelio import load_source
+from pipeline.model.stem import input_domain
 from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.runtime import invoke_one, open_interpreter
 from pipeline.tflite.safe_tflite import load_untrusted
@@ -109,11 +110,12 @@ class KerasRunner:
     """A Keras 3, tf_keras or SavedModel float model, run in batches."""
 
     batch_size = 16  # Xception-299 activations at batch 64 would need gigabytes
-    convention = LEGACY_CONVENTION  # what the Keras model is trained on
+    convention = LEGACY_CONVENTION  # what the Keras model is trained on, unless its own layers normalize pixels
 
     def __init__(self, path: str | os.PathLike, *, trust_code: bool = False):
         path = Path(path)
         self.source = load_source(path, trust_code=trust_code)
+        self.convention = input_domain(self.source.model)  # pixels when the model starts with its normalization
         self._fn = None
         self._fixed_batch = False
         if self.source.model is None:
@@ -126,7 +128,9 @@ class KerasRunner:
         self.output_kind = (keras_output_kind(self.source.model) if self._fn is None
                             else saved_model_output_kind(self._fn))
         self.facts = ModelFacts(str(path), self.source.kind, artifacts.sha256_any(path), artifacts.size_any(path),
-                                self.source.input_size, self.source.classes, "float32", "float32")
+                                self.source.input_size, self.source.classes, "float32", "float32",
+                                self.convention, ("Keras model (its own normalization layers take pixels)"
+                                                  if self.convention == "pixels" else ModelFacts.input_convention_from))
 
     def _call(self, x: np.ndarray) -> np.ndarray:
         if self._fn is None:

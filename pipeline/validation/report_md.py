@@ -21,6 +21,9 @@ def summary_rows(r: dict) -> list[tuple[str, str]]:
     conventions = [str((r.get(m) or {}).get("input_convention") or "") for m in ("reference", "candidate")]
     if all(conventions):  # reports from before input conventions have none
         rows.append(("input convention reference / candidate", " / ".join(conventions)))
+    approximation = (r.get("candidate") or {}).get("input_approximation")
+    if approximation:
+        rows.append(("input approximation (candidate)", approximation))
     outputs = r.get("outputs") or {}
     rows += [(f"{who} outputs", outputs[who]) for who in ("reference", "candidate") if who in outputs]
     if r.get("top1_float") is not None:

@@ -195,6 +195,19 @@ def load_item(item: Item, spec: PreprocessSpec):
 # ---------------------------------------------------------------- main
 
 
+def input_approximation(manifest: dict) -> str | None:
+    """The manifest's stated approximation of the input (a padded stem's pad pixel), with its measured effect."""
+    stem = (manifest.get("input_convention") or {}).get("stem") or {}
+    if stem.get("exact", True):
+        return None
+    zero = ", ".join(f"{p:g}" for p in dict.fromkeys(stem.get("zero_pad_pixel") or []))
+    pad = ", ".join(str(p) for p in dict.fromkeys(stem.get("pad_pixel") or []))
+    effect = stem.get("effect") or {}
+    measured = (f"; float effect on {effect['images']} calibration images: top-1 agreement "
+                f"{effect['top1_agreement']:.4f}, mean KL {effect['mean_kl']:.3g}" if "images" in effect else "")
+    return f"stem padded with pixel {pad} where its zero is pixel {zero}" + measured
+
+
 def _facts(runner, path: Path) -> dict:
     facts = runner.facts.to_dict()
     manifest, error = _manifest_of(path)
@@ -204,6 +217,9 @@ def _facts(runner, path: Path) -> dict:
         calibration = (manifest.get("calibration") or {}).get("method") or {}
         if calibration.get("int8_methods") or calibration.get("ranges"):
             facts["int8_methods"] = int8_summary(calibration)
+        approximation = input_approximation(manifest)
+        if approximation:
+            facts["input_approximation"] = approximation
     if error:
         facts["manifest_error"] = error
     facts.setdefault("mode", "float" if runner.facts.kind != "tflite" else None)

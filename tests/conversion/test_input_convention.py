@@ -21,7 +21,7 @@ from pipeline.core.artifacts import manifest_path_for
 from pipeline.core.data import Item
 from pipeline.core.errors import ConversionError
 from pipeline.core.preprocessing import PreprocessSpec, model_input, pixels_for, quantize, scale
-from pipeline.model.fold import fold_input_scaling, fold_plan
+from pipeline.model.stem import Stem, find_stem, fold_stem, layer_graph
 from pipeline.model.xception import build_xception
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import open_interpreter
@@ -89,6 +89,17 @@ def test_the_256_pixel_values_are_256_input_levels(trained_tflite, legacy, all_l
     assert len(np.unique(quantize(scale(np.arange(256, dtype=np.uint8)), np.int8, 2 / 255, -1))) == 215
 
 
+def fold_input_scaling(model):
+    stem = find_stem(model)
+    assert isinstance(stem, Stem), stem
+    return fold_stem(model, stem)
+
+
+def _plan(model) -> tuple[str, str | None] | str:
+    stem = find_stem(model)
+    return stem if isinstance(stem, str) else (stem.conv, stem.bn)
+
+
 def _randomized(model, seed=0):
     """BatchNorm statistics away from their initial values, so the fold is exercised for real."""
     rng = np.random.default_rng(seed)
@@ -136,7 +147,7 @@ def test_the_bias_is_folded_where_the_convolution_has_one():
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(4, 3, use_bias=True, bias_initializer="random_normal", name="stem")(inputs)
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
-    assert fold_plan(model.get_config()) == ("stem", None)
+    assert _plan(model) == ("stem", None)
     p = np.random.default_rng(2).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
     w, b = (np.asarray(v, dtype=np.float64) for v in model.get_layer("stem").get_weights())
     # per output channel as for the stem below, then through the mean over positions (which only averages)
@@ -147,30 +158,31 @@ def test_the_bias_is_folded_where_the_convolution_has_one():
     assert np.allclose(folded.get_layer("stem").get_weights()[1], b - w.sum(axis=(0, 1, 2)), rtol=1e-6)
 
 
-def test_the_fold_plan_is_read_from_the_keras_config():
+def test_the_stem_is_read_from_the_keras_model():
     import keras
 
-    assert fold_plan(build_xception(**TINY).get_config()) == ("block1_conv1", "block1_conv1_bn")
+    assert _plan(build_xception(**TINY)) == ("block1_conv1", "block1_conv1_bn")
 
     def user(padding="valid", first=None, bias=False):
         inputs = keras.Input((32, 32, 3))
         layer = first or keras.layers.Conv2D(8, 3, padding=padding, use_bias=bias, name="c")
         x = keras.layers.BatchNormalization(name="bn")(layer(inputs))
-        return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x)).get_config()
+        return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
 
-    same = fold_plan(user("same"))
-    assert isinstance(same, str) and "'same' padding" in same and "127.5" in same
-    depthwise = fold_plan(user(first=keras.layers.DepthwiseConv2D(3, name="d")))
+    same = find_stem(user("same"))
+    assert same.padded and not same.exact and same.zero_pixel == (127.5,) * 3 and same.pads == ((1, 1), (1, 1))
+    assert not find_stem(user()).padded
+    depthwise = find_stem(user(first=keras.layers.DepthwiseConv2D(3, name="d")))
     assert isinstance(depthwise, str) and "DepthwiseConv2D" in depthwise
-    # A saved (JSON) config and tf_keras's list-style inbound nodes read the same way.
-    assert fold_plan(json.loads(json.dumps(user()))) == ("c", "bn")
+    # A saved (JSON) config and tf_keras's list-style inbound nodes wire the same graph.
+    assert layer_graph(json.loads(json.dumps(user().get_config())))[1]["c"] == ["bn"]
     tf_keras_style = {"layers": [
         {"class_name": "InputLayer", "config": {"name": "in"}, "inbound_nodes": []},
         {"class_name": "Conv2D", "config": {"name": "c", "padding": "valid", "use_bias": False,
                                             "activation": "linear"}, "inbound_nodes": [[["in", 0, 0, {}]]]},
         {"class_name": "BatchNormalization", "config": {"name": "bn", "axis": [3]},
          "inbound_nodes": [[["c", 0, 0, {}]]]}]}
-    assert fold_plan(tf_keras_style) == ("c", "bn")
+    assert layer_graph(tf_keras_style)[1:] == ({"in": ["c"], "c": ["bn"], "bn": []}, ["in"])
 
 
 @pytest.fixture(scope="module")
@@ -187,17 +199,39 @@ def same_padding_model(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_same_padding_model_keeps_signed_unit_and_refuses_pixels(tmp_path, same_padding_model, calibration):
+def test_a_same_padding_model_takes_pixels_padded_with_a_stated_pixel(tmp_path, same_padding_model, calibration):
+    """Its zero pad in [-1, 1] is pixel 127.5: the int8 model takes uint8 pixels padded with pixel 128, and the
+    manifest says so with the effect measured on the calibration images."""
     result = export_tflite(same_padding_model, ConvertSettings("int8"), out=tmp_path / "m.tflite",
                            representative=calibration)
     record = result.manifest["input_convention"]
-    assert record["name"] == "signed_unit" and "'same' padding" in record["why"]
+    assert record["name"] == "pixels" and "approximation" in record["why"] and "pixel 128" in record["why"]
+    assert record["stem"]["pad_pixel"] == [128] * 3 and record["stem"]["zero_pad_pixel"] == [127.5] * 3
+    assert record["stem"]["effect"]["images"] == 32 and 0 <= record["stem"]["effect"]["top1_agreement"] <= 1
+    io = result.manifest["io"]
+    assert io["inputs"][0]["dtype"] == "uint8" and io["outputs"][0]["dtype"] == "uint8"
+
+
+def test_an_unusual_first_layer_keeps_signed_unit_with_a_uint8_output(tmp_path, calibration):
+    """No convolution to fold into: [-1, 1] int8 input as before, with the reason; asked for pixels, refused.
+    The output is uint8 all the same (what MediaPipe's clients take)."""
+    import keras
+
+    inputs = keras.Input((71, 71, 3))
+    x = keras.layers.DepthwiseConv2D(3, name="dw")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path / "dw.keras"
+    keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x)).save(path)
+    result = export_tflite(path, ConvertSettings("int8"), out=tmp_path / "m.tflite", representative=calibration)
+    record = result.manifest["input_convention"]
+    assert record["name"] == "signed_unit" and "DepthwiseConv2D, not a Conv2D" in record["why"]
     assert record["normalization"] == {"mean": 127.5, "std": 127.5}
-    assert result.manifest["io"]["inputs"][0]["dtype"] == "int8"
+    io = result.manifest["io"]
+    assert io["inputs"][0]["dtype"] == "int8" and io["outputs"][0]["dtype"] == "uint8"
     assert result.manifest["preprocessing"]["fingerprint"] == PreprocessSpec(71).fingerprint
-    with pytest.raises(ConversionError, match="'same' padding.*--input-convention signed-unit"):
-        export_tflite(same_padding_model, ConvertSettings("int8", input_convention="pixels"),
-                      out=tmp_path / "p.tflite", representative=calibration)
+    with pytest.raises(ConversionError, match="DepthwiseConv2D.*--input-convention signed-unit"):
+        export_tflite(path, ConvertSettings("int8", input_convention="pixels"), out=tmp_path / "p.tflite",
+                      representative=calibration)
     assert not (tmp_path / "p.tflite").exists()
 
 

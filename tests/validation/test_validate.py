@@ -428,7 +428,8 @@ def test_thousand_class_int8_softmax_is_read_as_probabilities(tmp_path, calibrat
     names = [str(d) for d in range(10)] + [f"class_{i}" for i in range(10, 1000)]
     (folder / "labels.json").write_text(json.dumps({"classes": names}))
     _thousand_classes(calibration).save(folder / "model.keras")
-    # [-1, 1] input: _tflite_outputs below feeds the preprocessed inputs (the output side is what is tested)
+    # [-1, 1] input: _tflite_outputs below feeds the preprocessed inputs (the output side is what is tested);
+    # its output is uint8 (every int8 model's is), so a QUANTIZE follows the SOFTMAX
     int8 = export_tflite(folder / "model.keras", ConvertSettings("int8", input_convention="signed_unit"),
                          out=folder / "model_int8.tflite", representative=calibration).path
     r = validate(folder / "model.keras", int8, val_subset, tmp_path / "r", layer_samples=0).report
@@ -442,7 +443,7 @@ def test_thousand_class_int8_softmax_is_read_as_probabilities(tmp_path, calibrat
     assert p_q.shape == (len(files), 1000) and p_q.sum(1).min() < 0.95  # the rows a value test called logits
 
     assert r["outputs"] == {"reference": "probabilities (the output layer 'predictions' has a softmax activation)",
-                            "candidate": "probabilities (SOFTMAX op produces the output)"}
+                            "candidate": "probabilities (SOFTMAX op produces the output (through QUANTIZE))"}
     assert r["data"]["labels_source"] == str(folder / "labels.json") and r["samples"] == len(files)
     edges = np.linspace(0, 1, 21)
     assert r["confidence"]["candidate"]["counts"] == np.histogram(p_q.max(1), bins=edges)[0].tolist()
@@ -456,7 +457,7 @@ def test_thousand_class_int8_softmax_is_read_as_probabilities(tmp_path, calibrat
     # The int8 model stays close to its float source: each probability within a few output quanta.
     assert r["prob_max_abs_diff"] < 0.5 and r["prob_cosine_mean"] > 0.9
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "| candidate outputs | probabilities (SOFTMAX op produces the output) |" in md
+    assert "| candidate outputs | probabilities (SOFTMAX op produces the output (through QUANTIZE)) |" in md
 
 
 def test_logits_model_gets_softmax_even_when_its_outputs_sum_to_one(tmp_path, val_subset):
