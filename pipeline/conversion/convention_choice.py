@@ -90,6 +90,7 @@ STEM_PAD = StemPad.NEAREST
 def stem_of(source: SourceModel) -> Stem | str:
     """The source's stem (``pipeline.model.stem``), or why its input scaling cannot be folded; found once."""
     if "stem" not in source.cache:
+        found: Stem | str
         if source.model is None:
             found = "a SavedModel has no Keras layers to fold the [-1, 1] scaling into"
         elif is_qat_model(source):
@@ -142,7 +143,7 @@ def _pixel_source_note(source: SourceModel) -> str:
     stem = stem_of(source) if source.kind != "tflite" else None
     if source.kind == "tflite" or "unfolded" in source.cache:
         return "the source takes pixels"
-    if isinstance(stem, str) or stem.domain != "pixels":
+    if stem is None or isinstance(stem, str) or stem.domain != "pixels":
         first = source.model.layers[1].name if len(source.model.layers) > 1 else "?"
         return (f"the model takes pixels: its own normalization layer ({first}) comes first; kept as it is, "
                 f"not folded ({stem})")
@@ -150,8 +151,8 @@ def _pixel_source_note(source: SourceModel) -> str:
             f"the first convolution ({stem.conv})" + _pad_note(stem))
 
 
-def _pad_note(stem: Stem) -> str:
-    if not stem.padded:
+def _pad_note(stem: Stem | str) -> str:
+    if isinstance(stem, str) or not stem.padded:
         return ""
     if stem.exact:
         return f"; its zero pad is pixel {stem.pad_pixels(STEM_PAD)[0]}, padded explicitly (exact)"
@@ -191,7 +192,7 @@ def converted_source(source: SourceModel, convention: str) -> SourceModel:
         return source
     if "folded" not in source.cache:
         stem = pixel_refusal(source) if source.kind == "tflite" else stem_of(source)
-        if isinstance(stem, str):
+        if stem is None or isinstance(stem, str):
             if source_domain(source) == "pixels":
                 return source  # its own normalization layers take the pixels, kept as they are
             raise ConversionError(f"cannot give this model pixel input: {stem}")

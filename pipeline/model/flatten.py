@@ -19,6 +19,7 @@ models only (a tf_keras model is converted as it is).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 # Substitute = (layer, input tensors) -> output tensor: what ``rebuild`` calls instead of a layer.
 Substitute = Callable[[object, list], object]
@@ -45,7 +46,7 @@ def nested_models(model) -> list[str]:
 
 
 def _entry_name(entry: dict) -> str:
-    return (entry.get("config") or {}).get("name") or entry.get("name")
+    return str((entry.get("config") or {}).get("name") or entry.get("name"))
 
 
 def _refs(value) -> list[tuple]:
@@ -85,7 +86,7 @@ class _Builder:
     def __init__(self, substitute: dict[str, Substitute]):
         self.substitute = substitute
         self.taken: set[str] = set()
-        self.chosen: dict[int, object] = {}
+        self.chosen: dict[int, Any] = {}
 
     def leaf(self, layer, parent: str | None, args: list, kwargs: dict):
         """``layer`` called on ``args``: itself, or a clone under another name (same weights) when an earlier

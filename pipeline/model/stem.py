@@ -139,7 +139,7 @@ class Stem:
         return record
 
 
-def _values(x, channels: int) -> np.ndarray:
+def _values(x, channels: int) -> np.ndarray | None:
     """A scalar or per-channel parameter as float64 (channels,)."""
     array = np.asarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float64).reshape(-1)
     return np.broadcast_to(array, (channels,)).copy() if array.size in (1, channels) else None
@@ -202,7 +202,8 @@ def find_stem(model) -> Stem | str:
             scale, offset = mapped
             normalizing.append(current)
         elif kind == "ZeroPadding2D" and pad_layer is None and layer.data_format == "channels_last":
-            pad_layer, pads = current, tuple(tuple(int(v) for v in side) for side in layer.padding)
+            (top, bottom), (left, right) = layer.padding
+            pad_layer, pads = current, ((int(top), int(bottom)), (int(left), int(right)))
         elif kind == "Conv2D":
             break
         else:
@@ -309,7 +310,7 @@ def _stem_layers():
     return _LAYERS
 
 
-_LAYERS = None
+_LAYERS: tuple[type, type] | None = None
 
 
 def border_error(stem: Stem, kernel: np.ndarray, size: tuple[int, int], values, strides) -> np.ndarray:
@@ -338,7 +339,7 @@ def fold_stem(model, stem: Stem, pad: StemPad = StemPad.NEAREST):
     values = stem.pad_pixels(pad)
     correction = None
     if stem.padded and not stem.exact and pad is StemPad.CORRECTED:
-        size = tuple(int(s) for s in model.inputs[0].shape[1:3])
+        size = (int(model.inputs[0].shape[1]), int(model.inputs[0].shape[2]))
         strides = tuple(conv.get_config()["strides"])
         correction = -border_error(stem, weights[0], size, values, strides)[None].astype(np.float32)
     pixel_pad, add_constant = _stem_layers()
@@ -391,7 +392,8 @@ def probabilities(model, out) -> np.ndarray:
     (read from the layer, not guessed from the values), else their softmax."""
     out = np.asarray(out, dtype=np.float64)
     last = model.layers[-1]
-    activation = str(getattr(last, "get_config", dict)().get("activation", ""))
+    config = last.get_config() if hasattr(last, "get_config") else {}
+    activation = str(config.get("activation", ""))
     if type(last).__name__ == "Softmax" or any(a in activation for a in ("softmax", "sigmoid")):
         return out
     e = np.exp(out - out.max(axis=1, keepdims=True))
