@@ -35,6 +35,9 @@ from pipeline.core.preprocessing import model_input
 from pipeline.model.flatten import is_model, rebuild
 
 PIXEL_SCALE = 127.5  # the training input is p / 127.5 - 1 (pipeline.core.preprocessing.scale)
+# The largest magnitude normalization layers that take pixels produce from 0..255: ImageNet mean/std gives about
+# 2.6; a layer expecting [-1, 1] or 0..1 input produces hundreds or more from pixels.
+NORMALIZED_BOUND = 16.0
 
 
 def _inbound(layer: dict) -> list[str]:
@@ -246,18 +249,29 @@ def _with_conv(model, conv, by_name: dict, consumers: dict, found: _Found) -> St
         if axis not in (-1, 3, [-1], [3]):
             return f"the BatchNormalization after {conv.name} normalizes axis {axis}, not the channels"
         bn = after[0]
-    domain = "pixels" if found.normalizing else "signed_unit"
+    domain = "pixels" if found.normalizing and takes_pixels(found.scale, found.offset) else "signed_unit"
     scale, offset = found.scale, found.offset
-    if not found.normalizing:
-        scale, offset = np.full(scale.shape, 1 / PIXEL_SCALE), np.full(scale.shape, -1.0)
+    if domain == "signed_unit":  # the [-1, 1] scaling p / 127.5 - 1 in front of what the model does itself
+        scale, offset = scale / PIXEL_SCALE, offset - scale
     if not np.all(scale != 0):
         return f"the input scaling before {conv.name} multiplies a channel by 0"
     return Stem(domain, found.normalizing, found.pad_layer, conv.name, bn, tuple(float(v) for v in scale),
                 tuple(float(v) for v in offset), pads)
 
 
+def takes_pixels(scale: np.ndarray, offset: np.ndarray) -> bool:
+    """Whether normalization layers computing ``scale * x + offset`` expect pixels: they send 0..255 into values a
+    network is trained on (at most ``NORMALIZED_BOUND``). Keras' applications' ``Rescaling(1 / 255)``,
+    ``Rescaling(1 / 127.5, offset=-1)`` and ImageNet mean/std ``Normalization`` do; a ``Rescaling(127.5,
+    offset=127.5)`` (a [-1, 1] input turned back into pixels for a network trained on 0..255) sends them to
+    32,640 and expects normalized input."""
+    ends = np.abs(np.stack([np.asarray(offset, dtype=np.float64), 255.0 * np.asarray(scale) + offset]))
+    return bool(np.all(ends <= NORMALIZED_BOUND))
+
+
 def input_domain(model) -> str:
-    """What a Keras model takes: "pixels" when it starts with its own normalization layers, else [-1, 1]."""
+    """What a Keras model takes: "pixels" when it starts with its own normalization layers that expect pixels
+    (``takes_pixels``), else [-1, 1]."""
     if model is None:
         return "signed_unit"
     try:
@@ -268,7 +282,11 @@ def input_domain(model) -> str:
     if len(inputs) != 1 or len(consumers.get(inputs[0], [])) != 1:
         return "signed_unit"
     first = by_name.get(consumers[inputs[0]][0]) or {}
-    return "pixels" if first.get("class_name") in NORMALIZING else "signed_unit"
+    if first.get("class_name") not in NORMALIZING:
+        return "signed_unit"
+    stem = find_stem(model)
+    # A normalization that cannot be folded is kept as it is, taken to expect pixels as Keras' applications do.
+    return stem.domain if isinstance(stem, Stem) else "pixels"
 
 
 def _stem_layers():

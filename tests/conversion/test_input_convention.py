@@ -346,3 +346,38 @@ def test_the_cli_refuses_conventions_a_mode_cannot_take(tmp_path, tiny_keras_pat
         proc = run_cli("convert", tiny_keras_path, *args, "--out", tmp_path / "m.tflite", cwd=tmp_path)
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
     assert not (tmp_path / "m.tflite").exists()
+
+
+def _rescaled_model(scale_by: float, offset: float):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((9, 9, 3))
+    x = keras.layers.Rescaling(scale_by, offset=offset, name="rescale")(inputs)
+    x = keras.layers.Conv2D(4, 3, name="stem_conv")(x)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_a_rescaling_back_to_pixels_makes_a_signed_unit_model_and_folds_to_the_identity():
+    """Rescaling(127.5, offset=127.5) turns a [-1, 1] input back into the 0..255 a network was trained on: the
+    model expects [-1, 1], not pixels, and with the [-1, 1] scaling in front the two cancel exactly."""
+    from pipeline.model.stem import input_domain
+
+    model = _rescaled_model(127.5, 127.5)
+    assert input_domain(model) == "signed_unit"
+    stem = find_stem(model)
+    assert isinstance(stem, Stem) and stem.domain == "signed_unit" and stem.normalizing == ("rescale",)
+    assert stem.scale == (1.0,) * 3 and stem.offset == (0.0,) * 3  # 127.5 / 127.5 and 127.5 - 127.5: exact
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 9, 9, 3)).astype(np.float32)
+    folded = fold_stem(model, stem)
+    np.testing.assert_allclose(np.asarray(folded(pixels)), np.asarray(model(pixels / 127.5 - 1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale_by, offset", [(1 / 255, 0.0), (1 / 127.5, -1.0)])
+def test_a_rescaling_of_pixels_to_a_normalized_range_takes_pixels(scale_by, offset):
+    from pipeline.model.stem import input_domain
+
+    model = _rescaled_model(scale_by, offset)
+    stem = find_stem(model)
+    assert input_domain(model) == "pixels" and isinstance(stem, Stem) and stem.domain == "pixels"
