@@ -284,9 +284,27 @@ def input_domain(model) -> str:
     first = by_name.get(consumers[inputs[0]][0]) or {}
     if first.get("class_name") not in NORMALIZING:
         return "signed_unit"
-    stem = find_stem(model)
-    # A normalization that cannot be folded is kept as it is, taken to expect pixels as Keras' applications do.
-    return stem.domain if isinstance(stem, Stem) else "pixels"
+    mapped = _leading_normalization(model, consumers, inputs[0])
+    # A normalization whose values cannot be read is taken to expect pixels, as Keras' applications' do.
+    return "pixels" if isinstance(mapped, str) or takes_pixels(*mapped) else "signed_unit"
+
+
+def _leading_normalization(model, consumers: dict, first: str) -> tuple[np.ndarray, np.ndarray] | str:
+    """The affine map of the normalization layers the input goes through first (the same map ``find_stem``
+    folds), whatever follows them; or why it cannot be read."""
+    channels = int(model.inputs[0].shape[-1])
+    scale, offset = np.ones(channels), np.zeros(channels)
+    operations = {op.name: op for op in getattr(model, "operations", None) or model.layers}
+    current = first
+    while len(consumers.get(current, [])) == 1:
+        layer = operations.get(consumers[current][0])
+        if layer is None or type(layer).__name__ not in NORMALIZING:
+            break
+        mapped = _normalizing(layer, scale, offset)
+        if isinstance(mapped, str):
+            return mapped
+        (scale, offset), current = mapped, layer.name
+    return scale, offset
 
 
 def _stem_layers():

@@ -381,3 +381,16 @@ def test_a_rescaling_of_pixels_to_a_normalized_range_takes_pixels(scale_by, offs
     model = _rescaled_model(scale_by, offset)
     stem = find_stem(model)
     assert input_domain(model) == "pixels" and isinstance(stem, Stem) and stem.domain == "pixels"
+
+
+def test_the_input_domain_is_read_from_the_normalization_even_when_the_stem_cannot_be_folded():
+    """A Rescaling back to pixels in front of a nested network (no stem to fold) still makes a [-1, 1] model."""
+    import keras
+
+    from pipeline.model.stem import input_domain
+
+    inner = keras.Sequential([keras.Input((9, 9, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten()], name="cnn")
+    for scale_by, offset, domain in ((127.5, 127.5, "signed_unit"), (1 / 255, 0.0, "pixels")):
+        inputs = keras.Input((9, 9, 3))
+        model = keras.Model(inputs, inner(keras.layers.Rescaling(scale_by, offset=offset)(inputs)))
+        assert isinstance(find_stem(model), str) and input_domain(model) == domain
