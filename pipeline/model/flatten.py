@@ -31,6 +31,15 @@ def _keras():
     return keras
 
 
+def keras_of(model):
+    """The Keras that built ``model``: Keras 3, or tf_keras (Keras 2) for the models it loads."""
+    if type(model).__module__.startswith("tf_keras"):
+        import tf_keras
+
+        return tf_keras
+    return _keras()
+
+
 def is_model(layer) -> bool:
     keras = _keras()
     return isinstance(layer, keras.Model)
@@ -115,8 +124,7 @@ class _Builder:
 
     def walk(self, model, inputs: list) -> list:
         """The outputs of ``model`` called on ``inputs``, leaf layer by leaf layer."""
-        keras = _keras()
-        if isinstance(model, keras.Sequential):
+        if isinstance(model, keras_of(model).Sequential):
             x = inputs
             for layer in model.layers:
                 x = self.call(layer, list(x), {}, model.name)
@@ -151,7 +159,7 @@ def _flat(value) -> list:
 
 def rebuild(model, substitute: dict[str, Substitute] | None = None, input_dtype: str = "float32"):
     """``model`` as one flat Functional model of leaf layers, with the named layers replaced by ``substitute``."""
-    keras = _keras()
+    keras = keras_of(model)
     shape = tuple(model.inputs[0].shape[1:])
     inputs = keras.Input(shape, dtype=input_dtype)
     outputs = _Builder(substitute or {}).walk(model, [inputs])
@@ -165,6 +173,6 @@ def flatten(model):
     if not nested_models(model):
         return model
     rebuilt = rebuild(model)
-    flat = _keras().models.clone_model(rebuilt)
+    flat = keras_of(rebuilt).models.clone_model(rebuilt)
     flat.set_weights(rebuilt.get_weights())
     return flat
