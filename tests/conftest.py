@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,6 +41,18 @@ def missing(what: str) -> NoReturn:
     if require_all():
         pytest.fail(f"{what} ({REQUIRE_ALL}=1: every test must run here)", pytrace=False)
     pytest.skip(what)
+
+
+def spread_batchnorm(model, seed: int = 0):
+    """BatchNorm statistics away from their initial values (a weightless network's are 0 and 1), so a fold through
+    them is exercised for real."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 2, g.shape).astype("f"), rng.normal(0, 0.5, b.shape).astype("f"),
+                               rng.normal(0, 0.5, m.shape).astype("f"), rng.uniform(0.5, 2, v.shape).astype("f")])
+    return model
 
 
 def require_chromium() -> str:

@@ -27,7 +27,7 @@ from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import open_interpreter
 from pipeline.validation.predict import TfliteRunner
 from pipeline.validation.validate import load_item, validate
-from tests.conftest import TINY
+from tests.conftest import TINY, spread_batchnorm
 
 U = 2.0 ** -24  # float32 unit roundoff
 
@@ -100,22 +100,11 @@ def _plan(model) -> tuple[str, str | None] | str:
     return stem if isinstance(stem, str) else (stem.conv, stem.bn)
 
 
-def _randomized(model, seed=0):
-    """BatchNorm statistics away from their initial values, so the fold is exercised for real."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if type(layer).__name__ == "BatchNormalization":
-            g, b, m, v = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 2, g.shape).astype("f"), rng.normal(0, 0.5, b.shape).astype("f"),
-                               rng.normal(0, 0.5, m.shape).astype("f"), rng.uniform(0.5, 2, v.shape).astype("f")])
-    return model
-
-
 def test_the_folded_stem_matches_within_float_rounding():
     """conv(p / 127.5 - 1; w) = conv(p; w / 127.5) - sum(w): equal up to a bound derived from float32 rounding."""
     import keras
 
-    model = _randomized(build_xception(**TINY))
+    model = spread_batchnorm(build_xception(**TINY))
     folded = fold_input_scaling(model)
     p = np.random.default_rng(1).integers(0, 256, (4, 71, 71, 3)).astype(np.uint8)
     stem = [keras.Model(m.input, m.get_layer("block1_conv1_bn").output) for m in (model, folded)]
@@ -195,7 +184,7 @@ def same_padding_model(tmp_path_factory) -> Path:
     x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="stem_bn")(x))
     x = keras.layers.GlobalAveragePooling2D()(x)
     path = tmp_path_factory.mktemp("user") / "user.keras"
-    _randomized(keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))).save(path)
+    spread_batchnorm(keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))).save(path)
     return path
 
 

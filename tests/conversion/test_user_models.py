@@ -28,27 +28,16 @@ from pipeline.tflite.runtime import open_interpreter
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.predict import TfliteRunner
 from pipeline.validation.validate import input_approximation, validate
-from tests.conftest import missing
+from tests.conftest import missing, spread_batchnorm
 
 U = 2.0 ** -24  # float32 unit roundoff
-
-
-def _spread(model, seed: int = 0):
-    """BatchNorm statistics away from their initial values (a weightless network's are 0 and 1)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if type(layer).__name__ == "BatchNormalization":
-            g, b, m, v = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 2, g.shape).astype("f"), rng.normal(0, 0.5, b.shape).astype("f"),
-                               rng.normal(0, 0.5, m.shape).astype("f"), rng.uniform(0.5, 2, v.shape).astype("f")])
-    return model
 
 
 def _nested_xception():
     """Keras' transfer-learning guide: the base called with training=False, pooling, Dense, Dropout, logits."""
     import keras
 
-    base = _spread(keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3)))
+    base = spread_batchnorm(keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3)))
     inputs = keras.Input((71, 71, 3))
     x = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
     x = keras.layers.Dropout(0.2)(keras.layers.Dense(16, activation="relu")(x))
@@ -59,7 +48,7 @@ def _application(name: str, **kwargs) -> Callable:
     def build():
         import keras
 
-        return _spread(getattr(keras.applications, name)(input_shape=(32, 32, 3), weights=None, classes=10,
+        return spread_batchnorm(getattr(keras.applications, name)(input_shape=(32, 32, 3), weights=None, classes=10,
                                                          **kwargs))
     return build
 
