@@ -51,6 +51,29 @@ def _user_stderr():
         return sys.stderr
 
 
+# How the CLI words each library Remedy: the only place that names the flags that fix an error.
+REMEDY_FLAGS = {
+    "force": "pass --force to overwrite, or --out to choose another",
+    "trust-code": "pass --trust-model-code only if you trust whoever made this file",
+    "calibration-images": "pass --calib DIR (a folder of representative images)",
+    "allow-float-fallback": "pass --allow-float-fallback to accept a partly float model",
+    "signed-unit-input": "convert with --input-convention signed-unit",
+    "labels": "pass --labels FILE (class names in output order)",
+    "another-output": "choose another --out",
+    "int8-pixels": "convert with --int8 (uint8 pixel input, the default) or --float-io",
+}
+
+
+def describe(exc) -> str:
+    """The one-line message for a library error: what is wrong, then the flag that fixes it."""
+    text = str(exc)
+    if exc.setting:
+        text += f" ({'--' + exc.setting.replace('_', '-')})"
+    if exc.remedy:
+        text += f"; {REMEDY_FLAGS[exc.remedy]}"
+    return text
+
+
 def guarded(fn=None, *, tensorflow: bool = True):
     """Turn library errors into ``error: ...`` and their exit code.
 
@@ -74,7 +97,7 @@ def guarded(fn=None, *, tensorflow: bool = True):
                     import_tensorflow_quietly()
                 return fn(*args, **kwargs)
         except XedgeError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {describe(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             code = exit_code(exc)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import faults, interrupts, manifest_schema
-from pipeline.core.errors import ArtifactError, OutputExistsError
+from pipeline.core.errors import ArtifactError, OutputExistsError, Remedy
 
 MANIFEST_SCHEMA = 1
 TOOL_NAME = "xception-edge"
@@ -100,7 +100,7 @@ def check_writable(target: str | os.PathLike, *, force: bool) -> Path:
         if path.is_dir():
             raise ArtifactError(f"cannot write {path}: it is a folder; nothing was changed")
     if target.exists() and not force:
-        raise OutputExistsError(f"output exists: {target} (pass --force to overwrite, or --out to choose another)")
+        raise OutputExistsError(f"output exists: {target}", remedy=Remedy.FORCE)
     folder = target.parent if str(target.parent) else Path(".")
     if folder.exists() and not folder.is_dir():
         raise ArtifactError(f"cannot write {target}: {folder} is not a folder")

@@ -1,16 +1,45 @@
 """The library's own exceptions.
 
 The library raises these; only the CLI turns them into one-line messages and
-exit codes. Each message says what is wrong and, where it can, how to fix it.
+exit codes. A message says what is wrong in the library's own words (setting
+names as the Python API spells them, never a command-line flag); an error may
+name the setting at fault and a :class:`Remedy`, which the CLI renders as the
+flag that fixes it. So a Python caller reads no advice about flags it cannot
+pass, and the CLI's advice lives in one table (``convert.py``).
 """
 
 from __future__ import annotations
 
+import enum
+
+
+class Remedy(enum.StrEnum):
+    """What a user can change to get past an error; the CLI words each as its flags."""
+
+    FORCE = "force"  # overwrite the output, or choose another
+    TRUST_CODE = "trust-code"  # load a model file that may run code
+    CALIBRATION_IMAGES = "calibration-images"  # give a folder of representative images
+    ALLOW_FLOAT_FALLBACK = "allow-float-fallback"  # accept float compute ops in an int8 model
+    SIGNED_UNIT_INPUT = "signed-unit-input"  # keep the [-1, 1] input convention
+    LABELS = "labels"  # give the class names in output order
+    ANOTHER_OUTPUT = "another-output"  # the output folder holds something else
+    INT8_PIXELS = "int8-pixels"  # a pixel input MediaPipe accepts
+
 
 class XedgeError(Exception):
-    """Base class: a user-facing problem (bad input, bad settings), not a bug."""
+    """Base class: a user-facing problem (bad input, bad settings), not a bug.
+
+    ``setting`` names the settings field at fault (``"lr"``, ``"calib"``) and
+    ``remedy`` what would fix it; both are optional and only shape the CLI's
+    message.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, setting: str | None = None, remedy: Remedy | None = None):
+        super().__init__(message)
+        self.setting = setting
+        self.remedy = remedy
 
 
 class DataError(XedgeError):
