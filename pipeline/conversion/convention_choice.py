@@ -27,7 +27,6 @@ from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings
 from pipeline.core import artifacts
 from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError
 from pipeline.core.preprocessing import LEGACY_CONVENTION, PIXEL_CONVENTIONS, normalization
-from pipeline.model.flatten import keras_of
 from pipeline.model.modelio import SourceModel
 from pipeline.model.stem import Stem, StemPad, find_stem, fold_effect, fold_stem, input_domain
 from pipeline.tflite.input_convention import model_convention, tensor_convention
@@ -102,20 +101,8 @@ def stem_of(source: SourceModel) -> Stem | str:
                 found = find_stem(source.model)
             except NotImplementedError:  # a subclassed model without get_config
                 found = "the model's layers cannot be read from its Keras config"
-            found = _tf_keras_refusal(source.model, found)
         source.cache["stem"] = found
     return source.cache["stem"]
-
-
-def _tf_keras_refusal(model, stem: Stem | str) -> Stem | str:
-    """tf_keras models are rebuilt layer by layer only as a Sequential, and the pad layers are Keras 3's."""
-    if isinstance(stem, str) or keras_of(model).__name__ != "tf_keras":
-        return stem
-    if not isinstance(model, keras_of(model).Sequential):
-        return "a tf_keras functional model's stem is not folded (its graph is rebuilt for Keras 3 models only)"
-    if stem.padded:
-        return "a tf_keras model's padded stem is not folded (its pixel pad is a Keras 3 layer)"
-    return stem
 
 
 def pixel_refusal(source: SourceModel) -> str | None:

@@ -13,7 +13,10 @@ tensors, in the order the models' own Keras configs wire them, then cloned
 with its weights (so no layer belongs to both models); a nested model's call arguments (``training``)
 are dropped, as they only matter for training. A leaf layer whose name an
 earlier one already took is cloned under ``<nested model>_<name>``. Keras 3
-models only (a tf_keras model is converted as it is).
+and tf_keras (Keras 2) models alike: each is rebuilt with the Keras that
+built it, read from its own config (Keras 3 nodes hold their call arguments
+with ``keras_history`` references; tf_keras nodes are lists of
+``[layer, node, tensor, kwargs]``).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ def keras_of(model):
 
 
 def is_model(layer) -> bool:
-    keras = _keras()
-    return isinstance(layer, keras.Model)
+    """Whether ``layer`` is a Functional or Sequential model (Keras 3 or tf_keras) rather than a leaf layer."""
+    return isinstance(layer, keras_of(layer).Model)
 
 
 def nested_models(model) -> list[str]:
@@ -80,6 +83,44 @@ def _fill(value, computed: dict):
     if isinstance(value, (list, tuple)):  # a live config holds tuples, a saved one lists
         return [_fill(v, computed) for v in value]
     return value
+
+
+def _is_entry(value) -> bool:
+    """A tf_keras node entry: ``[layer name, node index, tensor index]`` with optional call keyword arguments."""
+    return (isinstance(value, (list, tuple)) and len(value) in (3, 4) and isinstance(value[0], str)
+            and isinstance(value[1], int) and isinstance(value[2], int))
+
+
+def _node_refs(node) -> list[tuple]:
+    """The (layer, node, tensor) histories a call node reads: Keras 3's dict or tf_keras's entries."""
+    if isinstance(node, dict):
+        return _refs(node)
+    if _is_entry(node):
+        return [tuple(node[:3])]
+    return [ref for value in node for ref in _node_refs(value)] if isinstance(node, (list, tuple)) else []
+
+
+def _node_call(node, computed: dict) -> tuple[list, dict]:
+    """The positional and keyword arguments of one call node, its tensors replaced by the computed ones.
+
+    A tf_keras node is the structure of entries the layer was called on (a list of them, or one entry for a
+    TFOpLambda); as tf_keras itself does, a list of one tensor is called as the tensor, with the keyword
+    arguments of the last entry (a TFOpLambda's ``y``, a nested model's ``training``)."""
+    if isinstance(node, dict):
+        return _fill(node.get("args") or [], computed), _fill(node.get("kwargs") or {}, computed)
+    kwargs: dict = {}
+
+    def fill(value):
+        nonlocal kwargs
+        if _is_entry(value):
+            kwargs = dict(value[3]) if len(value) > 3 and value[3] else {}
+            return computed[tuple(value[:3])]
+        return [fill(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    structure = fill(node)
+    if isinstance(structure, list) and len(structure) == 1:
+        structure = structure[0]
+    return [structure], kwargs
 
 
 def _histories(value) -> list[tuple]:
@@ -130,23 +171,39 @@ class _Builder:
                 x = self.call(layer, list(x), {}, model.name)
             return x
         config = model.get_config()
-        # Operations, not only layers: ``x + 3.0`` in a builder (MobileNetV3's hard sigmoid) is an op node.
-        operations = {op.name: op for op in model.operations}
+        # Operations, not only layers: ``x + 3.0`` in a builder (MobileNetV3's hard sigmoid) is an op node
+        # (tf_keras makes it a TFOpLambda layer).
+        operations = {op.name: op for op in getattr(model, "operations", None) or model.layers}
         computed = dict(zip(_histories(config["input_layers"]), inputs))
-        pending = [(entry, i, node) for entry in config["layers"] if entry.get("class_name") != "InputLayer"
-                   for i, node in enumerate(entry.get("inbound_nodes") or [])]
+        first = _first_node_index(config)
+        pending = [(entry, first.get(_entry_name(entry), 0) + i, node) for entry in config["layers"]
+                   if entry.get("class_name") != "InputLayer" for i, node in enumerate(entry.get("inbound_nodes") or [])]
         while pending:
-            ready = [p for p in pending if all(ref in computed for ref in _refs(p[2]))]
+            ready = [p for p in pending if all(ref in computed for ref in _node_refs(p[2]))]
             if not ready:
                 raise ValueError(f"cannot order the layers of {model.name} from its config")
             for entry, index, node in ready:
                 name = _entry_name(entry)
-                outputs = self.call(operations[name], _fill(node.get("args") or [], computed),
-                                    _fill(node.get("kwargs") or {}, computed), model.name)
+                outputs = self.call(operations[name], *_node_call(node, computed), model.name)
                 for k, tensor in enumerate(outputs):
                     computed[(name, index, k)] = tensor
             pending = [p for p in pending if p not in ready]
         return [computed[h] for h in _histories(config["output_layers"])]
+
+
+def _first_node_index(config: dict) -> dict[str, int]:
+    """The index that each layer's first saved call node has in the references to it.
+
+    0, except where a config leaves out a layer's first node: tf_keras does for a nested model built on its own
+    Input (that node links the model's inputs to its outputs and belongs to no outer graph), and numbers the
+    saved calls from 1. Every saved node is read by a later one or is an output, so the highest index referred
+    to is the last saved node's."""
+    highest: dict[str, int] = {}
+    nodes = [node for entry in config["layers"] for node in entry.get("inbound_nodes") or []]
+    for name, index, _ in [ref for node in nodes for ref in _node_refs(node)] + _histories(config["output_layers"]):
+        highest[name] = max(highest.get(name, 0), int(index))
+    return {name: max(0, highest.get(name, 0) - (len(entry.get("inbound_nodes") or []) - 1))
+            for entry in config["layers"] for name in [_entry_name(entry)]}
 
 
 def _flat(value) -> list:

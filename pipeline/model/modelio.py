@@ -422,7 +422,7 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
         raise ModelLoadError(f"cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     shape, classes = _shape_of(model)
-    inlined = nested_models(model) if kind == "keras3" else []
+    inlined = nested_models(model)
     source = SourceModel(path, kind, flatten(model) if inlined else model, shape, classes)
     if inlined:  # pipeline.model.flatten: the base network's layers keep their names through conversion
         source.cache["inlined_models"] = inlined

@@ -32,7 +32,7 @@ from enum import StrEnum
 import numpy as np
 
 from pipeline.core.preprocessing import model_input
-from pipeline.model.flatten import is_model, rebuild
+from pipeline.model.flatten import is_model, keras_of, rebuild
 
 PIXEL_SCALE = 127.5  # the training input is p / 127.5 - 1 (pipeline.core.preprocessing.scale)
 # The largest magnitude normalization layers that take pixels produce from 0..255: ImageNet mean/std gives about
@@ -307,14 +307,20 @@ def _leading_normalization(model, consumers: dict, first: str) -> tuple[np.ndarr
     return scale, offset
 
 
-def _stem_layers():
-    """The two layers a folded stem may need, defined on first use (Keras is imported lazily)."""
-    global _LAYERS
-    if _LAYERS is None:
-        import keras
+def _stem_layers(keras) -> tuple[type, type]:
+    """The two layers a folded stem may need, in the Keras that built the model (Keras 3's ops or, for tf_keras,
+    TensorFlow's), defined on first use (Keras is imported lazily)."""
+    if keras.__name__ not in _LAYERS:
+        import tensorflow as tf
+
+        ops = keras.ops if hasattr(keras, "ops") else None
+        pad = ops.pad if ops is not None else tf.pad
+        concatenate = ops.concatenate if ops is not None else tf.concat
+        constant = ops.convert_to_tensor if ops is not None else tf.convert_to_tensor
 
         class PixelPad(keras.layers.Layer):
-            """Pads an image with a given pixel value per channel (one PADV2 when all channels share it)."""
+            """Pads an image with a given pixel value per channel (one PADV2 when all channels share it, else one
+            per channel and a CONCATENATION)."""
 
             def __init__(self, pads, values, **kwargs):
                 super().__init__(**kwargs)
@@ -325,9 +331,12 @@ def _stem_layers():
 
             def call(self, x):
                 if len(set(self.values)) == 1:
-                    return keras.ops.pad(x, self.pads, constant_values=self.values[0])
-                return keras.ops.concatenate([keras.ops.pad(x[..., k:k + 1], self.pads, constant_values=v)
-                                              for k, v in enumerate(self.values)], axis=-1)
+                    return pad(x, self.pads, constant_values=self.values[0])
+                # Each channel's pad pads the whole input and is sliced after: the PADV2s, which XNNPACK leaves
+                # to the builtin kernels, then all read the input, so they run before the delegate's one
+                # partition instead of splitting it (slices before them would be delegated).
+                return concatenate([pad(x, self.pads, constant_values=v)[..., k:k + 1]
+                                    for k, v in enumerate(self.values)], axis=-1)
 
         class AddConstant(keras.layers.Layer):
             """Adds a fixed tensor (the stem's border correction)."""
@@ -340,13 +349,13 @@ def _stem_layers():
                 return {**super().get_config(), "value": self.value.tolist()}
 
             def call(self, x):
-                return x + keras.ops.convert_to_tensor(self.value)
+                return x + constant(self.value)
 
-        _LAYERS = (PixelPad, AddConstant)
-    return _LAYERS
+        _LAYERS[keras.__name__] = (PixelPad, AddConstant)
+    return _LAYERS[keras.__name__]
 
 
-_LAYERS: tuple[type, type] | None = None
+_LAYERS: dict[str, tuple[type, type]] = {}  # by the Keras module's name: keras or tf_keras
 
 
 def border_error(stem: Stem, kernel: np.ndarray, size: tuple[int, int], values, strides) -> np.ndarray:
@@ -363,9 +372,9 @@ def border_error(stem: Stem, kernel: np.ndarray, size: tuple[int, int], values, 
 
 def fold_stem(model, stem: Stem, pad: StemPad = StemPad.NEAREST):
     """A model that takes pixels p in [0, 255] where ``model`` takes its own input (module docstring): new
-    layers throughout (``model`` is not changed, and no layer belongs to both)."""
-    import keras
-
+    layers throughout (``model`` is not changed, and no layer belongs to both). A tf_keras model is folded
+    with tf_keras layers."""
+    keras = keras_of(model)
     conv = model.get_layer(stem.conv)
     weights = [np.asarray(w, dtype=np.float64) for w in conv.get_weights()]
     shift = np.einsum("hwio,i->o", weights[0], np.asarray(stem.offset))  # sum(w b) per output channel
@@ -378,7 +387,7 @@ def fold_stem(model, stem: Stem, pad: StemPad = StemPad.NEAREST):
         size = (int(model.inputs[0].shape[1]), int(model.inputs[0].shape[2]))
         strides = tuple(conv.get_config()["strides"])
         correction = -border_error(stem, weights[0], size, values, strides)[None].astype(np.float32)
-    pixel_pad, add_constant = _stem_layers()
+    pixel_pad, add_constant = _stem_layers(keras)
 
     def padded(layer, xs):
         return pixel_pad(stem.pads, values, name=f"{stem.conv}_pixel_pad")(xs[0])

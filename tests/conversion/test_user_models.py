@@ -6,7 +6,10 @@ their initial values (so every layer matters and the outputs differ between
 images): Xception nested as in Keras' transfer-learning guide, MobileNetV2
 ('same'-padded stem), MobileNetV3Small (its own Rescaling, 'same'-padded
 stem), EfficientNetB0 (Rescaling + Normalization, ZeroPadding2D stem) and
-ResNet50 (ZeroPadding2D stem). Each is converted once per module.
+ResNet50 (ZeroPadding2D stem); and tiny tf_keras (Keras 2) functional models
+saved as .h5, as users bring them: a base network nested in a
+transfer-learning model, its own Rescaling in front, and a nested base whose
+stem is a ZeroPadding2D. Each is converted once per module.
 """
 
 from __future__ import annotations
@@ -53,6 +56,29 @@ def _application(name: str, **kwargs) -> Callable:
     return build
 
 
+def _tf_keras(kind: str) -> Callable:
+    """A small tf_keras functional classifier: the base (stem convolution, BatchNorm, a residual block) nested in
+    a transfer-learning model (``nested``, ``padded``: a ZeroPadding2D stem) or called inline after the model's
+    own ``Rescaling(1 / 127.5, offset=-1)`` (``rescaling``: the model takes pixels)."""
+    def build():
+        import tf_keras
+
+        layers = tf_keras.layers
+        tf_keras.utils.set_random_seed(0)
+        inner = tf_keras.Input((32, 32, 3))
+        x = layers.ZeroPadding2D(((1, 1), (1, 1)), name="stem_pad")(inner) if kind == "padded" else inner
+        x = layers.Conv2D(8, 3, strides=2, use_bias=False, name="stem_conv")(x)
+        x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+        y = layers.Conv2D(8, 3, padding="same", activation="relu", name="block1_conv")(x)
+        base = spread_batchnorm(tf_keras.Model(inner, layers.Add(name="block1_add")([x, y]), name="base"))
+        inputs = tf_keras.Input((32, 32, 3))
+        x = layers.Rescaling(1 / 127.5, offset=-1, name="rescale")(inputs) if kind == "rescaling" else inputs
+        x = layers.GlobalAveragePooling2D()(base(x, training=False))
+        outputs = layers.Dense(10, activation="softmax", name="probs")(layers.Dropout(0.2)(x))
+        return tf_keras.Model(inputs, outputs, name="fine_tuned")
+    return build
+
+
 @dataclass(frozen=True)
 class Arch:
     name: str
@@ -63,6 +89,7 @@ class Arch:
     exact: bool  # whether its padding (if any) is a whole pixel
     inner: str  # a layer the per-layer report must name
     inlined: list = field(default_factory=list)
+    suffix: str = ".keras"
 
 
 ARCHS = [
@@ -74,11 +101,18 @@ ARCHS = [
          "expanded_conv_project"),
     Arch("efficientnet_b0", _application("EfficientNetB0"), 32, "stem_conv", "pixels", True, "block2a_project_conv"),
     Arch("resnet50", _application("ResNet50"), 32, "conv1_conv", "signed_unit", False, "conv2_block1_1_conv"),
+    Arch("tf_keras_nested", _tf_keras("nested"), 32, "stem_conv", "signed_unit", True, "block1_conv", ["base"],
+         ".h5"),
+    Arch("tf_keras_rescaling", _tf_keras("rescaling"), 32, "stem_conv", "pixels", True, "block1_conv", ["base"],
+         ".h5"),
+    Arch("tf_keras_padded", _tf_keras("padded"), 32, "stem_conv", "signed_unit", False, "block1_conv", ["base"],
+         ".h5"),
 ]
 
 
 # Xception at 71 px is the heaviest by far (20 M parameters): ``make test`` runs it, ``make test-fast`` skips it.
-@pytest.fixture(scope="module", params=[pytest.param(a, marks=[pytest.mark.slow] if a.inlined else [])
+@pytest.fixture(scope="module", params=[pytest.param(a, marks=[pytest.mark.slow] if a.name == "xception_nested"
+                                                     else [])
                                         for a in ARCHS], ids=[a.name for a in ARCHS])
 def user_model(request, tmp_path_factory, digits) -> dict:
     """One architecture saved as .keras and converted with ``convert --int8``'s defaults."""
@@ -88,7 +122,7 @@ def user_model(request, tmp_path_factory, digits) -> dict:
     arch = request.param
     keras.utils.set_random_seed(0)
     folder = tmp_path_factory.mktemp(arch.name)
-    path = folder / f"{arch.name}.keras"
+    path = folder / f"{arch.name}{arch.suffix}"
     arch.build().save(path)
     calibration = build_calibration_set(digits["samples"], PreprocessSpec(size=arch.size), size=16, seed=0)
     source = load_source(path)
@@ -106,6 +140,7 @@ def test_convert_int8_gives_uint8_pixels_and_states_the_stem(user_model):
     stem = record["stem"]
     assert stem["folded_layers"][-1] == arch.conv and stem["domain"] == arch.domain and stem["exact"] == arch.exact
     assert manifest["source"]["inlined_models"] == arch.inlined
+    assert manifest["source"]["kind"] == ("tf_keras" if arch.suffix == ".h5" else "keras3")
     if arch.domain == "pixels":
         assert "its own normalization layers" in record["why"] and len(stem["folded_layers"]) > 1
     if arch.exact:
@@ -279,3 +314,45 @@ def test_a_keras_3_h5_file_loads_with_keras_3_and_its_base_is_inlined(tmp_path):
     assert isinstance(find_stem(source.model), Stem) and find_stem(source.model).conv == "Conv1"
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     assert np.array_equal(np.asarray(model(x, training=False)), np.asarray(source.model(x, training=False)))
+
+
+@pytest.mark.parametrize("kind", ["one_pixel", "per_channel"])
+def test_an_int8_padded_stem_stays_in_one_xnnpack_partition_and_pads_with_the_stated_pixels(kind, digits, tmp_path):
+    """The explicit pad is PADV2, which XNNPACK leaves to the builtin kernels: it must run before the delegate,
+    not cut its graph in two, also when each channel has its own pad pixel (an ImageNet mean per channel:
+    three PADV2 and a CONCATENATION); and the padded tensor holds the pixels inside, the pad pixels on the ring."""
+    import keras
+    from calibrate.dataset import build_calibration_set
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((32, 32, 3))
+    x = inputs
+    if kind == "per_channel":
+        x = keras.layers.Normalization(mean=[120.3, 110.7, 100.2], variance=[2500.0, 3600.0, 4900.0])(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False, name="stem")(keras.layers.ZeroPadding2D(1)(x))
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x))
+    path = tmp_path / f"{kind}.keras"
+    spread_batchnorm(keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))).save(path)
+    calibration = build_calibration_set(digits["samples"], PreprocessSpec(size=32), size=16, seed=0)
+    result = export_tflite(path, ConvertSettings("int8"), out=tmp_path / "int8.tflite", representative=calibration)
+    stem = result.manifest["input_convention"]["stem"]
+    want = [120, 111, 100] if kind == "per_channel" else [128] * 3
+    assert stem["pad_pixel"] == want
+    xnnpack = result.manifest["xnnpack"]
+    assert xnnpack["partitions"] == 1, xnnpack
+    assert [op["op"] for op in xnnpack["outside"]] == ["PADV2"] * len(set(want)), xnnpack
+
+    values = (np.arange(32 * 32 * 3) % 256).astype(np.uint8).reshape(32, 32, 3)
+    interpreter = open_interpreter(result.path.read_bytes(), preserve_all_tensors=True)
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], values[None])
+    interpreter.invoke()
+    ops = interpreter._get_ops_details()
+    last = [op for op in ops if op["op_name"] in ("PADV2", "CONCATENATION")][-1]
+    out = {d["index"]: d for d in interpreter.get_tensor_details()}[int(last["outputs"][0])]
+    scale, zero = out["quantization"]
+    padded = (interpreter.get_tensor(out["index"])[0].astype(np.float64) - zero) * scale
+    assert np.array_equal(padded[1:33, 1:33], values)
+    ring = np.ones(padded.shape[:2], bool)
+    ring[1:33, 1:33] = False
+    assert np.array_equal(padded[ring], np.broadcast_to(want, padded[ring].shape))
