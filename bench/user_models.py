@@ -15,7 +15,10 @@ stem pads with a whole pixel or not at all). Each int8 model is fed by
 validate's own runner and compared with the float Keras model on the same
 decoded pixels: top-1 agreement and mean KL(float || int8); the float effect
 of the pad alone (the folded float model against the original) beside it; and
-the int8 model's p50 latency from ``devices/runner.py`` (one thread, XNNPACK).
+the int8 model's p50 latency from ``devices/runner.py`` (one thread, XNNPACK);
+whether MediaPipe's ``ImageClassifier`` loads it and, where it does, its
+scores against validate's runner's on the same photos (top-1 matches and the
+largest score difference); and the manifest's XNNPACK partitions.
 
 The photos are the real ones that installed packages ship (scikit-learn's
 ``china.jpg`` and ``flower.jpg``, matplotlib's ``grace_hopper.jpg``): ``--crops``
@@ -41,7 +44,8 @@ from pipeline.conversion import convention_choice
 from pipeline.conversion.export import ConvertSettings, export_tflite
 from pipeline.core.preprocessing import PreprocessSpec, model_input
 from pipeline.model.modelio import load_source
-from pipeline.model.stem import Stem, StemPad, find_stem, fold_effect, fold_stem, probabilities
+from pipeline.model.keras_output import keras_probabilities
+from pipeline.model.stem import Stem, StemPad, find_stem, fold_effect, fold_stem
 from pipeline.validation.predict import TfliteRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +113,28 @@ def _latency(path: Path, runs: int, baseline: Path | None) -> dict:
             "p50_ratio_to_first_option": result["compare"]["ratio_b_over_a"]["p50"]}
 
 
+def mediapipe_parity(path: Path, photos: np.ndarray, ours: np.ndarray) -> dict:
+    """Whether MediaPipe's ImageClassifier loads the model and, if so, how its scores (every class) compare with
+    validate's runner's on the same decoded pixels: top-1 matches and the largest score difference."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import vision
+    from mediapipe.tasks.python.core.base_options import BaseOptions
+
+    options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=-1)
+    try:
+        classifier = vision.ImageClassifier.create_from_options(options)
+    except Exception as exc:  # noqa: BLE001 - MediaPipe raises RuntimeError or ValueError with its reason
+        return {"loads": False, "error": str(exc).splitlines()[0][:200]}
+    theirs = np.zeros_like(ours)
+    with classifier:
+        for row, one in enumerate(photos):
+            result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(one)))
+            for category in result.classifications[0].categories:
+                theirs[row, category.index] = category.score
+    return {"loads": True, "top1_equal": int(np.sum(theirs.argmax(1) == ours.argmax(1))), "images": len(photos),
+            "max_abs_score_difference": float(np.abs(theirs - ours).max())}
+
+
 def applications(folder: Path) -> list[Path]:
     """The tests' five architectures, saved as .keras files in ``folder`` (module docstring)."""
     import keras
@@ -157,7 +183,7 @@ def measure(model_path: Path, photos: np.ndarray, calibration: np.ndarray, runs:
     source = load_source(model_path)
     stem = find_stem(source.model)
     domain = stem.domain if isinstance(stem, Stem) else "signed_unit"
-    reference = probabilities(source.model, source.model.predict(model_input(photos, domain), batch_size=16,
+    reference = keras_probabilities(source.model, source.model.predict(model_input(photos, domain), batch_size=16,
                                                                    verbose=0))
     rows, first = [], None
     for name, convention, pad in options(stem, every_pad):
@@ -174,11 +200,13 @@ def measure(model_path: Path, photos: np.ndarray, calibration: np.ndarray, runs:
             got = runner.predict_pixels(photos)
         finally:
             runner.close()
-        got = probabilities(source.model, got)  # a softmax as it is, logits through one
+        parity = mediapipe_parity(out, photos, got)
+        got = keras_probabilities(source.model, got)  # a softmax as it is, logits through one
         got = got / np.maximum(got.sum(axis=1, keepdims=True), 1e-12)  # a uint8 softmax sums to about 1
         row = {"option": name, "top1_agreement": float(np.mean(got.argmax(1) == reference.argmax(1))),
                "mean_kl": _kl(reference, got), **_latency(out, runs, first),
-               "why": result.manifest["input_convention"]["why"]}
+               "why": result.manifest["input_convention"]["why"], "mediapipe": parity,
+               "xnnpack": result.manifest["xnnpack"]}
         if pad is not None and isinstance(stem, Stem) and not stem.exact:
             row["float_pad_effect"] = fold_effect(source.model, fold_stem(source.model, stem, pad), domain, photos)
         rows.append(row)

@@ -177,7 +177,8 @@ class _Builder:
         computed = dict(zip(_histories(config["input_layers"]), inputs))
         first = _first_node_index(config)
         pending = [(entry, first.get(_entry_name(entry), 0) + i, node) for entry in config["layers"]
-                   if entry.get("class_name") != "InputLayer" for i, node in enumerate(entry.get("inbound_nodes") or [])]
+                   if entry.get("class_name") != "InputLayer"
+                   for i, node in enumerate(entry.get("inbound_nodes") or [])]
         while pending:
             ready = [p for p in pending if all(ref in computed for ref in _node_refs(p[2]))]
             if not ready:

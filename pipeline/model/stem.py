@@ -33,6 +33,7 @@ import numpy as np
 
 from pipeline.core.preprocessing import model_input
 from pipeline.model.flatten import is_model, keras_of, rebuild
+from pipeline.model.keras_output import keras_probabilities
 
 PIXEL_SCALE = 127.5  # the training input is p / 127.5 - 1 (pipeline.core.preprocessing.scale)
 # The largest magnitude normalization layers that take pixels produce from 0..255: ImageNet mean/std gives about
@@ -425,21 +426,9 @@ def fold_effect(original, folded, domain: str, pixels: np.ndarray) -> dict:
         return np.concatenate([np.asarray(model(model_input(pixels[i:i + 8], convention), training=False))
                                for i in range(0, len(pixels), 8)])
 
-    ref, new = probabilities(original, run(original, domain)), probabilities(original, run(folded, "pixels"))
+    ref = keras_probabilities(original, run(original, domain))
+    new = keras_probabilities(original, run(folded, "pixels"))
     eps = 1e-12
     kl = np.sum(ref * (np.log(ref + eps) - np.log(new + eps)), axis=1)
     return {"images": int(len(pixels)), "top1_agreement": float(np.mean(ref.argmax(1) == new.argmax(1))),
             "mean_kl": float(np.mean(kl)), "max_abs_probability_difference": float(np.max(np.abs(ref - new)))}
-
-
-def probabilities(model, out) -> np.ndarray:
-    """``model``'s outputs as probabilities: as they are when its last layer ends in a softmax or sigmoid
-    (read from the layer, not guessed from the values), else their softmax."""
-    out = np.asarray(out, dtype=np.float64)
-    last = model.layers[-1]
-    config = last.get_config() if hasattr(last, "get_config") else {}
-    activation = str(config.get("activation", ""))
-    if type(last).__name__ == "Softmax" or any(a in activation for a in ("softmax", "sigmoid")):
-        return out
-    e = np.exp(out - out.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)

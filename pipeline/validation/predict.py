@@ -23,12 +23,13 @@ import numpy as np
 from pipeline.core import artifacts
 from pipeline.core.errors import ModelLoadError, ValidationError
 from pipeline.core.preprocessing import LEGACY_CONVENTION, dequantize, model_input
+from pipeline.model.keras_output import OutputKind, keras_output_kind
 from pipeline.model.modelio import load_source
 from pipeline.model.stem import input_domain
 from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.runtime import invoke_one, open_interpreter
 from pipeline.tflite.safe_tflite import load_untrusted
-from pipeline.validation.output_kind import OutputKind, keras_output_kind, saved_model_output_kind, tflite_output_kind
+from pipeline.validation.output_kind import saved_model_output_kind, tflite_output_kind
 
 
 def default_workers() -> int:

@@ -127,7 +127,7 @@ def test_tf_keras_op_layers_are_read_the_same_way():
     import tensorflow as tf
     import tf_keras
 
-    from pipeline.validation.output_kind import keras_output_kind
+    from pipeline.model.keras_output import keras_output_kind
 
     inputs = tf_keras.Input((4,))
     x = tf.nn.softmax(tf_keras.layers.Dense(3, name="logits")(inputs))
