@@ -18,7 +18,9 @@ of the pad alone (the folded float model against the original) beside it; and
 the int8 model's p50 latency from ``devices/runner.py`` (one thread, XNNPACK);
 whether MediaPipe's ``ImageClassifier`` loads it and, where it does, its
 scores against validate's runner's on the same photos (top-1 matches and the
-largest score difference); and the manifest's XNNPACK partitions.
+largest score difference); and the manifest's XNNPACK partitions. Beside
+them, the float .tflite against the float Keras model: what conversion alone
+changes.
 
 The photos are the real ones that installed packages ship (scikit-learn's
 ``china.jpg`` and ``flower.jpg``, matplotlib's ``grace_hopper.jpg``): ``--crops``
@@ -177,6 +179,21 @@ def options(stem, every_pad: bool = True) -> list[tuple[str, str, StemPad | None
     return rows
 
 
+def float_tflite(model_path: Path, photos: np.ndarray, reference: np.ndarray, tmp: Path, source) -> dict:
+    """The float .tflite (``convert --float``'s defaults) against the float Keras model on the photos: what the
+    conversion alone changes, so that an int8 loss is told from a conversion error."""
+    out = tmp / f"{model_path.stem}-float.tflite"
+    result = export_tflite(model_path, ConvertSettings("float"), out=out, force=True)
+    runner = TfliteRunner(out, workers=2)
+    try:
+        got = keras_probabilities(source.model, runner.predict_pixels(photos))
+    finally:
+        runner.close()
+    return {"convention": result.manifest["input_convention"]["name"],
+            "top1_agreement": float(np.mean(got.argmax(1) == reference.argmax(1))),
+            "max_abs_probability_difference": float(np.abs(got - reference).max())}
+
+
 def measure(model_path: Path, photos: np.ndarray, calibration: np.ndarray, runs: int, tmp: Path,
             every_pad: bool = True) -> dict:
     """Every option's agreement, KL and latency for one model (module docstring)."""
@@ -213,7 +230,8 @@ def measure(model_path: Path, photos: np.ndarray, calibration: np.ndarray, runs:
         first = first or out
     return {"model": str(model_path), "input_size": source.input_size, "classes": source.classes,
             "inlined_models": source.cache.get("inlined_models", []),
-            "stem": stem if isinstance(stem, str) else stem.describe(StemPad.NEAREST), "rows": rows}
+            "stem": stem if isinstance(stem, str) else stem.describe(StemPad.NEAREST), "rows": rows,
+            "float_tflite": float_tflite(model_path, photos, reference, tmp, source)}
 
 
 def main(argv=None) -> None:

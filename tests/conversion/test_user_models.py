@@ -257,6 +257,24 @@ def test_the_flat_model_computes_what_the_nested_one_does():
     assert np.array_equal(np.asarray(nested(x, training=False)), np.asarray(flat(x, training=False)))
 
 
+def test_a_tf_keras_flat_model_computes_what_the_nested_one_does():
+    """tf_keras configs wire nodes their own way: a nested model's calls are numbered from 1 (its node 0 links its
+    own inputs), an op on a tensor is a TFOpLambda node; here the base is called twice, its layers shared."""
+    import tf_keras
+
+    base = _tf_keras("nested")().get_layer("base")
+    inputs = tf_keras.Input((32, 32, 3))
+    twice = base(tf_keras.layers.ReLU(name="again")(inputs * 2.0), training=False)
+    x = tf_keras.layers.Add()([base(inputs, training=False), twice])
+    nested = tf_keras.Model(inputs, tf_keras.layers.GlobalAveragePooling2D()(x))
+    flat = flatten(nested)
+    assert not any(isinstance(layer, tf_keras.Model) for layer in flat.layers)
+    names = [layer.name for layer in flat.layers]
+    assert {"stem_conv", "block1_conv", "again"} <= set(names) and "base" not in names, names
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    assert np.array_equal(np.asarray(nested(x, training=False)), np.asarray(flat(x, training=False)))
+
+
 @pytest.mark.parametrize("kind", ["same", "zero_padding", "per_channel_normalization"])
 def test_a_padded_stem_is_exact_inside_and_off_by_the_border_error_on_the_ring(kind):
     """conv(pad_0(a p + b); w) against the folded conv(pad_c(p); w a) + sum(w b): equal up to float rounding
