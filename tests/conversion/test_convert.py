@@ -155,8 +155,9 @@ def test_source_formats(tmp_path, calibration, trained_run):
 def test_existing_output_is_never_overwritten(tiny_keras_path, tmp_path):
     out = tmp_path / "m.tflite"
     out.write_bytes(b"precious")
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="output exists") as refused:
         export_tflite(tiny_keras_path, ConvertSettings("float"), out=out)
+    assert refused.value.remedy == Remedy.FORCE
     assert out.read_bytes() == b"precious"
     assert not manifest_path_for(out).exists()
     result = export_tflite(tiny_keras_path, ConvertSettings("float"), out=out, force=True)
@@ -165,8 +166,9 @@ def test_existing_output_is_never_overwritten(tiny_keras_path, tmp_path):
 
 
 def test_refusals(tiny_keras_path, tmp_path):
-    with pytest.raises(CalibrationError, match="--calib"):
+    with pytest.raises(CalibrationError, match="needs calibration images") as refused:
         export_tflite(tiny_keras_path, ConvertSettings("int8"), out=tmp_path / "a.tflite")
+    assert refused.value.remedy == Remedy.CALIBRATION_IMAGES
     with pytest.raises(ModelLoadError, match="not found"):
         export_tflite(tmp_path / "missing.keras", ConvertSettings("float"), out=tmp_path / "b.tflite")
     with pytest.raises(ConversionError, match="unknown mode"):

@@ -423,6 +423,10 @@ def test_a_rewrite_that_changes_top1_on_the_eval_images_is_left_out(trained_run,
         assert entry["applied"] == (entry["check"]["gate"]["eval_top1_changed"] == 0)
     record = result.record
     assert record["reached"] and record["final_top1_drop_pp"] == record["steps"][-1]["top1_drop_pp"] <= BUDGET
+    # the manifest's timing covers the whole search: its own measuring, and every conversion it made by stage
+    timing = result.export.manifest["timing"]
+    assert abs(sum(v for k, v in timing.items() if k != "total_s") - timing["total_s"]) <= 10 * 0.0005 + 1e-9
+    assert timing["search_s"] > 0 and timing["calibration_s"] > 0 and timing["quantizer_s"] > 0
     # exact: the written model predicts what the unrewritten quantizer output predicts, on every eval image
     meter = DropMeter(trained_run.model_path, digits["val"], limit=EVAL_LIMIT)
     stock = convert_bytes(load_source(trained_run.model_path), ConvertSettings("int8"), calibration)
