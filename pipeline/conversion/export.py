@@ -9,8 +9,9 @@ check the ops and the input, add the metadata and the manifest
 The representative dataset is an argument (anything with ``batches()``,
 ``to_manifest()`` and ``spec``): this module never finds or decodes images
 itself, so the calibration data cannot drift from the one preprocessing
-definition behind the caller's back. The names callers used to import from
-here (the routes, the rewrite gate, the float reference) are re-exported.
+definition behind the caller's back. The names callers import from here (the
+routes, the rewrite gate, the float reference, the settings) are re-exported
+from their modules (``__all__``).
 """
 
 from __future__ import annotations

@@ -248,8 +248,7 @@ def _in_one_call(source: SourceModel, settings: ConvertSettings, representative,
     with timed("convert"):
         converter = _make_converter(source)
         _configure(converter, settings, representative, progress, qat)
-        replay = converter.representative_dataset if isinstance(
-            getattr(converter, "representative_dataset", None), Replay) else None
+        replay = getattr(converter, "representative_dataset", None)  # a Replay, given calibration images
         with native_stderr_captured() as log, hook, keeper, fast_freeze(), interrupts.surfaced():
             try:
                 model = bytes(converter.convert())
@@ -257,7 +256,7 @@ def _in_one_call(source: SourceModel, settings: ConvertSettings, representative,
                 raise
             except Exception as exc:  # noqa: BLE001 - the converter raises many private types
                 raise converter_failed(settings, exc, log) from None
-        if replay is not None:
+        if isinstance(replay, Replay):
             move(replay.seconds, "calibration")
     record.absorb(reported)
     record.absorb(denylisted)
