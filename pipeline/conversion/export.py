@@ -43,7 +43,7 @@ from pipeline.conversion.routes import (
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
 from pipeline.core import artifacts
 from pipeline.core.errors import CalibrationError, ConversionError, Remedy
-from pipeline.core.stage_timing import measuring, timed
+from pipeline.core.stage_timing import measuring, running, timed
 from pipeline.model.modelio import SourceModel, load_source
 from pipeline.tflite.tflite_info import inspect_tflite
 from pipeline.tflite.tflite_metadata import add_metadata
@@ -97,7 +97,11 @@ def export_tflite(model_path: str | os.PathLike, settings: ConvertSettings, *, o
     converted bytes: the accuracy search passes the one it measured each
     candidate with, so what is written is what it measured.
     """
+    nested = running()
     with measuring() as clock:
+        if source is not None and not nested and source.cache.load_s is not None:  # loaded by the caller
+            clock.book_before("load", source.cache.load_s)
+            source.cache.load_s = None
         with timed("load"):
             job = _ExportJob.prepare(Path(model_path), settings, out, representative, force, source)
         with timed("convert"):  # the routes book their probe, calibration and quantizer stages themselves

@@ -58,6 +58,12 @@ class StageClock:
             self._charge()
             self._open.pop()
 
+    def book_before(self, name: str, seconds: float) -> None:
+        """Count ``seconds`` of work done just before the clock started as stage ``name`` (and in the total):
+        a model the caller loaded before handing it over."""
+        self.started -= seconds
+        self.seconds[name] += seconds
+
     def move(self, seconds: float, to: str) -> None:
         """Charge ``seconds`` of the open stage to ``to`` instead: work measured inside a call that does two
         stages at once (the converter's own calibration, timed by the sample generator it pulls from)."""
@@ -93,6 +99,11 @@ def measuring() -> Iterator[StageClock]:
         yield clock
     finally:
         _CURRENT.reset(token)
+
+
+def running() -> bool:
+    """Whether a clock runs in this thread (an export then reports into it, as part of a longer run)."""
+    return _CURRENT.get() is not None
 
 
 def timed(name: str) -> contextlib.AbstractContextManager[None]:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import struct
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ class SourceCache:
     unfolded: SourceModel | None = None
     # Names of the nested Keras models inlined when loading (``pipeline.model.flatten``), for the manifest.
     inlined_models: list[str] = field(default_factory=list)
+    # Seconds ``load_source`` took, until a conversion's timing claims them (once: later ones did not load it).
+    load_s: float | None = None
 
 
 @dataclass
@@ -254,8 +257,18 @@ def _quantize_scope():
 
 
 def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceModel:
-    """Load a float model for conversion or evaluation, refusing embedded code."""
-    path = Path(path)
+    """Load a float model for conversion or evaluation, refusing embedded code.
+
+    The seconds it took are kept (``SourceCache.load_s``): a caller that loads the
+    model before converting it (the CLI, to size the calibration images) still
+    gets the load in the conversion's stage timings."""
+    started = time.perf_counter()
+    source = _load(Path(path), trust_code)
+    source.cache.load_s = time.perf_counter() - started
+    return source
+
+
+def _load(path: Path, trust_code: bool) -> SourceModel:
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
     kind = detect_kind(path)

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from pipeline.conversion.export import ConvertSettings, export_tflite
+from pipeline.model.modelio import load_source
 
 STAGES = ("load", "probe", "convert", "calibration", "quantizer", "rewrites", "search", "metadata", "write")
 # Each stage and the total are rounded to the millisecond on their own: 10 roundings of at most 0.5 ms.
@@ -41,6 +42,19 @@ def test_every_stage_is_timed_and_they_add_up_to_the_total(mode, tiny_keras_path
     assert timing["search_s"] == 0.0  # no accuracy search ran
     if representative is None:  # nothing calibrated or quantized apart from the converter's one call
         assert timing["calibration_s"] == 0.0 and timing["quantizer_s"] == 0.0
+
+
+def test_a_model_loaded_before_the_call_counts_its_load_once(tiny_keras_path, tmp_path):
+    """The CLI loads the model before converting it (to size the calibration images): the load is still timed."""
+    source = load_source(tiny_keras_path)
+    loaded_s = source.cache.load_s
+    first = export_tflite(tiny_keras_path, ConvertSettings("float"), out=tmp_path / "a.tflite", source=source)
+    timing = first.manifest["timing"]
+    assert timing["load_s"] >= round(loaded_s, 3) - 0.0005 and timing["total_s"] >= timing["load_s"]
+    assert abs(sum(timing[f"{stage}_s"] for stage in STAGES) - timing["total_s"]) <= ROUNDING_S, timing
+    timing, wall_s = _timed_export(tiny_keras_path, ConvertSettings("dynamic"), out=tmp_path / "b.tflite",
+                                   source=source)
+    _check_adds_up(timing, wall_s)  # not loaded again: nothing before the call is counted
 
 
 def test_a_tflite_source_has_its_probe_and_stages_timed(tiny_keras_path, calibration, tmp_path):
