@@ -18,10 +18,11 @@ from google.protobuf import message, text_format
 
 from pipeline.core.errors import ModelLoadError
 
-# TensorFlow ops a SavedModel may hold without --trust-model-code: computation on tensors and on the model's
-# own variables, function calls and control flow (their bodies are checked as functions of the library), asserts
-# and random numbers. No op here reads or writes a file, talks to the network or calls back into Python
-# (tests/test_bad_input.py checks that each name is a registered op and which ones TensorFlow calls stateful).
+# TensorFlow ops a SavedModel may hold unless its code is trusted (``trust_code``): computation on tensors and on
+# the model's own variables, function calls and control flow (their bodies are checked as functions of the
+# library), asserts and random numbers. No op here reads or writes a file, talks to the network or calls back
+# into Python (tests/test_bad_input.py checks that each name is a registered op and which ones TensorFlow calls
+# stateful).
 SAFE_TF_OPS = frozenset("""
 Const Identity IdentityN NoOp Placeholder PlaceholderWithDefault StopGradient PreventGradient Snapshot EnsureShape
 CheckNumerics CheckNumericsV2 Assert
