@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench import machine
+from bench.timing import conversion_s
 from calibrate.dataset import build_calibration_set
 from pipeline.conversion.export import ConvertSettings, export_tflite
 from pipeline.core import artifacts
@@ -71,14 +72,16 @@ def run(model: Path, calib: Path, eval_dir: Path, calib_size: int, limit: int | 
                                  force=True, source=source)
         methods = (exported.manifest["calibration"]["method"] or {}).get("int8_methods") or {}
         calibration = exported.manifest["calibration"]["method"] or {}
-        rows[name] = {**_measure(model, path, eval_dir, limit, work), "convert_s": exported.manifest["timing"]["convert_s"],
+        timing = exported.manifest["timing"]
+        rows[name] = {**_measure(model, path, eval_dir, limit, work), "convert_s": conversion_s(timing),
                       "calibration_s": calibration.get("seconds"), "methods_s": methods.get("seconds", 0.0),
-                      "methods_samples": methods.get("samples")}
+                      "methods_samples": methods.get("samples"), "stages": timing}
     for name, settings in SCALE_ROWS.items():
         path = work / f"{name}.tflite"
         exported = export_tflite(model, settings, out=path, force=True, source=source,
                                  representative=representative if settings.mode == "int16x8" else None)
-        rows[name] = {**_measure(model, path, eval_dir, limit, work), "convert_s": exported.manifest["timing"]["convert_s"]}
+        timing = exported.manifest["timing"]
+        rows[name] = {**_measure(model, path, eval_dir, limit, work), "convert_s": conversion_s(timing), "stages": timing}
     return {"model": str(model), "sha256": artifacts.sha256_any(model), "calib": str(calib), "calib_size": len(representative),
             "eval": str(eval_dir), "rows": rows, "machine": machine.describe(load)}
 

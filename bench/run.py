@@ -32,7 +32,7 @@ import numpy as np
 from bench.machine import describe, load_average
 from bench.images import write_photo_crops
 from bench.measure import run_with_peak
-from bench.timing import LiteRT, OnnxRuntime, alternate
+from bench.timing import LiteRT, OnnxRuntime, alternate, manifest_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -205,24 +205,29 @@ def _conversions(run: _Run, results: dict) -> None:
     args, model, calib = run.args, run.model, run.calib
     # The float .tflite is to our int8 step what the ONNX export is to quantize_static: made beforehand.
     _checked([str(BIN / "convert"), str(model), "--float", "--out", str(run.float_tfl), "--force"], run.env)
-    methods = (
+    methods = (  # key, label, command, the output whose manifest has the stage timings (None: no manifest)
         ("tf_by_hand", "TF by hand",
-         [sys.executable, "-m", "bench.stock_convert", str(model), str(calib), str(run.stock_tfl), str(args.images)]),
+         [sys.executable, "-m", "bench.stock_convert", str(model), str(calib), str(run.stock_tfl), str(args.images)],
+         None),
         ("xedge_convert", "convert --int8",
          [str(BIN / "convert"), str(model), "--int8", "--calib", str(calib), "--calib-size", str(args.images),
-          "--out", str(run.ours_tfl), "--force", "--json"]),
+          "--out", str(run.ours_tfl), "--force", "--json"], run.ours_tfl),
         ("xedge_convert_from_tflite", "convert float.tflite --int8",
          [str(BIN / "convert"), str(run.float_tfl), "--int8", "--calib", str(calib), "--calib-size", str(args.images),
-          "--out", str(run.from_tfl), "--force", "--json"]),
+          "--out", str(run.from_tfl), "--force", "--json"], run.from_tfl),
     )
-    conv: dict = {key: [] for key, _, _ in methods}
+    conv: dict = {key: [] for key, _, _, _ in methods}
     for _ in range(args.repeat):
-        for key, label, cmd in methods:
+        for key, label, cmd, output in methods:
             r = _checked(cmd, run.env)
-            conv[key].append({"wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"]})
-            print(f"  {label}: {r['wall_s']} s, {r['peak_rss_mib']} MiB", flush=True)
+            stages = manifest_stages(output) if output is not None else {}
+            conv[key].append({"wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"],
+                              **({"stages": stages} if stages else {})})
+            print(f"  {label}: {r['wall_s']} s, {r['peak_rss_mib']} MiB"
+                  + (f" ({_stage_line(stages)})" if stages else ""), flush=True)
     results["conversion"] = {k: {"wall_s_median": float(np.median([r["wall_s"] for r in v])),
-                                 "peak_rss_mib_max": max(r["peak_rss_mib"] for r in v), "runs": v}
+                                 "peak_rss_mib_max": max(r["peak_rss_mib"] for r in v),
+                                 **_stage_medians(v), "runs": v}
                              for k, v in conv.items()}
     manifest = json.loads((run.work / "ours_int8.manifest.json").read_text())
     results["xedge_manifest"] = {"calibration_method": manifest["calibration"]["method"],
@@ -234,6 +239,20 @@ def _conversions(run: _Run, results: dict) -> None:
     # The [-1, 1] int8 input of before input conventions, for the latency of the pixel input against it.
     _checked([str(BIN / "convert"), str(model), "--int8", "--calib", str(calib), "--calib-size", str(args.images),
               "--input-convention", "signed-unit", "--out", str(run.signed_tfl), "--force", "--json"], run.env)
+
+
+def _stage_medians(runs: list[dict]) -> dict:
+    """``stages_median``: each stage's median over the runs that recorded stage timings ({} when none did)."""
+    recorded = [r["stages"] for r in runs if r.get("stages")]
+    if not recorded:
+        return {}
+    return {"stages_median": {k: round(float(np.median([s.get(k, 0.0) for s in recorded])), 3) for k in recorded[0]}}
+
+
+def _stage_line(stages: dict) -> str:
+    """The stages that took time, as ``name s``, largest first; the process's start-up is the wall time's rest."""
+    taken = sorted(((k[:-2], v) for k, v in stages.items() if k != "total_s" and v >= 0.05), key=lambda kv: -kv[1])
+    return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in taken) + f"; total {stages.get('total_s')} s"
 
 
 def _peer(run: _Run) -> dict:

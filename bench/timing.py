@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.artifacts import manifest_path_for
 from pipeline.core.preprocessing import model_tensor, scale
 from pipeline.tflite.input_convention import file_convention
+
+
+# The stages of a conversion in the manifest's ``timing`` that make the model (docs/converting.md, "The manifest").
+CONVERSION_STAGES = ("convert_s", "calibration_s", "quantizer_s")
+
+
+def manifest_stages(model_path: str | Path) -> dict:
+    """The stage timings ``convert`` wrote in the manifest beside ``model_path`` (``timing``; {} without one), so a
+    bench run records, next to its wall time, which stage the time went to."""
+    try:
+        return dict(json.loads(manifest_path_for(Path(model_path)).read_text()).get("timing") or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def conversion_s(timing: dict) -> float:
+    """Seconds spent making the model (the float conversion, calibration and quantizer), from a manifest's timing."""
+    return round(sum(timing.get(stage, 0.0) for stage in CONVERSION_STAGES), 3)
 
 
 class LiteRT:

@@ -229,7 +229,7 @@ def measure(model_path: Path, photos: np.ndarray, calibration: np.ndarray, runs:
         rows.append(row)
         first = first or out
     return {"model": str(model_path), "input_size": source.input_size, "classes": source.classes,
-            "inlined_models": source.cache.get("inlined_models", []),
+            "inlined_models": source.cache.inlined_models,
             "stem": stem if isinstance(stem, str) else stem.describe(StemPad.NEAREST), "rows": rows,
             "float_tflite": float_tflite(model_path, photos, reference, tmp, source)}
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from calibrate.dataset import build_calibration_set
 from pipeline.core.artifacts import manifest_path_for, read_manifest
+from pipeline.core.errors import Remedy
 from pipeline.core.errors import ArtifactError, CalibrationError, ModelLoadError
 from pipeline.core.faults import PAUSE_ENV
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, decode_rgb, pixels_for
@@ -310,8 +311,9 @@ def test_keras3_lambda_is_refused_and_never_runs(tmp_path):
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
     model.save(tmp_path / "lambda.keras")
     marker.unlink(missing_ok=True)
-    with pytest.raises(ModelLoadError, match="Lambda layer 'sneaky'.*--trust-model-code"):
+    with pytest.raises(ModelLoadError, match="Lambda layer 'sneaky'.*refused") as refused:
         load_source(tmp_path / "lambda.keras")
+    assert refused.value.remedy == Remedy.TRUST_CODE
     assert not marker.exists()
     proc = run_cli("convert", tmp_path / "lambda.keras", "--float", cwd=tmp_path)
     assert proc.returncode == 2 and "refused" in proc.stderr and not marker.exists()
@@ -359,7 +361,8 @@ def _saved_model(path: Path, side_effect=None) -> Path:
 def test_saved_model_ops_outside_the_safe_list_are_refused_and_never_run(tmp_path):
     import tensorflow as tf
 
-    from pipeline.model.modelio import load_source, unsafe_saved_model_ops
+    from pipeline.model.modelio import load_source
+    from pipeline.model.saved_model_ops import unsafe_saved_model_ops
     from pipeline.validation.predict import open_runner
 
     marker = tmp_path / "written-by-the-model"
@@ -370,8 +373,9 @@ def test_saved_model_ops_outside_the_safe_list_are_refused_and_never_run(tmp_pat
     assert list(unsafe_saved_model_ops(sm)) == ["WriteFile"]
     assert list(unsafe_saved_model_ops(saver_op)) == ["SaveV2"]
     for path, op in ((sm, "WriteFile"), (saver_op, "SaveV2")):
-        with pytest.raises(ModelLoadError, match=f"{op} \\(in .*refused before loading.*--trust-model-code"):
+        with pytest.raises(ModelLoadError, match=f"{op} \\(in .*refused before loading") as refused:
             load_source(path)
+        assert refused.value.remedy == Remedy.TRUST_CODE
     proc = run_cli("convert", sm, "--float", cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "WriteFile" in lines[0] and "--trust-model-code" in lines[0]
@@ -390,7 +394,8 @@ def test_normal_saved_models_pass_the_safe_list(tiny_keras_path, tmp_path):
     import tf_keras
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from pipeline.model.modelio import load_source, unsafe_saved_model_ops
+    from pipeline.model.modelio import load_source
+    from pipeline.model.saved_model_ops import unsafe_saved_model_ops
 
     keras.saving.load_model(tiny_keras_path).export(str(tmp_path / "xception"), verbose=False)
     small = tf_keras.Sequential([tf_keras.layers.InputLayer((71, 71, 3)), tf_keras.layers.Conv2D(4, 3),
@@ -408,7 +413,7 @@ def test_normal_saved_models_pass_the_safe_list(tiny_keras_path, tmp_path):
 def test_safe_op_list_is_registered_ops_and_names_each_stateful_one():
     from tensorflow.python.framework import op_def_registry
 
-    from pipeline.model.modelio import SAFE_TF_OPS
+    from pipeline.model.saved_model_ops import SAFE_TF_OPS
 
     defs = {op: op_def_registry.get(op) for op in SAFE_TF_OPS}
     assert not [op for op, d in defs.items() if d is None]
@@ -436,8 +441,9 @@ def test_keras3_tfsmlayer_is_refused_by_us_and_by_keras_safe_mode(tmp_path, monk
     model = keras.Model(inputs, outside(inputs))
     model.save(tmp_path / "wrapper.keras")
     marker.unlink(missing_ok=True)
-    with pytest.raises(ModelLoadError, match="TFSMLayer layer 'outside'.*--trust-model-code"):
+    with pytest.raises(ModelLoadError, match="TFSMLayer layer 'outside'.*refused") as refused:
         modelio.load_source(tmp_path / "wrapper.keras")
+    assert refused.value.remedy == Remedy.TRUST_CODE
     monkeypatch.setattr(modelio, "disallowed_objects", lambda config: [])  # without our check: safe_mode alone
     with pytest.raises(ModelLoadError, match="TFSMLayer"):
         modelio.load_source(tmp_path / "wrapper.keras")

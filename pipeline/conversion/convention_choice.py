@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.conversion.converter_hooks import staged_supported
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings
 from pipeline.core import artifacts
-from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError
+from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError, Remedy
 from pipeline.core.preprocessing import LEGACY_CONVENTION, PIXEL_CONVENTIONS, normalization
 from pipeline.model.modelio import SourceModel
 from pipeline.model.stem import Stem, StemPad, find_stem, fold_effect, fold_stem, input_domain
@@ -61,14 +61,15 @@ def source_domain(source: SourceModel) -> str:
     A .tflite source is read as ``pipeline.tflite.input_convention`` reads any
     model: its metadata, then its manifest (parsed only, never run).
     """
-    if "domain" not in source.cache:
+    cache = source.cache
+    if cache.domain is None:
         recorded = input_domain(source.model)  # pixels when the model starts with its own normalization
         if source.kind == "tflite":
-            data = source.cache.get("float_tflite") or source.cache.get("unverified_tflite", (None,))[0]
+            data = cache.float_tflite or (cache.unverified_tflite[0] if cache.unverified_tflite else None)
             manifest = (source_manifest(source.path, data) if data is not None else {}) or None
             recorded = _tflite_convention(data, manifest)
-        source.cache["domain"] = "pixels" if recorded in PIXEL_CONVENTIONS else LEGACY_CONVENTION
-    return source.cache["domain"]
+        cache.domain = "pixels" if recorded in PIXEL_CONVENTIONS else LEGACY_CONVENTION
+    return cache.domain
 
 
 def _tflite_convention(data: bytes | None, manifest: dict | None) -> str:
@@ -89,7 +90,7 @@ STEM_PAD = StemPad.NEAREST
 
 def stem_of(source: SourceModel) -> Stem | str:
     """The source's stem (``pipeline.model.stem``), or why its input scaling cannot be folded; found once."""
-    if "stem" not in source.cache:
+    if source.cache.stem is None:
         found: Stem | str
         if source.model is None:
             found = "a SavedModel has no Keras layers to fold the [-1, 1] scaling into"
@@ -101,8 +102,8 @@ def stem_of(source: SourceModel) -> Stem | str:
                 found = find_stem(source.model)
             except NotImplementedError:  # a subclassed model without get_config
                 found = "the model's layers cannot be read from its Keras config"
-        source.cache["stem"] = found
-    return source.cache["stem"]
+        source.cache.stem = found
+    return source.cache.stem
 
 
 def pixel_refusal(source: SourceModel) -> str | None:
@@ -141,7 +142,7 @@ def resolve_convention(source: SourceModel, settings: ConvertSettings) -> tuple[
 
 def _pixel_source_note(source: SourceModel) -> str:
     stem = stem_of(source) if source.kind != "tflite" else None
-    if source.kind == "tflite" or "unfolded" in source.cache:
+    if source.kind == "tflite" or source.cache.unfolded is not None:
         return "the source takes pixels"
     if stem is None or isinstance(stem, str) or stem.domain != "pixels":
         first = source.model.layers[1].name if len(source.model.layers) > 1 else "?"
@@ -168,9 +169,8 @@ def _check_asked(source: SourceModel, settings: ConvertSettings, asked: str) -> 
     if asked in PIXEL_CONVENTIONS:
         why = pixel_refusal(source) or _pin_unavailable(settings)
         if why:
-            raise ConversionError(f"cannot give this model {asked} input: {why}; convert with "
-                                  "--input-convention signed-unit")
-    elif source_domain(source) == "pixels" and "unfolded" not in source.cache:
+            raise ConversionError(f"cannot give this model {asked} input: {why}", remedy=Remedy.SIGNED_UNIT_INPUT)
+    elif source_domain(source) == "pixels" and source.cache.unfolded is None:
         raise ConversionError(f"{source.path.name} takes pixel input; it cannot be converted back to [-1, 1] "
                               "input: convert the Keras model it came from")
     return "asked for"
@@ -185,12 +185,15 @@ def resolved(source: SourceModel, settings: ConvertSettings) -> tuple[ConvertSet
 def converted_source(source: SourceModel, convention: str) -> SourceModel:
     """The source whose float input matches ``convention``: folded once (and cached) for the pixel ones."""
     want = "pixels" if convention in PIXEL_CONVENTIONS else LEGACY_CONVENTION
+    cache = source.cache
     if want == LEGACY_CONVENTION and source_domain(source) != want:
-        return source.cache["unfolded"]  # _check_asked refused the other cases
-    if want == LEGACY_CONVENTION or "unfolded" in source.cache or source_domain(source) == "pixels" and (
+        if cache.unfolded is None:  # _check_asked refuses this before any conversion asks
+            raise ConversionError(f"{source.path.name} takes pixel input; it cannot be converted back to [-1, 1]")
+        return cache.unfolded
+    if want == LEGACY_CONVENTION or cache.unfolded is not None or source_domain(source) == "pixels" and (
             source.kind == "tflite"):
         return source
-    if "folded" not in source.cache:
+    if cache.folded is None:
         stem = pixel_refusal(source) if source.kind == "tflite" else stem_of(source)
         if stem is None or isinstance(stem, str):
             if source_domain(source) == "pixels":
@@ -198,16 +201,16 @@ def converted_source(source: SourceModel, convention: str) -> SourceModel:
             raise ConversionError(f"cannot give this model pixel input: {stem}")
         folded = SourceModel(source.path, source.kind, fold_stem(source.model, stem, STEM_PAD), source.input_shape,
                              source.classes)
-        folded.cache.update({"domain": "pixels", "unfolded": source, "stem": stem})
-        source.cache["folded"] = folded
-    return source.cache["folded"]
+        folded.cache.domain, folded.cache.unfolded, folded.cache.stem = "pixels", source, stem
+        cache.folded = folded
+    return cache.folded
 
 
 def stem_record(source: SourceModel, representative, images: int = 32) -> dict | None:
     """The manifest's account of the folded stem (``Stem.describe``), with the effect of an approximate pad
     measured in float against the unfolded model on the first calibration images."""
-    original = source.cache.get("unfolded")
-    stem = source.cache.get("stem")
+    original = source.cache.unfolded
+    stem = source.cache.stem
     if original is None or not isinstance(stem, Stem):
         return None
     record = stem.describe(STEM_PAD)
@@ -267,5 +270,5 @@ def check_input_convention(model_bytes: bytes, settings: ConvertSettings) -> Non
     stated = tensor_convention(model_bytes)
     if stated is not None and stated != settings.input_convention:
         raise ConversionError(f"the converted model's input is quantized as {stated}, not "
-                              f"{settings.input_convention} (the input range could not be pinned to [0, 255]); "
-                              "convert with --input-convention signed-unit")
+                              f"{settings.input_convention} (the input range could not be pinned to [0, 255])",
+                              remedy=Remedy.SIGNED_UNIT_INPUT)

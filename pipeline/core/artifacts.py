@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.core import faults, interrupts, manifest_schema
 from pipeline.core.errors import ArtifactError, OutputExistsError, Remedy
@@ -131,12 +131,15 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_pair(target: str | os.PathLike, data: bytes, manifest_target: str | os.PathLike,
-                      manifest: dict) -> Path:
+                      manifest: dict, *, staged_hook: Callable[[dict], None] | None = None) -> Path:
     """Write an artifact and its manifest so that a reader sees the old pair or the new one (module docstring).
 
     Everything is staged first (a full disk or a size limit changes
     nothing); then the bridge manifest, the artifact and the final manifest
     are renamed into place. ``manifest["output"]["sha256"]`` is set here.
+    ``staged_hook(manifest)`` runs once the artifact is staged and before the
+    manifest is serialized: the last entries that depend on the write itself
+    (an export's timing, which includes writing the model) go in there.
     """
     target, manifest_target = Path(target), Path(manifest_target)
     manifest["output"]["sha256"] = sha256_bytes(data)
@@ -144,9 +147,11 @@ def atomic_write_pair(target: str | os.PathLike, data: bytes, manifest_target: s
     with _writing(target):
         try:
             old_manifest = manifest_target.read_bytes() if manifest_target.is_file() else None
+            staged.append(_staged(target, data))
+            if staged_hook is not None:
+                staged_hook(manifest)
             bridge = {**manifest, "previous": _replaced_record(target, old_manifest)}
-            staged += [_staged(target, data), _staged(manifest_target, to_json(bridge)),
-                       _staged(manifest_target, to_json(manifest))]
+            staged += [_staged(manifest_target, to_json(bridge)), _staged(manifest_target, to_json(manifest))]
             faults.pause("pair-staged")
             _commit(target, manifest_target, staged, old_manifest)
         finally:

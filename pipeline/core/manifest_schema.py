@@ -20,12 +20,14 @@ from pathlib import Path
 
 from pipeline.core.errors import ArtifactError
 from pipeline.core.preprocessing import INPUT_CONVENTIONS
+from pipeline.core.stage_timing import STAGES
 
 MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest lists calibration files and ops: a few hundred KiB at most
 
 _INT = "int"  # an int that is not a bool
 # Top-level fields -> type; nested fields as "parent.child". Only fields some reader uses are listed.
 _DICT, _LIST = (dict, type(None)), (list, type(None))  # a section may be null (a float model has no calibration)
+_SECONDS = (float, int)  # the stage timings (bench/ reads them)
 SCHEMA: dict[str, object] = {
     "tool": str, "schema": _INT, "kind": str, "created": str,
     "versions": _DICT, "machine": _DICT, "settings": _DICT, "source": _DICT, "output": _DICT,
@@ -36,6 +38,7 @@ SCHEMA: dict[str, object] = {
     "preprocessing.size": _INT, "preprocessing.fingerprint": str, "preprocessing.input_convention": str,
     "input_convention.name": str, "io.inputs": list, "io.outputs": list,
     "float_fallback.layers": list, "float_fallback.heldout": (dict, type(None)),
+    **{f"timing.{stage}_s": _SECONDS for stage in (*STAGES, "total")},
 }
 # Fields whose values form a closed set.
 CHOICES = {"preprocessing.input_convention": INPUT_CONVENTIONS, "input_convention.name": INPUT_CONVENTIONS}

@@ -1,4 +1,4 @@
-"""Loading the models users bring: Keras 3 ``.keras``, tf_keras ``.keras``/``.h5``, SavedModel.
+"""Loading the models users bring: Keras 3 ``.keras``, tf_keras ``.keras``/``.h5``, SavedModel, float ``.tflite``.
 
 Model files come from colleagues and the internet, and TensorFlow's security
 guidance says it plainly: models are programs. Without ``trust_code=True``:
@@ -12,13 +12,10 @@ guidance says it plainly: models are programs. Without ``trust_code=True``:
   3's own ``safe_mode`` stays on as a second line. The weights are numbers
   and run nothing.
 * SavedModels: validation and the rewrite check execute the signature, and
-  loading one runs its resource initializers, so its graph is a program. Every
-  op of the meta graph and of every function in its library is checked
-  against ``SAFE_TF_OPS`` (tensor maths, the model's own variables, calls and
-  control flow whose bodies are checked too) before TensorFlow loads it; the
-  checkpoint ops are accepted only in what the saver alone reaches (its save
-  and restore functions). Anything else (ReadFile, WriteFile, PyFunc, PrintV2, lookup
-  tables, datasets, ...) is refused, naming the ops.
+  loading one runs its resource initializers, so its graph is a program. Its
+  ops are checked (``pipeline.model.saved_model_ops``) before TensorFlow
+  loads it; anything outside the safe list (ReadFile, WriteFile, PyFunc,
+  PrintV2, lookup tables, datasets, ...) is refused, naming the ops.
 """
 
 from __future__ import annotations
@@ -27,63 +24,68 @@ import contextlib
 import json
 import os
 import struct
+import time
 import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import message, text_format
-
-from pipeline.core.errors import ModelLoadError
+from pipeline.core.errors import ModelLoadError, Remedy
 from pipeline.model.keras_allowlist import disallowed_objects
 from pipeline.model.flatten import flatten, nested_models
+from pipeline.model.saved_model_ops import unsafe_saved_model_ops
+from pipeline.model.stem import Stem
 from pipeline.model.tfmot_import import import_tfmot
 from pipeline.tflite import flatbuffers
-from pipeline.tflite.safe_tflite import check_manifest, read_model_bytes, start_probe
+from pipeline.tflite.safe_tflite import Probe, check_manifest, read_model_bytes, start_probe
 
-TRUST_HINT = "pass --trust-model-code only if you trust whoever made this file"
 # The largest input side accepted: every calibration and evaluation image is held decoded at the model's size
 # (64 uint8 samples of 2048x2048x3 are 805 MB); image classifiers take 224 to 600.
 MAX_INPUT_SIZE = 2048
 # A Keras configuration is JSON of a few kilobytes per layer; past this it is not a model a user made.
 MAX_KERAS_CONFIG_BYTES = 64 * 2**20
 
-# TensorFlow ops a SavedModel may hold without --trust-model-code: computation on tensors and on the model's
-# own variables, function calls and control flow (their bodies are checked as functions of the library), asserts
-# and random numbers. No op here reads or writes a file, talks to the network or calls back into Python
-# (tests/test_bad_input.py checks that each name is a registered op and which ones TensorFlow calls stateful).
-SAFE_TF_OPS = frozenset("""
-Const Identity IdentityN NoOp Placeholder PlaceholderWithDefault StopGradient PreventGradient Snapshot EnsureShape
-CheckNumerics CheckNumericsV2 Assert
-VarHandleOp ReadVariableOp AssignVariableOp AssignAddVariableOp AssignSubVariableOp VarIsInitializedOp
-VariableV2 Variable Assign AssignAdd AssignSub IsVariableInitialized
-PartitionedCall StatefulPartitionedCall If StatelessIf While StatelessWhile Case StatelessCase
-Switch Merge Enter Exit NextIteration LoopCond ControlTrigger
-Add AddV2 AddN Sub Mul MulNoNan Div DivNoNan RealDiv TruncateDiv FloorDiv FloorMod Mod TruncateMod
-Maximum Minimum Neg Abs Sign Square Sqrt Rsqrt Reciprocal Inv Exp Expm1 Log Log1p Pow SquaredDifference
-Tanh Sigmoid Erf Erfc Sin Cos Atan Atan2 Floor Ceil Round Rint IsNan IsInf IsFinite
-Equal NotEqual Less LessEqual Greater GreaterEqual LogicalAnd LogicalOr LogicalNot Select SelectV2
-ClipByValue Cast MatMul BatchMatMul BatchMatMulV2 BatchMatMulV3 Einsum
-Sum Mean Max Min Prod All Any ArgMax ArgMin Cumsum Cumprod
-Conv2D Conv3D Conv2DBackpropInput Conv3DBackpropInputV2 DepthwiseConv2dNative BiasAdd
-Relu Relu6 Elu Selu LeakyRelu Softplus Softsign Softmax LogSoftmax
-MaxPool MaxPoolV2 MaxPool3D AvgPool AvgPool3D FusedBatchNorm FusedBatchNormV2 FusedBatchNormV3 LRN
-ResizeBilinear ResizeNearestNeighbor ResizeBicubic ResizeArea TopKV2 InTopKV2
-Reshape Shape ShapeN Size Rank Squeeze ExpandDims Transpose ConcatV2 Concat Pack Unpack Split SplitV
-Slice StridedSlice Tile Pad PadV2 MirrorPad Fill ZerosLike OnesLike Range LinSpace
-Gather GatherV2 GatherNd BroadcastTo BroadcastArgs BroadcastGradientArgs ReverseV2 OneHot Where
-SpaceToBatchND BatchToSpaceND SpaceToDepth DepthToSpace MatrixBandPart
-FakeQuantWithMinMaxVars FakeQuantWithMinMaxVarsPerChannel FakeQuantWithMinMaxArgs
-RandomUniform RandomStandardNormal TruncatedNormal RandomUniformInt
-StatelessRandomUniformV2 StatelessRandomNormalV2 StatelessTruncatedNormalV2 StatelessRandomGetKeyCounter
-""".split())
-# Accepted only in the functions (and graph nodes) that the SavedModel's saver alone reaches: its save function,
-# which nothing here runs, and its restore function, which reads the model's own variables.
-_SAVE_OPS = frozenset({"SaveV2", "MergeV2Checkpoints", "ShardedFilename", "StringJoin", "StaticRegexFullMatch",
-                       "DisableCopyOnRead"})
-_RESTORE_OPS = frozenset({"RestoreV2"})
+
+@dataclass(frozen=True)
+class KeptCalibration:
+    """A calibrated float model and what made it, reused while the same calibration set and method are asked for
+    (``pipeline.conversion.routes``: the staged int8 route)."""
+
+    samples: object  # the calibration set it ran on, compared by identity
+    method: tuple[str, str]  # (calibrator, ranges)
+    model: bytes  # the float .tflite with its activation ranges recorded
+    record: Any  # the conversion stage's CalibrationRecord of that run (a later stage's type)
+
+
+@dataclass
+class SourceCache:
+    """What conversions already worked out for one loaded model, so that each is done once per model.
+
+    Filled by the conversion stage (``pipeline.conversion``), which reads it
+    back; every field starts empty (``None``) but ``inlined_models``, which
+    the loader fills.
+    """
+
+    # The sandboxed probe of a .tflite source still running, with the bytes it checks: nothing loads them in
+    # this process before the probe passed (``pipeline.conversion.routes.float_tflite`` waits for it).
+    unverified_tflite: tuple[bytes, Probe] | None = None
+    # The source as a float32 .tflite (a .tflite source: its own bytes, once its probe passed).
+    float_tflite: bytes | None = None
+    # The last calibration of the staged int8 route.
+    calibrated: KeptCalibration | None = None
+    # What the float input holds: "pixels" or "signed_unit" (``convention_choice.source_domain``).
+    domain: str | None = None
+    # The stem the input scaling folds into, or why it cannot be folded (``convention_choice.stem_of``).
+    stem: Stem | str | None = None
+    # This model with its input scaling folded into the stem (pixel input), made once.
+    folded: SourceModel | None = None
+    # On a folded model: the model it was folded from.
+    unfolded: SourceModel | None = None
+    # Names of the nested Keras models inlined when loading (``pipeline.model.flatten``), for the manifest.
+    inlined_models: list[str] = field(default_factory=list)
+    # Seconds ``load_source`` took, until a conversion's timing claims them (once: later ones did not load it).
+    load_s: float | None = None
 
 
 @dataclass
@@ -95,8 +97,8 @@ class SourceModel:
     model: Any  # the Keras model (untyped library: Any); None for a SavedModel or a .tflite
     input_shape: tuple  # (H, W, C)
     classes: int
-    # Conversion stages already computed for this model (pipeline.conversion.export: the float .tflite, its calibration)
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # Conversion stages already computed for this model: the float .tflite, its calibration, the folded stem
+    cache: SourceCache = field(default_factory=SourceCache, repr=False, compare=False)
 
     @property
     def input_size(self) -> int:
@@ -166,143 +168,9 @@ def _refuse_code(path: Path, config, trust_code: bool) -> None:
         more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         raise ModelLoadError(f"{path} names objects outside Keras's own layers, initializers, regularizers, "
                              f"constraints, activations and dtype policies ({', '.join(found[:3])}{more}); they "
-                             f"could run code when loaded; refused. {TRUST_HINT}")
+                             f"could run code when loaded; refused", remedy=Remedy.TRUST_CODE)
 
 
-def _read_saved_model_proto(path: Path):
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    binary = path / "saved_model.pb"
-    try:
-        if binary.exists():
-            proto.ParseFromString(binary.read_bytes())
-        else:
-            text_format.Parse((path / "saved_model.pbtxt").read_text(), proto)
-    except (OSError, UnicodeDecodeError, message.DecodeError, text_format.ParseError) as exc:
-        raise ModelLoadError(f"cannot read SavedModel {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
-    return proto
-
-
-def _tensor_nodes(info) -> set[str]:
-    """Graph node names behind a signature's TensorInfo (plain, sparse or composite)."""
-    encoding = info.WhichOneof("encoding")
-    if encoding == "name":
-        return {info.name.split(":")[0]}
-    if encoding == "coo_sparse":
-        sparse = info.coo_sparse
-        return {n.split(":")[0] for n in (sparse.values_tensor_name, sparse.indices_tensor_name,
-                                           sparse.dense_shape_tensor_name) if n}
-    if encoding == "composite_tensor":
-        return set().union(*(_tensor_nodes(c) for c in info.composite_tensor.components))
-    return set()
-
-
-def _called_functions(node, library: set[str]) -> set[str]:
-    called = {node.op} & library  # a node can call a library function by using its name as the op
-    for attr in node.attr.values():
-        if attr.HasField("func"):
-            called.add(attr.func.name)
-        if attr.HasField("list"):
-            called.update(f.name for f in attr.list.func)
-    return called
-
-
-def unsafe_saved_model_ops(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Ops of a SavedModel outside ``SAFE_TF_OPS``: op name -> where (function or graph node names).
-
-    Read from ``saved_model.pb`` as a protobuf: nothing is loaded or run. A
-    graph node reached from a signature, or from anything but the saver, gets
-    the strict list; so does every function called from such a node, referred
-    to by the object graph, or not called at all. Only what the saver's save
-    (or restore) node alone reaches may also hold the save (or restore) ops.
-    """
-    proto = _read_saved_model_proto(Path(path))
-    found: dict[str, set[str]] = {}
-    for meta in proto.meta_graphs:
-        _collect_unsafe(meta, found)
-    return {op: sorted(where) for op, where in sorted(found.items())}
-
-
-def _collect_unsafe(meta, found: dict[str, set[str]]) -> None:
-    """Add one meta graph's disallowed ops (op -> node or function names) to ``found``."""
-    graph = meta.graph_def
-    functions = {f.signature.name: f for f in graph.library.function}
-    context = _node_contexts(meta)
-    reached = _reached_functions(meta, functions, context)
-
-    def allowed(op: str, ctx: str) -> bool:
-        return (op in SAFE_TF_OPS or op in functions or (ctx == "save" and op in _SAVE_OPS)
-                or (ctx == "restore" and op in _RESTORE_OPS))
-
-    for node in graph.node:
-        if not allowed(node.op, context(node.name)):
-            found.setdefault(node.op, set()).add(node.name)
-    for name, fn in functions.items():
-        contexts = {ctx for ctx, names in reached.items() if name in names}
-        ctx = contexts.pop() if contexts in ({"save"}, {"restore"}) else "strict"
-        for node in fn.node_def:
-            if not allowed(node.op, ctx):
-                found.setdefault(node.op, set()).add(name)
-
-
-def _node_contexts(meta) -> Callable[[str], str]:
-    """Graph node name -> "strict", "save" or "restore": which list of ops applies to it.
-
-    A node only the saver's save (or restore) op reaches is on that side; a
-    node reached from a signature, or from anything else, is strict."""
-    nodes = {n.name: n for n in meta.graph_def.node}
-
-    def closure(roots) -> set[str]:
-        seen, stack = set(), [r for r in roots if r in nodes]
-        while stack:
-            name = stack.pop()
-            if name not in seen:
-                seen.add(name)
-                stack.extend(ref.lstrip("^").split(":")[0] for ref in nodes[name].input)
-        return seen & nodes.keys()
-
-    saver = meta.saver_def
-    save_side = closure([saver.save_tensor_name.split(":")[0]] if saver.save_tensor_name else [])
-    restore_side = closure([saver.restore_op_name.split(":")[0]] if saver.restore_op_name else [])
-    roots = set(nodes) - save_side - restore_side
-    for signature in meta.signature_def.values():
-        for info in [*signature.inputs.values(), *signature.outputs.values()]:
-            roots |= _tensor_nodes(info)
-    strict = closure(roots)
-
-    def context(name: str) -> str:
-        if name in strict:
-            return "strict"
-        if name in save_side and name not in restore_side:
-            return "save"
-        return "restore" if name in restore_side and name not in save_side else "strict"
-
-    return context
-
-
-def _reached_functions(meta, functions: dict, context: Callable[[str], str]) -> dict[str, set[str]]:
-    """Context -> the library functions called from graph nodes in it (the object graph's are strict),
-    transitively through the functions they call."""
-    library = set(functions)
-    reached: dict[str, set[str]] = {"strict": set(), "save": set(), "restore": set()}
-    for node in meta.graph_def.node:
-        reached[context(node.name)] |= _called_functions(node, library)
-    for obj in meta.object_graph_def.nodes:
-        kind = obj.WhichOneof("kind")
-        if kind == "function":
-            reached["strict"].update(obj.function.concrete_functions)
-        elif kind == "bare_concrete_function":
-            reached["strict"].add(obj.bare_concrete_function.concrete_function_name)
-    for names in reached.values():
-        stack = list(names)
-        while stack:
-            fn = functions.get(stack.pop())
-            for node in fn.node_def if fn is not None else ():
-                for callee in _called_functions(node, library) - names:
-                    names.add(callee)
-                    stack.append(callee)
-    return reached
 
 
 def _refuse_unsafe_ops(path: Path, trust_code: bool) -> None:
@@ -313,7 +181,8 @@ def _refuse_unsafe_ops(path: Path, trust_code: bool) -> None:
         ops = ", ".join(f"{op} (in {where[0]})" for op, where in list(unsafe.items())[:4])
         more = f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else ""
         raise ModelLoadError(f"SavedModel {path} holds TensorFlow ops outside the safe list (tensor maths only; "
-                             f"no file, network or Python ops): {ops}{more}; refused before loading. {TRUST_HINT}")
+                             f"no file, network or Python ops): {ops}{more}; refused before loading",
+                             remedy=Remedy.TRUST_CODE)
 
 
 def detect_kind(path: Path) -> str:
@@ -388,8 +257,18 @@ def _quantize_scope():
 
 
 def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceModel:
-    """Load a float model for conversion or evaluation, refusing embedded code."""
-    path = Path(path)
+    """Load a float model for conversion or evaluation, refusing embedded code.
+
+    The seconds it took are kept (``SourceCache.load_s``): a caller that loads the
+    model before converting it (the CLI, to size the calibration images) still
+    gets the load in the conversion's stage timings."""
+    started = time.perf_counter()
+    source = _load(Path(path), trust_code)
+    source.cache.load_s = time.perf_counter() - started
+    return source
+
+
+def _load(path: Path, trust_code: bool) -> SourceModel:
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
     kind = detect_kind(path)
@@ -425,14 +304,14 @@ def load_source(path: str | os.PathLike, *, trust_code: bool = False) -> SourceM
     inlined = nested_models(model)
     source = SourceModel(path, kind, flatten(model) if inlined else model, shape, classes)
     if inlined:  # pipeline.model.flatten: the base network's layers keep their names through conversion
-        source.cache["inlined_models"] = inlined
+        source.cache.inlined_models = inlined
     return source
 
 
 def _float_tflite_source(path: Path) -> SourceModel:
     """A float32 .tflite to quantize. Nobody vouched for it, so it is first loaded and run in a sandboxed
     child (``pipeline.tflite.safe_tflite``); that probe runs while the caller reads its calibration images, and
-    ``pipeline.conversion.export.float_tflite`` waits for it before anything loads the model in this process. Its
+    ``pipeline.conversion.routes.float_tflite`` waits for it before anything loads the model in this process. Its
     shapes and tensor types are read here from the flatbuffer, in Python, without executing anything."""
 
     data = read_model_bytes(path)
@@ -460,7 +339,7 @@ def _float_tflite_source(path: Path) -> SourceModel:
         raise ModelLoadError(f"{path.name} is already quantized ({len(quantized)} integer tensors, e.g. "
                              f"{quantized[0]}); quantize from the float32 .tflite or the Keras model")
     source = SourceModel(path, "tflite", None, tuple(shape[1:]), int(out_shape[1]))
-    source.cache["unverified_tflite"] = (data, pending)
+    source.cache.unverified_tflite = (data, pending)
     return source
 
 

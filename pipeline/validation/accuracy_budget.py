@@ -56,6 +56,7 @@ from pipeline.conversion.float_fallback import method_for
 from pipeline.core import artifacts
 from pipeline.core.data import discover
 from pipeline.core.errors import BudgetNotReached, ConversionError, ValidationError
+from pipeline.core.stage_timing import measured_as
 from pipeline.core.preprocessing import LEGACY_CONVENTION, PreprocessSpec, dequantize, model_input, quantize
 from pipeline.tflite.input_convention import tensor_convention
 from pipeline.model.modelio import load_source
@@ -264,6 +265,7 @@ class _WrittenOverBudget(Exception):
     """Raised by the manifest hook before anything is written: the bytes about to be written miss the budget."""
 
 
+@measured_as("search")  # the written manifest's timing covers the whole search
 def convert_within_budget(model_path, settings: ConvertSettings, *, representative, eval_dir, max_drop_pp: float,
                           labels=None, max_float_layers: int = 8, candidates: int = 3, eval_limit: int | None = None,
                           layer_samples: int = 16, out=None, force: bool = False, source=None,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.core.artifacts import manifest_path_for, sha256_bytes, sha256_file
-from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError, OutputExistsError
+from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError, OutputExistsError, Remedy
 from pipeline.conversion.export import ConvertSettings, check_integer_ops, export_tflite
 from pipeline.tflite.tflite_info import inspect_tflite
 from pipeline.tflite.tflite_metadata import read_metadata
@@ -155,8 +155,9 @@ def test_source_formats(tmp_path, calibration, trained_run):
 def test_existing_output_is_never_overwritten(tiny_keras_path, tmp_path):
     out = tmp_path / "m.tflite"
     out.write_bytes(b"precious")
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="output exists") as refused:
         export_tflite(tiny_keras_path, ConvertSettings("float"), out=out)
+    assert refused.value.remedy == Remedy.FORCE
     assert out.read_bytes() == b"precious"
     assert not manifest_path_for(out).exists()
     result = export_tflite(tiny_keras_path, ConvertSettings("float"), out=out, force=True)
@@ -165,8 +166,9 @@ def test_existing_output_is_never_overwritten(tiny_keras_path, tmp_path):
 
 
 def test_refusals(tiny_keras_path, tmp_path):
-    with pytest.raises(CalibrationError, match="--calib"):
+    with pytest.raises(CalibrationError, match="needs calibration images") as refused:
         export_tflite(tiny_keras_path, ConvertSettings("int8"), out=tmp_path / "a.tflite")
+    assert refused.value.remedy == Remedy.CALIBRATION_IMAGES
     with pytest.raises(ModelLoadError, match="not found"):
         export_tflite(tmp_path / "missing.keras", ConvertSettings("float"), out=tmp_path / "b.tflite")
     with pytest.raises(ConversionError, match="unknown mode"):
@@ -180,8 +182,9 @@ def test_int8_gate_names_float_compute_ops(tiny_keras_path, tmp_path):
     """A model whose convs are float fails the --int8 contract unless fallback is allowed."""
     export_tflite(tiny_keras_path, ConvertSettings("dynamic"), out=tmp_path / "d.tflite")
     info = inspect_tflite((tmp_path / "d.tflite").read_bytes())
-    with pytest.raises(ConversionError, match=r"compute ops stayed float.*CONV_2D.*--allow-float-fallback"):
+    with pytest.raises(ConversionError, match=r"compute ops stayed float.*CONV_2D") as refused:
         check_integer_ops(info, ConvertSettings("int8"))
+    assert refused.value.remedy == Remedy.ALLOW_FLOAT_FALLBACK
     check_integer_ops(info, ConvertSettings("int8", allow_float_fallback=True))
     check_integer_ops(info, ConvertSettings("dynamic"))
 

@@ -18,7 +18,7 @@ def _stock_calibration(source, calibration):
     """The converter's own calibrated model, and the float model it calibrated."""
     from tensorflow.lite.python.optimize import calibrator
 
-    from pipeline.conversion.export import _configure, _make_converter
+    from pipeline.conversion.routes import _configure, _make_converter
 
     seen = {}
     original = calibrator.Calibrator.calibrate

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.conversion.export import ConvertSettings, convert_bytes
+from pipeline.conversion.export import ConvertSettings, convert_bytes, convert_model
 from pipeline.tflite.tflite_info import inspect_tflite
 from tests.conftest import run_cli
 
@@ -70,13 +71,13 @@ def test_private_quantizer_hook_is_pinned_and_works(trained_run, calibration):
     from pipeline.model.modelio import load_source
 
     source = load_source(trained_run.model_path)
-    record: dict = {}
-    model = convert_bytes(source, ConvertSettings("int8", float_layers=("predictions", "block3_sepconv1")),
-                          calibration, calibration_record=record)
+    conversion = convert_model(source, ConvertSettings("int8", float_layers=("predictions", "block3_sepconv1")),
+                               calibration)
+    model, record = conversion.model, conversion.calibration
     info = inspect_tflite(model)
     assert info.op_histogram.get("FULLY_CONNECTED/float32") == 1
     assert info.op_histogram.get("DEPTHWISE_CONV_2D/float32") == 1  # the separable conv's two ops
-    assert record["float_layers"] == ["predictions", "block3_sepconv1"] and len(record["denylisted_nodes"]) == 3
+    assert record.float_layers == ["predictions", "block3_sepconv1"] and len(record.denylisted_nodes or []) == 3
     assert info.inputs[0]["dtype"] == "uint8"  # everything else is the stock converter path
 
 
@@ -234,16 +235,16 @@ def test_splice_puts_the_donor_layer_in_the_host(sensitive_conversions, calibrat
 
     source, float_model = sensitive_conversions["source"], sensitive_conversions["float"]
     host = sensitive_conversions[host_mode]
-    record: dict = {}
     if (host_mode, kept_in) == ("int8", "float"):  # convert_bytes takes the MLIR denylist here: splice directly
-        spliced = splice(host, float_model, ["block3_sepconv1"], record=record)
-        report = record
+        report: dict = {}
+        spliced = splice(host, float_model, ["block3_sepconv1"], record=report)
     else:  # the path ConvertSettings.float_layers takes
-        spliced = convert_bytes(source, ConvertSettings(host_mode, float_layers=("block3_sepconv1",), fallback=kept_in,
-                                                        input_convention="signed_unit"),
-                                calibration, calibration_record=record)
-        assert record["fallback_method"] == "splice" and record["float_layers"] == ["block3_sepconv1"]
-        report = record["splice"]
+        conversion = convert_model(source, ConvertSettings(host_mode, float_layers=("block3_sepconv1",),
+                                                           fallback=kept_in, input_convention="signed_unit"),
+                                   calibration)
+        spliced, record = conversion.model, conversion.calibration
+        assert record.fallback_method == "splice" and record.float_layers == ["block3_sepconv1"]
+        report = record.splice or {}
     donor_type = "float32" if kept_in == "float" else "int16"
     host_type = "int8" if host_mode == "int8" else "int16"
     assert report["method"] == "splice" and report["donor"] == donor_type and report["ops"] == 2
@@ -402,7 +403,7 @@ def test_a_rewrite_that_changes_top1_on_the_eval_images_is_left_out(trained_run,
     measure the model as written and leave the rewrite out, saying so, instead of writing a model whose
     drop it never measured.
     """
-    from pipeline.conversion import export as tflite_optimize  # where optimize_graph finds the rewrites
+    from pipeline.conversion import rewrite_gate as tflite_optimize  # where optimize_graph finds the rewrites
     from pipeline.validation.accuracy_budget import DropMeter, convert_within_budget
     from pipeline.model.modelio import load_source
 
@@ -422,6 +423,10 @@ def test_a_rewrite_that_changes_top1_on_the_eval_images_is_left_out(trained_run,
         assert entry["applied"] == (entry["check"]["gate"]["eval_top1_changed"] == 0)
     record = result.record
     assert record["reached"] and record["final_top1_drop_pp"] == record["steps"][-1]["top1_drop_pp"] <= BUDGET
+    # the manifest's timing covers the whole search: its own measuring, and every conversion it made by stage
+    timing = result.export.manifest["timing"]
+    assert abs(sum(v for k, v in timing.items() if k != "total_s") - timing["total_s"]) <= 10 * 0.0005 + 1e-9
+    assert timing["search_s"] > 0 and timing["calibration_s"] > 0 and timing["quantizer_s"] > 0
     # exact: the written model predicts what the unrewritten quantizer output predicts, on every eval image
     meter = DropMeter(trained_run.model_path, digits["val"], limit=EVAL_LIMIT)
     stock = convert_bytes(load_source(trained_run.model_path), ConvertSettings("int8"), calibration)
@@ -435,13 +440,13 @@ def test_an_over_budget_written_model_is_never_at_the_budget_path(trained_run, c
     from pipeline.validation.accuracy_budget import convert_within_budget
     from pipeline.core.errors import BudgetNotReached
 
-    real = export.convert_bytes
+    real = export.convert_model
 
     def differs(source, settings, *args, **kwargs):  # export_tflite's own conversion, not the search's
-        model = real(source, settings, *args, **kwargs)
-        return _scramble(model) if settings.mode == "int8" else model
+        conversion = real(source, settings, *args, **kwargs)
+        return replace(conversion, model=_scramble(conversion.model)) if settings.mode == "int8" else conversion
 
-    monkeypatch.setattr(export, "convert_bytes", differs)
+    monkeypatch.setattr(export, "convert_model", differs)
     out = tmp_path / "m.tflite"
     with pytest.raises(BudgetNotReached, match="the written model's top-1 drop"):
         convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.conversion.export import ConvertSettings, export_tflite
 from pipeline.core.artifacts import manifest_path_for
 from pipeline.core.data import Item
-from pipeline.core.errors import ConversionError
+from pipeline.core.errors import ConversionError, Remedy
 from pipeline.core.preprocessing import PreprocessSpec, model_input, pixels_for, quantize, scale
 from pipeline.model.stem import Stem, find_stem, fold_stem, layer_graph
 from pipeline.model.xception import build_xception
@@ -218,9 +218,10 @@ def test_an_unusual_first_layer_keeps_signed_unit_with_a_uint8_output(tmp_path, 
     io = result.manifest["io"]
     assert io["inputs"][0]["dtype"] == "int8" and io["outputs"][0]["dtype"] == "uint8"
     assert result.manifest["preprocessing"]["fingerprint"] == PreprocessSpec(71).fingerprint
-    with pytest.raises(ConversionError, match="DepthwiseConv2D.*--input-convention signed-unit"):
+    with pytest.raises(ConversionError, match="DepthwiseConv2D") as refused:
         export_tflite(path, ConvertSettings("int8", input_convention="pixels"), out=tmp_path / "p.tflite",
                       representative=calibration)
+    assert refused.value.remedy == Remedy.SIGNED_UNIT_INPUT
     assert not (tmp_path / "p.tflite").exists()
 
 

@@ -12,9 +12,9 @@ import pytest
 from pipeline.conversion import converter_hooks
 
 from pipeline.tflite import flatbuffers
-from pipeline.conversion import export as export_module
+from pipeline.conversion import routes as export_module
 from pipeline.core.errors import CalibrationError
-from pipeline.conversion.export import ConvertSettings, convert_bytes, export_tflite
+from pipeline.conversion.export import ConvertSettings, convert_bytes, convert_model, export_tflite
 from pipeline.conversion.convention_choice import converted_source
 from pipeline.model.modelio import load_source
 from pipeline.core.quiet import native_stderr_captured
@@ -64,10 +64,10 @@ def test_freezing_without_the_reimport_gives_the_same_float_model(trained_run, m
 
 def test_staged_int8_is_the_converters_own_model(trained_run, calibration, monkeypatch):
     """Every field equal, op options included; only the converter's CONVERSION_METADATA entry is absent."""
-    record: dict = {}
     old = ConvertSettings("int8", input_convention="signed_unit")  # pixel input is also pinned between the stages
-    staged = convert_bytes(load_source(trained_run.model_path), old, calibration, calibration_record=record)
-    assert "stages" in record and record["calibrator"] == "fast-minmax"
+    conversion = convert_model(load_source(trained_run.model_path), old, calibration)
+    staged, record = conversion.model, conversion.calibration
+    assert conversion.route == "staged" and record.stages and record.calibrator == "fast-minmax"
     monkeypatch.setattr(export_module, "_use_stages", lambda *a: False)
     once = convert_bytes(load_source(trained_run.model_path), old, calibration)
     ours, theirs = flatbuffers.read(staged), flatbuffers.read(once)
@@ -100,12 +100,10 @@ def test_float_layer_choices_reuse_the_float_model_and_calibration(trained_run, 
     monkeypatch.setattr(converter_hooks, "fast_minmax", minmax)
     source = load_source(trained_run.model_path)
     quantized = convert_bytes(source, ConvertSettings("int8"), calibration)
-    layer = next(iter(op_outputs_by_layer(converted_source(source, "pixels").cache["calibrated"][2])))
-    record: dict = {}
-    partial = convert_bytes(source, ConvertSettings("int8", float_layers=(layer,)), calibration,
-                            calibration_record=record)
+    layer = next(iter(op_outputs_by_layer(converted_source(source, "pixels").cache.calibrated.model)))
+    partial = convert_model(source, ConvertSettings("int8", float_layers=(layer,)), calibration)
     assert calls == {"convert": 1, "calibrate": 1}
-    assert record["float_layers"] == [layer] and partial != quantized
+    assert partial.calibration.float_layers == [layer] and partial.model != quantized
 
 
 def test_a_float_tflite_quantizes_to_the_same_bytes_as_its_keras_model(trained_run, trained_tflite, digits,
@@ -129,7 +127,7 @@ def test_a_float_tflite_quantizes_to_the_same_bytes_as_its_keras_model(trained_r
     again = run_cli("convert", tmp_path / "from_tflite.tflite", *common, "--out", tmp_path / "twice.tflite")
     assert again.returncode == 2 and "is already quantized" in again.stderr and "Traceback" not in again.stderr
     fp16 = run_cli("convert", float_copy, "--fp16", "--out", tmp_path / "h.tflite")
-    assert fp16.returncode == 2 and "--int8 only" in fp16.stderr and "Traceback" not in fp16.stderr
+    assert fp16.returncode == 2 and "int8 only" in fp16.stderr and "Traceback" not in fp16.stderr
     assert not (tmp_path / "twice.tflite").exists() and not (tmp_path / "h.tflite").exists()
 
 
@@ -217,7 +215,7 @@ def test_the_extension_route_speaks_the_quantizers_own_constants(trained_run, ca
     assert types_pb2.QUANTIZED_INT8 == converter_hooks.QUANTIZED_INT8
     source = load_source(trained_run.model_path)
     convert_bytes(source, ConvertSettings("int8", input_convention="signed_unit"), calibration)
-    quantized = convert.mlir_quantize(source.cache["calibrated"][2], input_data_type=tf.int8,
+    quantized = convert.mlir_quantize(source.cache.calibrated.model, input_data_type=tf.int8,
                                       output_data_type=tf.int8)
     ours = converter_hooks._deduplicate_readonly_buffers(quantized)
     theirs = convert.deduplicate_readonly_buffers(quantized)

@@ -237,7 +237,7 @@ def test_the_per_layer_report_names_the_inner_layers(user_model, digits, tmp_pat
         assert result.report["layers"]["status"] == "ok", result.report["layers"]
         rows = result.report["layers"]["all"]
     else:
-        float_model = user_model["source"].cache["folded"].cache["float_tflite"]
+        float_model = user_model["source"].cache.folded.cache.float_tflite
         spec = PreprocessSpec(size=arch.size)
         inputs = [model_input(pixels_for(image, spec), "pixels") for image in sorted(digits["val"].glob("*/*.png"))[:2]]
         rows = [e.to_dict() for e in layer_errors(float_model, user_model["tflite"].read_bytes(), inputs)]
@@ -328,7 +328,7 @@ def test_a_keras_3_h5_file_loads_with_keras_3_and_its_base_is_inlined(tmp_path):
     path = tmp_path / "fine_tuned.h5"
     model.save(path)
     source = load_source(path)
-    assert source.kind == "keras3" and source.cache["inlined_models"] == [base.name]
+    assert source.kind == "keras3" and source.cache.inlined_models == [base.name]
     assert isinstance(find_stem(source.model), Stem) and find_stem(source.model).conv == "Conv1"
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     assert np.array_equal(np.asarray(model(x, training=False)), np.asarray(source.model(x, training=False)))
