@@ -234,22 +234,29 @@ def _facts(runner, path: Path) -> dict:
     return facts
 
 
-def _layer_section(float_model: FloatModel | NoFloatModel, cand_runner, pixels: list[np.ndarray]) -> dict:
+def _layer_section(ref_runner, float_model: FloatModel | NoFloatModel | None, cand_runner,
+                   pixels: list[np.ndarray]) -> dict:
     """Per-layer errors when the candidate is integer-quantized (int8, int16x8) and the reference its float source.
 
     Failures are reported in the section (the drift numbers stand on their own);
     a mismatch of models is "skipped", with the reason. Both models are fed
     the same float input, the candidate's: a Keras reference is converted with
-    the candidate's scaling folded in where the candidate takes pixels.
+    the candidate's scaling folded in where the candidate takes pixels (a
+    second conversion: the reference runner's float .tflite computes the Keras
+    model's own function, unfolded, so that it agrees with it to float
+    rounding).
     """
 
     if getattr(cand_runner, "model_bytes", None) is None or not inspect_tflite(cand_runner.model_bytes).int_op_count:
         return {"status": "skipped", "reason": "the candidate is not an integer-quantized .tflite model"}
     if not pixels:
         return {"status": "skipped", "reason": "no layer samples asked for (layer_samples 0)"}
+    t0 = time.perf_counter()
+    domain = domain_of(cand_runner.convention)
+    if not (isinstance(float_model, FloatModel) and float_model.domain == domain):
+        float_model = float_reference(ref_runner, domain)
     if isinstance(float_model, NoFloatModel):
         return float_model.to_report()
-    t0 = time.perf_counter()
     inputs = [model_input(p, cand_runner.convention) for p in pixels]
     try:
         errors = layer_errors(float_model.model_bytes, cand_runner.model_bytes, inputs)
@@ -274,6 +281,9 @@ class _Run:
     layer_inputs: list[np.ndarray] = field(default_factory=list)
     decoded: list[Item] = field(default_factory=list)  # the first images that decoded (the floor is timed on them)
     seconds: float = 0.0
+    # where ``seconds`` went: waiting for a decoded chunk, the reference (its runner check included), the candidate
+    parts: dict[str, float] = field(default_factory=lambda: {"decode_wait_s": 0.0, "reference_s": 0.0,
+                                                             "candidate_s": 0.0})
 
     def add(self, chunk: list[Item], loaded: list, ref_runner, cand_runner, layer_samples: int) -> None:
         """Give one decoded chunk to both models (the same batch) and keep what the report needs."""
@@ -282,15 +292,19 @@ class _Run:
         if not good:
             return
         batch = np.stack([x for _, x in good])
+        t0 = time.perf_counter()
         self.reference.append(ref_runner.predict_pixels(batch))
+        t1 = time.perf_counter()
         self.candidate.append(cand_runner.predict_pixels(batch))
+        self.parts["reference_s"] += t1 - t0
+        self.parts["candidate_s"] += time.perf_counter() - t1
         self.paths.extend(str(it.path) for it, _ in good)
         self.labels.extend(it.label for it, _ in good)
         self.layer_inputs.extend(batch[:max(layer_samples - len(self.layer_inputs), 0)])
         self.decoded.extend(it for it, _ in good[:max(FLOOR_SAMPLES - len(self.decoded), 0)])
 
 
-def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner, cand_runner, workers: int,
+def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner: ReferenceRunner, cand_runner, workers: int,
                  layer_samples: int, progress: Progress | None) -> _Run:
     """Decode the next chunk in threads while both models run on this one: bounded memory, one pass."""
     run = _Run()
@@ -302,7 +316,9 @@ def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner, cand_runn
 
         pending = submit(0)
         for start in range(0, len(chosen), CHUNK):
+            waited = time.perf_counter()
             loaded = [future.result() for future in pending]
+            run.parts["decode_wait_s"] += time.perf_counter() - waited
             pending = submit(start + CHUNK)  # decoded while the models run on this chunk
             run.add(chosen[start:start + CHUNK], loaded, ref_runner, cand_runner, layer_samples)
             if progress:
@@ -355,7 +371,7 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
         names, labels_source = resolve_labels(labels, reference, candidate, found.classes, ref_runner.facts.classes)
         spec = PreprocessSpec(size=ref_runner.facts.input_size)
         chosen = select_round_robin(found.items, limit)
-        convert_s, float_model, ref = _reference_runner(ref_runner, cand_runner, workers, reference_tolerance)
+        convert_s, float_model, ref = _reference_runner(ref_runner, workers, reference_tolerance)
         runners.append(ref)
         run = _predict_all(chosen, spec, ref, cand_runner, workers, layer_samples, progress)
         if not run.paths:
@@ -363,7 +379,7 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
             raise ValidationError(f"no usable images in {data}: all {len(chosen)} files were skipped{example}")
         floor = measure_floor(run.decoded, spec, ref, cand_runner, default_workers())
         scored = _Scored.of(run, ref, cand_runner, names, found.labeled)
-        layers = _layer_section(float_model, cand_runner, run.layer_inputs)
+        layers = _layer_section(ref_runner, float_model, cand_runner, run.layer_inputs)
     finally:
         for runner in reversed(runners):
             runner.close()
@@ -378,23 +394,23 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
     return ValidationResult(report, written, misses)
 
 
-def _reference_runner(ref_runner, cand_runner, workers: int,
-                      tolerance: float) -> tuple[float | None, FloatModel | NoFloatModel, ReferenceRunner]:
-    """The float .tflite of the reference (converted once, in the domain the candidate's tensors take) and the
-    runner that computes the reference's outputs; with the conversion's seconds (None: nothing converted)."""
-    own = ref_runner if getattr(cand_runner, "model_bytes", None) is None else cand_runner
+def _reference_runner(ref_runner, workers: int,
+                      tolerance: float) -> tuple[float | None, FloatModel | NoFloatModel | None, ReferenceRunner]:
+    """The runner that computes the reference's outputs and, for a Keras reference, its float .tflite (converted
+    once, taking the model's own input: the same function to float rounding) with the conversion's seconds."""
+    if getattr(ref_runner, "model_bytes", None) is not None:  # a .tflite reference runs as it is
+        return None, None, ReferenceRunner(ref_runner, None, workers=workers, tolerance=tolerance)
     t0 = time.perf_counter()
-    float_model = float_reference(ref_runner, domain_of(own.convention))
-    keras = getattr(ref_runner, "model_bytes", None) is None
-    convert_s = round(time.perf_counter() - t0, 3) if keras else None
-    return convert_s, float_model, ReferenceRunner(ref_runner, float_model if keras else None, workers=workers,
-                                                   tolerance=tolerance)
+    float_model = float_reference(ref_runner, domain_of(ref_runner.convention))
+    convert_s = round(time.perf_counter() - t0, 3)
+    return convert_s, float_model, ReferenceRunner(ref_runner, float_model, workers=workers, tolerance=tolerance)
 
 
 def _timing(run: _Run, floor: Floor | None, total_s: float, workers: int) -> dict:
     rate = round(len(run.paths) / run.seconds, 1) if run.seconds else None
     return {"predict_s": round(run.seconds, 3), "images_per_s": rate, "total_s": round(total_s, 3),
-            "workers": workers, "floor": floor.to_report(rate) if floor else None}
+            "workers": workers, **{k: round(v, 3) for k, v in run.parts.items()},
+            "floor": floor.to_report(rate) if floor else None}
 
 
 def _checked_inputs(data, out_dir: Path, limit, layer_samples: int, budgets: Budgets):
