@@ -72,8 +72,7 @@ class DropMeter:
                  trust_code: bool = False, holdout: bool = True, convention: str = LEGACY_CONVENTION):
         found = discover(data, what="eval folder")
         if not found.labeled:
-            raise ValidationError(f"the eval folder needs labeled images (one subfolder per class); {data} is flat",
-                                  setting="eval_dir")
+            raise ValidationError(f"the eval folder needs labeled images (one subfolder per class); {data} is flat")
         self.workers = workers or default_workers()
         runner = open_runner(reference, workers=self.workers, trust_code=trust_code)
         try:

@@ -424,7 +424,7 @@ def _checked_inputs(data, out_dir: Path, limit, layer_samples: int, budgets: Bud
     found = discover(data, what="validation folder")
     if budgets.max_top1_drop_pp is not None and not found.labeled:
         raise ValidationError(f"a top-1 drop budget needs labeled data (one subfolder per class); {data} is flat, "
-                              "so only agreement and KL can be checked", setting="max_top1_drop_pp")
+                              "so only agreement and KL can be checked")
     return found
 
 
