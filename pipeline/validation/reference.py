@@ -45,6 +45,12 @@ def domain_of(convention: str) -> str:
     return "pixels" if convention in PIXEL_CONVENTIONS else "signed_unit"
 
 
+def check_tolerance(tolerance: float) -> None:
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ValidationError(f"the reference tolerance must be a number >= 0, got {tolerance}",
+                              setting="reference_tolerance")
+
+
 @dataclass(frozen=True)
 class FloatModel:
     """A float .tflite of the reference, and how it was obtained (said in the report)."""
@@ -109,9 +115,7 @@ class ReferenceRunner:
 
     def __init__(self, model, float_model: FloatModel | NoFloatModel | None, *, workers: int,
                  tolerance: float = REFERENCE_TOLERANCE, samples: int = REFERENCE_CHECK_SAMPLES):
-        if not math.isfinite(tolerance) or tolerance < 0:
-            raise ValidationError(f"the reference tolerance must be a number >= 0, got {tolerance}",
-                                  setting="reference_tolerance")
+        check_tolerance(tolerance)
         self.model, self.output_kind, self.samples = model, model.output_kind, max(1, samples)
         self.facts, self.float_runner = model.facts, None
         self.chosen = model
@@ -164,4 +168,4 @@ class ReferenceRunner:
 
 
 __all__ = ["KERAS_RUNNER", "REFERENCE_CHECK_SAMPLES", "REFERENCE_TOLERANCE", "TFLITE_RUNNER", "FloatModel",
-           "NoFloatModel", "ReferenceCheck", "ReferenceRunner", "domain_of", "float_reference"]
+           "NoFloatModel", "ReferenceCheck", "ReferenceRunner", "check_tolerance", "domain_of", "float_reference"]

@@ -36,6 +36,7 @@ from pipeline.validation.reference import (
     FloatModel,
     NoFloatModel,
     ReferenceRunner,
+    check_tolerance,
     domain_of,
     float_reference,
 )
@@ -360,6 +361,7 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
     t0 = time.perf_counter()
     reference, candidate, out_dir = Path(reference), Path(candidate), Path(out_dir)
     found = _checked_inputs(data, out_dir, limit, layer_samples, budgets)
+    check_tolerance(reference_tolerance)
     workers = workers or default_workers()
     runners: list = []
     try:
