@@ -32,7 +32,7 @@ from pipeline.core.errors import BudgetNotReached, ConversionError
 from pipeline.model.modelio import load_source
 from pipeline.tflite.splice import splice
 from pipeline.validation.budget_settings import BudgetSettings
-from pipeline.validation.drop_meter import HOLDOUT_MIN_PER_CLASS, DropMeter
+from pipeline.validation.drop_meter import HOLDOUT_MIN_PER_CLASS, DropFigures, DropMeter
 from pipeline.validation.layer_ranking import rank_layers
 
 Say = Callable[[str], None]
@@ -46,11 +46,11 @@ class SearchState:
     model: bytes = field(repr=False)  # the quantizer's output (what a splice starts from)
     written: bytes = field(repr=False)  # the model as it is written: after the graph rewrites kept
     optimizations: list[dict]
-    figures: dict  # ``DropMeter.measure`` on ``written``, on the search images
+    figures: DropFigures  # measured on ``written``, on the search images
 
     @property
     def drop_pp(self) -> float:
-        return self.figures["top1_drop_pp"]
+        return self.figures.top1_drop_pp
 
     def applied(self) -> list[str]:
         return [e["name"] for e in self.optimizations if e.get("applied")]
@@ -59,8 +59,8 @@ class SearchState:
 class Judgement(NamedTuple):
     """Figures of one model: on the search images, on the held-out ones, and the one the budget is gated on."""
 
-    search: dict
-    heldout: dict | None
+    search: DropFigures
+    heldout: DropFigures | None
     gate_on: str  # "heldout" where there are held-out images, else "search"
     gate_pp: float
 
@@ -133,7 +133,7 @@ class BudgetSearch:
         """Add the layer whose float copy lowers the drop most, until the drop is within budget or
         ``max_float_layers`` are kept out."""
         state = self.quantize_with([])
-        steps = [{"float_layers": [], "top1_drop_pp": state.drop_pp, "top1": state.figures["top1_quant"],
+        steps = [{"float_layers": [], "top1_drop_pp": state.drop_pp, "top1": state.figures.top1_quant,
                   "rewrites": state.applied()}]
         self.say(f"step 0: all layers quantized: drop {state.drop_pp:.2f} pp")
         self.baseline, best = state, state
@@ -164,7 +164,7 @@ class BudgetSearch:
             return None
         trial, entry = min(trials, key=lambda t: t[0].drop_pp)  # stable: ties keep the rank order
         record = {"float_layers": list(trial.layers), "added": entry["layer"],
-                  "top1_drop_pp": trial.drop_pp, "top1": trial.figures["top1_quant"],
+                  "top1_drop_pp": trial.drop_pp, "top1": trial.figures.top1_quant,
                   "rewrites": trial.applied(), "ranked": ranked[:candidates],
                   "tried": [{"layer": e["layer"], "top1_drop_pp": t.drop_pp} for t, e in trials]}
         tried = ", ".join(e["layer"] for _, e in trials)
@@ -176,7 +176,7 @@ class BudgetSearch:
         """Search and held-out figures of these bytes, and the figure the budget is gated on."""
         search = self.meter.measure(model_bytes)
         held = self.meter.measure(model_bytes, "heldout") if self.meter.heldout_images else None
-        return Judgement(search, held, "heldout" if held else "search", (held or search)["top1_drop_pp"])
+        return Judgement(search, held, "heldout" if held else "search", (held or search).top1_drop_pp)
 
     def fallback_record(self, model_bytes: bytes, best: SearchState, record: dict, reached: bool) -> dict:
         """The manifest's ``float_fallback``, measured on the bytes on disk (after the graph rewrites)."""
@@ -184,9 +184,10 @@ class BudgetSearch:
         meter, held = self.meter, judged.heldout
         return {
             **record, "reached": reached, "method": self.method, "kept_in": self.kept_in,
-            "layers": list(best.layers), "final_top1_drop_pp": judged.search["top1_drop_pp"],
-            "final": judged.search, "heldout": held, "heldout_top1_drop_pp": held["top1_drop_pp"] if held else None,
-            "heldout_top1_drop_ci95_pp": held["top1_drop_ci95_pp"] if held else None,
+            "layers": list(best.layers), "final_top1_drop_pp": judged.search.top1_drop_pp,
+            "final": judged.search.to_manifest(), "heldout": held.to_manifest() if held else None,
+            "heldout_top1_drop_pp": held.top1_drop_pp if held else None,
+            "heldout_top1_drop_ci95_pp": list(held.top1_drop_ci95_pp) if held else None,
             "gate": {"on": judged.gate_on, "top1_drop_pp": judged.gate_pp, "reason": meter.holdout_note},
             "eval": {**record["eval"], "images": len(meter.all_inputs), "search_images": len(meter.inputs),
                      "heldout_images": meter.heldout_images, "holdout_min_per_class": HOLDOUT_MIN_PER_CLASS,
@@ -235,7 +236,7 @@ class BudgetSearch:
             return (f"top-1 drop {best.drop_pp:.2f} pp is over the {max_drop_pp:g} pp budget even "
                     f"with {len(best.layers)} layers in {self.kept_in} ({layers}; at most {max_float_layers} "
                     f"allowed); the best model is kept as {exported.path} for inspection")
-        lo, hi = (judged.heldout or judged.search)["top1_drop_ci95_pp"]  # searched within budget: held-out missed
+        lo, hi = (judged.heldout or judged.search).top1_drop_ci95_pp  # searched within budget: held-out missed
         return (f"on the {self.meter.heldout_images} held-out eval images the top-1 drop is {judged.gate_pp:.2f} pp "
                 f"(95% CI {lo:.2f} to {hi:.2f}), over the {max_drop_pp:g} pp budget; the search reached "
                 f"{best.drop_pp:.2f} pp on its {len(self.meter.inputs)} images with "

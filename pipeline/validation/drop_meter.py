@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,23 @@ from pipeline.validation.metrics import drift_metrics, topk
 from pipeline.validation.output_kind import tflite_output_kind
 from pipeline.validation.predict import as_probabilities, default_workers, open_runner
 from pipeline.validation.validate import load_item, resolve_labels, select_round_robin
+
+@dataclass(frozen=True)
+class DropFigures:
+    """Drift figures of one model on one part of the eval images, as the manifest's ``float_fallback`` has them."""
+
+    top1_drop_pp: float
+    top1_float: float | None
+    top1_quant: float | None
+    agreement: float
+    kl_mean: float
+    samples: int
+    top1_drop_ci95_pp: tuple[float, float]
+    mcnemar: dict
+
+    def to_manifest(self) -> dict:
+        return {**asdict(self), "top1_drop_ci95_pp": list(self.top1_drop_ci95_pp)}
+
 
 HOLDOUT_MIN_PER_CLASS = 3  # a held-out third needs at least one image of every class
 
@@ -153,7 +171,7 @@ class DropMeter:
 
         return topk(self.outputs(model_bytes), 1)[:, 0]
 
-    def measure(self, model_bytes: bytes, part: str = "search") -> dict:
+    def measure(self, model_bytes: bytes, part: str = "search") -> DropFigures:
         """Drift figures on one part of the eval images: ``search`` (the default), ``heldout`` or ``all``."""
 
         rows = self.parts[part]
@@ -161,10 +179,9 @@ class DropMeter:
             raise ValidationError(f"no {part} eval images: {self.holdout_note}")
         m = drift_metrics(self.all_reference[rows], self.outputs(model_bytes)[rows], self.all_labels[rows],
                           self.names)
-        return {"top1_drop_pp": round(m["top1_drop_pp"], 4), "top1_float": m["top1_float"],
-                "top1_quant": m["top1_quant"], "agreement": m["agreement"], "kl_mean": m["kl_mean"],
-                "samples": m["samples"], "top1_drop_ci95_pp": [round(v, 4) for v in m["top1_drop_ci95_pp"]],
-                "mcnemar": m["mcnemar"]}
+        lo, hi = (round(v, 4) for v in m["top1_drop_ci95_pp"])
+        return DropFigures(round(m["top1_drop_pp"], 4), m["top1_float"], m["top1_quant"], m["agreement"],
+                           m["kl_mean"], m["samples"], (lo, hi), m["mcnemar"])
 
 
-__all__ = ["HOLDOUT_MIN_PER_CLASS", "DropMeter", "holdout_split"]
+__all__ = ["HOLDOUT_MIN_PER_CLASS", "DropFigures", "DropMeter", "holdout_split"]

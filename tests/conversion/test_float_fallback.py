@@ -99,7 +99,7 @@ def test_drop_meter_agrees_with_xedge_validate(trained_run, trained_tflite, digi
     from pipeline.validation.validate import validate
 
     meter = DropMeter(trained_run.model_path, digits["val"], limit=60)
-    measured = meter.measure(Path(trained_tflite["int8"]).read_bytes(), "all")
+    measured = meter.measure(Path(trained_tflite["int8"]).read_bytes(), "all").to_manifest()
     search, held = meter.parts["search"], meter.parts["heldout"]  # 6 images per class: 2 of each held out
     assert len(held) == 20 and sorted([*search, *held]) == list(range(60))
     assert np.bincount(meter.all_labels[held]).tolist() == [2] * 10
