@@ -99,7 +99,7 @@ class ReferenceCheck:
     samples: int = 0
     max_abs_diff: float | None = None  # largest difference of any output probability
     top1_equal: int = 0  # sample images on which both give the same top-1 class
-    passed: bool = False
+    passed: bool | None = None  # None: not checked (a .tflite reference, or no float .tflite to check)
     seconds: float = 0.0  # both runners on the sample
 
     def to_report(self) -> dict:
@@ -141,7 +141,7 @@ class ReferenceRunner:
 
     def _judge(self, slow: np.ndarray, fast: np.ndarray) -> None:
         check = self.check
-        check.samples = len(slow)
+        check.samples, check.passed = len(slow), False
         if self.float_runner is None or self.float_runner.output_kind.probabilities != self.output_kind.probabilities:
             check.reason = "the float .tflite's output is not the same kind (logits or probabilities) as the model's"
             return

@@ -76,6 +76,7 @@ def test_a_tflite_reference_runs_as_it_is(tmp_path, trained_tflite, digits):
     r = validate(trained_tflite["float"], trained_tflite["int8"], digits["val"], tmp_path, limit=10,
                  layer_samples=0).report
     assert r["reference_runner"]["runner"] == "the reference .tflite" and r["reference_runner"]["convert_s"] is None
+    assert r["reference_runner"]["check"]["passed"] is None and r["reference_runner"]["check"]["samples"] == 0
     with pytest.raises(ValidationError) as caught:
         validate(trained_tflite["float"], trained_tflite["int8"], digits["val"], tmp_path, reference_tolerance=-1)
     assert caught.value.setting == "reference_tolerance"
