@@ -387,12 +387,13 @@ def _fallback_latency(before: Path, after: Path) -> dict:
 
 def _convert_within_budget(path, settings, representative, source, eval_dir, labels, max_drop, max_float_layers,
                            eval_limit, out, force, as_json):
-    from pipeline.validation.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import BudgetSettings, convert_within_budget
 
     say = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
-    result = convert_within_budget(path, settings, representative=representative, eval_dir=eval_dir, labels=labels,
-                                   max_drop_pp=max_drop, max_float_layers=max_float_layers, eval_limit=eval_limit,
-                                   out=out, force=force, source=source, latency=_fallback_latency, say=say)
+    budget = BudgetSettings(max_drop, eval_dir, labels=labels, eval_limit=eval_limit,
+                            max_float_layers=max_float_layers, latency=_fallback_latency)
+    result = convert_within_budget(path, settings, budget, representative=representative, out=out, force=force,
+                                   source=source, say=say)
     record = result.record
     if as_json:
         import json

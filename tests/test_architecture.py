@@ -288,8 +288,6 @@ FLAG_IN_MESSAGE_OK = {"devices/runner.py"}
 FLAG_IN_MESSAGE_DEBT = {
     "calibrate/dataset.py", "devices/adb.py", "devices/bench.py", "devices/latency.py",
     "pipeline/conversion/settings.py", "pipeline/model/pretrained.py", "pipeline/model/qat.py", "pipeline/model/train.py",
-    "pipeline/validation/accuracy_budget.py", "pipeline/validation/mediapipe_client.py",
-    "pipeline/validation/validate.py",
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 

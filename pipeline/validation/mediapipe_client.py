@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import ValidationError
+from pipeline.core.errors import Remedy, ValidationError
 from pipeline.core.preprocessing import dequantize
 from pipeline.core.quiet import import_tensorflow_quietly, native_stderr_captured
 from pipeline.tflite.safe_tflite import read_model_bytes
@@ -39,17 +39,16 @@ from pipeline.validation.parity_images import Feed, ModelIO
 INSTALL_HINT = "pip install mediapipe (or the project's dev extra)"
 
 
-def refusal_message(model: Path, error: str) -> str:
-    """MediaPipe's own reason, on one line, with the fix for the refusals known today."""
+def refusal(model: Path, error: str) -> ValidationError:
+    """MediaPipe's own reason, on one line, with what to change for the refusals known today."""
     reason = " ".join(error.split())
     if "got INT8" in reason:
-        fix = ("it takes uint8 or float32 image inputs and this model's input is int8: convert it with plain "
-               "--int8 (uint8 pixel input, the default) or --float-io")
-    elif "NormalizationOptions" in reason:
-        fix = "its float32 input needs NormalizationOptions metadata: convert the model again with this version"
-    else:
-        return f"MediaPipe's ImageClassifier refuses {model}: {reason}"
-    return f"MediaPipe's ImageClassifier refuses {model}: {reason.rstrip('.')}; {fix}"
+        return ValidationError(f"MediaPipe's ImageClassifier refuses {model}: {reason.rstrip('.')}; it takes uint8 "
+                               "or float32 image inputs and this model's input is int8", remedy=Remedy.INT8_PIXELS)
+    if "NormalizationOptions" in reason:
+        return ValidationError(f"MediaPipe's ImageClassifier refuses {model}: {reason.rstrip('.')}; its float32 "
+                               "input needs NormalizationOptions metadata: convert the model again with this version")
+    return ValidationError(f"MediaPipe's ImageClassifier refuses {model}: {reason}")
 
 
 def _mediapipe_version() -> str:
@@ -138,10 +137,11 @@ class MediapipeTarget:
         kind, value = self._receive()
         if kind == "missing":
             self.close()
-            raise ValidationError(f"--mediapipe needs the mediapipe package ({INSTALL_HINT}): {value}")
+            raise ValidationError(f"the MediaPipe target needs the mediapipe package ({INSTALL_HINT}): {value}",
+                                  setting="mediapipe")
         if kind == "refused":
             self.close()
-            raise ValidationError(refusal_message(self.model, value))
+            raise refusal(self.model, value)
 
     def _receive(self):
         """The child's next message; a child that died instead is a ``ValidationError`` naming how."""

@@ -101,7 +101,7 @@ class Images:
     folders: list[str] | None
     found: int
     pixels: np.ndarray  # (N, H, H, 3) uint8
-    chosen: int = 0  # after --limit, before skips
+    chosen: int = 0  # after the image limit, before skips
     paths: list[str] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,26 +59,34 @@ class ModelFacts:
 class TfliteRunner:
     """A pool of batch-1 LiteRT interpreters (XNNPACK), one per worker thread."""
 
-    def __init__(self, path: str | os.PathLike, *, workers: int | None = None):
-        path = Path(path)
-        # Untrusted files get their first load and invoke in a limited child: a corrupt
-        # flatbuffer then ends in "invalid model: ...", never a crash of this process.
-        self.model_bytes = load_untrusted(path)
+    def __init__(self, path: str | os.PathLike, *, workers: int | None = None,
+                 converted: tuple[bytes, tuple[str, str]] | None = None):
+        """``converted``: (bytes this process converted, their (input convention, where it was read from));
+        ``path`` then only names them."""
+        if converted is None:
+            # Untrusted files get their first load and invoke in a limited child: a corrupt
+            # flatbuffer then ends in "invalid model: ...", never a crash of this process.
+            model_bytes = load_untrusted(Path(path))
+            converted = model_bytes, file_convention(Path(path), model_bytes)
+        self._setup(converted[0], str(path), converted[1], workers)
+
+    def _setup(self, model_bytes: bytes, name: str, convention: tuple[str, str], workers: int | None) -> None:
+        self.model_bytes = model_bytes
         self.workers = workers or default_workers()
-        first = open_interpreter(self.model_bytes, name=str(path))
+        first = open_interpreter(self.model_bytes, name=name)
         ins, outs = first.get_input_details(), first.get_output_details()
         if len(ins) != 1 or len(outs) != 1:
-            raise ModelLoadError(f"{path}: expected one input and one output, got {len(ins)} and {len(outs)}")
+            raise ModelLoadError(f"{name}: expected one input and one output, got {len(ins)} and {len(outs)}")
         shape = [int(s) for s in ins[0]["shape"]]
         if len(shape) != 4 or shape[0] != 1 or shape[3] != 3 or shape[1] != shape[2]:
-            raise ModelLoadError(f"{path}: expected a (1, H, H, 3) image input, got {shape}")
+            raise ModelLoadError(f"{name}: expected a (1, H, H, 3) image input, got {shape}")
         out_shape = [int(s) for s in outs[0]["shape"]]
         if len(out_shape) != 2:
-            raise ModelLoadError(f"{path}: expected a (1, classes) output, got {out_shape}")
+            raise ModelLoadError(f"{name}: expected a (1, classes) output, got {out_shape}")
         self._in, self._out = ins[0], outs[0]
         self.output_kind = tflite_output_kind(self.model_bytes)
-        self.convention, how = file_convention(path, self.model_bytes)
-        self.facts = ModelFacts(str(path), "tflite", artifacts.sha256_bytes(self.model_bytes), len(self.model_bytes),
+        self.convention, how = convention
+        self.facts = ModelFacts(name, "tflite", artifacts.sha256_bytes(self.model_bytes), len(self.model_bytes),
                                 shape[1], out_shape[1], np.dtype(ins[0]["dtype"]).name,
                                 np.dtype(outs[0]["dtype"]).name, self.convention, how)
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
@@ -102,6 +111,18 @@ class TfliteRunner:
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Outputs for decoded uint8 pixels, fed as this model's input convention says (what a device feeds)."""
         return self.predict(model_input(pixels, self.convention))
+
+    def seconds_per_image(self, pixels: np.ndarray) -> float:
+        """One interpreter's time per image on these pixels, one thread, nothing else of this runner running."""
+        inputs = model_input(pixels, self.convention)
+        interpreter = self._pool.get()
+        try:
+            t0 = time.perf_counter()
+            for x in inputs:
+                invoke_one(interpreter, x)
+            return (time.perf_counter() - t0) / max(len(inputs), 1)
+        finally:
+            self._pool.put(interpreter)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -149,6 +170,12 @@ class KerasRunner:
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         return self.predict(model_input(pixels, self.convention))
+
+    def seconds_per_image(self, pixels: np.ndarray) -> float:
+        """Time per image of one batched call (TensorFlow spreads it over every core: not one thread)."""
+        t0 = time.perf_counter()
+        self.predict_pixels(pixels)
+        return (time.perf_counter() - t0) / max(len(pixels), 1)
 
     def close(self) -> None:
         pass

@@ -44,9 +44,22 @@ def summary_rows(r: dict) -> list[tuple[str, str]]:
         rows.append(("worst layers", ", ".join(layers["worst"][:3])))
     else:
         rows.append(("per-layer errors", f"{layers.get('status', 'n/a')}: {layers.get('reason', '')}"))
-    if r.get("timing", {}).get("images_per_s"):
-        rows.append(("throughput", f"{r['timing']['images_per_s']:.0f} images/s"))
+    runner = r.get("reference_runner")
+    if runner:
+        rows.append(("reference runner", f"{runner['runner']}: {runner['reason']}"))
+    timing = r.get("timing") or {}
+    if timing.get("images_per_s"):
+        rows.append(("throughput", f"{timing['images_per_s']:.0f} images/s" + floor_text(timing.get("floor"))))
     return rows
+
+
+def floor_text(floor: dict | None) -> str:
+    """The machine's floor beside a measured rate (pipeline.validation.throughput)."""
+    if not floor:
+        return ""
+    return (f" (this machine's floor {floor['images_per_s']:.0f} images/s: decode {floor['decode_ms']:.1f} + "
+            f"reference {floor['reference_ms']:.1f} + candidate {floor['candidate_ms']:.1f} ms per image, "
+            f"one per core on {floor['cores']} cores)")
 
 
 def verdict(r: dict) -> str:
@@ -56,7 +69,7 @@ def verdict(r: dict) -> str:
 
 def budget_lines(r: dict) -> list[str]:
     if not r.get("budgets"):
-        return ["no budgets given (--max-top1-drop, --min-agreement, --max-kl): nothing was gated"]
+        return ["no budgets given: nothing was gated"]
     return [f"{'PASS' if v['passed'] else 'FAIL'} {name}: {v['value']:.4g} (budget {v['limit']:.4g})"
             for name, v in r["budgets"].items()]
 

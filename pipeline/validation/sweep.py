@@ -21,7 +21,7 @@ from pipeline.core.data import discover
 from pipeline.core.errors import BudgetNotReached, ConversionError
 from pipeline.conversion.settings import Representative
 from pipeline.model.modelio import SourceModel, load_source
-from pipeline.validation.accuracy_budget import convert_within_budget
+from pipeline.validation.accuracy_budget import BudgetSettings, convert_within_budget
 from pipeline.validation.sweep_report import render_html, render_markdown
 from pipeline.validation.validate import resolve_labels, validate
 
@@ -151,9 +151,9 @@ def _convert_fallback(sweep: _Sweep, settings: ConvertSettings, target: Path) ->
     the row's note and the layers left in float."""
     note = ""
     try:
-        exported = convert_within_budget(sweep.model_path, settings, representative=sweep.representative,
-                                         eval_dir=sweep.eval_dir, max_drop_pp=sweep.max_drop_pp, labels=sweep.labels,
-                                         max_float_layers=sweep.max_float_layers, eval_limit=sweep.eval_limit,
+        budget = BudgetSettings(sweep.max_drop_pp, sweep.eval_dir, labels=sweep.labels, eval_limit=sweep.eval_limit,
+                                max_float_layers=sweep.max_float_layers)
+        exported = convert_within_budget(sweep.model_path, settings, budget, representative=sweep.representative,
                                          out=target, force=sweep.force, source=sweep.source).export
     except BudgetNotReached as exc:
         note = f"budget {sweep.max_drop_pp:g} pp not reached"

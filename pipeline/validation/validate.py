@@ -21,19 +21,28 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.conversion.export import ConvertSettings, convert_bytes
 from pipeline.conversion.int8_methods import summary as int8_summary
 from pipeline.core import artifacts
 from pipeline.core.data import Item, Skip, discover
-from pipeline.core.errors import BudgetExceeded, ConversionError, DataError, ModelLoadError, ValidationError
-from pipeline.core.preprocessing import PIXEL_CONVENTIONS, ImageError, PreprocessSpec, model_input, pixels_for
+from pipeline.core.errors import BudgetExceeded, DataError, ModelLoadError, Remedy, ValidationError
+from pipeline.core.preprocessing import ImageError, PreprocessSpec, model_input, pixels_for
 from pipeline.tflite.safe_tflite import read_model_bytes
 from pipeline.tflite.tflite_info import inspect_tflite
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
 from pipeline.validation.predict import as_probabilities, default_workers, open_runner
+from pipeline.validation.reference import (
+    REFERENCE_TOLERANCE,
+    FloatModel,
+    NoFloatModel,
+    ReferenceRunner,
+    check_tolerance,
+    domain_of,
+    float_reference,
+)
 from pipeline.validation.report_html import render_html
 from pipeline.validation.report_md import render_markdown
+from pipeline.validation.throughput import FLOOR_SAMPLES, Floor, measure_floor
 
 REPORT_SCHEMA = 1
 CHUNK = 64  # images decoded and predicted per step: bounded memory, steady progress
@@ -153,13 +162,13 @@ def resolve_labels(labels_file, reference: Path, candidate: Path, folders: list[
         if names is None:
             names, source = [str(i) for i in range(classes)], "output indices (no labels found)"
     if len(names) != classes:
-        hint = "" if labels_file else "; pass --labels FILE (class names in output order)"
-        raise ValidationError(f"{source} gives {len(names)} class names but the model has {classes} outputs{hint}")
+        raise ValidationError(f"{source} gives {len(names)} class names but the model has {classes} outputs",
+                              remedy=None if labels_file else Remedy.LABELS)
     if folders is not None:
         unknown = sorted(set(folders) - set(names))
         if unknown:
             raise ValidationError(f"class folders {', '.join(unknown[:5])} are not among the model's labels "
-                                  f"(from {source}); pass --labels FILE with the training run's labels.json")
+                                  f"(from {source})", remedy=Remedy.LABELS)
     return names, source
 
 
@@ -226,30 +235,32 @@ def _facts(runner, path: Path) -> dict:
     return facts
 
 
-def _domain(convention: str) -> str:
-    return "pixels" if convention in PIXEL_CONVENTIONS else "signed_unit"
-
-
-def _layer_section(ref_runner, cand_runner, pixels: list[np.ndarray]) -> dict:
+def _layer_section(ref_runner, float_model: FloatModel | NoFloatModel | None, cand_runner,
+                   pixels: list[np.ndarray]) -> dict:
     """Per-layer errors when the candidate is integer-quantized (int8, int16x8) and the reference its float source.
 
     Failures are reported in the section (the drift numbers stand on their own);
     a mismatch of models is "skipped", with the reason. Both models are fed
     the same float input, the candidate's: a Keras reference is converted with
-    the candidate's scaling folded in where the candidate takes pixels.
+    the candidate's scaling folded in where the candidate takes pixels (a
+    second conversion: the reference runner's float .tflite computes the Keras
+    model's own function, unfolded, so that it agrees with it to float
+    rounding).
     """
 
     if getattr(cand_runner, "model_bytes", None) is None or not inspect_tflite(cand_runner.model_bytes).int_op_count:
         return {"status": "skipped", "reason": "the candidate is not an integer-quantized .tflite model"}
     if not pixels:
-        return {"status": "skipped", "reason": "--layer-samples 0"}
+        return {"status": "skipped", "reason": "no layer samples asked for (layer_samples 0)"}
     t0 = time.perf_counter()
-    float_model = _float_reference(ref_runner, _domain(cand_runner.convention))
-    if "status" in float_model:
-        return float_model
+    domain = domain_of(cand_runner.convention)
+    if not (isinstance(float_model, FloatModel) and float_model.domain == domain):
+        float_model = float_reference(ref_runner, domain)
+    if isinstance(float_model, NoFloatModel):
+        return float_model.to_report()
     inputs = [model_input(p, cand_runner.convention) for p in pixels]
     try:
-        errors = layer_errors(float_model["bytes"], cand_runner.model_bytes, inputs)
+        errors = layer_errors(float_model.model_bytes, cand_runner.model_bytes, inputs)
     except ValueError as exc:
         return {"status": "skipped", "reason": str(exc)}
     except (RuntimeError, ModelLoadError) as exc:  # an interpreter failing: say so, keep the drift numbers
@@ -257,25 +268,8 @@ def _layer_section(ref_runner, cand_runner, pixels: list[np.ndarray]) -> dict:
     rows = [e.to_dict() for e in errors]
     return {"status": "ok", "method": "float vs integer .tflite, all tensors preserved, matched by tensor name; "
             "RMSE of the dequantized output over its scale, accumulated through the network",
-            "float_model": float_model["how"], "samples": len(inputs), "count": len(rows),
+            "float_model": float_model.how, "samples": len(inputs), "count": len(rows),
             "worst": [r["layer"] for r in rows[:10]], "all": rows, "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def _float_reference(ref_runner, domain: str) -> dict:
-    """{"bytes", "how"}: the float .tflite whose tensors the candidate's are compared with; or a skip/failure."""
-    if getattr(ref_runner, "model_bytes", None) is not None:
-        if ref_runner.facts.input_dtype != "float32":
-            return {"status": "skipped", "reason": "the reference .tflite is not a float model"}
-        if _domain(ref_runner.convention) != domain:
-            return {"status": "skipped", "reason": f"the reference .tflite takes {ref_runner.convention} input, the "
-                                                  f"candidate {domain}: no tensor compares"}
-        return {"bytes": ref_runner.model_bytes, "how": "reference .tflite"}
-    try:
-        float_bytes = convert_bytes(ref_runner.source, ConvertSettings("float", input_convention=domain))
-    except ConversionError as exc:
-        return {"status": "failed", "reason": f"the reference could not be converted to float .tflite: {exc}"}
-    return {"bytes": float_bytes, "how": "reference converted to float32 .tflite in memory" + (
-        ", its [-1, 1] scaling folded in as in the candidate" if domain == "pixels" else "")}
 
 
 @dataclass
@@ -286,27 +280,48 @@ class _Run:
     candidate: list[np.ndarray] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     layer_inputs: list[np.ndarray] = field(default_factory=list)
+    decoded: list[Item] = field(default_factory=list)  # the first images that decoded (the floor is timed on them)
     seconds: float = 0.0
+    # where ``seconds`` went: waiting for a decoded chunk, the reference (its runner check included), the candidate
+    parts: dict[str, float] = field(default_factory=lambda: {"decode_wait_s": 0.0, "reference_s": 0.0,
+                                                             "candidate_s": 0.0})
+
+    def add(self, chunk: list[Item], loaded: list, ref_runner, cand_runner, layer_samples: int) -> None:
+        """Give one decoded chunk to both models (the same batch) and keep what the report needs."""
+        good = [(it, x) for it, (x, skip) in zip(chunk, loaded) if x is not None]
+        self.skipped.extend(skip for _, skip in loaded if skip is not None)
+        if not good:
+            return
+        batch = np.stack([x for _, x in good])
+        t0 = time.perf_counter()
+        self.reference.append(ref_runner.predict_pixels(batch))
+        t1 = time.perf_counter()
+        self.candidate.append(cand_runner.predict_pixels(batch))
+        self.parts["reference_s"] += t1 - t0
+        self.parts["candidate_s"] += time.perf_counter() - t1
+        self.paths.extend(str(it.path) for it, _ in good)
+        self.labels.extend(it.label for it, _ in good)
+        self.layer_inputs.extend(batch[:max(layer_samples - len(self.layer_inputs), 0)])
+        self.decoded.extend(it for it, _ in good[:max(FLOOR_SAMPLES - len(self.decoded), 0)])
 
 
-def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner, cand_runner, workers: int,
+def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner: ReferenceRunner, cand_runner, workers: int,
                  layer_samples: int, progress: Progress | None) -> _Run:
-    """Decode a chunk in parallel, give the same batch to both models, repeat: bounded memory, one pass."""
+    """Decode the next chunk in threads while both models run on this one: bounded memory, one pass."""
     run = _Run()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as decode:
+
+        def submit(start: int) -> list:
+            return [decode.submit(load_item, it, spec) for it in chosen[start:start + CHUNK]]
+
+        pending = submit(0)
         for start in range(0, len(chosen), CHUNK):
-            chunk = chosen[start:start + CHUNK]
-            loaded = list(decode.map(lambda it: load_item(it, spec), chunk))
-            good = [(it, x) for it, (x, skip) in zip(chunk, loaded) if x is not None]
-            run.skipped.extend(skip for _, skip in loaded if skip is not None)
-            if good:
-                batch = np.stack([x for _, x in good])
-                run.reference.append(ref_runner.predict_pixels(batch))
-                run.candidate.append(cand_runner.predict_pixels(batch))
-                run.paths.extend(str(it.path) for it, _ in good)
-                run.labels.extend(it.label for it, _ in good)
-                run.layer_inputs.extend(batch[:max(layer_samples - len(run.layer_inputs), 0)])
+            waited = time.perf_counter()
+            loaded = [future.result() for future in pending]
+            run.parts["decode_wait_s"] += time.perf_counter() - waited
+            pending = submit(start + CHUNK)  # decoded while the models run on this chunk
+            run.add(chosen[start:start + CHUNK], loaded, ref_runner, cand_runner, layer_samples)
             if progress:
                 progress(min(start + CHUNK, len(chosen)), len(chosen))
     run.seconds = time.perf_counter() - t0
@@ -334,14 +349,21 @@ def _list_hash(paths: list[str], root: Path) -> str:
 
 def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budgets = Budgets(),
              limit: int | None = None, layer_samples: int = 16, workers: int | None = None,
-             trust_code: bool = False, progress: Progress | None = None) -> ValidationResult:
-    """Measure ``candidate``'s drift from ``reference`` on the images in ``data``; write the reports to ``out_dir``."""
+             trust_code: bool = False, progress: Progress | None = None,
+             reference_tolerance: float = REFERENCE_TOLERANCE) -> ValidationResult:
+    """Measure ``candidate``'s drift from ``reference`` on the images in ``data``; write the reports to ``out_dir``.
+
+    A Keras reference runs as its float32 .tflite where that agrees with it on
+    the run's first images within ``reference_tolerance`` (a probability
+    difference; 0 keeps the Keras model): ``pipeline.validation.reference``.
+    """
 
     t0 = time.perf_counter()
     reference, candidate, out_dir = Path(reference), Path(candidate), Path(out_dir)
     found = _checked_inputs(data, out_dir, limit, layer_samples, budgets)
+    check_tolerance(reference_tolerance)
     workers = workers or default_workers()
-    runners = []
+    runners: list = []
     try:
         ref_runner = open_runner(reference, workers=workers, trust_code=trust_code)
         runners.append(ref_runner)
@@ -351,38 +373,59 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
         names, labels_source = resolve_labels(labels, reference, candidate, found.classes, ref_runner.facts.classes)
         spec = PreprocessSpec(size=ref_runner.facts.input_size)
         chosen = select_round_robin(found.items, limit)
-        run = _predict_all(chosen, spec, ref_runner, cand_runner, workers, layer_samples, progress)
+        convert_s, float_model, ref = _reference_runner(ref_runner, workers, reference_tolerance)
+        runners.append(ref)
+        run = _predict_all(chosen, spec, ref, cand_runner, workers, layer_samples, progress)
         if not run.paths:
             example = f" (e.g. {run.skipped[0].path}: {run.skipped[0].reason})" if run.skipped else ""
             raise ValidationError(f"no usable images in {data}: all {len(chosen)} files were skipped{example}")
-        scored = _Scored.of(run, ref_runner, cand_runner, names, found.labeled)
-        layers = _layer_section(ref_runner, cand_runner, run.layer_inputs)
+        floor = measure_floor(run.decoded, spec, ref, cand_runner, default_workers())
+        scored = _Scored.of(run, ref, cand_runner, names, found.labeled)
+        layers = _layer_section(ref_runner, float_model, cand_runner, run.layer_inputs)
     finally:
-        for runner in runners:
+        for runner in reversed(runners):
             runner.close()
     report = _report(reference, candidate, ref_runner, cand_runner, spec, found, run, scored, layers, names,
                      labels_source, limit)
+    report["reference_runner"] = {**ref.check.to_report(), "convert_s": convert_s}
     verdicts, misses = budgets.check(report)
     report["budgets"] = verdicts
     report["passed"] = (not misses) if verdicts else None  # None: no budget given, nothing gated
-    run_s = run.seconds
-    report["timing"] = {"predict_s": round(run_s, 3), "images_per_s": round(len(run.paths) / run_s, 1)
-                        if run_s else None, "total_s": round(time.perf_counter() - t0, 3), "workers": workers}
+    report["timing"] = _timing(run, floor, time.perf_counter() - t0, workers)
     written = write_reports(report, out_dir, ref_conf=scored.ref_conf, cand_conf=scored.cand_conf)
     return ValidationResult(report, written, misses)
+
+
+def _reference_runner(ref_runner, workers: int,
+                      tolerance: float) -> tuple[float | None, FloatModel | NoFloatModel | None, ReferenceRunner]:
+    """The runner that computes the reference's outputs and, for a Keras reference, its float .tflite (converted
+    once, taking the model's own input: the same function to float rounding) with the conversion's seconds."""
+    if getattr(ref_runner, "model_bytes", None) is not None:  # a .tflite reference runs as it is
+        return None, None, ReferenceRunner(ref_runner, None, workers=workers, tolerance=tolerance)
+    t0 = time.perf_counter()
+    float_model = float_reference(ref_runner, domain_of(ref_runner.convention))
+    convert_s = round(time.perf_counter() - t0, 3)
+    return convert_s, float_model, ReferenceRunner(ref_runner, float_model, workers=workers, tolerance=tolerance)
+
+
+def _timing(run: _Run, floor: Floor | None, total_s: float, workers: int) -> dict:
+    rate = round(len(run.paths) / run.seconds, 1) if run.seconds else None
+    return {"predict_s": round(run.seconds, 3), "images_per_s": rate, "total_s": round(total_s, 3),
+            "workers": workers, **{k: round(v, 3) for k, v in run.parts.items()},
+            "floor": floor.to_report(rate) if floor else None}
 
 
 def _checked_inputs(data, out_dir: Path, limit, layer_samples: int, budgets: Budgets):
     """The image folder, found, after the options are checked: nothing is loaded for a request that cannot run."""
     if limit is not None and limit < 1:
-        raise ValidationError(f"--limit must be at least 1, got {limit}")
+        raise ValidationError(f"the image limit must be at least 1, got {limit}", setting="limit")
     if layer_samples < 0:
-        raise ValidationError(f"--layer-samples must be >= 0, got {layer_samples}")
+        raise ValidationError(f"layer_samples must be >= 0, got {layer_samples}", setting="layer_samples")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValidationError(f"report folder {out_dir} is a file")
     found = discover(data, what="validation folder")
     if budgets.max_top1_drop_pp is not None and not found.labeled:
-        raise ValidationError(f"--max-top1-drop needs labeled data (one subfolder per class); {data} is flat, "
+        raise ValidationError(f"a top-1 drop budget needs labeled data (one subfolder per class); {data} is flat, "
                               "so only agreement and KL can be checked")
     return found
 

@@ -100,7 +100,7 @@ def test_drop_meter_agrees_with_xedge_validate(trained_run, trained_tflite, digi
     from pipeline.validation.validate import validate
 
     meter = DropMeter(trained_run.model_path, digits["val"], limit=60)
-    measured = meter.measure(Path(trained_tflite["int8"]).read_bytes(), "all")
+    measured = meter.measure(Path(trained_tflite["int8"]).read_bytes(), "all").to_manifest()
     search, held = meter.parts["search"], meter.parts["heldout"]  # 6 images per class: 2 of each held out
     assert len(held) == 20 and sorted([*search, *held]) == list(range(60))
     assert np.bincount(meter.all_labels[held]).tolist() == [2] * 10
@@ -112,11 +112,12 @@ def test_drop_meter_agrees_with_xedge_validate(trained_run, trained_tflite, digi
 
 
 def test_budget_already_met_needs_no_fallback(trained_run, calibration, digits, tmp_path):
-    from pipeline.validation.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import BudgetSettings, convert_within_budget
 
-    result = convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,
-                                   eval_dir=digits["val"], max_drop_pp=BUDGET, eval_limit=EVAL_LIMIT,
-                                   out=tmp_path / "m.tflite", latency=lambda a, b: pytest.fail("no fallback, no bench"))
+    budget = BudgetSettings(BUDGET, digits["val"], eval_limit=EVAL_LIMIT,
+                            latency=lambda a, b: pytest.fail("no fallback, no bench"))
+    result = convert_within_budget(trained_run.model_path, ConvertSettings("int8"), budget, representative=calibration,
+                                   out=tmp_path / "m.tflite")
     assert result.float_layers == [] and result.final["top1_drop_pp"] <= BUDGET
     manifest = json.loads((tmp_path / "m.manifest.json").read_text())
     record = manifest["float_fallback"]
@@ -178,11 +179,11 @@ def test_cli_unreachable_budget_keeps_best_under_distinct_name(sensitive_model, 
 
 def test_int16x8_is_the_other_lever(sensitive_model, calibration, digits, tmp_path):
     """16-bit activations absorb the planted outliers that int8 cannot; no layer needs to stay float."""
-    from pipeline.validation.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import BudgetSettings, convert_within_budget
 
-    result = convert_within_budget(sensitive_model, ConvertSettings("int16x8"), representative=calibration,
-                                   eval_dir=digits["val"], max_drop_pp=BUDGET, eval_limit=EVAL_LIMIT,
-                                   out=tmp_path / "m16.tflite")
+    result = convert_within_budget(sensitive_model, ConvertSettings("int16x8"),
+                                   BudgetSettings(BUDGET, digits["val"], eval_limit=EVAL_LIMIT),
+                                   representative=calibration, out=tmp_path / "m16.tflite")
     assert result.float_layers == [] and result.final["top1_drop_pp"] <= BUDGET >= result.heldout["top1_drop_pp"]
     assert inspect_tflite(result.export.model_bytes).inputs[0]["dtype"] == "int16"
     assert np.isfinite(result.final["kl_mean"])
@@ -342,11 +343,11 @@ def test_cli_int16x8_budget_keeps_planted_layers_in_float_by_splicing(int16_sens
 
 def test_int8_can_keep_layers_in_int16_instead(sensitive_model, calibration, digits, tmp_path):
     """The other lever inside one int8 model: the worst layers in int16x8 (slower than float: see README)."""
-    from pipeline.validation.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import BudgetSettings, convert_within_budget
 
     result = convert_within_budget(sensitive_model, ConvertSettings("int8", fallback="int16"),
-                                   representative=calibration, eval_dir=digits["val"], max_drop_pp=BUDGET,
-                                   eval_limit=EVAL_LIMIT, out=tmp_path / "m.tflite")
+                                   BudgetSettings(BUDGET, digits["val"], eval_limit=EVAL_LIMIT),
+                                   representative=calibration, out=tmp_path / "m.tflite")
     record = result.record
     assert record["reached"] and record["method"] == "splice" and record["kept_in"] == "int16"
     assert set(record["layers"]) <= set(PLANTED) and record["layers"]
@@ -404,16 +405,16 @@ def test_a_rewrite_that_changes_top1_on_the_eval_images_is_left_out(trained_run,
     drop it never measured.
     """
     from pipeline.conversion import rewrite_gate as tflite_optimize  # where optimize_graph finds the rewrites
-    from pipeline.validation.accuracy_budget import DropMeter, convert_within_budget
+    from pipeline.validation.accuracy_budget import BudgetSettings, DropMeter, convert_within_budget
     from pipeline.model.modelio import load_source
 
     blind = {"samples": 32, "top1_agreement": 1.0, "max_abs_quanta": 0, "mean_abs_diff": 0.0, "accepted": True}
     monkeypatch.setattr(tflite_optimize, "check_rewrite", lambda *a, **k: dict(blind))
     monkeypatch.setattr(tflite_optimize, "raise_negligible_add_inputs", lambda b: _as_rewrite(_scramble(b)))
     said: list[str] = []
-    result = convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,
-                                   eval_dir=digits["val"], max_drop_pp=BUDGET, eval_limit=EVAL_LIMIT,
-                                   out=tmp_path / "m.tflite", say=said.append)
+    result = convert_within_budget(trained_run.model_path, ConvertSettings("int8"),
+                                   BudgetSettings(BUDGET, digits["val"], eval_limit=EVAL_LIMIT),
+                                   representative=calibration, out=tmp_path / "m.tflite", say=said.append)
     by_name = {e["name"]: e for e in result.export.manifest["optimizations"]}
     scrambled = by_name["scramble_classifier"]
     assert scrambled["applied"] is False and scrambled["check"]["gate"]["eval_top1_changed"] > 0
@@ -437,7 +438,7 @@ def test_an_over_budget_written_model_is_never_at_the_budget_path(trained_run, c
                                                                  monkeypatch):
     """If the conversion for the output differs from the one measured, the output path gets nothing."""
     from pipeline.conversion import export
-    from pipeline.validation.accuracy_budget import convert_within_budget
+    from pipeline.validation.accuracy_budget import BudgetSettings, convert_within_budget
     from pipeline.core.errors import BudgetNotReached
 
     real = export.convert_model
@@ -449,8 +450,9 @@ def test_an_over_budget_written_model_is_never_at_the_budget_path(trained_run, c
     monkeypatch.setattr(export, "convert_model", differs)
     out = tmp_path / "m.tflite"
     with pytest.raises(BudgetNotReached, match="the written model's top-1 drop"):
-        convert_within_budget(trained_run.model_path, ConvertSettings("int8"), representative=calibration,
-                              eval_dir=digits["val"], max_drop_pp=BUDGET, eval_limit=EVAL_LIMIT, out=out)
+        convert_within_budget(trained_run.model_path, ConvertSettings("int8"),
+                              BudgetSettings(BUDGET, digits["val"], eval_limit=EVAL_LIMIT),
+                              representative=calibration, out=out)
     assert not out.exists() and not (tmp_path / "m.manifest.json").exists()
     kept = json.loads((tmp_path / "m_over_budget.manifest.json").read_text())["float_fallback"]
     assert kept["reached"] is False and kept["gate"]["top1_drop_pp"] > BUDGET
@@ -470,7 +472,7 @@ def test_holdout_split_is_a_stratified_third_with_a_stated_minimum():
 
 def test_budget_is_judged_on_the_held_out_images(sensitive_conversions, calibration, digits, tmp_path):
     """An eval folder whose held-out images are exactly those int8 gets wrong: in-sample 0 pp, held out over."""
-    from pipeline.validation.accuracy_budget import DropMeter, convert_within_budget
+    from pipeline.validation.accuracy_budget import BudgetSettings, DropMeter, convert_within_budget
     from pipeline.core.errors import BudgetNotReached
     from pipeline.validation.metrics import paired_drop_ci
 
@@ -494,9 +496,8 @@ def test_budget_is_judged_on_the_held_out_images(sensitive_conversions, calibrat
     with pytest.raises(BudgetNotReached, match="held-out eval images the top-1 drop is"):
         # the very conversion the images were chosen with: [-1, 1] input, no rewrite
         convert_within_budget(model, ConvertSettings("int8", optimize=False, input_convention="signed_unit"),
-                              representative=calibration, eval_dir=eval_dir, max_drop_pp=BUDGET,
-                              max_float_layers=0, out=out,
-                              source=sensitive_conversions["source"])
+                              BudgetSettings(BUDGET, eval_dir, max_float_layers=0),
+                              representative=calibration, out=out, source=sensitive_conversions["source"])
     assert not out.exists()
     record = json.loads((tmp_path / "m_over_budget.manifest.json").read_text())["float_fallback"]
     assert record["final_top1_drop_pp"] == 0.0 and record["reached"] is False
