@@ -224,7 +224,8 @@ labels_option = click.option(
               type=choice(InputConvention), help="What the model's input holds: "
               "pixels (uint8 0..255 for --int8, float32 0..255 for float models; the default where the [-1, 1] "
               "scaling folds exactly into the first convolution), pixels-int8 (int8 p - 128, --int8 only) or "
-              "signed-unit (p / 127.5 - 1, as before; the default for --int16x8 and models that cannot fold).")
+              "signed-unit (p / 127.5 - 1, Keras Xception's own scaling; the default for --int16x8 and models "
+              "that cannot fold).")
 @click.option("--calibrator", type=choice(Calibrator), default=Calibrator.FAST.value, show_default=True,
               help="fast: min/max under XNNPACK, one interpreter per core (at most 4); stock: TFLite's own "
               "logging calibrator.")

@@ -93,3 +93,17 @@ def test_the_cli_words_the_library_refusal_with_its_flag(args, flag):
 def test_no_mode_names_the_mode_flags():
     result = CliRunner().invoke(__import__("convert").convert_command, ["m.keras"])
     assert result.exit_code == 2 and "choose a mode: --float, --dynamic" in result.output
+
+
+def test_convert_main_runs_the_exit_handlers_and_keeps_the_exit_code():
+    """``convert`` skips Python's teardown (``exit_without_teardown``) but not the exit handlers, which clean up."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import atexit, convert; atexit.register(lambda: print('handlers ran')); convert.main()"
+    for args, exit_code in ((["--help"], 0), (["m.keras"], 2)):
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == exit_code, proc.stderr
+        assert proc.stdout.rstrip().endswith("handlers ran"), proc.stdout

@@ -1,7 +1,11 @@
-"""What a conversion is asked to do: the five modes and their settings, checked once, and where the output goes.
+"""What a conversion is asked to do: the five modes and their settings, a request's calibration images and
+accuracy budget, and where the output goes.
 
-Kept apart from the converter so that float fallback, the budget search and
-the CLI can name settings without importing the conversion machinery.
+Every rule between settings is checked here, when the settings or the request
+are created, so that the CLI, the budget search, the sweep and Python callers
+meet the same rules. Kept apart from the converter (and light to import: no
+NumPy) so that float fallback, the budget search and the CLI can name
+settings without importing the conversion machinery.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ class ConvertSettings:
     """The settings of one conversion, normalized to their types and checked against each other on creation,
     so that every caller (the CLI, the budget search, the sweep, Python users) meets the same rules."""
 
-    mode: Mode
+    mode: Mode | str  # a string ("int8") becomes its Mode on creation, as do the other closed sets below
     float_io: bool = False
     allow_float_fallback: bool = False
     per_channel: bool = True
@@ -103,7 +107,7 @@ class ConvertSettings:
     fallback: Fallback = Fallback.FLOAT  # what float_layers compute in (int16: int8 only; spliced int16x8 ops)
     # What the model's input holds (pipeline.core.preprocessing); None: the default for this mode and model
     # (pipeline.conversion.convention_choice.resolve_convention: pixels where the scaling folds exactly).
-    input_convention: InputConvention | None = None
+    input_convention: InputConvention | str | None = None
     rounding: Rounding = Rounding.NEAREST  # int8 only: pipeline.conversion.int8_methods
     bias_correction: bool = False  # int8 only: the mean output shift folded into each bias (int8_methods)
     ranges: Ranges = Ranges.MINMAX  # int8 only: activation ranges from calibration
@@ -127,8 +131,9 @@ class ConvertSettings:
         if self.float_io and mode not in CALIBRATED_MODES:
             raise SettingsError(f"float input and output apply to int8 and int16x8 models, not {mode}",
                                 setting="float_io")
-        for setting, asked in (("rounding", self.rounding != Rounding.NEAREST), ("ranges", self.ranges != Ranges.MINMAX),
-                               ("bias_correction", self.bias_correction)):
+        int8_methods = (("rounding", self.rounding != Rounding.NEAREST), ("ranges", self.ranges != Ranges.MINMAX),
+                        ("bias_correction", self.bias_correction))
+        for setting, asked in int8_methods:
             if asked and mode != Mode.INT8:
                 raise SettingsError(f"learned rounding, bias correction and error-chosen ranges are int8 methods: "
                                     f"they apply to int8, not {mode}", setting=setting)
