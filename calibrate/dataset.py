@@ -56,6 +56,12 @@ class CalibrationSet:
             return model_input(sample, self.spec.input_convention)
         return sample if self.spec.input_convention == LEGACY_CONVENTION else unscale(sample)
 
+    def pixels(self) -> np.ndarray:
+        """Every sample as uint8 pixels, stacked: what a runner that feeds each model in its own input convention
+        takes (a float .npy sample, [-1, 1], becomes the nearest pixels)."""
+        return np.stack([s if s.dtype == np.uint8 else np.rint(unscale(s)).astype(np.uint8)
+                         for s in self.samples])
+
     def with_convention(self, convention: str) -> "CalibrationSet":
         """The same samples giving inputs in ``convention``; one view per convention, so conversions that
         keep their calibration by calibration set reuse it."""
@@ -118,7 +124,7 @@ def build_calibration_set(root: str | os.PathLike, spec: PreprocessSpec, *, size
                           seed: int = 0, progress: Callable[[int, int], None] | None = None) -> CalibrationSet:
     """Sample up to ``size`` usable files from ``root``; raise CalibrationError if none are usable."""
     if size < 1:
-        raise CalibrationError(f"--calib-size must be at least 1, got {size}")
+        raise CalibrationError(f"the calibration sample size must be at least 1, got {size}", setting="calib_size")
     try:
         found = discover(root, allow_npy=True, what="calibration folder")
     except DataError as exc:

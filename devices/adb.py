@@ -100,8 +100,8 @@ class AdbTransport:
         p = self.profile
         if p.benchmark_model and not p.python:
             if len(request.models) > 1:
-                raise DeviceError("adb: --compare needs Python on the device (runs alternate in one process); "
-                                  "benchmark_model runs one model at a time")
+                raise DeviceError("adb: comparing two models needs Python on the device (runs alternate in one "
+                                  "process); benchmark_model runs one model at a time", setting="compare")
             if request.outputs:
                 raise DeviceError("adb: saving outputs needs Python on the device (python in the profile)")
         self.select_device()

@@ -63,6 +63,7 @@ def bench(models, profile: DeviceProfile | None = None, *, runs: int | None = No
           keep_times: bool = False, xnnpack: bool | None = None) -> dict:
     """Bench one model, or two alternating (``compare``), on ``profile`` (default: this machine)."""
     profile = profile or load_profile("local")
+    _check_threads([threads] if threads is not None else [])
     paths = _check_models(models)
     with tempfile.TemporaryDirectory(prefix="xedge-bench-") as tmp:
         batch = None
@@ -104,8 +105,12 @@ def compare(model_a, model_b, profile: DeviceProfile | None = None, *, reference
     return result
 
 
+def _check_threads(threads: list[int], *, at_least_one: bool = False) -> None:
+    if (at_least_one and not threads) or any(t < 1 for t in threads):
+        raise DeviceError("thread counts are positive integers, e.g. 1,2,4", setting="threads")
+
+
 def sweep(model, threads: list[int], profile: DeviceProfile | None = None, **kwargs) -> list[dict]:
     """One bench per thread count (separate processes, so no thread pool is reused)."""
-    if not threads or any(t < 1 for t in threads):
-        raise DeviceError("--threads takes positive integers, e.g. 1,2,4")
+    _check_threads(threads, at_least_one=True)
     return [bench([model], profile, threads=t, **kwargs) for t in threads]

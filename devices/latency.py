@@ -20,7 +20,7 @@ from pathlib import Path
 from devices.bench import bench
 from devices.profile import Budget, DeviceProfile
 from pipeline.core.artifacts import atomic_write_bytes, atomic_write_json, now_iso
-from pipeline.core.errors import DeviceError
+from pipeline.core.errors import DeviceError, Remedy
 
 
 @dataclass
@@ -97,8 +97,8 @@ def select_cases(profile: DeviceProfile, models: list[str | os.PathLike] | None)
         return cases, unbudgeted
     missing = sorted(name for name, b in profile.budgets.items() if not b.path)
     if missing:
-        raise DeviceError(f"give the model files (xedge latency-test --device {profile.name} MODEL...), or a path "
-                          f"in [budgets.{missing[0]}]")
+        raise DeviceError(f"profile {profile.name}'s budget {missing[0]} names no model: give a path in "
+                          f"[budgets.{missing[0]}]", remedy=Remedy.MODEL_FILES)
     return [Case(name, b.path, b) for name, b in profile.budgets.items() if b.path], []  # every one has a path
 
 

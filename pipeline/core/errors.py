@@ -24,6 +24,10 @@ class Remedy(enum.StrEnum):
     LABELS = "labels"  # give the class names in output order
     ANOTHER_OUTPUT = "another-output"  # the output folder holds something else
     INT8_PIXELS = "int8-pixels"  # a pixel input MediaPipe accepts
+    MODE = "mode"  # choose what to convert to
+    MODEL_PATH = "model-path"  # name the model, or train one first
+    SAME_ARCHITECTURE = "same-architecture"  # weights saved from an Xception of the same shape
+    MODEL_FILES = "model-files"  # name the model files to test
 
 
 class XedgeError(Exception):
@@ -56,6 +60,11 @@ class ModelLoadError(XedgeError):
 
 class ConversionError(XedgeError):
     """TFLite conversion failed or produced a model that breaks the requested contract."""
+
+
+class SettingsError(ConversionError):
+    """Conversion settings that cannot go together or that the mode cannot take: a usage error, found before
+    any work (the CLI prints it with its usage line)."""
 
 
 class OutputExistsError(XedgeError):

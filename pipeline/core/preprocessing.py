@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.core.conventions import InputConvention
 from pipeline.core.errors import DataError
 
 # The formats docs/converting.md lists; Pillow tries no other plugin (``Image.open(..., formats=...)``).
@@ -64,7 +65,8 @@ MAX_PIXELS = 50_000_000  # about 7000x7000: larger images are rejected before an
 # warning into the skip. Set here because Pillow offers only this process-wide setting.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
-INPUT_CONVENTIONS = ("pixels", "pixels_int8", "signed_unit")
+
+INPUT_CONVENTIONS = tuple(c.value for c in InputConvention)
 LEGACY_CONVENTION = "signed_unit"  # what a manifest or model from before input conventions means
 PIXEL_CONVENTIONS = ("pixels", "pixels_int8")
 # The integer input tensor of each pixel convention: (dtype, scale, zero point); float value = p for both.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import ModelLoadError, TrainingError
+from pipeline.core.errors import ModelLoadError, Remedy, TrainingError
 from pipeline.model.modelio import load_source
 
 
@@ -86,11 +86,12 @@ def load_by_order(model, path: str | os.PathLike) -> dict:
     body = [w for w in targets if id(w) not in head_ids]
     if len(arrays) < len(body):
         raise TrainingError(f"{path} holds {len(arrays)} arrays but the model's feature layers need {len(body)}; "
-                            "use a file saved from an Xception of the same --width and --middle-blocks")
+                            "the file is for an Xception of another shape", remedy=Remedy.SAME_ARCHITECTURE)
     for i, (var, value) in enumerate(zip(body, arrays)):
         if tuple(var.shape) != value.shape:
             raise TrainingError(f"{path}: array {i} has shape {value.shape}, the model's {var.path} needs "
-                                f"{tuple(var.shape)}; the file is for a different --width/--middle-blocks")
+                                f"{tuple(var.shape)}; the file is for an Xception of another shape",
+                                remedy=Remedy.SAME_ARCHITECTURE)
         var.assign(value)
     rest = arrays[len(body):]
     head_loaded = (len(rest) == len(head.weights)

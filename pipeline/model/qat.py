@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.core import artifacts
-from pipeline.core.errors import TrainingError
+from pipeline.core.errors import Remedy, TrainingError
 from pipeline.model import tfdata
 from pipeline.model.model_tfkeras import translate
 from pipeline.model.modelio import load_source
@@ -30,6 +30,7 @@ from pipeline.model.train import (
     BatchHook,
     EpochHook,
     TrainResult,
+    check_positive,
     link_latest,
     mean_throughput,
     prepare_data,
@@ -51,10 +52,7 @@ class QatConfig:
     min_crop_area: float = 0.5
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise TrainingError("--epochs and --batch-size must be at least 1")
-        if self.lr is not None and not self.lr > 0:
-            raise TrainingError(f"--lr must be positive, got {self.lr}")
+        check_positive(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +96,7 @@ def _keras3_source(model_path, out: Path, trust_code: bool):
     """The float model to fine-tune, refused before any work when ``out`` holds a run or it is not Keras 3."""
 
     if (out / QAT_MODEL).exists() or (out / "manifest.json").exists():
-        raise TrainingError(f"{out} already holds a run; choose another --out")
+        raise TrainingError(f"{out} already holds a run", remedy=Remedy.ANOTHER_OUTPUT)
     source = load_source(model_path, trust_code=trust_code)
     if source.kind != "keras3":
         raise TrainingError(f"{model_path} is a {source.kind} model; QAT takes a Keras 3 model.keras from "

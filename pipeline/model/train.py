@@ -41,7 +41,7 @@ import numpy as np
 
 from pipeline.core import artifacts
 from pipeline.core.data import Skip, discover
-from pipeline.core.errors import DataError, TrainingError, TrainingInterrupted
+from pipeline.core.errors import DataError, ModelLoadError, Remedy, TrainingError, TrainingInterrupted
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for
 from pipeline.model import tfdata
 from pipeline.model.loop import Steps
@@ -78,18 +78,19 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise TrainingError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise TrainingError("--epochs and --batch-size must be at least 1")
+        check_positive(self)
         if self.mixed_precision not in SWITCHES or self.xla not in SWITCHES:
             raise TrainingError("mixed precision and XLA are 'auto', 'on' or 'off'")
-        if self.lr is not None and not self.lr > 0:
-            raise TrainingError(f"--lr must be positive, got {self.lr}")
         if not 0.0 < self.val_fraction < 1.0:
             raise TrainingError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
-        if self.freeze < 0 or self.checkpoint_every < 1:
-            raise TrainingError("--freeze must be >= 0 and --checkpoint-every >= 1")
+        if self.freeze < 0:
+            raise TrainingError(f"the number of frozen layers cannot be negative, got {self.freeze}", setting="freeze")
+        if self.checkpoint_every < 1:
+            raise TrainingError(f"checkpoints are every 1 or more steps, got {self.checkpoint_every}",
+                                setting="checkpoint_every")
         if not 0.05 <= self.min_crop_area <= 1.0:
-            raise TrainingError(f"--min-crop-area must be in [0.05, 1], got {self.min_crop_area}")
+            raise TrainingError(f"the smallest random crop must be in [0.05, 1] of the image area, got "
+                                f"{self.min_crop_area}", setting="min_crop_area")
         try:
             XceptionConfig(input_size=self.input_size, classes=2, width=float(self.width),
                            middle_blocks=self.middle_blocks)
@@ -204,7 +205,8 @@ def build_model(cfg: TrainConfig, classes: int, policy: str | None = None):
     if cfg.freeze:
         body = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
         if cfg.freeze >= len(body):
-            raise TrainingError(f"--freeze {cfg.freeze} would freeze all {len(body)} layers; nothing would train")
+            raise TrainingError(f"freezing the first {cfg.freeze} layers would freeze all {len(body)}; nothing would "
+                                "train", setting="freeze")
         for layer in body[: cfg.freeze]:
             layer.trainable = False
     return model
@@ -241,7 +243,8 @@ class Checkpoint:
             what = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in changed[:6]) \
                 or "the training data changed"
             raise TrainingError(f"{self.dir.parent} holds an unfinished run with a different configuration "
-                                f"({what}); rerun with the same options and data to resume, or choose another --out")
+                                f"({what}); rerun with the same options and data to resume",
+                                remedy=Remedy.ANOTHER_OUTPUT)
         self.counter = int(state.get("counter", 0))
         return state
 
@@ -317,6 +320,17 @@ class _StopFlag:
 # ---------------------------------------------------------------- the run
 
 
+def check_positive(cfg) -> None:
+    """The epochs, batch size and learning rate every training configuration needs (``TrainConfig``, and
+    ``QatConfig`` for quantization-aware fine-tuning)."""
+    for setting in ("epochs", "batch_size"):
+        if getattr(cfg, setting) < 1:
+            raise TrainingError(f"{setting.replace('_', ' ')} must be at least 1, got {getattr(cfg, setting)}",
+                                setting=setting)
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise TrainingError(f"the learning rate must be positive, got {cfg.lr}", setting="lr")
+
+
 def _fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
@@ -336,6 +350,16 @@ def link_latest(run_dir: Path) -> Path | None:
     os.symlink(run_dir.name, tmp)
     os.replace(tmp, link)
     return link
+
+
+def latest_model(root: str | os.PathLike = "runs") -> Path:
+    """The model of the newest run that ``link_latest`` points to: ``model.keras`` from ``train``, or
+    ``model.h5`` from a quantization-aware run (``pipeline.model.qat``)."""
+    for name in ("model.keras", "model.h5"):
+        candidate = Path(root) / "latest" / name
+        if candidate.exists():
+            return candidate
+    raise ModelLoadError(f"no model given and no training run at {Path(root) / 'latest'}", remedy=Remedy.MODEL_PATH)
 
 
 def prepare_data(data_dir, val_dir, *, input_size: int, val_fraction: float, seed: int):
@@ -388,7 +412,7 @@ def train(data_dir, out_dir, cfg: TrainConfig = TrainConfig(), *, val_dir=None,
     """Train (or resume) a run; write model.keras, labels.json, manifest.json and TensorBoard logs."""
     out = Path(out_dir)
     if (out / "manifest.json").exists() and (out / "model.keras").exists() and not (out / BACKUP).exists():
-        raise TrainingError(f"{out} already holds a finished run; choose another --out")
+        raise TrainingError(f"{out} already holds a finished run", remedy=Remedy.ANOTHER_OUTPUT)
     run = _start_run(data_dir, out, cfg, val_dir)
     state = run.state
     history: list[dict] = list(state["history"]) if state else []

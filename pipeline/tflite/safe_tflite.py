@@ -127,9 +127,6 @@ def read_model_bytes(path: str | os.PathLike) -> bytes:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-_PENDING: weakref.WeakSet = weakref.WeakSet()  # probes started and not yet waited for
-
-
 class Probe:
     """A probe running in its child process; ``result()`` waits for it (``start_probe``)."""
 
@@ -145,9 +142,9 @@ class Probe:
         argv = [str(model), str(memory_mb), str(int(timeout) + 5), str(PACKAGE_ROOT)]
         self._proc = subprocess.Popen([sys.executable, "-I", "-c", _LIMITS + _CHILD, *argv], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env, start_new_session=True)
-        # never waited for (the caller failed first): kill the child and remove its copy of the model
+        # never waited for (the caller failed first): kill the child and remove its copy of the model, when the
+        # probe is collected or at the latest when the exit handlers run (weakref.finalize registers with atexit)
         self._cleanup = weakref.finalize(self, _abandon, self._proc, self._tmp, shutil.rmtree)
-        _PENDING.add(self)
 
     def result(self) -> dict:
         proc, name = self._proc, self.name
@@ -184,12 +181,6 @@ def _abandon(proc, tmp, rmtree) -> None:
             pass
         proc.wait()
     rmtree(tmp, ignore_errors=True)
-
-
-def abandon_pending() -> None:
-    """Kill probes nobody waited for and remove their files (for exits that skip finalizers: ``os._exit``)."""
-    for pending in list(_PENDING):
-        pending._cleanup()  # noqa: SLF001
 
 
 def start_probe(data: bytes, name: str = "model", *, timeout: float = DEFAULT_TIMEOUT_S,

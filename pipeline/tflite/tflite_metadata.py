@@ -4,7 +4,7 @@ Why: the standard on-device clients read how to feed a model and what its
 outputs mean from the model itself. MediaPipe Tasks' ``ImageClassifier``
 refuses a float32 input without NormalizationOptions metadata and names the
 classes from the labels file packed with it; LiteRT's signature runners,
-ai-edge-quantizer and ``litert quantize`` need a SignatureDef (issue 12).
+ai-edge-quantizer and ``litert quantize`` need a SignatureDef.
 
 How: the metadata is built with the official metadata schema
 (``pipeline/tflite/metadata_schema_py_generated.py``: MediaPipe 1.2.3's generated

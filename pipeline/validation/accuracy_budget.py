@@ -27,9 +27,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.conversion.export import CALIBRATED_MODES, ConvertSettings, ExportResult, default_output
+from pipeline.conversion.export import ConvertSettings, ExportResult, default_output
+from pipeline.conversion.settings import ConvertRequest
 from pipeline.core import artifacts
-from pipeline.core.errors import ConversionError
 from pipeline.core.stage_timing import measured_as
 from pipeline.validation.budget_search import BudgetSearch, Say
 from pipeline.validation.budget_settings import BudgetSettings, LatencyCheck
@@ -70,8 +70,8 @@ def convert_within_budget(model_path, settings: ConvertSettings, budget: BudgetS
     found is then written beside the output as ``<name>_over_budget.tflite``
     with its manifest, for inspection, and nothing at the output.
     """
-    if settings.mode not in CALIBRATED_MODES:
-        raise ConversionError(f"an accuracy budget applies to int8 and int16x8, not {settings.mode}", setting="mode")
+    ConvertRequest(settings, max_drop_pp=budget.max_drop_pp, eval_dir=budget.eval_dir, labels=budget.labels,
+                   max_float_layers=budget.max_float_layers)  # the rules between settings and budget, checked once
     model_path = Path(model_path)
     out_path = Path(out) if out is not None else default_output(model_path, settings.mode)
     artifacts.check_writable(out_path, force=force)

@@ -330,11 +330,11 @@ def test_the_cli_refuses_conventions_a_mode_cannot_take(tmp_path, tiny_keras_pat
     has no uint8 input."""
     from tests.conftest import run_cli
 
-    for args, words in ((["--fp16", "--input-convention", "pixels-int8"], "pixels-int8 applies to --int8"),
-                        (["--int8", "--float-io", "--input-convention", "pixels-int8"], "without --float-io"),
-                        (["--int16x8", "--input-convention", "pixels"], "needs --float-io")):
+    for args, words in ((["--fp16", "--input-convention", "pixels-int8"], "int8 models with integer input"),
+                        (["--int8", "--float-io", "--input-convention", "pixels-int8"], "int8 models with integer input"),
+                        (["--int16x8", "--input-convention", "pixels"], "needs float input and output")):
         proc = run_cli("convert", tiny_keras_path, *args, "--out", tmp_path / "m.tflite", cwd=tmp_path)
-        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and words in proc.stderr and "(--input-convention)" in proc.stderr, proc.stderr
     assert not (tmp_path / "m.tflite").exists()
 
 
