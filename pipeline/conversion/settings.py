@@ -148,9 +148,6 @@ class ConvertSettings:
         if convention == InputConvention.PIXELS_INT8 and (self.mode != Mode.INT8 or self.float_io):
             raise SettingsError("the pixels-int8 input (int8 p - 128) is for int8 models with integer input and "
                                 "output", setting="input_convention")
-        if convention == InputConvention.PIXELS and self.mode == Mode.INT16X8 and not self.float_io:
-            raise SettingsError("an int16x8 model has int16 or float32 input: pixel input needs float input and "
-                                "output", setting="input_convention")
 
     @property
     def decided_convention(self) -> str:
@@ -206,6 +203,11 @@ class ConvertRequest:
         if self.budgeted and mode not in CALIBRATED_MODES:
             raise SettingsError(f"an accuracy budget applies to int8 and int16x8, not {mode}", setting="max_drop_pp")
         # the budget's own values (a drop >= 0, layer counts) are BudgetSettings' rules, in the validation stage
+        settings = self.settings
+        if settings.input_convention == InputConvention.PIXELS and mode == Mode.INT16X8 and not settings.float_io:
+            # asked for, not decided: an int16 fallback's int16x8 donor may take pixels (only its layers are used)
+            raise SettingsError("an int16x8 model has int16 or float32 input: pixel input needs float input and "
+                                "output", setting="input_convention")
         if self.settings.fallback != Fallback.FLOAT and not self.budgeted:
             raise SettingsError("a fallback keeps the layers an accuracy budget chooses: it needs a budget",
                                 setting="fallback")

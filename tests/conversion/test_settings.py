@@ -22,7 +22,6 @@ from pipeline.core.errors import ConversionError, Remedy, SettingsError
     (dict(mode="int16x8", fallback="int16"), "fallback"),
     (dict(mode="int8", float_io=True, input_convention="pixels_int8"), "input_convention"),
     (dict(mode="fp16", input_convention="pixels-int8"), "input_convention"),
-    (dict(mode="int16x8", input_convention="pixels"), "input_convention"),
     (dict(mode="int4"), "mode"),
     (dict(mode="int8", calibrator="slow"), "calibrator"),
     (dict(mode="int8", fallback="int4"), "fallback"),
@@ -49,6 +48,7 @@ def test_no_mode_is_a_usage_error_with_its_remedy():
     (dict(mode="int8"), dict(labels="l.json"), "labels"),
     (dict(mode="fp16"), dict(max_drop_pp=1.0, eval_dir="d"), "max_drop_pp"),
     (dict(mode="int8", fallback="int16"), dict(), "fallback"),
+    (dict(mode="int16x8", input_convention="pixels"), dict(calib="d"), "input_convention"),
 ])
 def test_a_request_refuses_what_cannot_go_together(settings, kwargs, setting):
     with pytest.raises(SettingsError) as caught:
