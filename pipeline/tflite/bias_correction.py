@@ -40,7 +40,7 @@ from pipeline.tflite.weighted_layers import (
     WeightedLayer,
     levels,
     output_means,
-    run_exposing,
+    sum_exposing,
     tap_means,
     unshared,
     weighted_layers,
@@ -86,13 +86,8 @@ class BiasCorrectionReport:
 def float_output_means(float_model: bytes, layers: list[WeightedLayer], inputs) -> dict[int, np.ndarray]:
     """Each layer's mean float output (before activation) per channel over ``inputs``, keyed by its int8 op."""
     constants = Constants(float_model)
-    sums: dict[int, np.ndarray] = {}
-
-    def visit(values):  # a tap mean is linear in the input: sum the inputs, take the taps once
-        for t, value in values.items():
-            sums[t] = sums[t] + value[0] if t in sums else value[0].astype(np.float64)
-
-    count = run_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs, visit)
+    # a tap mean is linear in the input: sum the inputs, take the taps once
+    sums, count = sum_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs)
     found = {}
     for layer in layers:
         bias = constants.view(layer.float_bias).astype(np.float64) if layer.float_bias is not None else 0.0
@@ -108,7 +103,9 @@ def accumulator_means(constants: Constants, layers: list[WeightedLayer],
     found = {}
     for layer in layers:
         stored = values[layer.quant_input]
-        total = np.sum([x[0] for x in stored], axis=0, dtype=np.int64)  # exact: integers
+        total = np.zeros(stored[0].shape[1:], np.int64)
+        for x in stored:
+            np.add(total, x[0], out=total)  # exact: integers
         zero = int(constants.quantization(layer.quant_input)[1][0])
         means = tap_means(total / len(stored) - zero, layer)
         found[layer.quant_op] = output_means(constants.view(layer.quant_weights), means, layer)

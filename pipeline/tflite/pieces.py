@@ -19,13 +19,14 @@ piece that runs its op.
 from __future__ import annotations
 
 import copy
-import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from pipeline.core.preprocessing import quantize
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import open_interpreter
+from pipeline.tflite.weighted_layers import workers_for
 
 
 def _ints(values) -> list[int]:
@@ -111,15 +112,23 @@ class PiecewiseRun:
                 if t in wanted or self.readers.get(t, set()) - chosen or t in _ints(self.graph.outputs)]
         keep = list(dict.fromkeys(keep))
         piece, index = self._piece(ops, feeds, keep)
-        interpreter = open_interpreter(piece, threads=max(1, os.cpu_count() or 1))
         count = len(next(iter(self.stored.values())))
-        results: dict[int, list[np.ndarray]] = {t: [] for t in keep}
-        for i in range(count):
-            for t in feeds:
-                interpreter.set_tensor(index[t], self.stored[t][i])
-            interpreter.invoke()
-            for t in keep:
-                results[t].append(interpreter.get_tensor(index[t]))
+        workers = workers_for(count)
+
+        def share(k: int) -> dict[int, list[np.ndarray]]:  # one single-threaded interpreter per core
+            interpreter = open_interpreter(piece, threads=1)
+            found: dict[int, list[np.ndarray]] = {t: [] for t in keep}
+            for i in range(k, count, workers):
+                for t in feeds:
+                    interpreter.set_tensor(index[t], self.stored[t][i])
+                interpreter.invoke()
+                for t in keep:
+                    found[t].append(interpreter.get_tensor(index[t]))
+            return found
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            shares = list(pool.map(share, range(workers)))
+        results = {t: [shares[i % workers][t][i // workers] for i in range(count)] for t in keep}
         self.stored.update(results)
         self.done |= chosen
         self.ops_run += len(ops)
