@@ -20,7 +20,12 @@ def export_onnx(model_path: str, onnx_path: str) -> float:
     import tf2onnx
 
     start = time.perf_counter()
-    model = keras.saving.load_model(model_path, compile=False)
+    if model_path.endswith(".h5"):  # tf_keras's format: Keras 3 cannot read every tf_keras .h5
+        import tf_keras
+
+        model = tf_keras.models.load_model(model_path, compile=False)
+    else:
+        model = keras.saving.load_model(model_path, compile=False)
     size = int(model.inputs[0].shape[1])
     spec = (tf.TensorSpec((1, size, size, 3), tf.float32, name="image"),)
 
@@ -40,7 +45,7 @@ def quantize(onnx_path: str, out_path: str, image_dir: str, count: int) -> float
     import onnx
 
     size = onnx.load(onnx_path).graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    files = sorted(Path(image_dir).glob("*.jpg"))[:count]
+    files = sorted(f for f in Path(image_dir).rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
     spec = PreprocessSpec(int(size))
 
     class Reader(CalibrationDataReader):

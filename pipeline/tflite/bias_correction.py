@@ -103,9 +103,9 @@ def accumulator_means(constants: Constants, layers: list[WeightedLayer],
     found = {}
     for layer in layers:
         stored = values[layer.quant_input]
-        total = np.zeros(stored[0].shape[1:], np.int64)
+        total = np.zeros(stored[0].shape[1:], np.int32)  # exact: up to 2**31 / 2**15 images of int16 values
         for x in stored:
-            np.add(total, x[0], out=total)  # exact: integers
+            np.add(total, x[0], out=total)
         zero = int(constants.quantization(layer.quant_input)[1][0])
         means = tap_means(total / len(stored) - zero, layer)
         found[layer.quant_op] = output_means(constants.view(layer.quant_weights), means, layer)
