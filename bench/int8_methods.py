@@ -85,12 +85,18 @@ def _onnx_outputs(path: Path, files: list[Path], size: int) -> np.ndarray:
                            for f in files]).astype(np.float64)
 
 
-def _as_probabilities(y: np.ndarray) -> np.ndarray:
-    """Rows that already are probabilities stay; logits get a softmax (as ``validate`` does for a logit output)."""
-    if np.all(y >= 0) and np.allclose(y.sum(axis=1), 1.0, atol=1e-3):
-        return y
-    e = np.exp(y - y.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+def _as_probabilities(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides as probabilities, decided once from the float side (as ``validate`` decides from the model):
+    rows that already are probabilities stay (the quantized side renormalized), logits get a softmax."""
+    if np.all(ref >= 0) and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3):
+        cand = np.clip(cand, 0.0, None)
+        return ref, cand / np.maximum(cand.sum(axis=1, keepdims=True), 1e-12)
+
+    def softmax(y):
+        e = np.exp(y - y.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    return softmax(ref), softmax(cand)
 
 
 def _onnx_row(model: Path, calib: Path, eval_dir: Path, calib_size: int, limit: int | None, size: int,
@@ -102,8 +108,7 @@ def _onnx_row(model: Path, calib: Path, eval_dir: Path, calib_size: int, limit: 
     export = _peer(["export", str(model), str(fp32)])
     quant = _peer(["quantize", str(fp32), str(quantized), str(calib), str(calib_size)])
     files = sorted(f for f in eval_dir.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
-    ref = _as_probabilities(_onnx_outputs(fp32, files, size))
-    cand = _as_probabilities(_onnx_outputs(quantized, files, size))
+    ref, cand = _as_probabilities(_onnx_outputs(fp32, files, size), _onnx_outputs(quantized, files, size))
     agree = ref.argmax(axis=1) == cand.argmax(axis=1)
     return {"agreement": float(agree.mean()), "flips": int((~agree).sum()), "kl_mean": float(kl_rows(ref, cand).mean()),
             "top1": None, "top1_float": None, "samples": len(files), "convert_s": export["export_s"] + quant["quantize_s"],
