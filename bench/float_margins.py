@@ -11,7 +11,9 @@ with ``validate``'s rule: rows that are not probabilities are logits); an
 image counts as clear at a margin of at least 0.25. Also printed: per op
 output, the float tensor's range beside its 99.9th percentile of |x| and the
 int8 model's relative RMS error there (error RMS / float std, on the first
-100 eval images): where the int8 error starts.
+100 eval images): where the int8 error starts; and per MUL or ADD with a
+constant operand (an unfolded BatchNormalization), how coarse its int8
+constant is.
 """
 
 from __future__ import annotations
@@ -85,6 +87,27 @@ def op_errors(float_model: bytes, int8_model: bytes, inputs: np.ndarray) -> list
     return rows
 
 
+def constant_levels(int8_model: bytes) -> list[dict]:
+    """Per MUL or ADD of the int8 model with a constant operand (an unfolded BatchNormalization): its scales and
+    how many of its entries sit within 4 levels of its zero point (a multiplier kept to two or three bits)."""
+    model = flatbuffers.read(int8_model)
+    graph = model.subgraphs[0]
+    found = []
+    for index, op in enumerate(graph.operators):
+        if flatbuffers.op_name(model, op) not in ("MUL", "ADD"):
+            continue
+        for t in op.inputs:
+            data = model.buffers[graph.tensors[t].buffer].data
+            q = graph.tensors[t].quantization
+            if data is None or not len(data) or q is None or q.scale is None:
+                continue
+            values = np.frombuffer(data.tobytes(), np.int8).astype(np.int64) - int(q.zeroPoint[0])
+            found.append({"op": index, "kind": flatbuffers.op_name(model, op), "scales": len(q.scale),
+                          "scale": float(q.scale[0]), "entries": len(values),
+                          "within_4_levels": int(np.sum(np.abs(values) <= 4))})
+    return found
+
+
 def run(model: Path, calib: Path, eval_dir: Path, calib_size: int, work: Path) -> dict:
     source = load_source(model)
     spec = PreprocessSpec(size=source.input_size)
@@ -108,6 +131,7 @@ def run(model: Path, calib: Path, eval_dir: Path, calib_size: int, work: Path) -
         agree, kl = ref.argmax(axis=1) == cand.argmax(axis=1), kl_rows(ref, cand)
         result["rows"][name] = {"agreement": float(agree.mean()), "kl_mean": float(kl.mean()),
                                 "agreement_clear": float(agree[clear].mean()), "kl_mean_clear": float(kl[clear].mean())}
+    result["int8_constants"] = constant_levels((work / "int8.tflite").read_bytes())
     result["int8_op_errors"] = op_errors(float_model, (work / "int8.tflite").read_bytes(), inputs[:100])
     return result
 
@@ -124,7 +148,10 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="float-margins-") as work:
         result = run(args.model, args.calib, args.eval_dir, args.calib_size, Path(work))
-    print(json.dumps({k: v for k, v in result.items() if k != "int8_op_errors"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("int8_op_errors", "int8_constants")}, indent=1))
+    for row in result["int8_constants"]:
+        print(f"op {row['op']} {row['kind']} constant: {row['scales']} scale(s), {row['scale']:.4f}; "
+              f"{row['within_4_levels']} of {row['entries']} entries within 4 levels of zero")
     for row in result["int8_op_errors"]:
         print(f"{row['tensor']:60s} [{row['float_min']:8.2f}, {row['float_max']:8.2f}] p99.9 {row['float_p999_abs']:7.2f} "
               f"std {row['float_std']:7.3f} rel rmse {row['relative_rmse']:.3f}")
