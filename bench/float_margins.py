@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +145,6 @@ def main(argv=None) -> None:
     parser.add_argument("--calib-size", type=int, default=200)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="float-margins-") as work:
         result = run(args.model, args.calib, args.eval_dir, args.calib_size, Path(work))
     print(json.dumps({k: v for k, v in result.items() if k not in ("int8_op_errors", "int8_constants")}, indent=1))
