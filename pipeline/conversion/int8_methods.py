@@ -24,8 +24,9 @@ from pipeline.tflite.bias_correction import correct_biases
 from pipeline.tflite.weight_rounding import learn_rounding
 
 # The calibration images the methods see (the first ones of the stratified sample: every class in turn).
-# Bias correction runs the int8 model once per layer depth, so its cost grows with this number; means and
-# second moments over every output position of 64 images are already stable (measured in docs/validation.md).
+# The methods' cost grows with this number (one float run and one piecewise int8 run per image for bias
+# correction); means and second moments over every output position of 64 images are already stable
+# (measured in docs/validation.md).
 METHOD_SAMPLES = 64
 
 

@@ -18,8 +18,12 @@ same images.
 
 Layers are corrected in dependency order (``weighted_layers.levels``), each
 group measured on the model with every earlier group already corrected, so
-that bound holds for every layer of the final model: one run of the int8
-model per group, one run of the float model in all.
+that bound holds for every layer of the final model. The int8 model runs
+piecewise (``pieces.PiecewiseRun``): each group's inputs are computed by the
+ops between it and the earlier groups only, so the int8 model's ops run once
+per image in all, as the float model's do; and since a tap mean is linear in
+the input, each layer's input is summed over the images and its tap means
+taken once.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline.tflite.layers import expose_tensors
+from pipeline.tflite.pieces import PiecewiseRun
 from pipeline.tflite.weighted_layers import (
     Constants,
     WeightedLayer,
     levels,
     output_means,
-    run_exposing,
+    sum_exposing,
     tap_means,
     unshared,
     weighted_layers,
@@ -66,13 +70,15 @@ class LayerShift:
 @dataclass
 class BiasCorrectionReport:
     samples: int = 0
-    passes: int = 0
+    passes: int = 0  # groups of layers corrected in turn
+    pieces: int = 0  # pieces of the int8 model run (each op once in all)
     seconds: float = 0.0
     layers: list[LayerShift] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"method": "bias-correction", "samples": self.samples, "passes": self.passes,
+                "pieces": self.pieces,
                 "seconds": round(self.seconds, 3), "layers": [entry.to_dict() for entry in self.layers],
                 "skipped": self.skipped}
 
@@ -80,39 +86,30 @@ class BiasCorrectionReport:
 def float_output_means(float_model: bytes, layers: list[WeightedLayer], inputs) -> dict[int, np.ndarray]:
     """Each layer's mean float output (before activation) per channel over ``inputs``, keyed by its int8 op."""
     constants = Constants(float_model)
-    sums: dict[int, np.ndarray] = {}
-
-    def visit(values):
-        for layer in layers:
-            m = tap_means(values[layer.float_input][0], layer)
-            sums[layer.quant_op] = sums.get(layer.quant_op, 0) + m
-
-    count = run_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs, visit)
+    # a tap mean is linear in the input: sum the inputs, take the taps once
+    sums, count = sum_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs)
     found = {}
     for layer in layers:
         bias = constants.view(layer.float_bias).astype(np.float64) if layer.float_bias is not None else 0.0
-        found[layer.quant_op] = (output_means(constants.view(layer.float_weights),
-                                                                 sums[layer.quant_op] / count, layer) + bias)
+        means = tap_means(sums[layer.float_input] / count, layer)
+        found[layer.quant_op] = output_means(constants.view(layer.float_weights), means, layer) + bias
     return found
 
 
-def accumulator_means(quant_model: bytes, layers: list[WeightedLayer], inputs,
-                      exposed: bool = False) -> dict[int, np.ndarray]:
-    """Each int8 layer's mean accumulator without its bias (integer units, exact in float64) over ``inputs``
-    (``exposed``: the layers' inputs are already outputs of ``quant_model``)."""
-    constants = Constants(quant_model)
-    zero = {layer.quant_op: int(constants.quantization(layer.quant_input)[1][0]) for layer in layers}
-    sums: dict[int, np.ndarray] = {}
-
-    def visit(values):
-        for layer in layers:
-            x = values[layer.quant_input][0].astype(np.int64) - zero[layer.quant_op]
-            sums[layer.quant_op] = sums.get(layer.quant_op, 0) + tap_means(x, layer)
-
-    count = run_exposing(quant_model, sorted({layer.quant_input for layer in layers}), inputs, visit,
-                         exposed=exposed)
-    return {layer.quant_op: output_means(constants.view(layer.quant_weights), sums[layer.quant_op] / count, layer)
-            for layer in layers}
+def accumulator_means(constants: Constants, layers: list[WeightedLayer],
+                      values: dict[int, list[np.ndarray]]) -> dict[int, np.ndarray]:
+    """Each int8 layer's mean accumulator without its bias (integer units, exact in float64), from the stored
+    values of its input on every image (``values``: input tensor -> one array per image)."""
+    found = {}
+    for layer in layers:
+        stored = values[layer.quant_input]
+        total = np.zeros(stored[0].shape[1:], np.int32)  # exact: up to 2**31 / 2**15 images of int16 values
+        for x in stored:
+            np.add(total, x[0], out=total)
+        zero = int(constants.quantization(layer.quant_input)[1][0])
+        means = tap_means(total / len(stored) - zero, layer)
+        found[layer.quant_op] = output_means(constants.view(layer.quant_weights), means, layer)
+    return found
 
 
 def _bias(layer: WeightedLayer) -> int:
@@ -147,21 +144,18 @@ def _correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[byt
         return quant_model, report
     targets = float_output_means(float_model, layers, inputs)
     current = unshared(quant_model, [_bias(layer) for layer in layers])
-    # Every pass runs this copy (same tensors and buffers, every layer input an output), patched in place.
-    probe = expose_tensors(current, [layer.quant_input for layer in layers])
+    constants = Constants(current)
+    run = PiecewiseRun(current, inputs)  # each group's inputs computed once, after every earlier group's correction
     for group in levels(current, layers):
-        accumulators = accumulator_means(probe, group, inputs, exposed=True)
-        constants = Constants(probe)
+        accumulators = accumulator_means(constants, group, run.values([layer.quant_input for layer in group]))
         for layer in group:
             report.layers.append(_correct(constants, layer, accumulators[layer.quant_op],
                                           targets[layer.quant_op]))
-        probe = constants.bytes()
+            run.patch(_bias(layer), constants.view(_bias(layer)))
         report.passes += 1
-    corrected, final = Constants(probe), Constants(current)
-    for layer in layers:
-        final.view(_bias(layer))[...] = corrected.view(_bias(layer))
+    report.pieces = run.pieces
     report.seconds = time.perf_counter() - t0
-    return final.bytes(), report
+    return constants.bytes(), report
 
 
 def _correct(constants: Constants, layer: WeightedLayer, accumulator: np.ndarray, target: np.ndarray) -> LayerShift:

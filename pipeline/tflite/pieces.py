@@ -1,0 +1,175 @@
+"""Run a .tflite model piece by piece, each op once, keeping the tensors later pieces read.
+
+Why: bias correction measures each group of layers on the model with every
+earlier group already corrected, so it needs the layers' inputs after each
+correction. Running the whole model again per group costs one full pass per
+layer depth (53 on MobileNetV2); but a correction changes only what is
+downstream of the corrected layers, and those are not computed yet when it is
+made. So each piece runs only the ops that the requested tensors need and no
+earlier piece ran, as a small model of its own (the same ops, tensors,
+quantization and constants, cut out of the flatbuffer), fed with the stored
+values of the tensors it reads: in all, one pass over the model's ops per
+image, whatever the number of pieces.
+
+A constant patched between pieces (``patch``) is seen by every later piece;
+a piece never re-runs an op, so a constant must be patched before the first
+piece that runs its op.
+"""
+
+from __future__ import annotations
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from pipeline.core.preprocessing import quantize
+from pipeline.tflite import flatbuffers
+from pipeline.tflite.runtime import open_interpreter
+from pipeline.tflite.weighted_layers import workers_for
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in values] if values is not None else []
+
+
+class PiecewiseRun:
+    """One model run piecewise over a fixed list of float inputs (the model's own input quantization applied)."""
+
+    def __init__(self, model_bytes: bytes, inputs):
+        self.model = flatbuffers.read(model_bytes)
+        if len(self.model.subgraphs) != 1:
+            raise ValueError("only single-subgraph models run piecewise")
+        self.graph = self.model.subgraphs[0]
+        self.producer: dict[int, int] = {}
+        self.readers: dict[int, set[int]] = {}
+        for index, op in enumerate(self.graph.operators):
+            for t in _ints(op.outputs):
+                self.producer[t] = index
+            for t in _ints(op.inputs):
+                if t >= 0:
+                    self.readers.setdefault(t, set()).add(index)
+        self.done: set[int] = set()
+        self.stored: dict[int, list[np.ndarray]] = {}
+        for t in _ints(self.graph.inputs):
+            self.stored[t] = [self._model_input(t, np.asarray(x, dtype=np.float32)[None]) for x in inputs]
+        self.pieces = 0
+        self.ops_run = 0
+
+    def _model_input(self, t: int, x: np.ndarray) -> np.ndarray:
+        tensor = self.graph.tensors[t]
+        dtype = {"FLOAT32": np.float32, "INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16}[
+            flatbuffers.type_names()[tensor.type]]
+        q = tensor.quantization
+        if np.dtype(dtype).kind == "f" or q is None or q.scale is None or len(q.scale) == 0:
+            return x.astype(dtype)
+        return quantize(x, dtype, float(q.scale[0]), int(q.zeroPoint[0]))
+
+    def constant(self, t: int) -> bool:
+        data = self.model.buffers[int(self.graph.tensors[t].buffer)].data
+        return data is not None and len(data) > 0
+
+    def patch(self, t: int, values: np.ndarray) -> None:
+        """Give constant tensor ``t`` new values of the same type and size (seen by the pieces run from now on)."""
+        buffer = self.model.buffers[int(self.graph.tensors[t].buffer)]
+        raw = np.ascontiguousarray(values).view(np.uint8).reshape(-1)
+        if len(raw) != len(buffer.data):
+            raise ValueError(f"tensor {t}: {len(raw)} bytes for a buffer of {len(buffer.data)}")
+        buffer.data = raw.copy()
+
+    def values(self, tensors) -> dict[int, list[np.ndarray]]:
+        """The values of ``tensors`` on every input (as stored: integers for an integer tensor), running the ops
+        they need that no earlier call ran."""
+        wanted = [int(t) for t in tensors]
+        ops = self._needed(wanted)
+        if ops:
+            self._run(ops, wanted)
+        found = {t: self.stored[t] for t in wanted}
+        self._forget()
+        return found
+
+    def _needed(self, wanted: list[int]) -> list[int]:
+        ops: set[int] = set()
+        stack = [t for t in wanted]
+        while stack:
+            t = stack.pop()
+            if t < 0 or t in self.stored or self.constant(t) or t not in self.producer:
+                continue
+            op = self.producer[t]
+            if op in ops or op in self.done:
+                continue
+            ops.add(op)
+            stack += _ints(self.graph.operators[op].inputs)
+        return sorted(ops)
+
+    def _run(self, ops: list[int], wanted: list[int]) -> None:
+        chosen = set(ops)
+        made = {t for op in ops for t in _ints(self.graph.operators[op].outputs)}
+        read = [t for op in ops for t in _ints(self.graph.operators[op].inputs)
+                if t >= 0 and t not in made and not self.constant(t)]
+        feeds = list(dict.fromkeys(read))
+        keep = [t for op in ops for t in _ints(self.graph.operators[op].outputs)
+                if t in wanted or self.readers.get(t, set()) - chosen or t in _ints(self.graph.outputs)]
+        keep = list(dict.fromkeys(keep))
+        piece, index = self._piece(ops, feeds, keep)
+        count = len(next(iter(self.stored.values())))
+        workers = workers_for(count)
+
+        def share(k: int) -> dict[int, list[np.ndarray]]:  # one single-threaded interpreter per core
+            interpreter = open_interpreter(piece, threads=1)
+            found: dict[int, list[np.ndarray]] = {t: [] for t in keep}
+            for i in range(k, count, workers):
+                for t in feeds:
+                    interpreter.set_tensor(index[t], self.stored[t][i])
+                interpreter.invoke()
+                for t in keep:
+                    found[t].append(interpreter.get_tensor(index[t]))
+            return found
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            shares = list(pool.map(share, range(workers)))
+        results = {t: [shares[i % workers][t][i // workers] for i in range(count)] for t in keep}
+        self.stored.update(results)
+        self.done |= chosen
+        self.ops_run += len(ops)
+        self.pieces += 1
+
+    def _piece(self, ops: list[int], feeds: list[int], keep: list[int]) -> tuple[bytes, dict[int, int]]:
+        """The ops as a model of their own: (its bytes, original tensor index -> the piece's)."""
+        used = list(feeds)
+        for op in ops:
+            used += [t for t in _ints(self.graph.operators[op].inputs) + _ints(self.graph.operators[op].outputs)
+                     + _ints(self.graph.operators[op].intermediates) if t >= 0]
+        index = {t: i for i, t in enumerate(dict.fromkeys(used))}
+        schema = flatbuffers.schema()
+        model = schema.ModelT()
+        model.version, model.operatorCodes, model.description = self.model.version, self.model.operatorCodes, None
+        model.buffers = [schema.BufferT()]
+        graph = schema.SubGraphT()
+        graph.tensors = []
+        for t in index:
+            tensor = copy.copy(self.graph.tensors[t])
+            if self.constant(t):
+                model.buffers.append(self.model.buffers[int(tensor.buffer)])
+                tensor.buffer = len(model.buffers) - 1
+            else:
+                tensor.buffer = 0
+            graph.tensors.append(tensor)
+        remap = lambda values: [index[t] if t >= 0 else t for t in _ints(values)]  # noqa: E731
+        graph.operators = []
+        for op in ops:
+            piece_op = copy.copy(self.graph.operators[op])
+            piece_op.inputs, piece_op.outputs = remap(piece_op.inputs), remap(piece_op.outputs)
+            if piece_op.intermediates is not None:
+                piece_op.intermediates = remap(piece_op.intermediates)
+            graph.operators.append(piece_op)
+        graph.inputs, graph.outputs = remap(feeds), remap(keep)
+        model.subgraphs = [graph]
+        return flatbuffers.write(model), index
+
+    def _forget(self) -> None:
+        """Drop stored tensors that no op still to run reads (graph inputs and outputs stay)."""
+        ends = set(_ints(self.graph.inputs)) | set(_ints(self.graph.outputs))
+        for t in list(self.stored):
+            if t not in ends and self.readers.get(t, set()) <= self.done:
+                del self.stored[t]

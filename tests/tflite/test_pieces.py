@@ -1,0 +1,50 @@
+"""Running an int8 model piecewise gives the tensors a whole run gives, bit for bit, each op run once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.tflite.pieces import PiecewiseRun
+from pipeline.tflite.weighted_layers import Constants, levels, unshared, weighted_layers
+from tests.tflite.test_int8_methods import _values
+
+
+@pytest.fixture(scope="module")
+def int8_model(trained_tflite, calibration):
+    quant = trained_tflite["int8"].read_bytes()
+    floating = trained_tflite["float"].read_bytes()
+    inputs = [calibration.with_convention("pixels").inputs(i) for i in range(6)]
+    layers = [layer for layer in weighted_layers(quant, floating) if layer.quant_bias is not None]
+    return unshared(quant, [layer.quant_bias for layer in layers]), layers, inputs
+
+
+def test_pieces_give_the_whole_runs_values_running_each_op_once(int8_model):
+    quant, layers, inputs = int8_model
+    groups = levels(quant, layers)
+    assert len(groups) >= 2
+    run = PiecewiseRun(quant, inputs)
+    whole = _values(quant, [layer.quant_input for layer in layers] + [layers[-1].quant_output], inputs)
+    for group in groups:
+        found = run.values([layer.quant_input for layer in group])
+        for layer in group:
+            assert all(np.array_equal(a[0], b) for a, b in zip(found[layer.quant_input], whole[layer.quant_input]))
+    last = run.values([layers[-1].quant_output])[layers[-1].quant_output]
+    assert all(np.array_equal(a[0], b) for a, b in zip(last, whole[layers[-1].quant_output]))
+    assert run.ops_run == len(run.done) and run.pieces == len(groups) + 1
+
+
+def test_a_constant_patched_before_its_op_runs_is_seen_downstream(int8_model):
+    quant, layers, inputs = int8_model
+    first, last = layers[0], layers[-1]
+    patched = Constants(quant)
+    bias = patched.view(first.quant_bias)
+    bias[...] = bias + 1000  # far enough to move the final outputs
+    run = PiecewiseRun(quant, inputs)
+    run.values([first.quant_input])
+    run.patch(first.quant_bias, bias)
+    found = run.values([last.quant_output])[last.quant_output]
+    expected = _values(patched.bytes(), [last.quant_output], inputs)[last.quant_output]
+    original = _values(quant, [last.quant_output], inputs)[last.quant_output]
+    assert all(np.array_equal(a[0], b) for a, b in zip(found, expected))
+    assert not all(np.array_equal(a, b) for a, b in zip(expected, original))
