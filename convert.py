@@ -40,7 +40,7 @@ def _user_stderr():
     """The user's stderr as it was before any library call, on a file descriptor of its own.
 
     While the converter runs, the library points fd 2 at a temporary file
-    (``pipeline.core.quiet.native_stderr_captured``) to keep TensorFlow's
+    (``pipeline.core.tf_logs.native_stderr_captured``) to keep TensorFlow's
     native log for its error messages; the calibration progress bar is drawn
     during exactly that time, so it writes to a duplicate of fd 2 taken first.
     """
@@ -99,7 +99,7 @@ def guarded(fn=None, *, tensorflow: bool = True):
     def wrapper(*args, **kwargs):
         from pipeline.core.errors import SettingsError, XedgeError
         from pipeline.core.interrupts import exit_code, terminate_as_interrupt
-        from pipeline.core.quiet import import_tensorflow_quietly, quiet_tensorflow
+        from pipeline.core.tf_logs import import_tensorflow_quietly, quiet_tensorflow
 
         quiet_tensorflow()
         try:
@@ -287,7 +287,7 @@ def convert_command(model, mode, calib, calib_size, seed, float_io, allow_float_
                              max_float_layers=max_float_layers)
     path = Path(model) if model else latest_model()
     if request.needs_tensorflow(path):
-        from pipeline.core.quiet import import_tensorflow_quietly
+        from pipeline.core.tf_logs import import_tensorflow_quietly
 
         import_tensorflow_quietly()
     check_writable(Path(out) if out else default_output(path, settings.mode), force=force)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.conversion.converter_hooks import fast_minmax, pin_input_range, quantize_calibrated
-from pipeline.core.quiet import import_tensorflow_quietly
-from pipeline.tflite.tflite_optimize import xnnpack_report
+from pipeline.core.tf_logs import import_tensorflow_quietly
+from pipeline.tflite.rewrites import xnnpack_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

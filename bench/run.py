@@ -152,7 +152,7 @@ class _Run:
 def main(argv=None) -> None:
     args = _parse_args(argv)
 
-    from pipeline.core.quiet import import_tensorflow_quietly
+    from pipeline.core.tf_logs import import_tensorflow_quietly
 
     load_at_start = load_average()
     import_tensorflow_quietly()
@@ -271,7 +271,7 @@ def _peer(run: _Run) -> dict:
 
 def _latency(run: _Run, peer: dict) -> dict:
     """(2) p50 latency of every model, alternating, with the XNNPACK partitions of the LiteRT ones."""
-    from pipeline.tflite.tflite_optimize import delegate_partitions
+    from pipeline.tflite.rewrites import delegate_partitions
 
     threads = run.args.threads
     litert = {"litert_float32": run.float_tfl, "litert_int8_stock": run.stock_tfl, "litert_int8_xedge": run.ours_tfl,

@@ -1,6 +1,6 @@
 """Training images/s of Xception for a size, width and batch sweep, on whatever devices are visible.
 
-The measured step is the product's own (``pipeline.model.loop.Steps`` under the
+The measured step is the product's own (``pipeline.model.steps.Steps`` under the
 strategy ``xedge train`` would pick, fed by ``pipeline.model.tfdata`` with
 augmentation on), so the figure is what a user gets, input pipeline included.
 The images are synthetic uint8 pixels held in memory: decoding is a one-off
@@ -23,7 +23,7 @@ from bench.machine import describe, load_average
 from pipeline.core import artifacts
 from pipeline.core.preprocessing import PreprocessSpec
 from pipeline.model import tfdata
-from pipeline.model.loop import Steps
+from pipeline.model.steps import Steps
 from pipeline.model.train import TrainConfig, build_model, make_optimizer, select_devices
 
 
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
 
-    from pipeline.core.quiet import import_tensorflow_quietly
+    from pipeline.core.tf_logs import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     report = measure(args)

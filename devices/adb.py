@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from devices.benchmark_model import parse_benchmark_model
-from devices.transport import RUNNER, BenchRequest, parse_runner_output, run_in_group
+from devices.transport_base import RUNNER, BenchRequest, parse_runner_output, run_in_group
 from pipeline.core.artifacts import sha256_file
 from pipeline.core.errors import DeviceError
 

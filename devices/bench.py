@@ -16,11 +16,11 @@ import numpy as np
 
 from devices.diagnose import explain_pair
 from devices.profile import DeviceProfile, load_profile
-from devices.transport import BenchRequest
+from devices.transport_base import BenchRequest
 from devices.transports import get_transport
 from pipeline.core.errors import DeviceError
 from pipeline.tflite.input_convention import file_convention
-from pipeline.tflite.safe_tflite import check_manifest, probe, read_model_bytes
+from pipeline.tflite.sandboxed_load import check_manifest, probe, read_model_bytes
 
 REFERENCE_RUNS = 20
 

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from devices.transport import RUNNER, BenchRequest, parse_runner_output, run_in_group
+from devices.transport_base import RUNNER, BenchRequest, parse_runner_output, run_in_group
 from pipeline.core.errors import DeviceError
 
 _KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")

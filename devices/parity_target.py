@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from devices.profile import DeviceProfile, load_profile
-from devices.transport import BenchRequest
+from devices.transport_base import BenchRequest
 from devices.transports import get_transport
 from pipeline.core.errors import DeviceError
 from pipeline.validation.parity import Outputs, Step

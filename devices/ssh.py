@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from devices.transport import RUNNER, BenchRequest, parse_runner_output, run_in_group
+from devices.transport_base import RUNNER, BenchRequest, parse_runner_output, run_in_group
 from pipeline.core.errors import DeviceError
 
 _TMP_PATTERN = re.compile(r"^/[^\n]*/xedge\.[A-Za-z0-9]{6,}$")

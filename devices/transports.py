@@ -1,6 +1,6 @@
 """A device profile's ``transport`` name -> the class that reaches that device.
 
-Kept apart from ``devices.transport`` (what every transport shares) so that the
+Kept apart from ``devices.transport_base`` (what every transport shares) so that the
 transports import the shared part and this table imports the transports:
 dependencies point one way.
 """

@@ -31,7 +31,7 @@ from pipeline.core.errors import Remedy
 from pipeline.core.errors import ArtifactError, CalibrationError, ModelLoadError
 from pipeline.core.faults import PAUSE_ENV
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, decode_rgb, pixels_for
-from pipeline.tflite.safe_tflite import load_untrusted, probe
+from pipeline.tflite.sandboxed_load import load_untrusted, probe
 from tests.conftest import VENV_BIN, missing, run_cli
 
 SPEC = PreprocessSpec(32)
@@ -251,7 +251,7 @@ def test_mutation_loop_never_crashes_or_hangs_the_parent(small_tflite):
 
 
 def test_a_loader_that_hangs_is_stopped(small_tflite, tmp_path, monkeypatch):
-    import pipeline.tflite.safe_tflite as safe
+    import pipeline.tflite.sandboxed_load as safe
 
     monkeypatch.setattr(safe, "_CHILD", "import time\ntime.sleep(60)\n")
     with pytest.raises(ModelLoadError, match="did not finish in 2 s"):  # only the timeout says so: it was stopped
@@ -273,7 +273,7 @@ print(json.dumps({"isolated": sys.flags.isolated, "path": sys.path, "env": sorte
 
 
 def test_probe_child_is_isolated_and_sets_its_own_limits(small_tflite, tmp_path, monkeypatch):
-    import pipeline.tflite.safe_tflite as safe
+    import pipeline.tflite.sandboxed_load as safe
 
     planted, marker = tmp_path / "planted", tmp_path / "planted-ran"
     planted.mkdir()

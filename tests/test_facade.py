@@ -77,3 +77,17 @@ def test_train_convert_validate_parity_from_python(tmp_path):
     assert target["name"] == "device local" and target["images"] == 6 and len(target["rows"]) == 6
     assert target["top1_matches"] + target["top1_mismatches"] == 6 and np.isfinite(target["max_diff"])
     assert same.passed == (target["top1_mismatches"] == 0)  # no tolerance given: only a changed top-1 fails
+
+
+def test_renamed_modules_keep_their_old_import_paths():
+    """Seven modules were renamed (docs/development.md); code written against the old paths still runs."""
+    import importlib
+
+    for old, new, name in [("pipeline.tflite.tflite_info", "pipeline.tflite.contents", "inspect_tflite"),
+                           ("pipeline.tflite.tflite_metadata", "pipeline.tflite.metadata", "read_metadata"),
+                           ("pipeline.tflite.tflite_optimize", "pipeline.tflite.rewrites", "xnnpack_report"),
+                           ("pipeline.tflite.safe_tflite", "pipeline.tflite.sandboxed_load", "probe"),
+                           ("pipeline.model.loop", "pipeline.model.steps", "Steps"),
+                           ("pipeline.core.quiet", "pipeline.core.tf_logs", "native_stderr_captured"),
+                           ("devices.transport", "devices.transport_base", "BenchRequest")]:
+        assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)

@@ -78,7 +78,7 @@ def _image_seeds() -> list[bytes]:
 def _tflite_seeds() -> list[bytes]:
     """A one-op model (uint8 pixel input, and a float one) with the project's metadata and packed labels."""
     from pipeline.tflite import flatbuffers
-    from pipeline.tflite.tflite_metadata import ModelInfo, add_metadata
+    from pipeline.tflite.metadata import ModelInfo, add_metadata
 
     schema = flatbuffers.schema()
     seeds = []
@@ -156,8 +156,8 @@ def test_the_seeds_are_valid(tmp_path):
     from pipeline.core.artifacts import read_manifest
     from pipeline.core.preprocessing import PreprocessSpec, decode_rgb
     from pipeline.tflite.input_convention import model_convention
-    from pipeline.tflite.tflite_info import inspect_tflite
-    from pipeline.tflite.tflite_metadata import associated_files, read_metadata
+    from pipeline.tflite.contents import inspect_tflite
+    from pipeline.tflite.metadata import associated_files, read_metadata
     from pipeline.model.modelio import detect_kind
 
     assert all(decode_rgb(seed).shape[2] == 3 for seed in IMAGES[:-1])
@@ -190,9 +190,9 @@ def test_image_decoding(data):
 def test_tflite_flatbuffer_and_metadata(data):
     from pipeline.tflite import flatbuffers
     from pipeline.tflite.input_convention import model_convention
-    from pipeline.tflite.safe_tflite import precheck
-    from pipeline.tflite.tflite_info import inspect_tflite
-    from pipeline.tflite.tflite_metadata import associated_files, read_metadata
+    from pipeline.tflite.sandboxed_load import precheck
+    from pipeline.tflite.contents import inspect_tflite
+    from pipeline.tflite.metadata import associated_files, read_metadata
 
     typed(precheck, data)
     typed(flatbuffers.read, data)
@@ -214,7 +214,7 @@ def test_tflite_flatbuffer_and_metadata(data):
 def test_manifests(tmp_path_factory, data):
     from pipeline.core.artifacts import integrity, read_manifest
     from pipeline.tflite.input_convention import file_convention
-    from pipeline.tflite.safe_tflite import check_manifest
+    from pipeline.tflite.sandboxed_load import check_manifest
 
     folder = tmp_path_factory.mktemp("manifest", numbered=True)
     (folder / "m.manifest.json").write_bytes(data)

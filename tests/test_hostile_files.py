@@ -135,7 +135,7 @@ def _metadata_not_utf8(model):
 @pytest.mark.parametrize("change", [_metadata_past_the_buffers, _metadata_truncated, _metadata_not_utf8])
 def test_malformed_metadata_is_one_typed_error_for_every_reader(tiny_float, tmp_path, change):
     from pipeline.tflite.input_convention import file_convention
-    from pipeline.tflite.tflite_metadata import read_metadata
+    from pipeline.tflite.metadata import read_metadata
 
     crafted = _rewritten(tiny_float, tmp_path / "crafted.tflite", change)  # no manifest beside it
     data = crafted.read_bytes()
@@ -193,7 +193,7 @@ def _pair(tiny_float: Path, tmp_path: Path) -> tuple[Path, Path]:
 ])
 def test_a_manifest_with_bad_values_is_one_error_naming_it(tiny_float, tmp_path, edit):
     from pipeline.core import artifacts
-    from pipeline.tflite.safe_tflite import check_manifest
+    from pipeline.tflite.sandboxed_load import check_manifest
 
     model, manifest = _pair(tiny_float, tmp_path)
     recorded = json.loads(manifest.read_text())
@@ -212,7 +212,7 @@ def test_a_manifest_with_bad_values_is_one_error_naming_it(tiny_float, tmp_path,
 def test_a_manifest_that_is_not_a_small_regular_file_is_refused_at_once(tiny_float, tmp_path, kind):
     from pipeline.core import artifacts
     from pipeline.core.manifest_schema import MAX_MANIFEST_BYTES
-    from pipeline.tflite.safe_tflite import check_manifest
+    from pipeline.tflite.sandboxed_load import check_manifest
 
     model, manifest = _pair(tiny_float, tmp_path)
     manifest.unlink()

@@ -220,7 +220,7 @@ def _metadata_past_the_buffers(source: Path, out: Path) -> Path:
 
 
 def test_metadata_past_the_buffer_list_is_one_error_before_mediapipe_reads_it(trained_tflite, digits, tmp_path):
-    from pipeline.tflite.tflite_metadata import read_metadata
+    from pipeline.tflite.metadata import read_metadata
 
     crafted = _metadata_past_the_buffers(trained_tflite["float"], tmp_path / "crafted.tflite")
     with pytest.raises(ModelLoadError, match="names buffer .* but the model has"):

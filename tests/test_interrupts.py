@@ -22,7 +22,7 @@ from pipeline.core import artifacts
 from pipeline.core.errors import ArtifactError, DeviceError
 from pipeline.core.faults import PAUSE_ENV
 from pipeline.tflite.input_convention import manifest_beside
-from pipeline.tflite.safe_tflite import check_manifest
+from pipeline.tflite.sandboxed_load import check_manifest
 from tests.conftest import VENV_BIN, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +290,7 @@ def _gone(pid: int) -> bool:
 def test_a_hanging_target_is_ended_with_its_children(trained_tflite, tmp_path):
     from devices.local import LocalTransport
     from devices.profile import DeviceProfile
-    from devices.transport import BenchRequest
+    from devices.transport_base import BenchRequest
 
     pid_file = tmp_path / "grandchild"
     target = tmp_path / "python"  # the profile's "python": a target that starts a child, then hangs

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from devices.local import clean_env
-from devices.transport import RUNNER, parse_runner_output
+from devices.transport_base import RUNNER, parse_runner_output
 from pipeline.core.artifacts import atomic_write_json
 from pipeline.core.errors import DeviceError
-from pipeline.core.quiet import import_tensorflow_quietly, native_stderr_captured
+from pipeline.core.tf_logs import import_tensorflow_quietly, native_stderr_captured
 
 LAUNCHER = Path(__file__).resolve().parent / "board"
 CORES = ("cortex-a53", "cortex-a72", "cortex-a76")

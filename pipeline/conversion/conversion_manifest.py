@@ -22,8 +22,8 @@ from pipeline.core.preprocessing import PreprocessSpec, recorded_convention
 from pipeline.core.stage_timing import timed
 from pipeline.model.modelio import SourceModel
 from pipeline.model.run_labels import labels_beside
-from pipeline.tflite.tflite_metadata import ModelInfo, read_metadata
-from pipeline.tflite.tflite_optimize import xnnpack_report
+from pipeline.tflite.metadata import ModelInfo, read_metadata
+from pipeline.tflite.rewrites import xnnpack_report
 
 
 class Described(Protocol):

@@ -68,7 +68,7 @@ import numpy as np
 
 from pipeline.core import interrupts
 from pipeline.core.errors import ConversionError
-from pipeline.core.quiet import native_stderr_captured
+from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.flatbuffers import tools
 

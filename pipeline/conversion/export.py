@@ -45,8 +45,8 @@ from pipeline.core import artifacts
 from pipeline.core.errors import CalibrationError, ConversionError, Remedy
 from pipeline.core.stage_timing import measuring, running, timed
 from pipeline.model.modelio import SourceModel, load_source
-from pipeline.tflite.tflite_info import inspect_tflite
-from pipeline.tflite.tflite_metadata import add_metadata
+from pipeline.tflite.contents import inspect_tflite
+from pipeline.tflite.metadata import add_metadata
 
 __all__ = [
     "CALIBRATED_MODES", "CalibrationRecord", "Conversion", "ConvertSettings", "ExportResult", "Progress",

@@ -1,6 +1,6 @@
 """The XNNPACK-friendly graph rewrites, kept only where real data shows they do no harm.
 
-The rewrites themselves work on the .tflite alone (``pipeline.tflite.tflite_optimize``);
+The rewrites themselves work on the .tflite alone (``pipeline.tflite.rewrites``);
 deciding whether to keep them needs the calibration images and the float
 source model's outputs, which is why the gate lives in the conversion stage.
 Each rewrite's ``RewriteRecord`` is what the manifest's ``optimizations`` lists.
@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.conversion.float_reference import float_outputs
 from pipeline.core.stage_timing import timed
 from pipeline.model.modelio import SourceModel
-from pipeline.tflite.tflite_optimize import (
+from pipeline.tflite.rewrites import (
     check_rewrite,
     delegate_partitions,
     fuse_shared_add_relu,

@@ -43,7 +43,7 @@ from pipeline.conversion.int8_methods import chosen_ranges, refine_int8
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress
 from pipeline.core import interrupts
 from pipeline.core.errors import CalibrationError, ConversionError, Remedy
-from pipeline.core.quiet import native_stderr_captured
+from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.core.stage_timing import move, timed
 from pipeline.model.modelio import KeptCalibration, SourceModel
 from pipeline.tflite.splice import splice

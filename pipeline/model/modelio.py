@@ -38,7 +38,7 @@ from pipeline.model.saved_model_ops import unsafe_saved_model_ops
 from pipeline.model.stem import Stem
 from pipeline.model.tfmot_import import import_tfmot
 from pipeline.tflite import flatbuffers
-from pipeline.tflite.safe_tflite import Probe, check_manifest, read_model_bytes, start_probe
+from pipeline.tflite.sandboxed_load import Probe, check_manifest, read_model_bytes, start_probe
 
 # The largest input side accepted: every calibration and evaluation image is held decoded at the model's size
 # (64 uint8 samples of 2048x2048x3 are 805 MB); image classifiers take 224 to 600.
@@ -310,7 +310,7 @@ def _load(path: Path, trust_code: bool) -> SourceModel:
 
 def _float_tflite_source(path: Path) -> SourceModel:
     """A float32 .tflite to quantize. Nobody vouched for it, so it is first loaded and run in a sandboxed
-    child (``pipeline.tflite.safe_tflite``); that probe runs while the caller reads its calibration images, and
+    child (``pipeline.tflite.sandboxed_load``); that probe runs while the caller reads its calibration images, and
     ``pipeline.conversion.routes.float_tflite`` waits for it before anything loads the model in this process. Its
     shapes and tensor types are read here from the flatbuffer, in Python, without executing anything."""
 

@@ -44,7 +44,7 @@ from pipeline.core.data import Skip, discover
 from pipeline.core.errors import DataError, ModelLoadError, Remedy, TrainingError, TrainingInterrupted
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for
 from pipeline.model import tfdata
-from pipeline.model.loop import Steps
+from pipeline.model.steps import Steps
 from pipeline.model.pretrained import load_by_order
 from pipeline.model.xception import XceptionConfig, build_xception
 

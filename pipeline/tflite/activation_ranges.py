@@ -24,7 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline.core.quiet import native_stderr_captured
+from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.layers import expose_tensors
 

@@ -27,7 +27,7 @@ from pipeline.core import artifacts
 from pipeline.core.errors import ArtifactError, ModelLoadError
 from pipeline.core.preprocessing import LEGACY_CONVENTION, PIXEL_TENSORS, normalization, recorded_convention
 from pipeline.tflite import flatbuffers
-from pipeline.tflite.tflite_metadata import read_metadata
+from pipeline.tflite.metadata import read_metadata
 
 _FLOAT = ("float32", "float16")
 _BY_TENSOR = {(dtype, scale, zero): name for name, (dtype, scale, zero) in PIXEL_TENSORS.items()}

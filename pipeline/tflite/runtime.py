@@ -10,7 +10,7 @@ error reads intermediate tensors, and parity keeps the raw integers; all of
 them quantize and dequantize with ``pipeline.core.preprocessing``'s one
 definition. Two places build a bare interpreter on purpose: the fast
 calibrator (``conversion.converter_hooks``: a probe model, one per thread)
-and the XNNPACK report (``tflite_optimize``: its own log captured).
+and the XNNPACK report (``rewrites``: its own log captured).
 ``devices/runner.py`` keeps its own copy: it runs on devices without this package.
 
 LiteRT's private per-node view is read here alone, behind a version pin, with
@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.preprocessing import dequantize, quantize
-from pipeline.core.quiet import native_stderr_captured
+from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.tflite import flatbuffers
 
 # LiteRT's per-node view (``Interpreter._get_ops_details``) is private: it is read only on these versions of
@@ -68,7 +68,7 @@ def open_interpreter(model_bytes: bytes, *, preserve_all_tensors: bool = False, 
     """The one place where .tflite bytes become an interpreter, in this process (``allocated``, errors typed).
 
     Bytes of a file nobody vouched for get here only after they loaded and ran
-    once in ``pipeline.tflite.safe_tflite``'s limited child process
+    once in ``pipeline.tflite.sandboxed_load``'s limited child process
     (``TfliteRunner`` and ``export.float_tflite`` wait for that probe); the
     other callers pass bytes this process converted.
     """

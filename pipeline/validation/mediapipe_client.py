@@ -12,7 +12,7 @@ that names the reason and the fix, never a traceback.
 
 MediaPipe's native metadata parser trusts the model it reads, so a crafted
 ``.tflite`` can crash the process that opens it. Two guards: the metadata is
-checked against its schema in Python first (``tflite_metadata.read_metadata``:
+checked against its schema in Python first (``metadata.read_metadata``:
 buffer indices, offsets, UTF-8), and MediaPipe itself runs in a child process
 of its own (``multiprocessing`` spawn, no core dumps) that receives the
 pixels and sends back scores; a crash there is one ``ValidationError``, never
@@ -30,9 +30,9 @@ import numpy as np
 
 from pipeline.core.errors import Remedy, ValidationError
 from pipeline.core.preprocessing import dequantize
-from pipeline.core.quiet import import_tensorflow_quietly, native_stderr_captured
-from pipeline.tflite.safe_tflite import read_model_bytes
-from pipeline.tflite.tflite_metadata import read_metadata
+from pipeline.core.tf_logs import import_tensorflow_quietly, native_stderr_captured
+from pipeline.tflite.sandboxed_load import read_model_bytes
+from pipeline.tflite.metadata import read_metadata
 from pipeline.validation.parity import Outputs, Step
 from pipeline.validation.parity_images import Feed, ModelIO
 

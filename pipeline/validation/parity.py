@@ -26,7 +26,7 @@ from pipeline.core.errors import ParityFailed, ValidationError
 from pipeline.core.preprocessing import PreprocessSpec, dequantize
 from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.runtime import open_interpreter
-from pipeline.tflite.safe_tflite import load_untrusted
+from pipeline.tflite.sandboxed_load import load_untrusted
 from pipeline.validation.parity_images import Feed, Images, ModelIO, model_io, prepare_images, runner_inputs
 from pipeline.validation.validate import resolve_labels
 

@@ -29,7 +29,7 @@ from pipeline.model.modelio import load_source
 from pipeline.model.stem import input_domain
 from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.runtime import invoke_one, open_interpreter
-from pipeline.tflite.safe_tflite import load_untrusted
+from pipeline.tflite.sandboxed_load import load_untrusted
 from pipeline.validation.output_kind import saved_model_output_kind, tflite_output_kind
 
 

@@ -26,8 +26,8 @@ from pipeline.core import artifacts
 from pipeline.core.data import Item, Skip, discover
 from pipeline.core.errors import BudgetExceeded, DataError, ModelLoadError, Remedy, ValidationError
 from pipeline.core.preprocessing import ImageError, PreprocessSpec, model_input, pixels_for
-from pipeline.tflite.safe_tflite import read_model_bytes
-from pipeline.tflite.tflite_info import inspect_tflite
+from pipeline.tflite.sandboxed_load import read_model_bytes
+from pipeline.tflite.contents import inspect_tflite
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
 from pipeline.validation.predict import as_probabilities, default_workers, open_runner

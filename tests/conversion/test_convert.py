@@ -8,8 +8,8 @@ import pytest
 from pipeline.core.artifacts import manifest_path_for, sha256_bytes, sha256_file
 from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError, OutputExistsError, Remedy
 from pipeline.conversion.export import ConvertSettings, check_integer_ops, export_tflite
-from pipeline.tflite.tflite_info import inspect_tflite
-from pipeline.tflite.tflite_metadata import read_metadata
+from pipeline.tflite.contents import inspect_tflite
+from pipeline.tflite.metadata import read_metadata
 
 HEAVY = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from pipeline.conversion.export import ConvertSettings, convert_bytes, convert_model
-from pipeline.tflite.tflite_info import inspect_tflite
+from pipeline.tflite.contents import inspect_tflite
 from tests.conftest import run_cli
 
 OUTLIER = 300.0
@@ -390,7 +390,7 @@ def _scramble(model_bytes: bytes) -> bytes:
 
 def _as_rewrite(model_bytes: bytes):
     """Bytes already changed, reported as a rewrite named scramble_classifier."""
-    from pipeline.tflite.tflite_optimize import RewriteReport
+    from pipeline.tflite.rewrites import RewriteReport
 
     report = RewriteReport("scramble_classifier")
     report.rewritten.append({"op": "FULLY_CONNECTED"})

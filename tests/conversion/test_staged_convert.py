@@ -17,7 +17,7 @@ from pipeline.core.errors import CalibrationError
 from pipeline.conversion.export import ConvertSettings, convert_bytes, convert_model, export_tflite
 from pipeline.conversion.convention_choice import converted_source
 from pipeline.model.modelio import load_source
-from pipeline.core.quiet import native_stderr_captured
+from pipeline.core.tf_logs import native_stderr_captured
 from tests.conftest import run_cli
 
 

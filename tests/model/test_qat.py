@@ -61,6 +61,6 @@ def test_qat_one_epoch_then_convert_to_full_int8_without_calibration(tmp_path, t
 
 def _ops_by_type(path):
     """(op, dtype) -> count, from the shared inspector's ``OP/dtype`` histogram."""
-    from pipeline.tflite.tflite_info import inspect_tflite
+    from pipeline.tflite.contents import inspect_tflite
 
     return {tuple(key.split("/", 1)): n for key, n in inspect_tflite(path.read_bytes()).op_histogram.items()}

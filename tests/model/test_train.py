@@ -68,8 +68,8 @@ def _train_cmd(data, out, *extra):
 KILL_SCRIPT = """
 import os, signal, sys
 import convert
-from pipeline.model import loop
-real, calls = loop.Steps.train_step, [0]
+from pipeline.model import steps
+real, calls = steps.Steps.train_step, [0]
 
 def train_step(self, iterator):
     calls[0] += 1
@@ -77,7 +77,7 @@ def train_step(self, iterator):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, iterator)
 
-loop.Steps.train_step = train_step
+steps.Steps.train_step = train_step
 convert.cli(sys.argv[1:])
 """
 
@@ -86,8 +86,8 @@ convert.cli(sys.argv[1:])
 PAUSE_SCRIPT = """
 import os, signal, sys, threading
 import convert
-from pipeline.model import loop
-real, calls = loop.Steps.train_step, [0]
+from pipeline.model import steps
+real, calls = steps.Steps.train_step, [0]
 
 def train_step(self, iterator):
     calls[0] += 1
@@ -105,7 +105,7 @@ def train_step(self, iterator):
         signal.signal(signal.SIGTERM, handler)
     return real(self, iterator)
 
-loop.Steps.train_step = train_step
+steps.Steps.train_step = train_step
 convert.cli(sys.argv[1:])
 """
 
@@ -283,7 +283,7 @@ def test_mixed_bfloat16_step_trains_and_saves_float32(tmp_path):
     import keras
     import tensorflow as tf
 
-    from pipeline.model.loop import Steps
+    from pipeline.model.steps import Steps
     from pipeline.model.train import TrainConfig, _write_outputs, build_model, make_optimizer
 
     cfg = TrainConfig(input_size=71, width=0.25, middle_blocks=0)
@@ -295,7 +295,7 @@ def test_mixed_bfloat16_step_trains_and_saves_float32(tmp_path):
     ds = tf.data.Dataset.from_tensors((rng.uniform(-1, 1, (4, 71, 71, 3)).astype("float32"),
                                        np.array([0, 1, 2, 0]))).repeat(2)
     iterator = iter(ds)
-    assert np.isfinite(float(loop.train_step(iterator)[0])) and int(optimizer.iterations) == 1
+    assert np.isfinite(float(steps.train_step(iterator)[0])) and int(optimizer.iterations) == 1
     assert model.get_layer("block2_sepconv1").compute_dtype == "bfloat16"
     assert model.get_layer("predictions").compute_dtype == "float32"
     _write_outputs(tmp_path, model, cfg, ["a", "b", "c"], {})
@@ -323,7 +323,7 @@ MIRRORED_SCRIPT = """
 import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from pipeline.model.loop import Steps
+from pipeline.model.steps import Steps
 from pipeline.model.train import TrainConfig, build_model, make_optimizer
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 cfg = TrainConfig(input_size=71, width=0.25, middle_blocks=0)
@@ -335,9 +335,9 @@ loop = Steps(model, optimizer, strategy, 8, xla=True)
 rng = np.random.default_rng(0)
 ds = tf.data.Dataset.from_tensors((rng.uniform(-1, 1, (8, 71, 71, 3)).astype("float32"),
                                    np.array([0, 1, 2, 0, 1, 2, 0, 1]))).repeat(2)
-iterator = iter(loop.distribute(ds))
-losses = [float(loop.train_step(iterator)[0]) for _ in range(2)]
-loss, accuracy = loop.evaluate(ds.take(1))
+iterator = iter(steps.distribute(ds))
+losses = [float(steps.train_step(iterator)[0]) for _ in range(2)]
+loss, accuracy = steps.evaluate(ds.take(1))
 assert strategy.num_replicas_in_sync == 2 and int(optimizer.iterations.numpy()) == 2
 assert all(np.isfinite(losses)) and np.isfinite(loss) and 0 <= accuracy <= 1
 print("ok")

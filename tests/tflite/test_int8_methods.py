@@ -19,7 +19,7 @@ from pipeline.tflite import flatbuffers
 from pipeline.tflite.bias_correction import bias_quanta, correct_biases
 from pipeline.tflite.layers import expose_tensors
 from pipeline.tflite.runtime import open_interpreter
-from pipeline.tflite.tflite_optimize import delegate_partitions
+from pipeline.tflite.rewrites import delegate_partitions
 from pipeline.tflite.weight_rounding import learn_rounding
 from pipeline.tflite.weighted_layers import Constants, weighted_layers
 from pipeline.validation.validate import validate

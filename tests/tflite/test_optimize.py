@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.core.artifacts import manifest_path_for
 from pipeline.conversion.export import ConvertSettings, export_tflite
-from pipeline.tflite.tflite_info import inspect_tflite
-from pipeline.tflite.tflite_optimize import check_rewrite, delegate_partitions, fuse_shared_add_relu
+from pipeline.tflite.contents import inspect_tflite
+from pipeline.tflite.rewrites import check_rewrite, delegate_partitions, fuse_shared_add_relu
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_float_models_are_left_alone(trained_tflite):
 
 
 def test_xnnpack_report_names_what_splits_the_graph(stock_int8, trained_tflite):
-    from pipeline.tflite.tflite_optimize import xnnpack_report
+    from pipeline.tflite.rewrites import xnnpack_report
 
     stock = xnnpack_report(stock_int8.model_bytes)
     assert stock["partitions"] > 1
@@ -205,7 +205,7 @@ def test_negligible_add_inputs_are_coarsened_so_xnnpack_takes_the_adds(calibrati
     import keras
 
     from pipeline.model.xception import build_xception
-    from pipeline.tflite.tflite_optimize import raise_negligible_add_inputs, xnnpack_report
+    from pipeline.tflite.rewrites import raise_negligible_add_inputs, xnnpack_report
 
     keras.utils.set_random_seed(0)
     build_xception(71, 10, 0.25, 8).save(tmp_path / "fresh.keras")
@@ -236,7 +236,7 @@ def _scramble_classifier(model_bytes):
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from pipeline.tflite.tflite_optimize import RewriteReport
+    from pipeline.tflite.rewrites import RewriteReport
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
     graph = model.subgraphs[0]

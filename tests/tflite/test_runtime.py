@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.tflite import runtime, tflite_optimize
+from pipeline.tflite import rewrites, runtime
 from pipeline.tflite.runtime import delegated_nodes, flatbuffer_ops, graph_ops, node_view_supported, open_interpreter
 
 
@@ -39,13 +39,13 @@ def test_fallback_ops_equal_the_interpreters_nodes(float_bytes, preserve_all_ten
 
 def test_another_litert_gets_the_fallback(float_bytes, monkeypatch):
     monkeypatch.setattr(runtime, "SUPPORTED_LITERT", ("0.0.",))
-    monkeypatch.setattr(tflite_optimize, "_REPORTS", {})  # the report is memoised by content
+    monkeypatch.setattr(rewrites, "_REPORTS", {})  # the report is memoised by content
     interpreter = open_interpreter(float_bytes)
     ok, why = node_view_supported(interpreter)
     assert not ok and "pinned to ai-edge-litert 0.0.x" in why
     assert graph_ops(interpreter, float_bytes) == flatbuffer_ops(float_bytes)
     assert delegated_nodes(interpreter) == (None, why)
-    assert tflite_optimize.xnnpack_report(float_bytes) == {"partitions": None, "outside": [], "unknown": why}
+    assert rewrites.xnnpack_report(float_bytes) == {"partitions": None, "outside": [], "unknown": why}
 
 
 def test_an_interpreter_without_the_private_view_gets_the_fallback(float_bytes):

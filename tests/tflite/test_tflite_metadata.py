@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.tflite import flatbuffers
 from pipeline.tflite import metadata_schema_py_generated as md
-from pipeline.tflite import tflite_metadata
+from pipeline.tflite import metadata
 from pipeline.core.artifacts import manifest_path_for
 from pipeline.core.errors import ConversionError
 from pipeline.core.preprocessing import PreprocessSpec, model_tensor, pixels_for, scale
@@ -127,7 +127,7 @@ def test_a_metadata_reader_gets_back_what_was_written(kind, trained_tflite):
     assert scores.AssociatedFilesLength() == 1
     labels_file = scores.AssociatedFiles(0)
     assert labels_file.Name() == b"labels.txt" and labels_file.Type() == md.AssociatedFileType.TENSOR_AXIS_LABELS
-    packed = tflite_metadata.associated_files(data)
+    packed = metadata.associated_files(data)
     assert list(packed) == ["labels.txt"] and packed["labels.txt"].decode().splitlines() == manifest["labels"]
 
 
@@ -143,17 +143,17 @@ def test_the_clients_normalization_is_the_preprocessing_scale_within_one_ulp():
 
 def test_adding_metadata_again_replaces_it(trained_tflite):
     data = trained_tflite["float"].read_bytes()
-    plain = tflite_metadata.ModelInfo("other", "9", "no labels")
-    once = tflite_metadata.add_metadata(data, plain)
-    assert tflite_metadata.add_metadata(once, plain) == once
-    relabelled = tflite_metadata.ModelInfo("x", "1", "d", labels=[f"c{i}" for i in range(10)], mean=0.0, std=1.0)
-    assert tflite_metadata.add_metadata(tflite_metadata.add_metadata(once, relabelled), plain) == once
-    assert tflite_metadata.associated_files(once) == {}  # the old labels file went with the old metadata
+    plain = metadata.ModelInfo("other", "9", "no labels")
+    once = metadata.add_metadata(data, plain)
+    assert metadata.add_metadata(once, plain) == once
+    relabelled = metadata.ModelInfo("x", "1", "d", labels=[f"c{i}" for i in range(10)], mean=0.0, std=1.0)
+    assert metadata.add_metadata(metadata.add_metadata(once, relabelled), plain) == once
+    assert metadata.associated_files(once) == {}  # the old labels file went with the old metadata
     assert len(flatbuffers.read(once).buffers) == len(flatbuffers.read(data).buffers)
-    meta = tflite_metadata.read_metadata(once)
+    meta = metadata.read_metadata(once)
     assert (meta.name, meta.description) == (b"other", b"no labels")
     assert meta.subgraphMetadata[0].outputTensorMetadata[0].associatedFiles is None
-    normalization = tflite_metadata.read_metadata(tflite_metadata.add_metadata(data, relabelled))
+    normalization = metadata.read_metadata(metadata.add_metadata(data, relabelled))
     assert normalization.subgraphMetadata[0].inputTensorMetadata[0].processUnits[0].options.mean == [0.0]
     assert len(flatbuffers.read(once).signatureDefs) == 1
 
@@ -161,11 +161,11 @@ def test_adding_metadata_again_replaces_it(trained_tflite):
 def test_metadata_that_cannot_describe_the_model_is_refused(trained_tflite):
     data = trained_tflite["float"].read_bytes()
     with pytest.raises(ConversionError, match="3 class names for a model with 10 outputs"):
-        tflite_metadata.add_metadata(data, tflite_metadata.ModelInfo("x", "1", "d", labels=["a", "b", "c"]))
+        metadata.add_metadata(data, metadata.ModelInfo("x", "1", "d", labels=["a", "b", "c"]))
     with pytest.raises(ConversionError, match="std"):
-        tflite_metadata.ModelInfo("x", "1", "d", mean=0.0, std=0.0)
+        metadata.ModelInfo("x", "1", "d", mean=0.0, std=0.0)
     with pytest.raises(ConversionError, match="line break"):
-        tflite_metadata.ModelInfo("x", "1", "d", labels=["a\nb"])
+        metadata.ModelInfo("x", "1", "d", labels=["a\nb"])
 
 
 def test_the_vendored_schema_is_mediapipes():
