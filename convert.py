@@ -63,6 +63,7 @@ REMEDY_FLAGS = {
     "labels": "pass --labels FILE (class names in output order)",
     "another-output": "choose another --out",
     "int8-pixels": "convert with --int8 (uint8 pixel input, the default) or --float-io",
+    "parity-target": "choose at least one target: --device NAME (repeatable) and/or --mediapipe",
     "mode": "choose a mode: --float, --dynamic, --fp16, --int8 or --int16x8",
     "model-path": "pass a model path (SavedModel folder, .keras or .h5), or train one: "
                   "xedge train --data DIR --out runs/NAME",
@@ -508,8 +509,6 @@ def parity_command(model, eval_dir, devices, mediapipe, labels, limit, max_quant
     from pipeline.validation.parity_report import (SUMMARY_COLUMNS, decoding_text, inputs_line, near_ties_text,
                                                    summary_rows, write_report)
 
-    if not devices and not mediapipe:
-        raise click.UsageError("choose at least one target: --device NAME (repeatable) and/or --mediapipe")
     with Bar("decoding, then running each runtime") as bar:
         result = run_parity(model, eval_dir, _parity_targets(devices, mediapipe), labels=labels, limit=limit,
                             tolerance=Tolerance(max_quanta, max_abs), progress=bar)

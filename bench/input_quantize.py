@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.conversion.converter_hooks import fast_minmax, pin_input_range, quantize_calibrated
+from pipeline.conversion.converter_hooks import fast_minmax, pin_input_range, quantize_calibrated, quantizer_route
 from pipeline.core.tf_logs import import_tensorflow_quietly
 from pipeline.tflite.rewrites import xnnpack_report
 
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
         paths = {}
         for name, io in (("pixels_int8", "int8"), ("pixels", "uint8")):
             paths[name] = Path(tmp) / f"{name}.tflite"
-            paths[name].write_bytes(quantize_calibrated(calibrated, io=io, per_channel=True))
+            paths[name].write_bytes(quantize_calibrated(calibrated, route=quantizer_route(), io=io, per_channel=True))
         outside = {name: xnnpack_report(path.read_bytes())["outside"] for name, path in paths.items()}
         proc = subprocess.run([sys.executable, str(ROOT / "devices" / "runner.py"), str(paths["pixels_int8"]),
                                str(paths["pixels"]), "--runs", str(args.runs), "--warmup", "20", "--threads",

@@ -18,8 +18,6 @@ from tests.test_architecture import ROOT
 CLI_RULES_OK = {
     "bench_command": "--compare with several --threads: which library call runs (compare takes one thread count "
                      "by its signature) is the CLI's dispatch, not a rule on settings",
-    "parity_command": "debt: pipeline/validation/parity.py also refuses no targets, but its message names no flag "
-                      "yet; remove this once it raises with remedy=Remedy.PARITY_TARGET",
 }
 
 

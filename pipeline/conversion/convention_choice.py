@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.conversion.converter_hooks import staged_supported
+from pipeline.conversion.converter_hooks import quantizer_route, staged_supported
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings
 from pipeline.core import artifacts
 from pipeline.core.errors import CalibrationError, ConversionError, ModelLoadError, Remedy
@@ -121,7 +121,7 @@ def _pin_unavailable(settings: ConvertSettings) -> str | None:
     """Why an int8 pixel input cannot be pinned to [0, 255] here (it is, between the staged conversion's stages)."""
     if settings.mode != "int8" or settings.float_io:
         return None
-    ok, why = staged_supported()
+    ok, why = staged_supported(quantizer_route())
     return None if ok else f"the pixel input's range is pinned in the staged conversion, unavailable here ({why})"
 
 

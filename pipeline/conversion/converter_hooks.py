@@ -51,6 +51,7 @@ TensorFlow name (``tests/test_architecture.py``).
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import importlib
 import importlib.machinery
@@ -259,13 +260,31 @@ def _tf_version() -> str | None:
         return None
 
 
-def staged_supported() -> tuple[bool, str]:
-    """Whether the converter's stages can be called one by one here (without importing TensorFlow
-    when it is not loaded yet: a float .tflite source then needs only its quantizer, see ``_converter_api``)."""
+class QuantizerRoute(enum.StrEnum):
+    """Which binding of the one MLIR quantizer runs it (the same C++ either way)."""
+
+    TENSORFLOW = "tensorflow"  # TensorFlow's Python API (``lite._mlir_quantize``)
+    EXTENSION = "extension"  # the converter's extension module loaded by path, without TensorFlow's Python package
+
+
+def quantizer_route() -> QuantizerRoute:
+    """The route for a conversion in this process; the caller passes it on and records it.
+
+    TensorFlow's API where TensorFlow is already loaded: loading its extension
+    a second time by path would register the extension's types twice. The
+    extension alone where it is not: quantizing a float .tflite then never
+    pays TensorFlow's import (the CLI does not import it for that case).
+    """
+    return QuantizerRoute.TENSORFLOW if "tensorflow" in sys.modules else QuantizerRoute.EXTENSION
+
+
+def staged_supported(route: QuantizerRoute) -> tuple[bool, str]:
+    """Whether the converter's stages can be called one by one on ``route`` (on the extension route without
+    importing TensorFlow: a float .tflite source then needs only its quantizer, see ``_converter_api``)."""
     ok, why = tf_supported()
     if not ok:
         return False, f"the staged int8 conversion is {why}"
-    if "tensorflow" not in sys.modules:
+    if route == QuantizerRoute.EXTENSION:
         return (True, "ok") if _converter_api_path() is not None else (False, "TensorFlow's MLIR quantizer is gone")
     ok, why = calibrator_supported()
     if not ok:
@@ -421,23 +440,37 @@ def pin_input_range(calibrated: bytes, low: float, high: float) -> bytes:
     return flatbuffers.write(model)
 
 
-def quantize_calibrated(calibrated: bytes, *, io: str = "int8", output: str | None = None, per_channel: bool,
-                        denylisted_nodes=None) -> bytes:
+# The extension's ExperimentalMlirQuantizeModel takes its arguments by position only (a pybind binding without
+# argument names): these are their names, in the order of the pinned TensorFlow's
+# ``tensorflow.lite.python.convert.mlir_quantize``, which a test keeps equal.
+MLIR_QUANTIZE_ARGS = ("input_data_str", "disable_per_channel", "fully_quantize", "inference_type", "input_data_type",
+                      "output_data_type", "enable_numeric_verify", "enable_whole_model_verify", "denylisted_ops",
+                      "denylisted_nodes", "enable_variable_quantization", "disable_per_channel_for_dense_layers",
+                      "debug_options_str")
+
+
+def quantize_calibrated(calibrated: bytes, *, route: QuantizerRoute, io: str = "int8", output: str | None = None,
+                        per_channel: bool, denylisted_nodes=None) -> bytes:
     """The converter's MLIR quantizer and buffer deduplication, as ``TFLiteConverterBase`` calls them for int8.
 
-    ``io``: the input type, "int8", "uint8" (the quantizer keeps the int8 scale
-    and adds 128 to the zero point) or "float32"; ``output`` the output type
-    (the input's when None).
+    ``route``: which binding runs it (``quantizer_route``). ``io``: the input
+    type, "int8", "uint8" (the quantizer keeps the int8 scale and adds 128 to
+    the zero point) or "float32"; ``output`` the output type (the input's when
+    None).
     """
     nodes = list(denylisted_nodes or []) or None
     output = io if output is None else output
     for kind in (io, output):
         if kind not in IO_TYPES:
             raise ValueError(f"unknown I/O type {kind!r}; choose one of {', '.join(IO_TYPES)}")
-    if "tensorflow" not in sys.modules:  # a float .tflite source: TensorFlow's Python package never loaded
-        quantized = _converter_api().ExperimentalMlirQuantizeModel(
-            calibrated, not per_channel, False, QUANTIZED_INT8, IO_TYPES[io], IO_TYPES[output], False, False, None,
-            nodes, False, False, "")
+    if route == QuantizerRoute.EXTENSION:
+        args = {"input_data_str": calibrated, "disable_per_channel": not per_channel, "fully_quantize": False,
+                "inference_type": QUANTIZED_INT8, "input_data_type": IO_TYPES[io],
+                "output_data_type": IO_TYPES[output], "enable_numeric_verify": False,
+                "enable_whole_model_verify": False, "denylisted_ops": None, "denylisted_nodes": nodes,
+                "enable_variable_quantization": False, "disable_per_channel_for_dense_layers": False,
+                "debug_options_str": ""}
+        quantized = _converter_api().ExperimentalMlirQuantizeModel(*(args[name] for name in MLIR_QUANTIZE_ARGS))
         return _deduplicate_readonly_buffers(quantized)
     import tensorflow as tf
     from tensorflow.lite.python import lite

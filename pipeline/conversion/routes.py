@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import sys
 import time
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -28,6 +27,7 @@ from pipeline.conversion.converter_hooks import (
     keep_float,
     pin_input_range,
     quantize_calibrated,
+    quantizer_route,
     staged_supported,
 )
 from pipeline.conversion.convention_choice import (
@@ -220,7 +220,7 @@ def convert_model(source: SourceModel, settings: ConvertSettings, representative
         return _staged_int8(source, settings, representative, progress)
     if settings.int8_methods or settings.ranges != "minmax":
         raise ConversionError("learned rounding, bias correction and error-chosen ranges need calibration images "
-                              f"and the staged int8 conversion ({staged_supported()[1]})")
+                              f"and the staged int8 conversion ({staged_supported(quantizer_route())[1]})")
     return _in_one_call(source, settings, representative, progress, qat)
 
 
@@ -295,7 +295,7 @@ def _use_stages(settings: ConvertSettings, representative, qat: bool) -> bool:
     if settings.mode != "int8" or qat or representative is None:
         return False
 
-    return staged_supported()[0]
+    return staged_supported(quantizer_route())[0]
 
 
 def float_tflite(source: SourceModel) -> bytes:
@@ -359,7 +359,8 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
         source.cache.calibrated = kept
     record = replace(kept.record, stages="float conversion, calibration, quantizer "
                                          "(pipeline.conversion.converter_hooks)")
-    ok, why = staged_supported()
+    route = quantizer_route()
+    ok, why = staged_supported(route)
     if not ok:
         raise ConversionError(f"cannot quantize a .tflite with this TensorFlow: {why}; convert the Keras model")
     with timed("quantizer"):
@@ -371,10 +372,11 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
             denylisted: dict[str, Any] = {}
             nodes = float_fallback.denylist(kept.model, settings.float_layers, denylisted)
             record.absorb(denylisted)
-        record.quantizer_route = "tensorflow" if "tensorflow" in sys.modules else "extension"  # converter_hooks
+        record.quantizer_route = str(route)
         with native_stderr_captured() as log, interrupts.surfaced():
             try:
-                quantized = quantize_calibrated(kept.model, io=io_type(settings), output=output_type(settings),
+                quantized = quantize_calibrated(kept.model, route=route, io=io_type(settings),
+                                                output=output_type(settings),
                                                 per_channel=settings.per_channel, denylisted_nodes=nodes)
             except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
                 raise converter_failed(settings, exc, log) from None

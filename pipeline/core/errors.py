@@ -24,6 +24,7 @@ class Remedy(enum.StrEnum):
     LABELS = "labels"  # give the class names in output order
     ANOTHER_OUTPUT = "another-output"  # the output folder holds something else
     INT8_PIXELS = "int8-pixels"  # a pixel input MediaPipe accepts
+    PARITY_TARGET = "parity-target"  # name a runtime to compare with
     MODE = "mode"  # choose what to convert to
     MODEL_PATH = "model-path"  # name the model, or train one first
     SAME_ARCHITECTURE = "same-architecture"  # weights saved from an Xception of the same shape

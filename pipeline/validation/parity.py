@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from pipeline.core import artifacts
-from pipeline.core.errors import ParityFailed, ValidationError
+from pipeline.core.errors import ParityFailed, Remedy, ValidationError
 from pipeline.core.preprocessing import PreprocessSpec, dequantize
 from pipeline.tflite.input_convention import file_convention
 from pipeline.tflite.runtime import open_interpreter
@@ -213,7 +213,8 @@ def run_parity(model, eval_dir, factories: list[TargetFactory], *, labels=None, 
     ``progress(done, total)`` counts decoded images, then images run by each runtime in turn.
     """
     if not factories:
-        raise ValidationError("parity needs at least one target (a device profile, or MediaPipe)")
+        raise ValidationError("parity needs at least one target (a device profile, or MediaPipe)",
+                              remedy=Remedy.PARITY_TARGET)
     model = Path(model)
     reference = LitertReference(model)
     io = reference.io

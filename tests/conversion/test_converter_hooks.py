@@ -213,3 +213,14 @@ def test_per_tensor_switch_only_on_the_pinned_tensorflow(monkeypatch):
     monkeypatch.setattr(converter_hooks, "SUPPORTED_TF", ("1.99.",))
     with pytest.raises(ConversionError, match="pinned to TensorFlow 1.99.x"):
         converter_hooks.disable_per_channel(Converter())
+
+
+def test_the_extensions_positional_arguments_are_named_as_the_pinned_tensorflow_names_them():
+    """ExperimentalMlirQuantizeModel takes 13 arguments by position: a reorder in TensorFlow would shift them
+    silently, so their names are kept equal to the pinned TensorFlow's own wrapper's, in order."""
+    import inspect
+
+    from tensorflow.lite.python import convert
+
+    assert converter_hooks.MLIR_QUANTIZE_ARGS == tuple(inspect.signature(convert.mlir_quantize).parameters)
+    assert converter_hooks.quantizer_route() == converter_hooks.QuantizerRoute.TENSORFLOW  # loaded in this process
