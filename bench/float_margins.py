@@ -18,13 +18,13 @@ constant is.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from bench.args import model_and_images
 from calibrate.dataset import build_calibration_set
 from pipeline.conversion.export import ConvertSettings, export_tflite
 from pipeline.core import artifacts
@@ -138,11 +138,7 @@ def run(model: Path, calib: Path, eval_dir: Path, calib_size: int, work: Path) -
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.float_margins", description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--calib", type=Path, required=True)
-    parser.add_argument("--eval", dest="eval_dir", type=Path, required=True)
-    parser.add_argument("--calib-size", type=int, default=200)
+    parser = model_and_images("python -m bench.float_margins", __doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="float-margins-") as work:

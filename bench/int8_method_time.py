@@ -15,13 +15,13 @@ the first repeat, and is in no row.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
 from bench import machine
+from bench.args import model_and_images
 from calibrate.dataset import build_calibration_set
 from pipeline.conversion.export import ConvertSettings, export_tflite, float_tflite
 from pipeline.core import artifacts
@@ -86,10 +86,7 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.int8_method_time", description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--calib", type=Path, required=True)
-    parser.add_argument("--calib-size", type=int, default=200)
+    parser = model_and_images("python -m bench.int8_method_time", __doc__.splitlines()[0], eval_dir=False)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

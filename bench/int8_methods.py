@@ -24,7 +24,6 @@ missing package or a failed export is recorded as the row's error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import machine
+from bench.args import model_and_images
 from bench.timing import conversion_s
 from calibrate.dataset import build_calibration_set
 from pipeline.conversion.export import ConvertSettings, export_tflite
@@ -169,11 +169,7 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.int8_methods", description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--calib", type=Path, required=True)
-    parser.add_argument("--eval", dest="eval_dir", type=Path, required=True)
-    parser.add_argument("--calib-size", type=int, default=200)
+    parser = model_and_images("python -m bench.int8_methods", __doc__.splitlines()[0])
     parser.add_argument("--limit", type=int)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-onnx", action="store_true", help="Leave out ONNX Runtime's row (bench extra).")
