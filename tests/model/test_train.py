@@ -295,7 +295,7 @@ def test_mixed_bfloat16_step_trains_and_saves_float32(tmp_path):
     ds = tf.data.Dataset.from_tensors((rng.uniform(-1, 1, (4, 71, 71, 3)).astype("float32"),
                                        np.array([0, 1, 2, 0]))).repeat(2)
     iterator = iter(ds)
-    assert np.isfinite(float(steps.train_step(iterator)[0])) and int(optimizer.iterations) == 1
+    assert np.isfinite(float(loop.train_step(iterator)[0])) and int(optimizer.iterations) == 1
     assert model.get_layer("block2_sepconv1").compute_dtype == "bfloat16"
     assert model.get_layer("predictions").compute_dtype == "float32"
     _write_outputs(tmp_path, model, cfg, ["a", "b", "c"], {})
@@ -335,9 +335,9 @@ loop = Steps(model, optimizer, strategy, 8, xla=True)
 rng = np.random.default_rng(0)
 ds = tf.data.Dataset.from_tensors((rng.uniform(-1, 1, (8, 71, 71, 3)).astype("float32"),
                                    np.array([0, 1, 2, 0, 1, 2, 0, 1]))).repeat(2)
-iterator = iter(steps.distribute(ds))
-losses = [float(steps.train_step(iterator)[0]) for _ in range(2)]
-loss, accuracy = steps.evaluate(ds.take(1))
+iterator = iter(loop.distribute(ds))
+losses = [float(loop.train_step(iterator)[0]) for _ in range(2)]
+loss, accuracy = loop.evaluate(ds.take(1))
 assert strategy.num_replicas_in_sync == 2 and int(optimizer.iterations.numpy()) == 2
 assert all(np.isfinite(losses)) and np.isfinite(loss) and 0 <= accuracy <= 1
 print("ok")
