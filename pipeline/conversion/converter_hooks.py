@@ -60,6 +60,7 @@ import inspect
 import os
 import sys
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -494,8 +495,12 @@ def disable_per_channel(converter) -> None:
 
 
 @contextlib.contextmanager
-def fast_freeze():
-    """Within this block, the converter freezes a concrete function without re-importing the frozen graph."""
+def fast_freeze(converter):
+    """Within this block, ``converter`` freezes its concrete function without re-importing the frozen graph.
+
+    Set on this one converter object, not on TensorFlow's class, so another
+    conversion in the process (a thread, a later call) is never affected.
+    """
     from tensorflow.lite.python import lite
     from tensorflow.python.framework import convert_to_constants as c2c
     from tensorflow.python.framework import dtypes
@@ -503,7 +508,7 @@ def fast_freeze():
     cls = lite.TFLiteFrozenGraphConverterV2
     needed = ("_FunctionConverterDataInEager", "_replace_variables_by_constants")
     if not calibrator_supported()[0] or not all(hasattr(c2c, n) for n in needed) \
-            or not callable(getattr(cls, "_freeze_concrete_function", None)):
+            or not isinstance(converter, cls) or not callable(getattr(cls, "_freeze_concrete_function", None)):
         yield False
         return
     stock = cls._freeze_concrete_function  # noqa: SLF001 - read after the version pin and the check above
@@ -524,11 +529,11 @@ def fast_freeze():
         inputs = [t for t in func.inputs if id(t) not in frozen and t.dtype != dtypes.resource]
         return graph_def, inputs, list(func.outputs), _Frozen(func.graph)
 
-    cls._freeze_concrete_function = freeze  # noqa: SLF001
+    converter._freeze_concrete_function = types.MethodType(freeze, converter)  # noqa: SLF001
     try:
         yield True
     finally:
-        cls._freeze_concrete_function = stock  # noqa: SLF001
+        del converter._freeze_concrete_function  # noqa: SLF001 - the class's own method again
 
 
 @contextlib.contextmanager

@@ -249,7 +249,7 @@ def _in_one_call(source: SourceModel, settings: ConvertSettings, representative,
         converter = _make_converter(source)
         _configure(converter, settings, representative, progress, qat)
         replay = getattr(converter, "representative_dataset", None)  # a Replay, given calibration images
-        with native_stderr_captured() as log, hook, keeper, fast_freeze(), interrupts.surfaced():
+        with native_stderr_captured() as log, hook, keeper, fast_freeze(converter), interrupts.surfaced():
             try:
                 model = bytes(converter.convert())
             except (CalibrationError, ConversionError):

@@ -44,20 +44,29 @@ def _without_conversion_metadata(model):
     return model
 
 
+def converter_hooks_class_freeze():
+    from tensorflow.lite.python import lite
+
+    return lite.TFLiteFrozenGraphConverterV2.__dict__["_freeze_concrete_function"]
+
+
 def test_freezing_without_the_reimport_gives_the_same_float_model(trained_run, monkeypatch):
     used = []
     real = converter_hooks.fast_freeze
 
+    stock_method = converter_hooks_class_freeze()
+
     @contextlib.contextmanager
-    def watched():
-        with real() as active:
+    def watched(converter):
+        with real(converter) as active:
             used.append(active)
+            assert converter_hooks_class_freeze() is stock_method  # set on the converter, not on the class
             yield active
 
     monkeypatch.setattr(export_module, "fast_freeze", watched)
     fast = convert_bytes(load_source(trained_run.model_path), ConvertSettings("float"))
     assert used == [True], "the freeze hook did not run: re-check pipeline/converter_hooks.fast_freeze"
-    monkeypatch.setattr(export_module, "fast_freeze", lambda: contextlib.nullcontext(False))
+    monkeypatch.setattr(export_module, "fast_freeze", lambda converter: contextlib.nullcontext(False))
     stock = convert_bytes(load_source(trained_run.model_path), ConvertSettings("float"))
     assert fast == stock
 
