@@ -101,7 +101,8 @@ def test_convert_max_drop_and_validate_take_labels(tmp_path, bare_model, five_cl
     _one_line_error(_invoke("convert", *args, "--labels", wrong_count), f"--labels {wrong_count} gives 9 class names")
     assert not (tmp_path / "q.tflite").exists()
     result = _invoke("convert", bare_model, "--float", "--labels", wrong_count, "--out", tmp_path / "f.tflite")
-    assert result.exit_code == 2 and "--labels names the classes of --eval" in result.stderr
+    assert result.exit_code == 2 and "labels name the classes of the eval images" in result.stderr
+    assert "(--labels)" in result.stderr
 
     result = _invoke("validate", bare_model, bare_model, "--data", five_classes, "--report", tmp_path / "r",
                      "--labels", wrong_count)
