@@ -39,7 +39,9 @@ BIN = Path(sys.executable).parent
 
 
 def _child_env(threads: int) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    # the project first; a PYTHONPATH the caller set (the bench extra installed with pip --target) stays after it
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return env
 
 
