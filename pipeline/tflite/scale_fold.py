@@ -1,0 +1,290 @@
+"""Fold a per-channel multiplier that follows a ReLU into the weights of the layer before it.
+
+Why: a Keras model with BatchNormalization *after* the activation
+(``Conv2D(activation="relu") -> BatchNormalization``) converts to
+``CONV_2D(RELU) -> MUL(c) -> ADD(d)``: the converter folds a BatchNorm into
+the conv only when it comes before the ReLU. In int8 the MUL's constant is
+quantized with one scale for all channels, so a channel whose multiplier is
+far below the largest lands on 0 or a few levels and its signal is lost; and
+the conv's output, read before the multiplier, is quantized per tensor over
+channels whose ranges differ as much as the multipliers do. Measured on a
+pretrained CIFAR-10 CNN of that shape: 44 of 64 multipliers of one layer
+within 4 int8 levels of 0, and 66% top-1 agreement of int8 with float.
+
+For ``a >= 0``, ``a * ReLU(z) = ReLU(a * z)``, so a multiplier's magnitude
+moves into the producer's weights and bias of that output channel (where
+int8 keeps one scale per output channel), exactly in float; only its sign
+(1, -1, or 0 where the multiplier is 0) stays in the MUL, and a MUL left
+multiplying by 1 everywhere is removed. With no fused activation the whole
+multiplier, sign included, folds. RELU6 and RELU_N1_TO_1 clip at a fixed
+value, which scaling does not commute with: they are left alone, as is any
+producer whose output something else reads, whose constants another tensor
+shares, or that has no bias.
+
+A folded producer's output tensor is renamed (its name, then the MUL's):
+it no longer holds what the unfolded model's tensor of that name holds, and
+tools that pair a quantized model's tensors with a float model's by name
+(per-layer error, bias correction) must not pair it with the unfolded one.
+The producer's own name comes first, so it still reads as its layer
+(``pipeline.tflite.layers.primary_layer``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.tflite import flatbuffers
+from pipeline.tflite.layers import layer_names, primary_layer
+
+# Output channel axis of the weights of each producer the fold takes.
+_CHANNEL_AXIS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": -1, "FULLY_CONNECTED": 0}
+_RELU, _NONE = "RELU", "NONE"
+
+
+@dataclass(frozen=True)
+class FoldedLayer:
+    """One producer whose output channels took the following MUL's magnitudes."""
+
+    layer: str  # the producer's layer (its conv/matmul part of the fused tensor name)
+    op: str
+    channels: int
+    negative: int  # multipliers below 0: the MUL keeps -1 there (a RELU producer)
+    zero: int  # multipliers equal to 0: the MUL keeps 0 there, the weights of that channel are left as they were
+    mul_removed: bool
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "op": self.op, "channels": self.channels, "negative": self.negative,
+                "zero": self.zero, "mul_removed": self.mul_removed}
+
+
+@dataclass(frozen=True)
+class FoldReport:
+    """What ``fold_scales`` changed: one entry per folded producer, in graph order."""
+
+    layers: tuple[FoldedLayer, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {"folded": len(self.layers), "muls_removed": sum(entry.mul_removed for entry in self.layers),
+                "layers": [entry.to_dict() for entry in self.layers]}
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in values] if values is not None else []
+
+
+@dataclass
+class _Graph:
+    """One subgraph's wiring: who writes and who reads each tensor, and how many tensors use each buffer."""
+
+    model: object
+    graph: object
+    producer: dict[int, int]
+    readers: dict[int, list[int]]
+    buffer_users: dict[int, int]
+    outputs: set[int]
+
+    @classmethod
+    def of(cls, model) -> _Graph:
+        graph = model.subgraphs[0]
+        producer: dict[int, int] = {}
+        readers: dict[int, list[int]] = {}
+        for index, op in enumerate(graph.operators or []):
+            for t in _ints(op.outputs):
+                producer[t] = index
+            for t in _ints(op.inputs):
+                if t >= 0:
+                    readers.setdefault(t, []).append(index)
+        users: dict[int, int] = {}
+        for tensor in graph.tensors:
+            users[int(tensor.buffer)] = users.get(int(tensor.buffer), 0) + 1
+        return cls(model, graph, producer, readers, users, set(_ints(graph.outputs)))
+
+    def constant(self, t: int) -> np.ndarray | None:
+        """A float32 constant's values (shaped), or None: not a constant, or not float32."""
+        tensor = self.graph.tensors[t]
+        data = self.model.buffers[int(tensor.buffer)].data
+        if data is None or len(data) == 0 or flatbuffers.type_names()[tensor.type] != "FLOAT32":
+            return None
+        shape = [int(s) for s in tensor.shape] if tensor.shape is not None else []
+        return np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=np.float32).reshape(shape)
+
+    def own_constant(self, t: int) -> np.ndarray | None:
+        """A float32 constant only one op reads and no other tensor shares the buffer of, so it may be rewritten."""
+        if len(self.readers.get(t, [])) != 1 or self.buffer_users.get(int(self.graph.tensors[t].buffer), 0) != 1:
+            return None
+        return self.constant(t)
+
+    def activation(self, op) -> str:
+        code = getattr(op.builtinOptions, "fusedActivationFunction", None)
+        names = {v: k for k, v in vars(flatbuffers.schema().ActivationFunctionType).items() if not k.startswith("_")}
+        return names.get(code, "?") if code is not None else _NONE
+
+
+@dataclass(frozen=True)
+class _Match:
+    """A ``P -> MUL(c)`` pair the fold may rewrite."""
+
+    mul: int
+    producer: int
+    kind: str
+    factors: np.ndarray  # c, one per output channel (a scalar broadcast)
+    const_input: int  # which of the MUL's inputs is c
+
+
+def _per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
+    """``c`` as one factor per channel of the last axis, or None when it varies along another axis."""
+    if c.size == 1:
+        return np.full(channels, float(c.reshape(-1)[0]), dtype=np.float64)
+    if c.ndim >= 1 and c.shape[-1] == channels and c.size == channels:
+        return c.reshape(-1).astype(np.float64)
+    return None
+
+
+def _match(g: _Graph, index: int) -> _Match | None:
+    op = g.graph.operators[index]
+    inputs = _ints(op.inputs)
+    if flatbuffers.op_name(g.model, op) != "MUL" or len(inputs) != 2 or g.activation(op) != _NONE:
+        return None
+    for const_input in (0, 1):
+        c, x = g.constant(inputs[const_input]), inputs[1 - const_input]
+        if c is None or x not in g.producer or x in g.outputs or len(g.readers.get(x, [])) != 1:
+            continue
+        p = g.graph.operators[g.producer[x]]
+        kind = flatbuffers.op_name(g.model, p)
+        p_inputs = _ints(p.inputs)
+        out_shape = [int(s) for s in g.graph.tensors[x].shape]
+        if (kind not in _CHANNEL_AXIS or g.activation(p) not in (_RELU, _NONE) or len(p_inputs) < 3
+                or p_inputs[2] < 0 or len(_ints(p.outputs)) != 1 or not out_shape
+                or [int(s) for s in g.graph.tensors[_ints(op.outputs)[0]].shape] != out_shape):
+            continue
+        if g.own_constant(p_inputs[1]) is None or g.own_constant(p_inputs[2]) is None:
+            continue
+        factors = _per_channel(c, out_shape[-1])
+        if factors is not None:
+            return _Match(index, g.producer[x], kind, factors, const_input)
+    return None
+
+
+def _split(factors: np.ndarray, activation: str) -> tuple[np.ndarray, np.ndarray]:
+    """(what moves into the producer, what stays in the MUL), per channel: their product is the factor."""
+    if activation == _NONE:
+        return factors, np.ones_like(factors)
+    moved = np.where(factors == 0, 1.0, np.abs(factors))
+    return moved, np.sign(factors)
+
+
+def _scale(g: _Graph, t: int, moved: np.ndarray, axis: int) -> None:
+    values = g.constant(t).astype(np.float64)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    scaled = (values * moved.reshape(shape)).astype(np.float32)
+    g.model.buffers[int(g.graph.tensors[t].buffer)].data = np.frombuffer(scaled.tobytes(), dtype=np.uint8).copy()
+
+
+def _kept_constant(g: _Graph, m: _Match, kept: np.ndarray) -> None:
+    """The MUL reads a new constant of the same shape holding the signs (a new tensor and buffer: never shared)."""
+    schema = flatbuffers.schema()
+    op = g.graph.operators[m.mul]
+    old = g.graph.tensors[int(op.inputs[m.const_input])]
+    shape = g.constant(int(op.inputs[m.const_input])).shape
+    size = int(np.prod(shape, dtype=np.int64))
+    values = (kept if size == kept.size else np.full(shape, kept[0])).astype(np.float32).reshape(shape)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(values.tobytes(), dtype=np.uint8).copy()
+    g.model.buffers.append(buffer)
+    tensor = schema.TensorT()
+    tensor.shape, tensor.type, tensor.name = old.shape, old.type, (_text(old.name) + "/sign").encode()
+    tensor.buffer = len(g.model.buffers) - 1
+    g.graph.tensors.append(tensor)
+    op.inputs[m.const_input] = len(g.graph.tensors) - 1
+
+
+def _fold(g: _Graph, m: _Match) -> FoldedLayer:
+    """Rewrite one match in place (weights, bias, the MUL's constant or the MUL itself, the output's name)."""
+    p, mul = g.graph.operators[m.producer], g.graph.operators[m.mul]
+    activation = g.activation(p)
+    moved, kept = _split(m.factors, activation)
+    p_inputs = _ints(p.inputs)
+    _scale(g, p_inputs[1], moved, _CHANNEL_AXIS[m.kind])
+    _scale(g, p_inputs[2], moved, 0)
+    out, mul_out = _ints(p.outputs)[0], _ints(mul.outputs)[0]
+    name, mul_name = _text(g.graph.tensors[out].name), _text(g.graph.tensors[mul_out].name)
+    layer = primary_layer(name, layer_names(name))
+    remove = bool(np.all(kept == 1)) and mul_out not in g.outputs
+    if remove:
+        g.graph.tensors[out].name = f"{name};{mul_name}".encode()
+        for reader in g.readers.get(mul_out, []):
+            ins = g.graph.operators[reader].inputs
+            for i, t in enumerate(_ints(ins)):
+                if t == mul_out:
+                    ins[i] = out
+    else:
+        g.graph.tensors[out].name = f"{name};{mul_name}/magnitude".encode()
+        _kept_constant(g, m, kept)
+    return FoldedLayer(layer, m.kind, int(m.factors.size), int(np.sum(m.factors < 0)), int(np.sum(m.factors == 0)),
+                       remove)
+
+
+def fold_scales(model_bytes: bytes) -> tuple[bytes, FoldReport]:
+    """The float model with every foldable ``P -> MUL(c)`` folded (module docstring); the same bytes when none is.
+
+    The rewritten model computes the same function up to float rounding.
+    """
+    model = flatbuffers.read(model_bytes)
+    if len(model.subgraphs) != 1:
+        return model_bytes, FoldReport()
+    g = _Graph.of(model)
+    matches, touched = [], set()
+    for index in range(len(g.graph.operators or [])):
+        m = _match(g, index)
+        if m is None or m.producer in touched:
+            continue
+        moved, _ = _split(m.factors, g.activation(g.graph.operators[m.producer]))
+        if np.all(moved == 1) and g.activation(g.graph.operators[m.producer]) == _RELU:
+            continue  # nothing to move (every factor is 1, -1 or 0)
+        matches.append(m)
+        touched.add(m.producer)
+    if not matches:
+        return model_bytes, FoldReport()
+    folded = tuple(_fold(g, m) for m in matches)
+    removed = {m.mul for m, entry in zip(matches, folded) if entry.mul_removed}
+    g.graph.operators = [op for i, op in enumerate(g.graph.operators) if i not in removed]
+    _drop_unused_tensors(model)
+    return flatbuffers.write(model), FoldReport(folded)
+
+
+def _drop_unused_tensors(model) -> None:
+    """Remove tensors no op, graph input/output or signature names (a removed MUL's), renumbering the rest; the
+    buffers only they used are emptied (buffer indices stay)."""
+    graph = model.subgraphs[0]
+    used: set[int] = set(_ints(graph.inputs)) | set(_ints(graph.outputs))
+    for op in graph.operators:
+        used |= {t for t in _ints(op.inputs) + _ints(op.outputs) + _ints(op.intermediates) if t >= 0}
+    for signature in model.signatureDefs or []:
+        used |= {int(t.tensorIndex) for t in list(signature.inputs or []) + list(signature.outputs or [])}
+    keep = [t for t in range(len(graph.tensors)) if t in used]
+    renumber = {old: new for new, old in enumerate(keep)}
+    dropped = [graph.tensors[t] for t in range(len(graph.tensors)) if t not in used]
+    graph.tensors = [graph.tensors[t] for t in keep]
+    still = {int(t.buffer) for t in graph.tensors}
+    for tensor in dropped:
+        if int(tensor.buffer) not in still and int(tensor.buffer) > 0:
+            model.buffers[int(tensor.buffer)].data = None
+
+    def remap(values):
+        return np.asarray([renumber[t] if t >= 0 else t for t in _ints(values)], dtype=np.int32)
+
+    for op in graph.operators:
+        op.inputs, op.outputs = remap(op.inputs), remap(op.outputs)
+        if op.intermediates is not None:
+            op.intermediates = remap(op.intermediates)
+    graph.inputs, graph.outputs = remap(graph.inputs), remap(graph.outputs)
+    for signature in model.signatureDefs or []:
+        for t in list(signature.inputs or []) + list(signature.outputs or []):
+            t.tensorIndex = renumber[int(t.tensorIndex)]
