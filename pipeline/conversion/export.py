@@ -39,6 +39,8 @@ from pipeline.conversion.routes import (
     convert_spliced,
     donor_model,
     float_tflite,
+    int8_float_model,
+    paired_float_model,
 )
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
 from pipeline.core import artifacts
@@ -51,7 +53,8 @@ from pipeline.tflite.metadata import add_metadata
 __all__ = [
     "CALIBRATED_MODES", "CalibrationRecord", "Conversion", "ConvertSettings", "ExportResult", "Progress",
     "Representative", "check_integer_ops", "convert_bytes", "convert_model", "convert_spliced", "default_output",
-    "donor_model", "export_tflite", "float_outputs", "float_tflite", "is_qat_model", "optimize_graph",
+    "donor_model", "export_tflite", "float_outputs", "float_tflite", "int8_float_model", "is_qat_model",
+    "optimize_graph", "paired_float_model",
 ]
 
 

@@ -40,12 +40,13 @@ from pipeline.conversion.convention_choice import (
     source_domain,
 )
 from pipeline.conversion.int8_methods import chosen_ranges, refine_int8
-from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress
+from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Fallback, Progress
 from pipeline.core import interrupts
 from pipeline.core.errors import CalibrationError, ConversionError, Remedy
 from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.core.stage_timing import move, timed
 from pipeline.model.modelio import KeptCalibration, SourceModel
+from pipeline.tflite.scale_fold import fold_scales
 from pipeline.tflite.splice import splice
 
 
@@ -84,6 +85,7 @@ class CalibrationRecord:
     float_layers: list[str] | None = None  # the layers kept in float
     denylisted_nodes: list[str] | None = None  # their nodes, as the quantizer names them
     splice: dict[str, Any] | None = None  # what splicing replaced
+    scale_fold: dict[str, Any] | None = None  # per-channel scales after a ReLU folded before calibration (scale_fold)
 
     def absorb(self, info: dict[str, Any]) -> None:
         known = {f.name for f in fields(self)}
@@ -312,6 +314,38 @@ def float_tflite(source: SourceModel) -> bytes:
     return cache.float_tflite
 
 
+def int8_float(source: SourceModel, settings: ConvertSettings) -> tuple[bytes, dict[str, Any]]:
+    """The float model the staged int8 route calibrates, quantizes and pairs its layers with, and the manifest's
+    record of the scales folded into it (``pipeline.tflite.scale_fold``; exact in float, made once per source).
+
+    Not folded when the int8 model takes layers spliced from an int16x8 donor: the donor is converted from the
+    source in one call, unfolded, so its layers would not compute what the folded model's neighbours expect.
+    """
+    if settings.fallback == Fallback.INT16:
+        return float_tflite(source), {"applied": False, "reason": "layers are spliced from an unfolded int16x8 "
+                                                                 "conversion"}
+    cache = source.cache
+    if cache.scale_folded is None:
+        float_model = float_tflite(source)
+        with timed("calibration"):
+            cache.scale_folded = fold_scales(float_model)
+    folded, report = cache.scale_folded
+    return folded, {"applied": True, **report.to_dict()}
+
+
+def int8_float_model(source: SourceModel, settings: ConvertSettings) -> bytes:
+    """``int8_float``'s model alone."""
+    return int8_float(source, settings)[0]
+
+
+def paired_float_model(source: SourceModel, settings: ConvertSettings, representative) -> bytes:
+    """The float .tflite a conversion with ``settings`` pairs its layers with by tensor name (per-layer error, the
+    budget search's ranking): the folded one where the staged int8 route quantized it, the plain one elsewhere."""
+    if source.kind == "tflite" or _use_stages(settings, representative, is_qat_model(source)):
+        return int8_float_model(source, settings)
+    return float_tflite(source)
+
+
 def _from_float_tflite(source: SourceModel, settings: ConvertSettings, representative,
                        progress: Progress | None) -> Conversion:
     """A float32 .tflite: its float32 conversion is itself; int8 is calibration plus the quantizer."""
@@ -329,8 +363,8 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
                 progress: Progress | None) -> KeptCalibration:
     """The float model calibrated on ``representative`` (ranges chosen as asked, a pixel input pinned)."""
     samples = Replay(representative, progress)
-    float_model = float_tflite(source)
-    reported: dict[str, Any] = {}
+    float_model, folded = int8_float(source, settings)
+    reported: dict[str, Any] = {"scale_fold": folded}
     with timed("calibration"):
         started = time.perf_counter()
         with native_stderr_captured() as log, interrupts.surfaced():
@@ -347,14 +381,19 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
         if source_domain(source) == "pixels":
             calibrated = pin_input_range(calibrated, 0.0, 255.0)  # scale 1: each pixel its own level
             record.input_range = [0.0, 255.0]
-    return KeptCalibration(representative, (settings.calibrator, settings.ranges), calibrated, record)
+    return KeptCalibration(representative, _calibration_key(settings), calibrated, record)
+
+
+def _calibration_key(settings: ConvertSettings) -> tuple[str, ...]:
+    """What a kept calibration must have been made with to be reused (``KeptCalibration.method``)."""
+    return str(settings.calibrator), str(settings.ranges), str(settings.fallback != Fallback.INT16)
 
 
 def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
                  progress: Progress | None) -> Conversion:
     """Float conversion, calibration, quantizer: the first two are reused across calls on the same images."""
     kept = source.cache.calibrated
-    if kept is None or kept.samples is not representative or kept.method != (settings.calibrator, settings.ranges):
+    if kept is None or kept.samples is not representative or kept.method != _calibration_key(settings):
         kept = _calibrated(source, settings, representative, progress)
         source.cache.calibrated = kept
     record = replace(kept.record, stages="float conversion, calibration, quantizer "
@@ -381,6 +420,6 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
             except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
                 raise converter_failed(settings, exc, log) from None
         methods: dict[str, Any] = {}
-        refined = refine_int8(quantized, float_tflite(source), representative, settings, methods)
+        refined = refine_int8(quantized, int8_float_model(source, settings), representative, settings, methods)
         record.absorb(methods)
     return Conversion(refined, Route.STAGED, record)

@@ -39,6 +39,7 @@ from pipeline.model.stem import Stem
 from pipeline.model.tfmot_import import import_tfmot
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.sandboxed_load import Probe, check_manifest, read_model_bytes, start_probe
+from pipeline.tflite.scale_fold import FoldReport
 
 # The largest input side accepted: every calibration and evaluation image is held decoded at the model's size
 # (64 uint8 samples of 2048x2048x3 are 805 MB); image classifiers take 224 to 600.
@@ -53,7 +54,7 @@ class KeptCalibration:
     (``pipeline.conversion.routes``: the staged int8 route)."""
 
     samples: object  # the calibration set it ran on, compared by identity
-    method: tuple[str, str]  # (calibrator, ranges)
+    method: tuple[str, ...]  # (calibrator, ranges, whether the calibrated float model had its scales folded)
     model: bytes  # the float .tflite with its activation ranges recorded
     record: Any  # the conversion stage's CalibrationRecord of that run (a later stage's type)
 
@@ -72,6 +73,9 @@ class SourceCache:
     unverified_tflite: tuple[bytes, Probe] | None = None
     # The source as a float32 .tflite (a .tflite source: its own bytes, once its probe passed).
     float_tflite: bytes | None = None
+    # The float32 .tflite with per-channel scales after a ReLU folded into the layer before, and what was folded:
+    # what the staged int8 route calibrates and quantizes (``pipeline.conversion.routes.int8_float_model``).
+    scale_folded: tuple[bytes, FoldReport] | None = None
     # The last calibration of the staged int8 route.
     calibrated: KeptCalibration | None = None
     # What the float input holds: "pixels" or "signed_unit" (``convention_choice.source_domain``).

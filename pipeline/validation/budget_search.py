@@ -23,8 +23,8 @@ from pipeline.conversion.export import (
     convert_bytes,
     donor_model,
     export_tflite,
-    float_tflite,
     optimize_graph,
+    paired_float_model,
 )
 from pipeline.conversion.float_fallback import method_for
 from pipeline.core import artifacts
@@ -156,7 +156,8 @@ class BudgetSearch:
 
     def step(self, state: SearchState, candidates: int, layer_samples: int) -> tuple[SearchState, dict] | None:
         """One step: rank the layers by added error, measure the top ``candidates`` kept out, keep the best."""
-        float_bytes = float_tflite(self.source)  # converted once per source, shared with the int8 stages
+        # the float model the candidates' layers pair with by name (converted once per source, shared with the stages)
+        float_bytes = paired_float_model(self.source, self.settings, self.representative)
         ranked = rank_layers(float_bytes, state.written, self.meter.inputs_for(state.written)[:layer_samples],
                              exclude=set(state.layers))
         trials = [(self.quantize_with(state.layers + [entry["layer"]]), entry) for entry in ranked[:candidates]]

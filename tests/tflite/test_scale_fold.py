@@ -1,0 +1,251 @@
+"""Folding a per-channel multiplier after a ReLU into the layer before it: exact in float, and what it buys in int8.
+
+The models are Keras ``Conv2D(relu) -> BatchNormalization`` (BatchNorm after the
+activation, which the converter cannot fold into the conv), converted by the
+project's own float route; the patterns that must not fold are written as
+TensorFlow functions so that the converter gives exactly that graph.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from calibrate.dataset import CalibrationSet
+from pipeline.conversion import routes
+from pipeline.conversion.export import ConvertSettings, convert_bytes, export_tflite
+from pipeline.core.artifacts import manifest_path_for
+from pipeline.core.preprocessing import PreprocessSpec
+from pipeline.model.modelio import load_source
+from pipeline.tflite import flatbuffers
+from pipeline.tflite.runtime import open_interpreter
+from pipeline.tflite.scale_fold import FoldReport, fold_scales
+
+SIZE = 8
+EPS = 1e-3  # Keras' BatchNormalization epsilon
+
+
+def _bn_model(path, multipliers, offsets, conv_weights, head: bool, conv_bias=None):
+    """Input -> Conv2D(1x1, relu) -> BatchNormalization (multiplier a_k, offset d_k) -> GAP [-> Dense], saved."""
+    import keras
+
+    channels = len(multipliers)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(channels, 1, activation="relu", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=EPS, name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if head:
+        x = keras.layers.Dense(5, name="dense")(x)
+    model = keras.Model(inputs, x)
+    model.get_layer("conv").set_weights([np.asarray(conv_weights, "f").reshape(1, 1, 3, channels),
+                                         np.zeros(channels, "f") if conv_bias is None else np.asarray(conv_bias, "f")])
+    a, d = np.asarray(multipliers, "f"), np.asarray(offsets, "f")
+    variance = np.ones(channels, "f")
+    model.get_layer("bn").set_weights([a * np.sqrt(1 + EPS).astype("f"), d, np.zeros(channels, "f"), variance])
+    if head:
+        dense = model.get_layer("dense")
+        rng = np.random.default_rng(1)
+        dense.set_weights([rng.normal(0, 1, (channels, 5)).astype("f"), rng.normal(0, 1, 5).astype("f")])
+    model.save(path)
+    return path
+
+
+def _float_tflite(path) -> bytes:
+    return convert_bytes(load_source(path), ConvertSettings("float", input_convention="signed_unit"))
+
+
+def _run(model_bytes: bytes, inputs: np.ndarray) -> np.ndarray:
+    interpreter = open_interpreter(model_bytes)
+    detail, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    found = []
+    for x in inputs:
+        interpreter.set_tensor(detail["index"], x[None].astype(detail["dtype"]))
+        interpreter.invoke()
+        found.append(interpreter.get_tensor(out["index"])[0].copy())
+    return np.stack(found)
+
+
+def _ops(model_bytes: bytes) -> list[str]:
+    model = flatbuffers.read(model_bytes)
+    return [flatbuffers.op_name(model, op) for op in model.subgraphs[0].operators]
+
+
+def _mul_constant(model_bytes: bytes) -> np.ndarray:
+    """The constant operand of the model's one MUL, as stored (float, or int8 with its scale and zero point)."""
+    model = flatbuffers.read(model_bytes)
+    graph = model.subgraphs[0]
+    mul = next(op for op in graph.operators if flatbuffers.op_name(model, op) == "MUL")
+    for t in mul.inputs:
+        data = model.buffers[graph.tensors[t].buffer].data
+        if data is not None and len(data):
+            kind = flatbuffers.type_names()[graph.tensors[t].type]
+            values = np.frombuffer(bytes(data), {"FLOAT32": np.float32, "INT8": np.int8}[kind])
+            q = graph.tensors[t].quantization
+            return values if kind == "FLOAT32" else (values.astype(np.float64) - q.zeroPoint[0]) * q.scale[0]
+    raise AssertionError("the MUL has no constant operand")
+
+
+@pytest.fixture(scope="module")
+def keras_models(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scale_fold")
+    rng = np.random.default_rng(0)
+    weights = rng.normal(0, 1, (3, 6))
+    positive = [1e-3, 10.0, 0.5, 2e-3, 3.0, 1.0]
+    signed = [1e-3, -10.0, 0.0, 2e-3, -0.5, 7.0]
+    offsets = [0.5, -0.25, 0.125, 0.0, 1.0, -1.0]
+    bias = np.linspace(-0.2, 0.3, 6)
+    return {"positive": _float_tflite(_bn_model(out / "positive.keras", positive, offsets, weights, True, bias)),
+            "signed": _float_tflite(_bn_model(out / "signed.keras", signed, offsets, weights, True, bias))}
+
+
+def _assert_same_function(before: bytes, after: bytes) -> None:
+    inputs = np.random.default_rng(2).uniform(-1, 1, (16, SIZE, SIZE, 3)).astype(np.float32)
+    want, got = _run(before, inputs), _run(after, inputs)
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_positive_multipliers_fold_into_the_conv_and_the_mul_is_removed(keras_models):
+    before = keras_models["positive"]
+    assert _ops(before).count("MUL") == 1  # the converter left the BatchNorm after the ReLU as MUL, ADD
+    after, report = fold_scales(before)
+    assert "MUL" not in _ops(after) and len(_ops(after)) == len(_ops(before)) - 1
+    assert report.to_dict()["folded"] == 1 and report.layers[0].layer == "conv"
+    assert report.layers[0].mul_removed and report.layers[0].channels == 6
+    _assert_same_function(before, after)
+
+
+def test_negative_and_zero_multipliers_leave_only_their_signs_in_the_mul(keras_models):
+    before = keras_models["signed"]
+    after, report = fold_scales(before)
+    assert _ops(after).count("MUL") == 1 and not report.layers[0].mul_removed
+    assert (report.layers[0].negative, report.layers[0].zero) == (2, 1)
+    np.testing.assert_array_equal(_mul_constant(after), [1, -1, 0, 1, -1, 1])
+    _assert_same_function(before, after)
+
+
+def _function_tflite(body, channels: int = 4) -> bytes:
+    """A float .tflite of ``body(conv_output_before_activation)`` after a 1x1 conv, as the converter makes it."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    kernel = tf.constant(rng.normal(0, 1, (1, 1, 3, channels)).astype("f"))
+    bias = tf.constant(rng.normal(0, 1, channels).astype("f"))
+
+    @tf.function(input_signature=[tf.TensorSpec((1, SIZE, SIZE, 3), tf.float32)])
+    def serve(x):
+        return body(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "VALID"), bias))
+
+    return bytes(tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()]).convert())
+
+
+def _unfoldable():
+    import tensorflow as tf
+
+    per_channel = tf.constant(np.asarray([1e-3, 2.0, 0.5, 3.0], "f"))
+    per_position = tf.constant(np.linspace(0.1, 2, SIZE * SIZE).reshape(1, SIZE, SIZE, 1).astype("f"))
+    return {
+        "relu6": lambda z: tf.reduce_mean(tf.nn.relu6(z) * per_channel + 1.0, axis=(1, 2)),
+        "per-position constant": lambda z: tf.reduce_mean(tf.nn.relu(z) * per_position, axis=(1, 2)),
+        "output read twice": lambda z: tf.reduce_mean(tf.nn.relu(z) * per_channel + tf.nn.relu(z), axis=(1, 2)),
+    }
+
+
+@pytest.mark.parametrize("case", ["relu6", "per-position constant", "output read twice"])
+def test_patterns_that_do_not_commute_are_left_byte_identical(case):
+    model = _function_tflite(_unfoldable()[case])
+    assert "MUL" in _ops(model)
+    folded, report = fold_scales(model)
+    assert folded == model and report == FoldReport()
+
+
+# Channel k reads input channel k % 3 with gain 1 / a_k, so a_k * ReLU(...) spans [0, 1] on every channel (what a
+# BatchNorm after a ReLU does: its multiplier is small where the ReLU's output is large). Channel 1's multiplier is
+# 1e-4 of channel 0's: one int8 scale for all four multipliers cannot hold it.
+MULTIPLIERS = [10.0, 1e-3, 1.0, 1 / 3]
+OFFSETS = [0.5, -0.25, 0.125, 0.0]
+
+
+def _calibration(root) -> CalibrationSet:
+    """Pixels at both ends (every conv output reaches its range) and random ones, as [-1, 1] inputs."""
+    rng = np.random.default_rng(4)
+    images = [np.full((SIZE, SIZE, 3), 255, np.uint8), np.zeros((SIZE, SIZE, 3), np.uint8)]
+    images += [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(6)]
+    return CalibrationSet(root=root, spec=PreprocessSpec(size=SIZE), seed=0, requested=len(images), samples=images)
+
+
+@pytest.fixture(scope="module")
+def int8_pair(tmp_path_factory):
+    """The model in float, and in int8 with and without the fold (the route's fold replaced by none)."""
+    out = tmp_path_factory.mktemp("scale_fold_int8")
+    weights = np.zeros((3, 4))
+    for k, a in enumerate(MULTIPLIERS):
+        weights[k % 3, k] = 1 / a
+    path = _bn_model(out / "bn_after_relu.keras", MULTIPLIERS, OFFSETS, weights, head=False)
+    settings = ConvertSettings("int8", input_convention="signed_unit")
+    folded = export_tflite(path, settings, out=out / "folded.tflite", representative=_calibration(out))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routes, "fold_scales", lambda model: (model, FoldReport()))
+        plain = export_tflite(path, settings, out=out / "plain.tflite", representative=_calibration(out))
+    return {"float": _float_tflite(path), "folded": folded.path, "plain": plain.path}
+
+
+def _grid_inputs(int8_model: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(integer inputs, the float values they stand for): random levels within [-1, 1], plus both ends."""
+    detail = open_interpreter(int8_model).get_input_details()[0]
+    scale, zero = detail["quantization"]
+    low, high = int(np.ceil(zero - 1 / scale)), int(np.floor(zero + 1 / scale))
+    levels = np.random.default_rng(5).integers(low, high + 1, (14, SIZE, SIZE, 3))
+    levels = np.concatenate([levels, np.full((1, SIZE, SIZE, 3), low), np.full((1, SIZE, SIZE, 3), high)])
+    return levels, ((levels - zero) * scale).astype(np.float32)
+
+
+def _dequantized_outputs(int8_model: bytes, levels: np.ndarray) -> np.ndarray:
+    detail = open_interpreter(int8_model).get_output_details()[0]
+    scale, zero = detail["quantization"]
+    return (_run(int8_model, levels).astype(np.float64) - zero) * scale
+
+
+def _error_bound(int8_model: bytes) -> float:
+    """What rounding can cost on this model, from its own scales: inputs on the grid (no input error), a conv
+    of 3 inputs with |x| <= 1 (half a weight step each; its bias is 0, exactly quantized), the ADD's constant
+    (half its step), and one output step for every op that requantizes (half a step of rounding, plus its
+    fixed-point rescaling, which stays below another half)."""
+    model = flatbuffers.read(int8_model)
+    graph = model.subgraphs[0]
+    bound = 0.0
+    for op in graph.operators:
+        name = flatbuffers.op_name(model, op)
+        bound += float(graph.tensors[op.outputs[0]].quantization.scale[0])
+        if name == "CONV_2D":
+            bound += 3 * float(np.max(graph.tensors[op.inputs[1]].quantization.scale)) / 2
+        if name == "ADD":
+            constant = next(t for t in op.inputs if model.buffers[graph.tensors[t].buffer].data is not None)
+            bound += float(graph.tensors[constant].quantization.scale[0]) / 2
+    return bound
+
+
+def test_int8_keeps_the_channels_a_shared_multiplier_scale_loses(int8_pair):
+    plain, folded = int8_pair["plain"].read_bytes(), int8_pair["folded"].read_bytes()
+    levels, inputs = _grid_inputs(folded)
+    want = _run(int8_pair["float"], inputs).astype(np.float64)
+    # Unfolded: channel 1's multiplier is 0 in int8, so that output ignores the input, while the float one spans
+    # [d, d + 1] over these inputs (the last two are all -1 and all 1): one of them is off by at least 0.5.
+    assert _mul_constant(plain)[1] == 0
+    plain_levels, plain_inputs = _grid_inputs(plain)
+    lost, spans = _dequantized_outputs(plain, plain_levels)[:, 1], _run(int8_pair["float"], plain_inputs)[:, 1]
+    assert np.ptp(lost) == 0 and np.ptp(spans) > 0.9  # the top level is within one input step of 1
+    assert np.abs(lost - spans).max() >= np.ptp(spans) / 2 > 0.45
+    # Folded: no MUL left, and every output within what the model's own scales allow.
+    assert "MUL" not in _ops(folded)
+    error = np.abs(_dequantized_outputs(folded, levels) - want)
+    assert error.max() <= _error_bound(folded) < 0.25
+
+
+def test_the_manifest_records_the_fold(int8_pair):
+    manifest = json.loads(manifest_path_for(int8_pair["folded"]).read_text())
+    fold = manifest["calibration"]["method"]["scale_fold"]
+    assert fold["applied"] and fold["folded"] == 1 and fold["muls_removed"] == 1
+    assert fold["layers"] == [{"layer": "conv", "op": "CONV_2D", "channels": 4, "negative": 0, "zero": 0,
+                               "mul_removed": True}]
