@@ -15,13 +15,14 @@ import pytest
 
 from calibrate.dataset import CalibrationSet
 from pipeline.conversion import routes
-from pipeline.conversion.export import ConvertSettings, convert_bytes, export_tflite
+from pipeline.conversion.export import ConvertSettings, convert_bytes, convert_model, export_tflite
 from pipeline.core.artifacts import manifest_path_for
 from pipeline.core.preprocessing import PreprocessSpec
 from pipeline.model.modelio import load_source
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import open_interpreter
-from pipeline.tflite.scale_fold import FoldReport, fold_scales
+from pipeline.tflite.scale_fold import FoldReport, float_twin, fold_scales
+from pipeline.validation.layer_error import layer_errors
 
 SIZE = 8
 EPS = 1e-3  # Keras' BatchNormalization epsilon
@@ -188,7 +189,8 @@ def int8_pair(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(routes, "fold_scales", lambda model: (model, FoldReport()))
         plain = export_tflite(path, settings, out=out / "plain.tflite", representative=_calibration(out))
-    return {"float": _float_tflite(path), "folded": folded.path, "plain": plain.path}
+    return {"float": _float_tflite(path), "folded": folded.path, "plain": plain.path, "keras": path,
+            "calibration": _calibration(out)}
 
 
 def _grid_inputs(int8_model: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -249,3 +251,51 @@ def test_the_manifest_records_the_fold(int8_pair):
     assert fold["applied"] and fold["folded"] == 1 and fold["muls_removed"] == 1
     assert fold["layers"] == [{"layer": "conv", "op": "CONV_2D", "channels": 4, "negative": 0, "zero": 0,
                                "mul_removed": True}]
+
+
+def _float_ops(model_bytes: bytes) -> list[str]:
+    """The ops whose weights (input 1) are float32: what was kept out of int8."""
+    model = flatbuffers.read(model_bytes)
+    graph = model.subgraphs[0]
+    return [flatbuffers.op_name(model, op) for op in graph.operators if len(op.inputs) > 1
+            and model.buffers[graph.tensors[op.inputs[1]].buffer].data is not None
+            and flatbuffers.type_names()[graph.tensors[op.inputs[1]].type] == "FLOAT32"]
+
+
+@pytest.mark.parametrize("layer, kept", [("conv", ["CONV_2D"]), ("bn", ["ADD"])])
+def test_a_layer_of_the_folded_model_is_kept_in_float_by_its_keras_name(int8_pair, layer, kept):
+    """The folded conv still reads as its layer; the BatchNorm's layer is its ADD once its MUL is gone."""
+    settings = ConvertSettings("int8", input_convention="signed_unit", float_layers=(layer,))
+    conversion = convert_model(load_source(int8_pair["keras"]), settings, int8_pair["calibration"])
+    record = conversion.calibration
+    assert record.scale_fold["folded"] == 1 and record.float_layers == [layer] and len(record.denylisted_nodes) == 1
+    assert _float_ops(conversion.model) == kept and "MUL" not in _ops(conversion.model)
+
+
+def test_layers_spliced_from_int16x8_come_with_an_unfolded_int8_model(int8_pair):
+    """The int16x8 donor is converted from the Keras model unfolded: the int8 model it is spliced into is too, so
+    the spliced BatchNorm multiplies what its own conv computes, not a folded conv's output."""
+    settings = ConvertSettings("int8", input_convention="signed_unit", float_layers=("bn",), fallback="int16")
+    conversion = convert_model(load_source(int8_pair["keras"]), settings, int8_pair["calibration"])
+    assert conversion.route == "spliced" and conversion.calibration.scale_fold["applied"] is False
+    model = flatbuffers.read(conversion.model)
+    graph = model.subgraphs[0]
+    conv = next(op for op in graph.operators if flatbuffers.op_name(model, op) == "CONV_2D")
+    weights = graph.tensors[conv.inputs[1]]
+    steps = np.asarray(weights.quantization.scale)
+    stored = np.frombuffer(bytes(model.buffers[weights.buffer].data), np.int8).reshape(4, 3) * steps[:, None]
+    gains = np.abs(stored).max(axis=1)  # channel k's one weight: 1 / a_k unfolded, 1 folded
+    assert np.all(np.abs(gains - 1 / np.asarray(MULTIPLIERS)) <= steps / 2 * (1 + 1e-6))
+
+
+def test_per_layer_error_pairs_each_int8_model_with_the_float_model_it_was_quantized_from(int8_pair):
+    """The folded conv's output is renamed (it holds a_k * ReLU(z), not ReLU(z)): only the folded float model has
+    a tensor of that name, and the per-layer report picks the float model whose names the candidate carries."""
+    plain, folded = int8_pair["plain"].read_bytes(), int8_pair["folded"].read_bytes()
+    assert float_twin(int8_pair["float"], plain) == (int8_pair["float"], False)
+    twin, was_folded = float_twin(int8_pair["float"], folded)
+    assert was_folded and twin == fold_scales(int8_pair["float"])[0]
+    _, inputs = _grid_inputs(folded)
+    assert "conv" not in {e.layer for e in layer_errors(int8_pair["float"], folded, inputs)}
+    conv = next(e for e in layer_errors(twin, folded, inputs) if e.layer == "conv")
+    assert conv.op == "CONV_2D" and conv.rmse <= _error_bound(folded)
