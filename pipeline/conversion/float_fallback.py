@@ -59,15 +59,37 @@ def op_outputs_by_layer(model_bytes: bytes) -> dict[str, list[str]]:
     return found
 
 
+def folded_into(model_bytes: bytes) -> dict[str, list[str]]:
+    """Keras layer -> output tensor names of the ops it was fused into without being their primary layer (a
+    BatchNormalization folded into a convolution, ``pipeline.tflite.scale_fold``), in graph order."""
+    model = flatbuffers.read(model_bytes)
+    graph = model.subgraphs[0]
+    found: dict[str, list[str]] = {}
+    for op in graph.operators or []:
+        for index in (op.outputs if op.outputs is not None else []):
+            name = graph.tensors[int(index)].name
+            name = name.decode() if isinstance(name, bytes) else str(name or "")
+            names = layer_names(name)
+            for layer in names:
+                if layer != primary_layer(name, names):
+                    found.setdefault(layer, []).append(name)
+    return found
+
+
 def resolve(model_bytes: bytes, layers) -> list[str]:
-    """The calibrated model's op output names for ``layers``; an unknown layer is an error, not a silent no-op."""
+    """The calibrated model's op output names for ``layers``; an unknown layer is an error, not a silent no-op.
+
+    A layer no op computes alone (fused into another) resolves to the ops it was fused into."""
     by_layer = op_outputs_by_layer(model_bytes)
+    if any(layer not in by_layer for layer in layers):
+        fused = folded_into(model_bytes)
+        by_layer.update({layer: fused[layer] for layer in layers if layer not in by_layer and layer in fused})
     missing = [layer for layer in layers if layer not in by_layer]
     if missing:
         known = ", ".join(sorted(by_layer)[:8])
         raise ConversionError(f"cannot keep {', '.join(missing)} in float: no such layer in the converted graph "
                               f"(layers look like: {known}, ...)")
-    return [name for layer in layers for name in by_layer[layer]]
+    return list(dict.fromkeys(name for layer in layers for name in by_layer[layer]))
 
 
 def method_for(settings) -> str:

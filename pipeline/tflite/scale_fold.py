@@ -53,6 +53,7 @@ class FoldedLayer:
     negative: int  # multipliers below 0: the MUL keeps -1 there (a RELU producer)
     zero: int  # multipliers equal to 0: the MUL keeps 0 there, the weights of that channel are left as they were
     mul_removed: bool
+    output: str = ""  # the producer's output tensor, renamed
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "op": self.op, "channels": self.channels, "negative": self.negative,
@@ -60,14 +61,29 @@ class FoldedLayer:
 
 
 @dataclass(frozen=True)
+class FoldedOffset:
+    """One per-channel ADD removed: its constant went into the bias of the layer that reads it."""
+
+    layer: str  # the ADD's layer (a BatchNormalization's offset)
+    into: str  # the layer whose bias took it
+    op: str  # that layer's op
+    through_pool: bool  # a MAX_POOL_2D sat between them
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "into": self.into, "op": self.op, "through_pool": self.through_pool}
+
+
+@dataclass(frozen=True)
 class FoldReport:
-    """What ``fold_scales`` changed: one entry per folded producer, in graph order."""
+    """What ``fold_scales`` changed: one entry per folded producer and per folded ADD, in graph order."""
 
     layers: tuple[FoldedLayer, ...] = field(default_factory=tuple)
+    offsets: tuple[FoldedOffset, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:
         return {"folded": len(self.layers), "muls_removed": sum(entry.mul_removed for entry in self.layers),
-                "layers": [entry.to_dict() for entry in self.layers]}
+                "adds_removed": len(self.offsets), "layers": [entry.to_dict() for entry in self.layers],
+                "offsets": [entry.to_dict() for entry in self.offsets]}
 
 
 def _text(value) -> str:
@@ -228,17 +244,29 @@ def _fold(g: _Graph, m: _Match) -> FoldedLayer:
         g.graph.tensors[out].name = f"{name};{mul_name}/magnitude".encode()
         _kept_constant(g, m, kept)
     return FoldedLayer(layer, m.kind, int(m.factors.size), int(np.sum(m.factors < 0)), int(np.sum(m.factors == 0)),
-                       remove)
+                       remove, _text(g.graph.tensors[out].name))
 
 
 def fold_scales(model_bytes: bytes) -> tuple[bytes, FoldReport]:
-    """The float model with every foldable ``P -> MUL(c)`` folded (module docstring); the same bytes when none is.
+    """The float model with every foldable ``P -> MUL(c)`` folded, then the ``ADD(d)`` after each MUL removed folded
+    into the next layer's bias (module docstring); the same bytes when nothing is.
 
     The rewritten model computes the same function up to float rounding.
     """
     model = flatbuffers.read(model_bytes)
     if len(model.subgraphs) != 1:
         return model_bytes, FoldReport()
+    scales = _fold_multipliers(model)
+    if not scales:
+        return model_bytes, FoldReport()
+    _drop_unused_tensors(model)
+    offsets = _fold_offsets(model, {entry.output for entry in scales if entry.mul_removed})
+    if offsets:
+        _drop_unused_tensors(model)
+    return flatbuffers.write(model), FoldReport(scales, offsets)
+
+
+def _fold_multipliers(model) -> tuple[FoldedLayer, ...]:
     g = _Graph.of(model)
     matches, touched = [], set()
     for index in range(len(g.graph.operators or [])):
@@ -250,13 +278,10 @@ def fold_scales(model_bytes: bytes) -> tuple[bytes, FoldReport]:
             continue  # nothing to move (every factor is 1, -1 or 0)
         matches.append(m)
         touched.add(m.producer)
-    if not matches:
-        return model_bytes, FoldReport()
     folded = tuple(_fold(g, m) for m in matches)
     removed = {m.mul for m, entry in zip(matches, folded) if entry.mul_removed}
     g.graph.operators = [op for i, op in enumerate(g.graph.operators) if i not in removed]
-    _drop_unused_tensors(model)
-    return flatbuffers.write(model), FoldReport(folded)
+    return folded
 
 
 def _drop_unused_tensors(model) -> None:
@@ -306,3 +331,119 @@ def float_twin(float_model: bytes, quantized: bytes) -> tuple[bytes, bool]:
     if only_folded & _tensor_names(quantized):
         return folded, True
     return float_model, False
+
+
+@dataclass(frozen=True)
+class _OffsetMatch:
+    """An ``x -> ADD(d) [-> MAX_POOL_2D] [-> RESHAPE] -> Q`` chain whose ``d`` folds into ``Q``'s bias."""
+
+    add: int
+    x: int  # the ADD's other input, which the chain reads instead
+    shift: np.ndarray  # what Q's bias gains
+    between: tuple[int, ...]  # the pool and reshape ops between the ADD and Q
+    reader: int  # Q
+
+
+def _sole_reader(g: _Graph, t: int) -> int | None:
+    readers = g.readers.get(t, [])
+    return readers[0] if len(readers) == 1 and t not in g.outputs else None
+
+
+def _bias_shift(g: _Graph, q, d: np.ndarray) -> np.ndarray | None:
+    """What ``Q(x + d) - Q(x)`` is, per output channel, where that is a constant: a VALID conv (a SAME one pads
+    with zeros, which are not shifted) or a fully connected layer over channel-last features."""
+    kind, inputs = flatbuffers.op_name(g.model, q), _ints(q.inputs)
+    if kind not in _CHANNEL_AXIS or len(inputs) < 3 or inputs[2] < 0:
+        return None
+    weights, bias = g.own_constant(inputs[1]), g.own_constant(inputs[2])
+    if weights is None or bias is None:
+        return None
+    w, channels = weights.astype(np.float64), d.size
+    if kind != "FULLY_CONNECTED" and q.builtinOptions.padding != flatbuffers.schema().Padding.VALID:
+        return None
+    if kind == "CONV_2D" and w.shape[-1] == channels:
+        return np.einsum("ohwi,i->o", w, d)
+    if kind == "DEPTHWISE_CONV_2D" and w.shape[-1] % channels == 0:
+        return np.repeat(d, w.shape[-1] // channels) * w.sum(axis=(0, 1, 2))
+    features = [int(s) for s in g.graph.tensors[inputs[0]].shape]
+    if kind == "FULLY_CONNECTED" and w.shape[1] % channels == 0 and (
+            int(np.prod(features[1:])) == w.shape[1] or w.shape[1] == channels == features[-1]):
+        return w @ np.tile(d, w.shape[1] // channels)
+    return None
+
+
+def _path_to_reader(g: _Graph, out: int) -> tuple[tuple[int, ...], int] | None:
+    """(the MAX_POOL_2D and RESHAPE ops that pass ``out`` on, the weighted op that reads it), each the sole reader
+    of the one before; a RESHAPE only in front of a fully connected layer (it keeps the channel-last order)."""
+    between: list[int] = []
+    reader = _sole_reader(g, out)
+    for kind in ("MAX_POOL_2D", "RESHAPE"):
+        if reader is not None and flatbuffers.op_name(g.model, g.graph.operators[reader]) == kind:
+            op = g.graph.operators[reader]
+            if _ints(op.inputs)[0] != (_ints(g.graph.operators[between[-1]].outputs)[0] if between else out):
+                return None
+            if kind == "MAX_POOL_2D" and g.activation(op) != _NONE:
+                return None
+            between.append(reader)
+            reader = _sole_reader(g, _ints(op.outputs)[0])
+    if reader is None:
+        return None
+    kind = flatbuffers.op_name(g.model, g.graph.operators[reader])
+    last = _ints(g.graph.operators[between[-1]].outputs)[0] if between else out
+    if _ints(g.graph.operators[reader].inputs)[0] != last or (
+            between and flatbuffers.op_name(g.model, g.graph.operators[between[-1]]) == "RESHAPE"
+            and kind != "FULLY_CONNECTED"):
+        return None
+    return tuple(between), reader
+
+
+def _offset_match(g: _Graph, index: int, folded: set[str]) -> _OffsetMatch | None:
+    op = g.graph.operators[index]
+    inputs = _ints(op.inputs)
+    if flatbuffers.op_name(g.model, op) != "ADD" or len(inputs) != 2 or g.activation(op) != _NONE:
+        return None
+    for const_input in (0, 1):
+        d, x = g.constant(inputs[const_input]), inputs[1 - const_input]
+        if d is None or _text(g.graph.tensors[x].name) not in folded:
+            continue
+        out = _ints(op.outputs)[0]
+        shape = [int(s) for s in g.graph.tensors[x].shape]
+        factors = _per_channel(d, shape[-1]) if shape else None
+        path = _path_to_reader(g, out)
+        if factors is None or path is None or [int(s) for s in g.graph.tensors[out].shape] != shape:
+            return None
+        shift = _bias_shift(g, g.graph.operators[path[1]], factors)
+        return None if shift is None else _OffsetMatch(index, x, shift, *path)
+    return None
+
+
+def _fold_offsets(model, folded: set[str]) -> tuple[FoldedOffset, ...]:
+    """Each ADD of a per-channel constant after a producer whose MUL was removed, folded into the bias of the layer
+    reading it (through a MAX_POOL_2D: max(y + d) = max(y) + d per channel; through a flattening RESHAPE), and
+    removed. What runs in int8 is then the producer's non-negative output itself, without a requantized copy
+    shifted by d."""
+    g = _Graph.of(model)
+    found, removed = [], set()
+    for index in range(len(g.graph.operators)):
+        m = _offset_match(g, index, folded)
+        if m is None:
+            continue
+        q = g.graph.operators[m.reader]
+        bias = _ints(q.inputs)[2]
+        shifted = (g.constant(bias).astype(np.float64) + m.shift).astype(np.float32)
+        g.model.buffers[int(g.graph.tensors[bias].buffer)].data = np.frombuffer(shifted.tobytes(), np.uint8).copy()
+        g.graph.operators[m.between[0] if m.between else m.reader].inputs[0] = m.x
+        add_name = _text(g.graph.tensors[_ints(g.graph.operators[m.add].outputs)[0]].name)
+        for passed in m.between:  # no longer shifted: not the unfolded model's tensor of that name
+            tensor = g.graph.tensors[_ints(g.graph.operators[passed].outputs)[0]]
+            tensor.name = f"{_text(tensor.name)};{add_name}/unshifted".encode()
+        q_name = _text(g.graph.tensors[_ints(q.outputs)[0]].name)
+        if not layer_names(q_name):  # a graph output named "Identity": its weights still name the layer
+            q_name = _text(g.graph.tensors[_ints(q.inputs)[1]].name)
+        pooled = any(flatbuffers.op_name(g.model, g.graph.operators[i]) == "MAX_POOL_2D" for i in m.between)
+        found.append(FoldedOffset(primary_layer(add_name, layer_names(add_name)),
+                                  primary_layer(q_name, layer_names(q_name)), flatbuffers.op_name(g.model, q),
+                                  pooled))
+        removed.add(m.add)
+    g.graph.operators = [op for i, op in enumerate(g.graph.operators) if i not in removed]
+    return tuple(found)

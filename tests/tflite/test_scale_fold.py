@@ -299,3 +299,67 @@ def test_per_layer_error_pairs_each_int8_model_with_the_float_model_it_was_quant
     assert "conv" not in {e.layer for e in layer_errors(int8_pair["float"], folded, inputs)}
     conv = next(e for e in layer_errors(twin, folded, inputs) if e.layer == "conv")
     assert conv.op == "CONV_2D" and conv.rmse <= _error_bound(folded)
+
+
+def _two_block_model(path, padding: str):
+    """Conv(relu) -> BN -> MaxPool -> Conv(relu, ``padding``) -> BN -> Flatten -> Dense, BN statistics spread."""
+    import keras
+
+    rng = np.random.default_rng(6)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(5, 2, activation="relu", padding=padding, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(4, name="dense")(x)
+    model = keras.Model(inputs, x)
+    for name in ("bn1", "bn2"):
+        layer = model.get_layer(name)
+        c = layer.get_weights()[0].shape[0]
+        layer.set_weights([rng.uniform(1e-3, 5, c).astype("f"), rng.normal(0, 1, c).astype("f"),
+                           rng.normal(0, 1, c).astype("f"), rng.uniform(0.5, 2, c).astype("f")])
+    for name in ("conv1", "conv2", "dense"):
+        layer = model.get_layer(name)
+        layer.set_weights([rng.normal(0, 1, w.shape).astype("f") for w in layer.get_weights()])
+    model.save(path)
+    return _float_tflite(path)
+
+
+def test_offsets_fold_into_the_next_valid_layer_through_a_max_pool(tmp_path):
+    """max(y + d) = max(y) + d per channel, and a VALID conv or a dense layer of x + d is one of x plus a
+    constant per output: every ADD goes into the next layer's bias."""
+    before = _two_block_model(tmp_path / "valid.keras", "valid")
+    assert _ops(before).count("ADD") == 2
+    after, report = fold_scales(before)
+    assert "ADD" not in _ops(after) and "MUL" not in _ops(after)
+    assert [entry.to_dict() for entry in report.offsets] == [
+        {"layer": "bn1", "into": "conv2", "op": "CONV_2D", "through_pool": True},
+        {"layer": "bn2", "into": "dense", "op": "FULLY_CONNECTED", "through_pool": False}]
+    _assert_same_function(before, after)
+
+
+def test_an_offset_before_a_same_padded_conv_stays(tmp_path):
+    """A SAME conv pads with zeros, which the offset does not shift: that ADD is not folded (the MULs are)."""
+    before = _two_block_model(tmp_path / "same.keras", "same")
+    after, report = fold_scales(before)
+    assert [entry.into for entry in report.offsets] == ["dense"] and _ops(after).count("ADD") == 1
+    assert "MUL" not in _ops(after)
+    _assert_same_function(before, after)
+
+
+def test_a_batchnorm_folded_away_is_kept_in_float_with_the_conv_it_went_into(tmp_path):
+    """bn1 has no op of its own once its MUL and ADD are folded: naming it keeps conv1, which took its
+    multipliers, in float (and the max pool whose output no longer carries its offset)."""
+    _two_block_model(tmp_path / "valid.keras", "valid")
+    settings = ConvertSettings("int8", input_convention="signed_unit", float_layers=("bn1",))
+    conversion = convert_model(load_source(tmp_path / "valid.keras"), settings, _calibration(tmp_path))
+    assert conversion.calibration.scale_fold["adds_removed"] == 2
+    nodes = conversion.calibration.denylisted_nodes
+    assert _float_ops(conversion.model) == ["CONV_2D"] and [n.split("/")[1] for n in nodes] == ["conv1_1", "pool1_1"]
+    model = flatbuffers.read(conversion.model)
+    graph = model.subgraphs[0]
+    kept = next(op for op in graph.operators if flatbuffers.op_name(model, op) == "CONV_2D"
+                and flatbuffers.type_names()[graph.tensors[op.inputs[1]].type] == "FLOAT32")
+    assert "conv1" in graph.tensors[kept.outputs[0]].name.decode()
