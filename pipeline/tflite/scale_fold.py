@@ -21,17 +21,29 @@ value, which scaling does not commute with: they are left alone, as is any
 producer whose output something else reads, whose constants another tensor
 shares, or that has no bias.
 
+The ADD that follows a removed MUL (the BatchNorm's offset ``d``) is then
+folded into the bias of the layer that reads it, where that is exact: a
+VALID conv or a dense layer of ``y + d`` is one of ``y`` plus a constant per
+output channel, and a max pool or a flattening reshape on the way passes the
+shift through (``max(y + d) = max(y) + d`` per channel). A SAME conv pads
+with zeros that the offset would not shift, so that ADD stays. Without it,
+int8 requantizes every block's output once more, shifted by ``d``: on the
+CIFAR-10 CNN, int8 agreement went from 92.5% with the multipliers folded to
+97.2% with the offsets folded too (docs/validation.md).
+
 A folded producer's output tensor is renamed (its name, then the MUL's):
 it no longer holds what the unfolded model's tensor of that name holds, and
 tools that pair a quantized model's tensors with a float model's by name
 (per-layer error, bias correction) must not pair it with the unfolded one.
 The producer's own name comes first, so it still reads as its layer
-(``pipeline.tflite.layers.primary_layer``).
+(``pipeline.tflite.layers.primary_layer``). So are the outputs of a pool or
+reshape that an offset no longer shifts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -98,8 +110,8 @@ def _ints(values) -> list[int]:
 class _Graph:
     """One subgraph's wiring: who writes and who reads each tensor, and how many tensors use each buffer."""
 
-    model: object
-    graph: object
+    model: Any  # the flatbuffer object API's ModelT (untyped generated code)
+    graph: Any
     producer: dict[int, int]
     readers: dict[int, list[int]]
     buffer_users: dict[int, int]
@@ -129,6 +141,13 @@ class _Graph:
             return None
         shape = [int(s) for s in tensor.shape] if tensor.shape is not None else []
         return np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=np.float32).reshape(shape)
+
+    def values(self, t: int) -> np.ndarray:
+        """A float32 constant's values, for a tensor already matched as one."""
+        found = self.constant(t)
+        if found is None:
+            raise ValueError(f"tensor {t} is not a float32 constant")
+        return found
 
     def own_constant(self, t: int) -> np.ndarray | None:
         """A float32 constant only one op reads and no other tensor shares the buffer of, so it may be rewritten."""
@@ -196,7 +215,7 @@ def _split(factors: np.ndarray, activation: str) -> tuple[np.ndarray, np.ndarray
 
 
 def _scale(g: _Graph, t: int, moved: np.ndarray, axis: int) -> None:
-    values = g.constant(t).astype(np.float64)
+    values = g.values(t).astype(np.float64)
     shape = [1] * values.ndim
     shape[axis] = -1
     scaled = (values * moved.reshape(shape)).astype(np.float32)
@@ -208,7 +227,7 @@ def _kept_constant(g: _Graph, m: _Match, kept: np.ndarray) -> None:
     schema = flatbuffers.schema()
     op = g.graph.operators[m.mul]
     old = g.graph.tensors[int(op.inputs[m.const_input])]
-    shape = g.constant(int(op.inputs[m.const_input])).shape
+    shape = g.values(int(op.inputs[m.const_input])).shape
     size = int(np.prod(shape, dtype=np.int64))
     values = (kept if size == kept.size else np.full(shape, kept[0])).astype(np.float32).reshape(shape)
     buffer = schema.BufferT()
@@ -430,7 +449,7 @@ def _fold_offsets(model, folded: set[str]) -> tuple[FoldedOffset, ...]:
             continue
         q = g.graph.operators[m.reader]
         bias = _ints(q.inputs)[2]
-        shifted = (g.constant(bias).astype(np.float64) + m.shift).astype(np.float32)
+        shifted = (g.values(bias).astype(np.float64) + m.shift).astype(np.float32)
         g.model.buffers[int(g.graph.tensors[bias].buffer)].data = np.frombuffer(shifted.tobytes(), np.uint8).copy()
         g.graph.operators[m.between[0] if m.between else m.reader].inputs[0] = m.x
         add_name = _text(g.graph.tensors[_ints(g.graph.operators[m.add].outputs)[0]].name)

@@ -270,7 +270,7 @@ def _layer_section(ref_runner, float_model: FloatModel | NoFloatModel | None, ca
     rows = [e.to_dict() for e in errors]
     return {"status": "ok", "method": "float vs integer .tflite, all tensors preserved, matched by tensor name; "
             "RMSE of the dequantized output over its scale, accumulated through the network",
-            "float_model": float_model.how + (", per-channel scales after a ReLU folded as in the candidate"
+            "float_model": float_model.how + (", BatchNorms after a ReLU folded as in the candidate"
                                                if folded else ""), "samples": len(inputs), "count": len(rows),
             "worst": [r["layer"] for r in rows[:10]], "all": rows, "seconds": round(time.perf_counter() - t0, 3)}
 
