@@ -4,7 +4,9 @@ A conversion takes one of these routes (``Route``): a float .tflite source
 is its own float32 conversion, or is calibrated and quantized in stages;
 layers kept in float are spliced in from a donor conversion; int8 from
 images runs the converter's three stages (float conversion, calibration,
-quantizer), each kept for reuse; everything else is the TF converter in one
+quantizer), each kept for reuse, on the float model with its BatchNorms
+after a ReLU folded into their neighbours (``int8_float``,
+``pipeline.tflite.scale_fold``); everything else is the TF converter in one
 call. ``convert_model`` returns the bytes with the ``CalibrationRecord`` the
 manifest carries. Each stage's time goes to ``pipeline.core.stage_timing``.
 """
