@@ -363,3 +363,39 @@ def test_a_batchnorm_folded_away_is_kept_in_float_with_the_conv_it_went_into(tmp
     kept = next(op for op in graph.operators if flatbuffers.op_name(model, op) == "CONV_2D"
                 and flatbuffers.type_names()[graph.tensors[op.inputs[1]].type] == "FLOAT32")
     assert "conv1" in graph.tensors[kept.outputs[0]].name.decode()
+
+
+def _spread(model, seed: int):
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if type(layer).__name__ == "BatchNormalization":
+            c = weights[0].shape[0]
+            layer.set_weights([rng.uniform(1e-3, 5, c).astype("f"), rng.normal(0, 1, c).astype("f"),
+                               rng.normal(0, 1, c).astype("f"), rng.uniform(0.5, 2, c).astype("f")])
+        elif weights:
+            layer.set_weights([rng.normal(0, 1, w.shape).astype("f") for w in weights])
+    return model
+
+
+def test_depthwise_and_dense_producers_and_a_depthwise_reader_fold_exactly(tmp_path):
+    """The other weight layouts: a depthwise conv's output channels are its weights' last axis (with a depth
+    multiplier, channel k of the input feeds outputs k * m ... k * m + m - 1), a dense layer's are axis 0."""
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.DepthwiseConv2D(3, activation="relu", name="dw1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.DepthwiseConv2D(2, depth_multiplier=2, activation="relu", name="dw2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(7, activation="relu", name="dense1")(x)
+    x = keras.layers.BatchNormalization(name="bn3")(x)  # the output: a dense layer after it would take it in
+    _spread(keras.Model(inputs, x), 7).save(tmp_path / "layouts.keras")
+    before = _float_tflite(tmp_path / "layouts.keras")
+    after, report = fold_scales(before)
+    assert [(e.layer, e.op, e.mul_removed) for e in report.layers] == [
+        ("dw1", "DEPTHWISE_CONV_2D", True), ("dw2", "DEPTHWISE_CONV_2D", True), ("dense1", "FULLY_CONNECTED", True)]
+    assert [(e.layer, e.into, e.op) for e in report.offsets] == [("bn1", "dw2", "DEPTHWISE_CONV_2D")]
+    assert "MUL" not in _ops(after) and _ops(after).count("ADD") == 2  # bn2's, read by the mean; bn3's, the output
+    _assert_same_function(before, after)
