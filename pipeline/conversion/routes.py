@@ -87,7 +87,7 @@ class CalibrationRecord:
     float_layers: list[str] | None = None  # the layers kept in float
     denylisted_nodes: list[str] | None = None  # their nodes, as the quantizer names them
     splice: dict[str, Any] | None = None  # what splicing replaced
-    scale_fold: dict[str, Any] | None = None  # per-channel scales after a ReLU folded before calibration (scale_fold)
+    scale_fold: dict[str, Any] | None = None  # BatchNorms after a ReLU folded into their neighbours (scale_fold)
 
     def absorb(self, info: dict[str, Any]) -> None:
         known = {f.name for f in fields(self)}
