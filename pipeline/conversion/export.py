@@ -39,6 +39,7 @@ from pipeline.conversion.routes import (
     convert_spliced,
     donor_model,
     float_tflite,
+    methods_decided,
 )
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
 from pipeline.core import artifacts
@@ -154,6 +155,7 @@ class _ExportJob:
             settings, note = resolved(original, settings)
             converted = converted_source(original, settings.decided_convention)
             representative = representative_in(representative, settings.decided_convention)
+            settings = methods_decided(settings, converted, representative)
         if representative is not None and settings.mode in CALIBRATED_MODES:
             if representative.spec.size != original.input_size:
                 raise CalibrationError(f"calibration images are preprocessed to {representative.spec.size}px but "

@@ -47,6 +47,7 @@ from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.core.stage_timing import move, timed
 from pipeline.model.modelio import KeptCalibration, SourceModel
 from pipeline.tflite.splice import splice
+from pipeline.tflite.weighted_layers import weighted_inputs
 
 
 class Route(enum.StrEnum):
@@ -209,6 +210,7 @@ def convert_model(source: SourceModel, settings: ConvertSettings, representative
         source = converted_source(source, settings.decided_convention)
         representative = representative_in(representative, settings.decided_convention)
         qat = is_qat_model(source)
+        settings = methods_decided(settings, source, representative)
     if source.kind == "tflite":
         return _from_float_tflite(source, settings, representative, progress)
     if settings.mode in CALIBRATED_MODES and representative is None and not qat:
@@ -290,6 +292,24 @@ def converter_failed(settings: ConvertSettings, error: Exception, log) -> Conver
                            + (f"\nconverter log (last lines):\n{detail}" if detail else ""))
 
 
+def methods_decided(settings: ConvertSettings, source: SourceModel, representative) -> ConvertSettings:
+    """``settings`` with bias correction decided where it was left to the default (``None``): on where the
+    staged int8 route calibrates on images, off on every other route (no calibration images to measure the
+    shift on, a quantization-aware model's own ranges, or no stages to refine).
+
+    Why on by default: it rewrites only int32 biases (same graph, ops and
+    scales, so the device runs what ``validate`` measured), and on real
+    pretrained models it halves the int8 model's disagreements with float
+    (docs/validation.md); its float means come from the calibration's own
+    pass, so it costs one int8 pass over the calibration images.
+    """
+    if settings.bias_correction is not None:
+        return settings
+    staged = settings.mode == "int8" and representative is not None and not is_qat_model(source) and (
+        source.kind == "tflite" or _use_stages(settings, representative, False))
+    return replace(settings, bias_correction=staged)
+
+
 def _use_stages(settings: ConvertSettings, representative, qat: bool) -> bool:
     """int8 from images runs as the converter's three stages, each kept for reuse (pipeline.conversion.converter_hooks)."""
     if settings.mode != "int8" or qat or representative is None:
@@ -333,9 +353,11 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
     reported: dict[str, Any] = {}
     with timed("calibration"):
         started = time.perf_counter()
+        summed = weighted_inputs(float_model) if settings.bias_correction else []
         with native_stderr_captured() as log, interrupts.surfaced():
             try:
-                calibrated = calibrate_float_model(float_model, samples, reported, fast=settings.calibrator == "fast")
+                calibrated, sums = calibrate_float_model(float_model, samples, reported,
+                                                         fast=settings.calibrator == "fast", summed=summed)
             except (CalibrationError, ConversionError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
@@ -347,7 +369,7 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
         if source_domain(source) == "pixels":
             calibrated = pin_input_range(calibrated, 0.0, 255.0)  # scale 1: each pixel its own level
             record.input_range = [0.0, 255.0]
-    return KeptCalibration(representative, (settings.calibrator, settings.ranges), calibrated, record)
+    return KeptCalibration(representative, (settings.calibrator, settings.ranges), calibrated, record, sums)
 
 
 def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
@@ -381,6 +403,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
             except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
                 raise converter_failed(settings, exc, log) from None
         methods: dict[str, Any] = {}
-        refined = refine_int8(quantized, float_tflite(source), representative, settings, methods)
+        refined = refine_int8(quantized, float_tflite(source), representative, settings, methods,
+                              float_sums=kept.float_sums)
         record.absorb(methods)
     return Conversion(refined, Route.STAGED, record)
