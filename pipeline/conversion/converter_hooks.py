@@ -213,9 +213,14 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None, drop
     graph.outputs = original_outputs
 
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    source, lock = iter(samples), threading.Lock()
+    if summed:  # a fixed share per worker, run in order: float sums then do not depend on the threads' timing
+        listed = list(samples)
+        sources = [iter(listed[k::workers]) for k in range(workers)]
+    else:  # min and max are exact in any order: the workers take samples as they come
+        sources = [iter(samples)] * workers
+    lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda _: _minmax_worker(probe, tracked, summed, source, lock), range(workers)))
+        results = list(pool.map(lambda k: _minmax_worker(probe, tracked, summed, sources[k], lock), range(workers)))
     count = sum(r[2] for r in results)
     if count == 0:
         raise ValueError("the representative dataset yielded no samples")

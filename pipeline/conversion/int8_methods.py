@@ -66,6 +66,17 @@ def refine_int8(quantized: bytes, float_model: bytes, representative, settings: 
     return quantized
 
 
+def combined(earlier: dict | None, later: dict) -> dict:
+    """Two ``int8_methods`` records of one model as one (a spliced model: rounding on the host, bias correction
+    after the splice), the earlier method first."""
+    if not earlier:
+        return later
+    return {"rounding": earlier["rounding"], "bias_correction": later["bias_correction"],
+            "samples": max(earlier["samples"], later["samples"]),
+            "seconds": round(earlier["seconds"] + later["seconds"], 3),
+            "methods": earlier["methods"] + later["methods"]}
+
+
 def summary(calibration: dict) -> dict:
     """What the int8 methods of a manifest's calibration record changed, for the drift report: per method its
     time and, per layer, the output error before and after (rounding: output MSE; bias correction: mean

@@ -39,8 +39,8 @@ from pipeline.conversion.convention_choice import (
     resolved,
     source_domain,
 )
-from pipeline.conversion.int8_methods import chosen_ranges, refine_int8
-from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress
+from pipeline.conversion.int8_methods import chosen_ranges, combined, refine_int8
+from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Rounding
 from pipeline.core import interrupts
 from pipeline.core.errors import CalibrationError, ConversionError, Remedy
 from pipeline.core.tf_logs import native_stderr_captured
@@ -267,14 +267,28 @@ def _in_one_call(source: SourceModel, settings: ConvertSettings, representative,
 
 def convert_spliced(source: SourceModel, settings: ConvertSettings, representative=None,
                     progress: Progress | None = None) -> Conversion:
-    """Convert with ``settings.float_layers`` spliced in from the donor conversion (see ``float_fallback.method_for``)."""
-    host = convert_model(source, replace(settings, float_layers=()), representative, progress)
+    """Convert with ``settings.float_layers`` spliced in from the donor conversion (see ``float_fallback.method_for``).
+
+    Bias correction runs on the spliced model, not on the host: a spliced
+    layer's output shift differs from the int8 layer's it replaces, and the
+    layers downstream are corrected for the shift they really receive.
+    """
+    settings = methods_decided(settings, source, representative)
+    host = convert_model(source, replace(settings, float_layers=(), bias_correction=False), representative, progress)
     donor = donor_model(source, settings, representative)
     report: dict = {}
     with timed("quantizer"):
         spliced = splice(host.model, donor, settings.float_layers, record=report)
+        methods: dict[str, Any] = {}
+        if settings.bias_correction and representative is not None:
+            kept = source.cache.calibrated
+            spliced = refine_int8(spliced, float_tflite(source), representative,
+                                  replace(settings, rounding=Rounding.NEAREST), methods,
+                                  float_sums=kept.float_sums if kept is not None else None)
     record = replace(host.calibration, fallback_method="splice", float_layers=list(settings.float_layers),
                      splice=report)
+    if methods:
+        record.int8_methods = combined(host.calibration.int8_methods, methods["int8_methods"])
     return Conversion(spliced, Route.SPLICED, record)
 
 

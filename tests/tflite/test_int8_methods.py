@@ -101,6 +101,25 @@ def test_bias_correction_zeroes_the_mean_output_shift_on_the_calibration_set(mod
     assert report.passes >= 2 and report.samples == 16
 
 
+def test_a_spliced_model_is_corrected_after_the_splice(trained_run, models, calibration):
+    """A layer kept in int16 shifts its output differently from the int8 one it replaces: the layers downstream
+    are corrected on the spliced model, so every int8 layer's mean shift is within half a bias quantum there."""
+    from pipeline.conversion.routes import convert_model
+    from pipeline.model.modelio import load_source
+
+    _, floating, inputs = models
+    settings = ConvertSettings("int8", float_layers=("block3_sepconv1",), fallback="int16")
+    conversion = convert_model(load_source(trained_run.model_path), settings, calibration)
+    record = conversion.calibration
+    assert conversion.route == "spliced" and record.fallback_method == "splice"
+    (bias,) = record.int8_methods["methods"]
+    assert bias["method"] == "bias-correction" and bias["samples"] == len(calibration)
+    after = _mean_shifts(conversion.model, floating, inputs)
+    assert len(after) == len(bias["layers"])
+    for name, shift, quantum in after:
+        assert np.all(np.abs(shift) <= quantum / 2 * (1 + 1e-6) + 1e-12), name
+
+
 def _weight_ranges(model_bytes: bytes, layers) -> list[tuple[int, int]]:
     constants = Constants(model_bytes)
     ranges = []
