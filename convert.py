@@ -236,8 +236,10 @@ labels_option = click.option(
 @click.option("--ranges", type=choice(Ranges), default=Ranges.MINMAX.value, show_default=True,
               help="--int8 activation ranges: the min/max seen on the calibration images, or per tensor the "
               "clipping of least expected quantization error.")
-@click.option("--bias-correction", is_flag=True, help="--int8: fold each layer's mean output shift on the "
-              "calibration images into its int32 bias.")
+@click.option("--bias-correction/--no-bias-correction", default=None,
+              help="--int8: fold each layer's mean output shift on the calibration images into its int32 bias "
+              "(only the biases change: same graph, ops and scales). On by default wherever --int8 calibrates "
+              "on images; --no-bias-correction leaves the quantizer's biases as they are.")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
@@ -581,8 +583,9 @@ def _sweep_bench(path: Path) -> dict:
               help="Budget of the int8-fallback mode (top-1 drop, percentage points).")
 @click.option("--max-float-layers", default=8, show_default=True, type=click.IntRange(0))
 @click.option("--modes", help="Comma-separated list of: float, dynamic, fp16, int8, int8-per-tensor, "
-              "int8-fallback, int16x8 (the default: all of these), int8-bias-correction, int8-learned-rounding, "
-              "int8-learned-bc (learned rounding then bias correction), int8-mse-ranges.")
+              "int8-fallback, int16x8 (the default: all of these; int8 with its default bias correction), int8-plain "
+              "(no bias correction), int8-bias-correction, int8-learned-rounding, int8-learned-bc (learned "
+              "rounding then bias correction), int8-mse-ranges (the last three name every method they use).")
 @click.option("--no-bench", is_flag=True, help="Skip the local latency bench.")
 @click.option("--force", is_flag=True, help="Overwrite models from an earlier sweep in --out.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)

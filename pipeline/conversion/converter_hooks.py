@@ -64,7 +64,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -73,6 +73,7 @@ from pipeline.core.errors import ConversionError
 from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.flatbuffers import tools
+from pipeline.tflite.weighted_layers import InputSums
 
 SUPPORTED_TF = ("2.21.",)
 _FLT_MAX = float(np.finfo(np.float32).max)
@@ -191,9 +192,11 @@ def _drop_conversion_metadata(model) -> None:
                                                                            "CONVERSION_METADATA")]
 
 
-def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
-                drop_conversion_metadata: bool = False) -> tuple[bytes, dict]:
-    """Calibrate ``float_model`` on ``samples`` (an iterable of input lists); return calibrated bytes."""
+def fast_minmax(float_model: bytes, samples, *, workers: int | None = None, drop_conversion_metadata: bool = False,
+                summed: Sequence[int] = ()) -> tuple[bytes, dict, InputSums | None]:
+    """Calibrate ``float_model`` on ``samples`` (an iterable of input lists): the calibrated bytes, what ran,
+    and the sums of the ``summed`` activation tensors over the samples (``None`` when none were asked): bias
+    correction's float means, taken in the same pass."""
     flatbuffer_utils, schema = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
     if drop_conversion_metadata:
@@ -203,15 +206,21 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
     graph = model.subgraphs[0]
     float32 = schema.TensorType.FLOAT32
     tracked = [t for t in _activation_tensors(graph) if graph.tensors[t].type == float32]
+    summed = [t for t in summed if t in set(tracked)]
     original_outputs = graph.outputs
     graph.outputs = np.asarray(list(dict.fromkeys([int(o) for o in original_outputs] + tracked)), dtype=np.int32)
     probe = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
     graph.outputs = original_outputs
 
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    source, lock = iter(samples), threading.Lock()
+    if summed:  # a fixed share per worker, run in order: float sums then do not depend on the threads' timing
+        listed = list(samples)
+        sources = [iter(listed[k::workers]) for k in range(workers)]
+    else:  # min and max are exact in any order: the workers take samples as they come
+        sources = [iter(samples)] * workers
+    lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda _: _minmax_worker(probe, tracked, source, lock), range(workers)))
+        results = list(pool.map(lambda k: _minmax_worker(probe, tracked, summed, sources[k], lock), range(workers)))
     count = sum(r[2] for r in results)
     if count == 0:
         raise ValueError("the representative dataset yielded no samples")
@@ -223,12 +232,17 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None,
         params.max = [np.float32(hi[k])]
         graph.tensors[t].quantization = params
     calibrated = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    return calibrated, {"calibrator": "fast-minmax", "samples": count, "tensors": len(tracked), "workers": workers}
+    sums = InputSums({t: np.sum([r[3][t].astype(np.float64) for r in results if t in r[3]], axis=0)
+                      for t in summed}, count) if summed else None
+    return calibrated, {"calibrator": "fast-minmax", "samples": count, "tensors": len(tracked),
+                        "workers": workers}, sums
 
 
-def _minmax_worker(probe: bytes, tracked: list[int], source, lock: threading.Lock) -> tuple[np.ndarray, np.ndarray, int]:
+def _minmax_worker(probe: bytes, tracked: list[int], summed: list[int], source,
+                   lock: threading.Lock) -> tuple[np.ndarray, np.ndarray, int, dict[int, np.ndarray]]:
     """One thread's interpreter: takes samples from the shared ``source`` until it runs out; returns the min
-    and max of each tracked tensor over the samples it ran, and how many it ran."""
+    and max of each tracked tensor over the samples it ran, how many it ran, and the sums of the ``summed``
+    tensors (float64)."""
     from ai_edge_litert.interpreter import Interpreter
 
     with native_stderr_captured():
@@ -238,11 +252,12 @@ def _minmax_worker(probe: bytes, tracked: list[int], source, lock: threading.Loc
     lo = np.full(len(tracked), _FLT_MAX, dtype=np.float64)
     hi = np.full(len(tracked), _FLT_MIN, dtype=np.float64)
     count = 0
+    sums: dict[int, np.ndarray] = {}
     while True:
         with lock:
             sample = next(source, None)
         if sample is None:
-            return lo, hi, count
+            return lo, hi, count, sums
         arrays = list(sample.values()) if isinstance(sample, dict) else list(sample)
         for detail, array in zip(inputs, arrays):
             interpreter.set_tensor(detail["index"], np.asarray(array, dtype=np.float32))
@@ -251,6 +266,13 @@ def _minmax_worker(probe: bytes, tracked: list[int], source, lock: threading.Loc
             mn, mx = _minmax(interpreter.tensor(t))
             lo[k] = min(lo[k], mn)
             hi[k] = max(hi[k], mx)
+        for t in summed:
+            view = interpreter.tensor(t)()[0]  # read in place; no reference outlives the loop
+            if t in sums:  # float32 sums: a float64 conversion per image would double the pass's cost
+                np.add(sums[t], view, out=sums[t])
+            else:
+                sums[t] = view.copy()
+            del view
         count += 1
 
 
@@ -398,8 +420,10 @@ def without_conversion_metadata(model_bytes: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))  # the entry's buffer stays, unreferenced
 
 
-def calibrate_float_model(float_model: bytes, samples_factory, record: dict, *, fast: bool = True) -> bytes:
-    """The converter's calibration step on a float .tflite (its CONVERSION_METADATA dropped), fast path first.
+def calibrate_float_model(float_model: bytes, samples_factory, record: dict, *, fast: bool = True,
+                          summed: Sequence[int] = ()) -> tuple[bytes, InputSums | None]:
+    """The converter's calibration step on a float .tflite (its CONVERSION_METADATA dropped), fast path first;
+    with the sums of the ``summed`` tensors over the samples where the fast path ran (see ``fast_minmax``).
 
     ``samples_factory()`` returns a fresh iterable of input lists; the stock
     calibrator, the fallback (or the choice, ``fast=False``), replays them.
@@ -409,9 +433,10 @@ def calibrate_float_model(float_model: bytes, samples_factory, record: dict, *, 
     if fast:
         try:
             with interrupts.surfaced():  # an interrupt is not a failure of the fast path to fall back from
-                calibrated, info = fast_minmax(prepared, samples_factory(), drop_conversion_metadata=True)
+                calibrated, info, sums = fast_minmax(prepared, samples_factory(), drop_conversion_metadata=True,
+                                                     summed=summed)
             record.update(info)
-            return calibrated
+            return calibrated, sums
         except Exception as exc:  # noqa: BLE001 - the fast path must never fail a conversion
             record.update({"calibrator": "stock", "fallback": f"fast path failed: {type(exc).__name__}: {exc}"})
     else:
@@ -419,7 +444,7 @@ def calibrate_float_model(float_model: bytes, samples_factory, record: dict, *, 
     from tensorflow.lite.python import lite
 
     stock = lite._calibrator.Calibrator(without_conversion_metadata(prepared))  # noqa: SLF001
-    return bytes(stock.calibrate(samples_factory))
+    return bytes(stock.calibrate(samples_factory)), None
 
 
 def pin_input_range(calibrated: bytes, low: float, high: float) -> bytes:
@@ -557,7 +582,7 @@ def fast_calibration(record: dict):
         # dataset_gen is the converter's generator function: calling it again replays the samples.
         try:
             with interrupts.surfaced():  # an interrupt is not a failure of the fast path to fall back from
-                calibrated, info = fast_minmax(self._model_content, dataset_gen())  # noqa: SLF001
+                calibrated, info, _ = fast_minmax(self._model_content, dataset_gen())  # noqa: SLF001
         except Exception as exc:  # noqa: BLE001 - any failure here must not fail the conversion
             record.update({"calibrator": "stock", "fallback": f"fast path failed: {type(exc).__name__}: {exc}"})
             return stock(self, dataset_gen)

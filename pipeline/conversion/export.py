@@ -40,6 +40,7 @@ from pipeline.conversion.routes import (
     donor_model,
     float_tflite,
     int8_float_model,
+    methods_decided,
     paired_float_model,
 )
 from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Progress, Representative, default_output
@@ -157,6 +158,7 @@ class _ExportJob:
             settings, note = resolved(original, settings)
             converted = converted_source(original, settings.decided_convention)
             representative = representative_in(representative, settings.decided_convention)
+            settings = methods_decided(settings, converted, representative)
         if representative is not None and settings.mode in CALIBRATED_MODES:
             if representative.spec.size != original.input_size:
                 raise CalibrationError(f"calibration images are preprocessed to {representative.spec.size}px but "

@@ -41,8 +41,8 @@ from pipeline.conversion.convention_choice import (
     resolved,
     source_domain,
 )
-from pipeline.conversion.int8_methods import chosen_ranges, refine_int8
-from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Fallback, Progress
+from pipeline.conversion.int8_methods import chosen_ranges, combined, refine_int8
+from pipeline.conversion.settings import CALIBRATED_MODES, ConvertSettings, Fallback, Progress, Rounding
 from pipeline.core import interrupts
 from pipeline.core.errors import CalibrationError, ConversionError, Remedy
 from pipeline.core.tf_logs import native_stderr_captured
@@ -50,6 +50,7 @@ from pipeline.core.stage_timing import move, timed
 from pipeline.model.modelio import KeptCalibration, SourceModel
 from pipeline.tflite.scale_fold import fold_scales
 from pipeline.tflite.splice import splice
+from pipeline.tflite.weighted_layers import weighted_inputs
 
 
 class Route(enum.StrEnum):
@@ -213,6 +214,7 @@ def convert_model(source: SourceModel, settings: ConvertSettings, representative
         source = converted_source(source, settings.decided_convention)
         representative = representative_in(representative, settings.decided_convention)
         qat = is_qat_model(source)
+        settings = methods_decided(settings, source, representative)
     if source.kind == "tflite":
         return _from_float_tflite(source, settings, representative, progress)
     if settings.mode in CALIBRATED_MODES and representative is None and not qat:
@@ -269,14 +271,28 @@ def _in_one_call(source: SourceModel, settings: ConvertSettings, representative,
 
 def convert_spliced(source: SourceModel, settings: ConvertSettings, representative=None,
                     progress: Progress | None = None) -> Conversion:
-    """Convert with ``settings.float_layers`` spliced in from the donor conversion (see ``float_fallback.method_for``)."""
-    host = convert_model(source, replace(settings, float_layers=()), representative, progress)
+    """Convert with ``settings.float_layers`` spliced in from the donor conversion (see ``float_fallback.method_for``).
+
+    Bias correction runs on the spliced model, not on the host: a spliced
+    layer's output shift differs from the int8 layer's it replaces, and the
+    layers downstream are corrected for the shift they really receive.
+    """
+    settings = methods_decided(settings, source, representative)
+    host = convert_model(source, replace(settings, float_layers=(), bias_correction=False), representative, progress)
     donor = donor_model(source, settings, representative)
     report: dict = {}
     with timed("quantizer"):
         spliced = splice(host.model, donor, settings.float_layers, record=report)
+        methods: dict[str, Any] = {}
+        if settings.bias_correction and representative is not None:
+            kept = source.cache.calibrated
+            spliced = refine_int8(spliced, int8_float_model(source, settings), representative,
+                                  replace(settings, rounding=Rounding.NEAREST), methods,
+                                  float_sums=kept.float_sums if kept is not None else None)
     record = replace(host.calibration, fallback_method="splice", float_layers=list(settings.float_layers),
                      splice=report)
+    if methods:
+        record.int8_methods = combined(host.calibration.int8_methods, methods["int8_methods"])
     return Conversion(spliced, Route.SPLICED, record)
 
 
@@ -292,6 +308,24 @@ def converter_failed(settings: ConvertSettings, error: Exception, log) -> Conver
     detail = log.tail(4)
     return ConversionError(f"TFLite converter failed in {settings.mode} mode: {first}"
                            + (f"\nconverter log (last lines):\n{detail}" if detail else ""))
+
+
+def methods_decided(settings: ConvertSettings, source: SourceModel, representative) -> ConvertSettings:
+    """``settings`` with bias correction decided where it was left to the default (``None``): on where the
+    staged int8 route calibrates on images, off on every other route (no calibration images to measure the
+    shift on, a quantization-aware model's own ranges, or no stages to refine).
+
+    Why on by default: it rewrites only int32 biases (same graph, ops and
+    scales, so the device runs what ``validate`` measured), and on real
+    pretrained models it halves the int8 model's disagreements with float
+    (docs/validation.md); its float means come from the calibration's own
+    pass, so it costs one int8 pass over the calibration images.
+    """
+    if settings.bias_correction is not None:
+        return settings
+    staged = settings.mode == "int8" and representative is not None and not is_qat_model(source) and (
+        source.kind == "tflite" or _use_stages(settings, representative, False))
+    return replace(settings, bias_correction=staged)
 
 
 def _use_stages(settings: ConvertSettings, representative, qat: bool) -> bool:
@@ -369,9 +403,11 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
     reported: dict[str, Any] = {"scale_fold": folded}
     with timed("calibration"):
         started = time.perf_counter()
+        summed = weighted_inputs(float_model) if settings.bias_correction else []
         with native_stderr_captured() as log, interrupts.surfaced():
             try:
-                calibrated = calibrate_float_model(float_model, samples, reported, fast=settings.calibrator == "fast")
+                calibrated, sums = calibrate_float_model(float_model, samples, reported,
+                                                         fast=settings.calibrator == "fast", summed=summed)
             except (CalibrationError, ConversionError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
@@ -383,7 +419,7 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
         if source_domain(source) == "pixels":
             calibrated = pin_input_range(calibrated, 0.0, 255.0)  # scale 1: each pixel its own level
             record.input_range = [0.0, 255.0]
-    return KeptCalibration(representative, _calibration_key(settings), calibrated, record)
+    return KeptCalibration(representative, _calibration_key(settings), calibrated, record, sums)
 
 
 def _calibration_key(settings: ConvertSettings) -> tuple[str, ...]:
@@ -422,6 +458,7 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
             except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
                 raise converter_failed(settings, exc, log) from None
         methods: dict[str, Any] = {}
-        refined = refine_int8(quantized, int8_float_model(source, settings), representative, settings, methods)
+        refined = refine_int8(quantized, int8_float_model(source, settings), representative, settings, methods,
+                              float_sums=kept.float_sums)
         record.absorb(methods)
     return Conversion(refined, Route.STAGED, record)

@@ -109,7 +109,9 @@ class ConvertSettings:
     # (pipeline.conversion.convention_choice.resolve_convention: pixels where the scaling folds exactly).
     input_convention: InputConvention | str | None = None
     rounding: Rounding = Rounding.NEAREST  # int8 only: pipeline.conversion.int8_methods
-    bias_correction: bool = False  # int8 only: the mean output shift folded into each bias (int8_methods)
+    # int8 only: the mean output shift folded into each bias (int8_methods); None: the default, on where the
+    # staged int8 route calibrates on images (``routes.methods_decided``), off elsewhere.
+    bias_correction: bool | None = None
     ranges: Ranges = Ranges.MINMAX  # int8 only: activation ranges from calibration
 
     def __post_init__(self):
@@ -159,7 +161,7 @@ class ConvertSettings:
     @property
     def int8_methods(self) -> bool:
         """Whether the converted int8 layers are refined from the calibration data after the quantizer."""
-        return self.rounding != Rounding.NEAREST or self.bias_correction
+        return self.rounding != Rounding.NEAREST or bool(self.bias_correction)
 
     def to_dict(self) -> dict:
         """The settings as plain JSON values (the enums as their strings), for manifests."""

@@ -40,6 +40,7 @@ from pipeline.model.tfmot_import import import_tfmot
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.sandboxed_load import Probe, check_manifest, read_model_bytes, start_probe
 from pipeline.tflite.scale_fold import FoldReport
+from pipeline.tflite.weighted_layers import InputSums
 
 # The largest input side accepted: every calibration and evaluation image is held decoded at the model's size
 # (64 uint8 samples of 2048x2048x3 are 805 MB); image classifiers take 224 to 600.
@@ -57,6 +58,9 @@ class KeptCalibration:
     method: tuple[str, ...]  # (calibrator, ranges, whether the calibrated float model had its scales folded)
     model: bytes  # the float .tflite with its activation ranges recorded
     record: Any  # the conversion stage's CalibrationRecord of that run (a later stage's type)
+    # The float inputs of the weighted layers summed over the same images in the same pass (bias correction's
+    # float means), or None where they were not asked for or the stock calibrator ran.
+    float_sums: InputSums | None = None
 
 
 @dataclass

@@ -37,6 +37,7 @@ from threadpoolctl import threadpool_limits
 from pipeline.tflite.pieces import PiecewiseRun
 from pipeline.tflite.weighted_layers import (
     Constants,
+    InputSums,
     WeightedLayer,
     levels,
     output_means,
@@ -72,22 +73,29 @@ class BiasCorrectionReport:
     samples: int = 0
     passes: int = 0  # groups of layers corrected in turn
     pieces: int = 0  # pieces of the int8 model run (each op once in all)
+    float_means: str = ""  # where the float means came from: the calibration's pass, or a float run of its own
     seconds: float = 0.0
     layers: list[LayerShift] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"method": "bias-correction", "samples": self.samples, "passes": self.passes,
-                "pieces": self.pieces,
+                "pieces": self.pieces, "float_means": self.float_means,
                 "seconds": round(self.seconds, 3), "layers": [entry.to_dict() for entry in self.layers],
                 "skipped": self.skipped}
 
 
-def float_output_means(float_model: bytes, layers: list[WeightedLayer], inputs) -> dict[int, np.ndarray]:
-    """Each layer's mean float output (before activation) per channel over ``inputs``, keyed by its int8 op."""
+def float_output_means(float_model: bytes, layers: list[WeightedLayer], inputs,
+                       float_sums: InputSums | None = None) -> dict[int, np.ndarray]:
+    """Each layer's mean float output (before activation) per channel over ``inputs``, keyed by its int8 op;
+    from ``float_sums`` (the same inputs' sums, taken by the calibration) where it covers every layer."""
     constants = Constants(float_model)
     # a tap mean is linear in the input: sum the inputs, take the taps once
-    sums, count = sum_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs)
+    needed = sorted({layer.float_input for layer in layers})
+    if float_sums is not None and float_sums.covers(needed, len(inputs)):
+        sums, count = float_sums.sums, float_sums.count
+    else:
+        sums, count = sum_exposing(float_model, needed, inputs)
     found = {}
     for layer in layers:
         bias = constants.view(layer.float_bias).astype(np.float64) if layer.float_bias is not None else 0.0
@@ -127,13 +135,19 @@ def bias_quanta(constants: Constants, layer: WeightedLayer) -> np.ndarray:
     return input_scale * np.broadcast_to(weight_scales, (channels,)).astype(np.float64)
 
 
-def correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[bytes, BiasCorrectionReport]:
-    """``quant_model`` with every matched layer's int32 bias corrected on ``inputs`` (float model inputs, HxWx3)."""
+def correct_biases(quant_model: bytes, float_model: bytes, inputs,
+                   float_sums: InputSums | None = None) -> tuple[bytes, BiasCorrectionReport]:
+    """``quant_model`` with every matched layer's int32 bias corrected on ``inputs`` (float model inputs, HxWx3).
+
+    ``float_sums``: the float layers' inputs summed over the same ``inputs`` (the fast calibrator's), which
+    spares the float model's run; without them, or when they do not cover every layer, the float model runs.
+    """
     with threadpool_limits(1):  # small products: one BLAS thread is faster beside the interpreter's own
-        return _correct_biases(quant_model, float_model, inputs)
+        return _correct_biases(quant_model, float_model, inputs, float_sums)
 
 
-def _correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[bytes, BiasCorrectionReport]:
+def _correct_biases(quant_model: bytes, float_model: bytes, inputs,
+                    float_sums: InputSums | None) -> tuple[bytes, BiasCorrectionReport]:
     t0 = time.perf_counter()
     inputs = [np.asarray(x, dtype=np.float32) for x in inputs]
     report = BiasCorrectionReport(samples=len(inputs))
@@ -142,18 +156,20 @@ def _correct_biases(quant_model: bytes, float_model: bytes, inputs) -> tuple[byt
     layers = [layer for layer in layers if layer.quant_bias is not None]
     if not layers or not inputs:
         return quant_model, report
-    targets = float_output_means(float_model, layers, inputs)
+    targets = float_output_means(float_model, layers, inputs, float_sums)
+    report.float_means = "calibration pass" if float_sums is not None and float_sums.covers(
+        [layer.float_input for layer in layers], len(inputs)) else "own float run"
     current = unshared(quant_model, [_bias(layer) for layer in layers])
     constants = Constants(current)
-    run = PiecewiseRun(current, inputs)  # each group's inputs computed once, after every earlier group's correction
-    for group in levels(current, layers):
-        accumulators = accumulator_means(constants, group, run.values([layer.quant_input for layer in group]))
-        for layer in group:
-            report.layers.append(_correct(constants, layer, accumulators[layer.quant_op],
-                                          targets[layer.quant_op]))
-            run.patch(_bias(layer), constants.view(_bias(layer)))
-        report.passes += 1
-    report.pieces = run.pieces
+    with PiecewiseRun(current, inputs) as run:  # each group's inputs computed once, after every earlier correction
+        for group in levels(current, layers):
+            accumulators = accumulator_means(constants, group, run.values([layer.quant_input for layer in group]))
+            for layer in group:
+                report.layers.append(_correct(constants, layer, accumulators[layer.quant_op],
+                                              targets[layer.quant_op]))
+                run.patch(_bias(layer), constants.view(_bias(layer)))
+            report.passes += 1
+        report.pieces = run.pieces
     report.seconds = time.perf_counter() - t0
     return constants.bytes(), report
 

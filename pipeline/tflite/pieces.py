@@ -55,6 +55,18 @@ class PiecewiseRun:
             self.stored[t] = [self._model_input(t, np.asarray(x, dtype=np.float32)[None]) for x in inputs]
         self.pieces = 0
         self.ops_run = 0
+        # One pool for every piece: starting its threads again per piece cost more than a small piece's run.
+        self.workers = workers_for(len(inputs))
+        self.pool = ThreadPoolExecutor(max_workers=self.workers)
+
+    def __enter__(self) -> "PiecewiseRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
     def _model_input(self, t: int, x: np.ndarray) -> np.ndarray:
         tensor = self.graph.tensors[t]
@@ -113,7 +125,7 @@ class PiecewiseRun:
         keep = list(dict.fromkeys(keep))
         piece, index = self._piece(ops, feeds, keep)
         count = len(next(iter(self.stored.values())))
-        workers = workers_for(count)
+        workers = self.workers
 
         def share(k: int) -> dict[int, list[np.ndarray]]:  # one single-threaded interpreter per core
             interpreter = open_interpreter(piece, threads=1)
@@ -126,8 +138,7 @@ class PiecewiseRun:
                     found[t].append(interpreter.get_tensor(index[t]))
             return found
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            shares = list(pool.map(share, range(workers)))
+        shares = list(self.pool.map(share, range(workers)))
         results = {t: [shares[i % workers][t][i // workers] for i in range(count)] for t in keep}
         self.stored.update(results)
         self.done |= chosen

@@ -56,6 +56,29 @@ class WeightedLayer:
     multiplier: int = 1
 
 
+@dataclass(frozen=True)
+class InputSums:
+    """Per activation tensor of a float model, its sum over a set of inputs (float64, one image's shape), and
+    how many inputs: what bias correction takes its float means from. The fast calibrator adds them up in its
+    own pass over the calibration images (``weighted_inputs``), so bias correction need not run the float
+    model again."""
+
+    sums: dict[int, np.ndarray]
+    count: int
+
+    def covers(self, tensors: Iterable[int], count: int) -> bool:
+        return self.count == count and all(t in self.sums for t in tensors)
+
+
+def weighted_inputs(float_model: bytes) -> list[int]:
+    """The input activation of each float-weight conv/depthwise/FC op of ``float_model`` (the ``float_input``
+    of the layers ``weighted_layers`` pairs with an int8 model's)."""
+    floating = Constants(float_model)
+    found = [ins[0] for _, name, ins, outs in _ops(floating)
+             if name in WEIGHTED_OPS and outs and len(ins) >= 2 and floating.dtype(ins[1]) is np.float32]
+    return list(dict.fromkeys(found))
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
 

@@ -30,12 +30,13 @@ SWEEP_MODES: dict[str, tuple[str, dict]] = {
     "float": ("float", {}),
     "dynamic": ("dynamic", {}),
     "fp16": ("fp16", {}),
-    "int8": ("int8", {}),
+    "int8": ("int8", {}),  # the defaults: bias correction on
     "int8-per-tensor": ("int8", {"per_channel": False}),
+    "int8-plain": ("int8", {"bias_correction": False}),  # min/max ranges, nearest rounding, the quantizer's biases
     "int8-bias-correction": ("int8", {"bias_correction": True}),
-    "int8-learned-rounding": ("int8", {"rounding": "learned"}),
+    "int8-learned-rounding": ("int8", {"rounding": "learned", "bias_correction": False}),
     "int8-learned-bc": ("int8", {"rounding": "learned", "bias_correction": True}),
-    "int8-mse-ranges": ("int8", {"ranges": "mse"}),
+    "int8-mse-ranges": ("int8", {"ranges": "mse", "bias_correction": False}),
     "int8-fallback": ("int8", {}),
     "int16x8": ("int16x8", {}),
 }

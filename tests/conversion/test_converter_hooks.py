@@ -107,7 +107,7 @@ def test_ranges_equal_stock_up_to_rounding_except_the_inputs_an_add_overwrites(t
 
     source = load_source(trained_run.model_path)
     float_model, stock = _stock_calibration(source, calibration)
-    fast, info = converter_hooks.fast_minmax(float_model, calibration.batches())
+    fast, info, _ = converter_hooks.fast_minmax(float_model, calibration.batches())
     assert info["samples"] == len(calibration)
     stock_ranges, graph = _ranges(stock)
     fast_ranges, _ = _ranges(fast)
@@ -140,7 +140,7 @@ def test_one_interpreter_per_core_up_to_four_and_an_exact_merge(trained_run, cal
     calibrated = {}
     for cores, workers in ((1, 1), (3, 3), (16, 4)):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
-        calibrated[cores], info = converter_hooks.fast_minmax(float_model, calibration.batches())
+        calibrated[cores], info, _ = converter_hooks.fast_minmax(float_model, calibration.batches())
         assert info["workers"] == workers and info["samples"] == len(calibration)
     assert calibrated[1] == calibrated[3] == calibrated[16]
 

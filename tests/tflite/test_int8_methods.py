@@ -101,6 +101,25 @@ def test_bias_correction_zeroes_the_mean_output_shift_on_the_calibration_set(mod
     assert report.passes >= 2 and report.samples == 16
 
 
+def test_a_spliced_model_is_corrected_after_the_splice(trained_run, models, calibration):
+    """A layer kept in int16 shifts its output differently from the int8 one it replaces: the layers downstream
+    are corrected on the spliced model, so every int8 layer's mean shift is within half a bias quantum there."""
+    from pipeline.conversion.routes import convert_model
+    from pipeline.model.modelio import load_source
+
+    _, floating, inputs = models
+    settings = ConvertSettings("int8", float_layers=("block3_sepconv1",), fallback="int16")
+    conversion = convert_model(load_source(trained_run.model_path), settings, calibration)
+    record = conversion.calibration
+    assert conversion.route == "spliced" and record.fallback_method == "splice"
+    (bias,) = record.int8_methods["methods"]
+    assert bias["method"] == "bias-correction" and bias["samples"] == len(calibration)
+    after = _mean_shifts(conversion.model, floating, inputs)
+    assert len(after) == len(bias["layers"])
+    for name, shift, quantum in after:
+        assert np.all(np.abs(shift) <= quantum / 2 * (1 + 1e-6) + 1e-12), name
+
+
 def _weight_ranges(model_bytes: bytes, layers) -> list[tuple[int, int]]:
     constants = Constants(model_bytes)
     ranges = []
@@ -159,8 +178,8 @@ def _graph(model_bytes: bytes) -> list:
 
 
 def test_convert_with_both_methods_keeps_the_graph_and_reports_each_layer(trained_run, calibration, digits, tmp_path):
-    plain = export_tflite(trained_run.model_path, ConvertSettings("int8"), out=tmp_path / "plain.tflite",
-                          representative=calibration)
+    plain = export_tflite(trained_run.model_path, ConvertSettings("int8", bias_correction=False),
+                          out=tmp_path / "plain.tflite", representative=calibration)
     refined = export_tflite(trained_run.model_path, ConvertSettings("int8", rounding="learned", bias_correction=True),
                             out=tmp_path / "refined.tflite", representative=calibration)
     assert refined.model_bytes != plain.model_bytes and _graph(refined.model_bytes) == _graph(plain.model_bytes)
@@ -169,7 +188,9 @@ def test_convert_with_both_methods_keeps_the_graph_and_reports_each_layer(traine
     manifest = json.loads(manifest_path_for(refined.path).read_text())
     methods = manifest["calibration"]["method"]["int8_methods"]
     assert [m["method"] for m in methods["methods"]] == ["learned-rounding", "bias-correction"]
-    assert methods["samples"] == min(64, len(calibration)) and methods["seconds"] > 0
+    rounding, bias = methods["methods"]
+    assert rounding["samples"] == min(64, len(calibration)) and bias["samples"] == len(calibration)
+    assert methods["samples"] == len(calibration) and methods["seconds"] > 0
     for report in methods["methods"]:
         assert report["layers"] and all("layer" in entry for entry in report["layers"])
     assert manifest["settings"]["rounding"] == "learned" and manifest["settings"]["bias_correction"] is True
@@ -179,6 +200,52 @@ def test_convert_with_both_methods_keeps_the_graph_and_reports_each_layer(traine
     layers = sum(len(report["layers"]) for report in methods["methods"])
     assert len(reported["layers"]) == layers and all(e["after"] <= e["before"] for e in reported["layers"])
     assert "## int8 methods" in (tmp_path / "drift" / "report.md").read_text()
+
+
+def test_default_int8_corrects_biases_with_the_calibrations_float_means(trained_run, calibration, tmp_path):
+    """Bias correction is the default wherever int8 calibrates on images, on every calibration image, its float
+    means taken in the calibration's own pass; --no-bias-correction and the modes it cannot apply to say so."""
+    default = export_tflite(trained_run.model_path, ConvertSettings("int8"), out=tmp_path / "default.tflite",
+                            representative=calibration)
+    assert default.manifest["settings"]["bias_correction"] is True
+    methods = default.manifest["calibration"]["method"]["int8_methods"]
+    (bias,) = methods["methods"]
+    assert bias["method"] == "bias-correction" and bias["samples"] == len(calibration)
+    assert bias["float_means"] == "calibration pass" and bias["layers"]
+    off = export_tflite(trained_run.model_path, ConvertSettings("int8", bias_correction=False),
+                        out=tmp_path / "off.tflite", representative=calibration)
+    assert off.manifest["settings"]["bias_correction"] is False
+    assert "int8_methods" not in off.manifest["calibration"]["method"]
+    assert _graph(off.model_bytes) == _graph(default.model_bytes) and off.model_bytes != default.model_bytes
+    wide = export_tflite(trained_run.model_path, ConvertSettings("int16x8"), out=tmp_path / "wide.tflite",
+                         representative=calibration)
+    assert wide.manifest["settings"]["bias_correction"] is False
+
+
+def test_the_calibrations_sums_are_the_float_runs_and_correct_the_same(models, calibration):
+    """The float means the fast calibrator sums in its pass are those of a float run of their own (float32 sums:
+    within float rounding), and bias correction from either moves each bias to within one unit of the other."""
+    from pipeline.conversion.converter_hooks import fast_minmax
+    from pipeline.tflite.weighted_layers import sum_exposing, weighted_inputs
+
+    quant, floating, inputs = models
+    tensors = weighted_inputs(floating)
+    assert tensors
+    _, info, sums = fast_minmax(floating, ([x[None]] for x in inputs), summed=tensors)
+    own, count = sum_exposing(floating, tensors, inputs)
+    assert sums is not None and sums.count == count == len(inputs) == info["samples"]
+    values = _values(floating, tensors, inputs)
+    for t in tensors:  # n float32 additions of terms at most M: error at most n * n * 2**-24 * M
+        bound = len(inputs) ** 2 * 2 ** -24 * max(np.abs(v).max() for v in values[t])
+        np.testing.assert_allclose(sums.sums[t], own[t], rtol=0, atol=bound)
+    with_sums, report = correct_biases(quant, floating, inputs, float_sums=sums)
+    without, own_report = correct_biases(quant, floating, inputs)
+    assert report.float_means == "calibration pass" and own_report.float_means == "own float run"
+    a, b = Constants(with_sums), Constants(without)
+    for layer in weighted_layers(quant, floating):
+        if layer.quant_bias is not None:
+            diff = a.view(layer.quant_bias).astype(np.int64) - b.view(layer.quant_bias).astype(np.int64)
+            assert np.abs(diff).max() <= 1
 
 
 def test_cli_refuses_the_methods_outside_int8(trained_run, tmp_path):
@@ -202,8 +269,8 @@ def test_error_chosen_range_never_has_more_expected_error_and_clips_an_outlier()
 
 
 def test_mse_ranges_keep_the_graph(trained_run, calibration, tmp_path):
-    plain = export_tflite(trained_run.model_path, ConvertSettings("int8"), out=tmp_path / "plain.tflite",
-                          representative=calibration)
+    plain = export_tflite(trained_run.model_path, ConvertSettings("int8", bias_correction=False),
+                          out=tmp_path / "plain.tflite", representative=calibration)
     ranged = export_tflite(trained_run.model_path, ConvertSettings("int8", ranges="mse"), out=tmp_path / "r.tflite",
                            representative=calibration)
     assert ranged.manifest["ops"] == plain.manifest["ops"]
