@@ -43,7 +43,8 @@ from pipeline.model.modelio import load_source
 from pipeline.validation.metrics import kl_rows
 from pipeline.validation.validate import validate
 
-ROWS = {  # every setting spelled out, whatever ConvertSettings' defaults are
+ROWS = {  # every setting spelled out, whatever ConvertSettings' defaults are, but the first row's
+    "int8 default": {},  # convert --int8 as it is: bias correction, its float means from the calibration pass
     "int8": {"bias_correction": False},
     "int8 bias-correction": {"bias_correction": True},
     "int8 learned-rounding": {"rounding": "learned", "bias_correction": False},
