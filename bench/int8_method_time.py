@@ -1,6 +1,6 @@
 """What the int8 methods cost beside plain calibration, side by side in one process: medians of repeated runs.
 
-    python -m bench.int8_method_time MODEL --calib DIR [--calib-size N] [--repeats 3] [--out FILE.json]
+    python -m bench.int8_method_time MODEL --calib DIR [--calib-size N] [--repeats 3] [--rows A,B] [--out FILE.json]
 
 Each repeat converts MODEL to int8 once per row, every row from a fresh
 calibration (the calibration ``export_tflite`` keeps between conversions of
@@ -29,7 +29,7 @@ from pipeline.core.preprocessing import PreprocessSpec
 from pipeline.model.modelio import load_source
 
 ROWS = {
-    "min/max, nearest (no methods)": {"bias_correction": False},
+    "plain (min/max ranges; nearest rounding; no methods)": {"bias_correction": False},
     "bias correction (the default)": {},
     "mse ranges": {"ranges": "mse", "bias_correction": False},
     "mse ranges + bias correction": {"ranges": "mse", "bias_correction": True},
@@ -58,18 +58,19 @@ def _once(model: Path, source, representative, overrides: dict, out: Path) -> di
     return seconds
 
 
-def run(model: Path, calib: Path, calib_size: int, repeats: int, work: Path) -> dict:
+def run(model: Path, calib: Path, calib_size: int, repeats: int, work: Path, rows_wanted: list[str] | None = None) -> dict:
     load = machine.load_average()
     source = load_source(model)
     representative = build_calibration_set(calib, PreprocessSpec(size=source.input_size), size=calib_size)
     float_tflite(source)
-    runs: dict[str, list[dict]] = {name: [] for name in ROWS}
+    chosen = {name: overrides for name, overrides in ROWS.items() if not rows_wanted or name in rows_wanted}
+    runs: dict[str, list[dict]] = {name: [] for name in chosen}
     for _ in range(repeats):
-        for name, overrides in ROWS.items():
+        for name, overrides in chosen.items():
             runs[name].append(_once(model, source, representative, overrides, work / "candidate.tflite"))
     rows = {name: {key: statistics.median(r[key] for r in found) for key in found[0]} | {"runs": found}
             for name, found in runs.items()}
-    plain = rows["min/max, nearest (no methods)"]["stage_s"]
+    plain = rows["plain (min/max ranges; nearest rounding; no methods)"]["stage_s"]
     for row in rows.values():
         row["stage_vs_plain"] = round(row["stage_s"] / plain, 2)
     return {"model": str(model), "sha256": artifacts.sha256_any(model), "calib_size": len(representative),
@@ -89,9 +90,12 @@ def main(argv=None) -> None:
     parser = model_and_images("python -m bench.int8_method_time", __doc__.splitlines()[0], eval_dir=False)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--rows", help="Only these rows, comma-separated (default: all; the first row is the "
+                        "plain one every ratio is taken against).")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="int8-time-") as work:
-        result = run(args.model, args.calib, args.calib_size, args.repeats, Path(work))
+        result = run(args.model, args.calib, args.calib_size, args.repeats, Path(work),
+                     args.rows.split(",") if args.rows else None)
     print(table(result))
     print(json.dumps(result["machine"].get("cpu_model")))
     if args.out:
