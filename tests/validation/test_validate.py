@@ -342,7 +342,8 @@ def test_layer_errors_is_usable_on_its_own(trained_tflite, val_subset):
     from pipeline.validation.layer_error import layer_errors
 
     float_bytes, int8_bytes = trained_tflite["float"].read_bytes(), trained_tflite["int8"].read_bytes()
-    inputs = [preprocess_file(f, PreprocessSpec(size=71)) for f in sorted(val_subset.rglob("*.png"))[:3]]
+    # both models take pixels (the default convention of --float and --int8 here): the float model's input
+    inputs = [pixels_for(f, PreprocessSpec(size=71)).astype(np.float32) for f in sorted(val_subset.rglob("*.png"))[:3]]
     errors = layer_errors(float_bytes, int8_bytes, inputs)
     assert len(errors) > 20 and all(e.samples == 3 for e in errors)
     ratios = [e.rmse_over_scale for e in errors]
