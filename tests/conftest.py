@@ -96,6 +96,42 @@ def run_cli(*args, cwd=None, timeout=600, env=None, check=False, input=None):
     return proc
 
 
+def invoke_cli(*args, cwd=None, env=None, check=False) -> subprocess.CompletedProcess:
+    """Run a console script's command in this process with click's CliRunner, answered like ``run_cli``.
+
+    For tests that check what a command says and its exit code: a subprocess costs a TensorFlow import (about
+    10 s on 2 cores) each time. What only a real process shows stays with ``run_cli``: the entry point's exit
+    (``convert.main``), signals, a terminal, TensorFlow's native log on fd 2, what gets imported. An exception
+    the command lets escape is put on stderr as its traceback, as Python would print it, so "no Traceback"
+    checks keep their meaning; its exit code is 1, as the real process's would be.
+    """
+    import traceback
+
+    from click.testing import CliRunner
+
+    import convert
+
+    command = {"convert": convert.convert_command, "xedge": convert.cli}[args[0]]
+    words = [str(a) for a in args[1:]]
+    before = os.getcwd()
+    convert._user_stderr.cache_clear()  # noqa: SLF001  (it would keep the previous invocation's stream)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(command, words, env=env, prog_name=args[0])
+    finally:
+        os.chdir(before)
+        convert._user_stderr.cache_clear()  # noqa: SLF001
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    proc = subprocess.CompletedProcess([args[0], *words], result.exit_code, result.stdout, stderr)
+    _log_cli(args, proc.returncode)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
 def _log_cli(args, returncode: int) -> None:
     """Append the command's name and exit code to $XEDGE_CLI_LOG: the transcript that proves a refactor kept them."""
     log = os.environ.get("XEDGE_CLI_LOG")

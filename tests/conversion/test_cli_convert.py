@@ -7,7 +7,7 @@ import subprocess
 from click.testing import CliRunner
 
 from convert import cli, convert_command
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 def _imported_by(script: str, *args: str) -> set[str]:
@@ -88,10 +88,11 @@ def test_convert_int8_end_to_end_in_a_subprocess(trained_run, digits, tmp_path):
     manifest = json.loads((tmp_path / summary["manifest"]).read_text())
     assert manifest["output"]["bytes"] == out.stat().st_size
 
-    again = run_cli("convert", "--int8", "--calib", "./samples", cwd=tmp_path)
+    # the same folder in-process (CliRunner): what the commands say, with no second TensorFlow start-up
+    again = invoke_cli("convert", "--int8", "--calib", "./samples", cwd=tmp_path)
     assert again.returncode == 2 and "output exists" in again.stderr and "--force" in again.stderr
 
-    table = run_cli("xedge", "convert", "--fp16", "--out", str(tmp_path / "h.tflite"), cwd=tmp_path)
+    table = invoke_cli("xedge", "convert", "--fp16", "--out", str(tmp_path / "h.tflite"), cwd=tmp_path)
     assert table.returncode == 0, table.stderr
     assert "fp16" in table.stdout and "wrote" in table.stdout
 

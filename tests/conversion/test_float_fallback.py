@@ -26,7 +26,7 @@ import pytest
 
 from pipeline.conversion.export import ConvertSettings, convert_bytes, convert_model
 from pipeline.tflite.contents import inspect_tflite
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 OUTLIER = 300.0
 OUTLIER_INT16 = 1e5  # int16x8 alone: 70 pp drop on 100 digits (1 pp on the unplanted model)
@@ -314,9 +314,10 @@ def test_splice_errors_name_the_layer(sensitive_conversions):
 
 
 def test_cli_int16x8_budget_keeps_planted_layers_in_float_by_splicing(int16_sensitive_model, digits, tmp_path):
+    """In-process (CliRunner): the int8 budget tests above run the real process, exit codes included."""
     out = tmp_path / "sens_int16x8.tflite"
-    proc = run_cli("convert", int16_sensitive_model, "--int16x8", "--calib", digits["samples"], "--calib-size", 64,
-                   "--max-drop", BUDGET, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--out", out)
+    proc = invoke_cli("convert", int16_sensitive_model, "--int16x8", "--calib", digits["samples"], "--calib-size", 64,
+                      "--max-drop", BUDGET, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "sens_int16x8.manifest.json").read_text())
     record = manifest["float_fallback"]
@@ -333,9 +334,9 @@ def test_cli_int16x8_budget_keeps_planted_layers_in_float_by_splicing(int16_sens
     assert manifest["io"]["inputs"][0]["dtype"] == "int16"
     assert "float layers: " in proc.stdout and "kept in float" in proc.stderr
 
-    proc = run_cli("convert", int16_sensitive_model, "--int16x8", "--calib", digits["samples"], "--calib-size", 64,
-                   "--max-drop", BUDGET, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT, "--max-float-layers", 0,
-                   "--out", tmp_path / "one.tflite")
+    proc = invoke_cli("convert", int16_sensitive_model, "--int16x8", "--calib", digits["samples"], "--calib-size", 64,
+                      "--max-drop", BUDGET, "--eval", digits["val"], "--eval-limit", EVAL_LIMIT,
+                      "--max-float-layers", 0, "--out", tmp_path / "one.tflite")
     assert proc.returncode == 3, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
@@ -363,16 +364,17 @@ def test_int8_can_keep_layers_in_int16_instead(sensitive_model, calibration, dig
 def test_an_int8_model_xnnpack_refuses_is_written_with_a_warning_and_still_runs(int16_sensitive_model, digits,
                                                                                  tmp_path):
     """A 1e5 outlier gives requantization scales XNNPACK refuses for the whole graph: no traceback, a warning,
-    the manifest says so, and bench/validate still measure it (on the builtin kernels)."""
+    the manifest says so, and bench/validate still measure it (on the builtin kernels). In-process (CliRunner):
+    what is checked is what the commands say and write."""
     out = tmp_path / "refused.tflite"
-    proc = run_cli("convert", int16_sensitive_model, "--int8", "--calib", digits["samples"], "--calib-size", 64,
-                   "--out", out)
+    proc = invoke_cli("convert", int16_sensitive_model, "--int8", "--calib", digits["samples"], "--calib-size", 64,
+                      "--out", out)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "XNNPACK delegate refuses this model" in proc.stderr and "--max-drop" in proc.stderr
     xnnpack = json.loads(out.with_name("refused.manifest.json").read_text())["xnnpack"]
     assert xnnpack["partitions"] == 0 and "XNNPACK" in xnnpack["refused"]
     result = tmp_path / "bench.json"
-    bench = run_cli("xedge", "bench", out, "--runs", 5, "--json", result)
+    bench = invoke_cli("xedge", "bench", out, "--runs", 5, "--json", result)
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "refused the model" in bench.stdout
     measured = json.loads(result.read_text())

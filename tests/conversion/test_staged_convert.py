@@ -18,7 +18,7 @@ from pipeline.conversion.export import ConvertSettings, convert_bytes, convert_m
 from pipeline.conversion.convention_choice import converted_source
 from pipeline.model.modelio import load_source
 from pipeline.core.tf_logs import native_stderr_captured
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 def _tree(model):
@@ -118,12 +118,14 @@ def test_float_layer_choices_reuse_the_float_model_and_calibration(trained_run, 
 
 def test_a_float_tflite_quantizes_to_the_same_bytes_as_its_keras_model(trained_run, trained_tflite, digits,
                                                                          tmp_path):
+    """The .tflite source in a real process, which never imports TensorFlow (so the quantizer's extension runs);
+    the Keras model and the two refusals in-process (CliRunner), where TensorFlow is loaded already."""
     float_copy = tmp_path / "float.tflite"
     shutil.copy(trained_tflite["float"], float_copy)
     shutil.copy(trained_tflite["float"].with_name("float.manifest.json"), tmp_path / "float.manifest.json")
     common = ["--int8", "--calib", digits["samples"], "--calib-size", "64", "--json"]
     run_cli("convert", float_copy, *common, "--out", tmp_path / "from_tflite.tflite", check=True)
-    run_cli("convert", trained_run.model_path, *common, "--out", tmp_path / "from_keras.tflite", check=True)
+    invoke_cli("convert", trained_run.model_path, *common, "--out", tmp_path / "from_keras.tflite", check=True)
     assert (tmp_path / "from_tflite.tflite").read_bytes() == (tmp_path / "from_keras.tflite").read_bytes()
     manifest = json.loads((tmp_path / "from_tflite.manifest.json").read_text())
     method = manifest["calibration"]["method"]
@@ -134,9 +136,9 @@ def test_a_float_tflite_quantizes_to_the_same_bytes_as_its_keras_model(trained_r
         "quantizer_route"] == "tensorflow"
     assert manifest["labels"] == json.loads((tmp_path / "from_keras.manifest.json").read_text())["labels"]
 
-    again = run_cli("convert", tmp_path / "from_tflite.tflite", *common, "--out", tmp_path / "twice.tflite")
+    again = invoke_cli("convert", tmp_path / "from_tflite.tflite", *common, "--out", tmp_path / "twice.tflite")
     assert again.returncode == 2 and "is already quantized" in again.stderr and "Traceback" not in again.stderr
-    fp16 = run_cli("convert", float_copy, "--fp16", "--out", tmp_path / "h.tflite")
+    fp16 = invoke_cli("convert", float_copy, "--fp16", "--out", tmp_path / "h.tflite")
     assert fp16.returncode == 2 and "int8 only" in fp16.stderr and "Traceback" not in fp16.stderr
     assert not (tmp_path / "twice.tflite").exists() and not (tmp_path / "h.tflite").exists()
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, invoke_cli, run_cli
 
 
 def test_translation_to_tf_keras_is_exact():
@@ -41,7 +41,9 @@ def test_qat_one_epoch_then_convert_to_full_int8_without_calibration(tmp_path, t
     assert source.kind == "tf_keras" and is_qat_model(source) and source.classes == 10
     assert "TF_USE_LEGACY_KERAS" not in os.environ  # tfmot's import must not switch later processes' Keras
 
-    conv = run_cli("convert", "--int8", "--json", cwd=tmp_path)  # runs/latest/model.h5, no --calib
+    # the QAT run in a real process (tfmot's import must stay out of this one); its conversion and refusal are
+    # checked in-process (CliRunner), on the model this process has just loaded itself
+    conv = invoke_cli("convert", "--int8", "--json", cwd=tmp_path)  # runs/latest/model.h5, no --calib
     assert conv.returncode == 0, conv.stderr
     summary = json.loads(conv.stdout.strip().splitlines()[-1])
     assert summary["float_ops"] == 0 and summary["calibration_samples"] == 0
@@ -54,7 +56,7 @@ def test_qat_one_epoch_then_convert_to_full_int8_without_calibration(tmp_path, t
     # its FakeQuant ranges were learned on [-1, 1]: it keeps that input, says why, and refuses pixels clearly
     assert manifest["input_convention"]["name"] == "signed_unit"
     assert "quantization-aware" in manifest["input_convention"]["why"]
-    refused = run_cli("convert", "--int8", "--input-convention", "pixels", "--out", "p.tflite", cwd=tmp_path)
+    refused = invoke_cli("convert", "--int8", "--input-convention", "pixels", "--out", "p.tflite", cwd=tmp_path)
     assert refused.returncode == 2 and "quantization-aware" in refused.stderr and "signed-unit" in refused.stderr
     assert not (tmp_path / "p.tflite").exists()
 

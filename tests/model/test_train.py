@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import VENV_BIN, run_cli
+from tests.conftest import VENV_BIN, invoke_cli, run_cli
 
 TINY_ARGS = ["--input-size", "71", "--width", "0.25", "--middle-blocks", "1"]
 
@@ -55,7 +55,7 @@ def test_digits_reach_095_and_convert_finds_the_latest_run(tmp_path, digits):
     assert best >= 0.95, proc.stdout
     assert "validation accuracy" in proc.stdout
     assert os.readlink(tmp_path / "runs/latest") == "digits"
-    conv = run_cli("convert", "--float", "--json", cwd=tmp_path, check=True)
+    conv = invoke_cli("convert", "--float", "--json", cwd=tmp_path, check=True)  # in-process: what it finds
     assert json.loads(conv.stdout.strip().splitlines()[-1])["mode"] == "float"
     assert (tmp_path / "runs/digits/model_float.tflite").exists()
 

@@ -141,13 +141,14 @@ def test_tf_keras_op_layers_are_read_the_same_way():
 
 
 def test_validate_takes_a_model_whose_output_is_keras_ops_softmax(tmp_path, digits):
-    from tests.conftest import run_cli
+    """Both commands in-process (CliRunner): what is checked is the report they write."""
+    from tests.conftest import invoke_cli
 
     _head_model(_ops_softmax).save(tmp_path / "m.keras")
     float_tflite = tmp_path / "m_float.tflite"
-    run_cli("convert", tmp_path / "m.keras", "--float", "--out", float_tflite, check=True)
-    proc = run_cli("xedge", "validate", tmp_path / "m.keras", float_tflite, "--data", digits["val"], "--limit", "20",
-                   "--layer-samples", "0", "--report", tmp_path / "report")
+    invoke_cli("convert", tmp_path / "m.keras", "--float", "--out", float_tflite, check=True)
+    proc = invoke_cli("xedge", "validate", tmp_path / "m.keras", float_tflite, "--data", digits["val"], "--limit",
+                      "20", "--layer-samples", "0", "--report", tmp_path / "report")
     assert proc.returncode == 0, proc.stderr
     outputs = json.loads((tmp_path / "report" / "report.json").read_text())["outputs"]
     assert re.fullmatch(r"probabilities \(the output layer 'softmax(_\d+)?' has a softmax activation\)",
