@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,25 @@ from typing import NoReturn
 
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _sigint_as_a_shell_gives_it(request):
+    """Children the tests interrupt must start with SIGINT as a shell starts them (Python's KeyboardInterrupt):
+    a child inherits an ignored SIGINT (or a blocked one) from this process, and then no Ctrl-C reaches it. A test after which
+    this process ignores SIGINT gets it back, with a warning naming the test (a clean-clone run saw such a
+    state after the in-process CLI tests; which test left it is not known yet)."""
+    yield
+    import warnings
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        warnings.warn(f"{request.node.nodeid} left SIGINT ignored in the test process; restored", stacklevel=1)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGINT, signal.SIGTERM}
+    if blocked:  # a blocked signal mask is inherited by children too
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        warnings.warn(f"{request.node.nodeid} left {sorted(blocked)} blocked in the test process; unblocked",
+                      stacklevel=1)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
