@@ -28,15 +28,15 @@ import pytest
 @pytest.fixture(autouse=True)
 def _sigint_as_a_shell_gives_it(request):
     """Children the tests interrupt must start with SIGINT as a shell starts them (Python's KeyboardInterrupt):
-    a child inherits an ignored SIGINT (or a blocked one) from this process, and then no Ctrl-C reaches it. A test after which
-    this process ignores SIGINT gets it back, with a warning naming the test (a clean-clone run saw such a
-    state after the in-process CLI tests; which test left it is not known yet)."""
+    a child inherits an ignored (or blocked) SIGINT from this process, and then no Ctrl-C reaches it. A shell
+    starts a background job (``nohup ... &``) with SIGINT ignored, and pytest then too: checked after each
+    test (from the first one on, in such a run) and given back, with a warning naming the test."""
     yield
     import warnings
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        warnings.warn(f"{request.node.nodeid} left SIGINT ignored in the test process; restored", stacklevel=1)
+        warnings.warn(f"SIGINT was ignored in the test process after {request.node.nodeid}; restored", stacklevel=1)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGINT, signal.SIGTERM}
     if blocked:  # a blocked signal mask is inherited by children too
         signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
