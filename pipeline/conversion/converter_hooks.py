@@ -206,7 +206,8 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None, drop
     graph = model.subgraphs[0]
     float32 = schema.TensorType.FLOAT32
     tracked = [t for t in _activation_tensors(graph) if graph.tensors[t].type == float32]
-    summed = [t for t in summed if t in set(tracked)]
+    known = set(tracked)
+    summed = [t for t in summed if t in known]
     original_outputs = graph.outputs
     graph.outputs = np.asarray(list(dict.fromkeys([int(o) for o in original_outputs] + tracked)), dtype=np.int32)
     probe = bytes(flatbuffer_utils.convert_object_to_bytearray(model))

@@ -44,35 +44,33 @@ from pipeline.tflite import flatbuffers
 from pipeline.tflite.layers import layer_names, primary_layer
 
 
-def op_outputs_by_layer(model_bytes: bytes) -> dict[str, list[str]]:
-    """Keras layer -> output tensor names of the ops computing it, in graph order."""
-    model = flatbuffers.read(model_bytes)
-    graph = model.subgraphs[0]
-    found: dict[str, list[str]] = {}
+def _output_names(model_bytes: bytes):
+    """Each op output's tensor name with the Keras layers it names, in graph order."""
+    graph = flatbuffers.read(model_bytes).subgraphs[0]
     for op in graph.operators or []:
         for index in (op.outputs if op.outputs is not None else []):
             name = graph.tensors[int(index)].name
             name = name.decode() if isinstance(name, bytes) else str(name or "")
-            names = layer_names(name)
-            if names:
-                found.setdefault(primary_layer(name, names), []).append(name)
+            yield name, layer_names(name)
+
+
+def op_outputs_by_layer(model_bytes: bytes) -> dict[str, list[str]]:
+    """Keras layer -> output tensor names of the ops computing it, in graph order."""
+    found: dict[str, list[str]] = {}
+    for name, names in _output_names(model_bytes):
+        if names:
+            found.setdefault(primary_layer(name, names), []).append(name)
     return found
 
 
 def folded_into(model_bytes: bytes) -> dict[str, list[str]]:
     """Keras layer -> output tensor names of the ops it was fused into without being their primary layer (a
     BatchNormalization folded into a convolution, ``pipeline.tflite.scale_fold``), in graph order."""
-    model = flatbuffers.read(model_bytes)
-    graph = model.subgraphs[0]
     found: dict[str, list[str]] = {}
-    for op in graph.operators or []:
-        for index in (op.outputs if op.outputs is not None else []):
-            name = graph.tensors[int(index)].name
-            name = name.decode() if isinstance(name, bytes) else str(name or "")
-            names = layer_names(name)
-            for layer in names:
-                if layer != primary_layer(name, names):
-                    found.setdefault(layer, []).append(name)
+    for name, names in _output_names(model_bytes):
+        for layer in names:
+            if layer != primary_layer(name, names):
+                found.setdefault(layer, []).append(name)
     return found
 
 

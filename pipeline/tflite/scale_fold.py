@@ -181,14 +181,22 @@ def _per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
     return None
 
 
+def _constant_operands(g: _Graph, op, kind: str):
+    """(constant values, the other input, which input is the constant) for each way ``op``, a ``kind`` op with no
+    fused activation and two inputs, reads one constant beside one tensor."""
+    inputs = _ints(op.inputs)
+    if flatbuffers.op_name(g.model, op) != kind or len(inputs) != 2 or g.activation(op) != _NONE:
+        return
+    for const_input in (0, 1):
+        c = g.constant(inputs[const_input])
+        if c is not None:
+            yield c, inputs[1 - const_input], const_input
+
+
 def _match(g: _Graph, index: int) -> _Match | None:
     op = g.graph.operators[index]
-    inputs = _ints(op.inputs)
-    if flatbuffers.op_name(g.model, op) != "MUL" or len(inputs) != 2 or g.activation(op) != _NONE:
-        return None
-    for const_input in (0, 1):
-        c, x = g.constant(inputs[const_input]), inputs[1 - const_input]
-        if c is None or x not in g.producer or x in g.outputs or len(g.readers.get(x, [])) != 1:
+    for c, x, const_input in _constant_operands(g, op, "MUL"):
+        if x not in g.producer or x in g.outputs or len(g.readers.get(x, [])) != 1:
             continue
         p = g.graph.operators[g.producer[x]]
         kind = flatbuffers.op_name(g.model, p)
@@ -418,12 +426,8 @@ def _path_to_reader(g: _Graph, out: int) -> tuple[tuple[int, ...], int] | None:
 
 def _offset_match(g: _Graph, index: int, folded: set[str]) -> _OffsetMatch | None:
     op = g.graph.operators[index]
-    inputs = _ints(op.inputs)
-    if flatbuffers.op_name(g.model, op) != "ADD" or len(inputs) != 2 or g.activation(op) != _NONE:
-        return None
-    for const_input in (0, 1):
-        d, x = g.constant(inputs[const_input]), inputs[1 - const_input]
-        if d is None or _text(g.graph.tensors[x].name) not in folded:
+    for d, x, _ in _constant_operands(g, op, "ADD"):
+        if _text(g.graph.tensors[x].name) not in folded:
             continue
         out = _ints(op.outputs)[0]
         shape = [int(s) for s in g.graph.tensors[x].shape]
