@@ -64,7 +64,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -73,7 +73,7 @@ from pipeline.core.errors import ConversionError
 from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.flatbuffers import tools
-from pipeline.tflite.weighted_layers import InputSums
+from pipeline.tflite.weighted_layers import InputSums, pointwise_inputs
 
 SUPPORTED_TF = ("2.21.",)
 _FLT_MAX = float(np.finfo(np.float32).max)
@@ -196,7 +196,9 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None, drop
                 summed: Sequence[int] = ()) -> tuple[bytes, dict, InputSums | None]:
     """Calibrate ``float_model`` on ``samples`` (an iterable of input lists): the calibrated bytes, what ran,
     and the sums of the ``summed`` activation tensors over the samples (``None`` when none were asked): bias
-    correction's float means, taken in the same pass."""
+    correction's float means, taken in the same pass. Those only 1x1 stride-1 layers read (``pointwise_inputs``)
+    are summed as their means over positions (``weighted_layers.pool``): one BLAS pass per image, not an
+    addition into a whole image's sums, which moves three times the memory."""
     flatbuffer_utils, schema = tools()
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model))
     if drop_conversion_metadata:
@@ -208,6 +210,7 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None, drop
     tracked = [t for t in _activation_tensors(graph) if graph.tensors[t].type == float32]
     known = set(tracked)
     summed = [t for t in summed if t in known]
+    pooled = pointwise_inputs(float_model) if summed else set()
     original_outputs = graph.outputs
     graph.outputs = np.asarray(list(dict.fromkeys([int(o) for o in original_outputs] + tracked)), dtype=np.int32)
     probe = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
@@ -221,7 +224,8 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None, drop
         sources = [iter(samples)] * workers
     lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda k: _minmax_worker(probe, tracked, summed, sources[k], lock), range(workers)))
+        results = list(pool.map(lambda k: _minmax_worker(probe, tracked, summed, pooled, sources[k], lock),
+                                range(workers)))
     count = sum(r[2] for r in results)
     if count == 0:
         raise ValueError("the representative dataset yielded no samples")
@@ -233,13 +237,22 @@ def fast_minmax(float_model: bytes, samples, *, workers: int | None = None, drop
         params.max = [np.float32(hi[k])]
         graph.tensors[t].quantization = params
     calibrated = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    sums = InputSums({t: np.sum([r[3][t].astype(np.float64) for r in results if t in r[3]], axis=0)
+    sums = InputSums({t: _merged([r[3][t] for r in results if t in r[3]], graph.tensors[t].shape, t in pooled)
                       for t in summed}, count) if summed else None
     return calibrated, {"calibrator": "fast-minmax", "samples": count, "tensors": len(tracked),
                         "workers": workers}, sums
 
 
-def _minmax_worker(probe: bytes, tracked: list[int], summed: list[int], source,
+def _merged(shares: list[np.ndarray], shape, pooled: bool) -> np.ndarray:
+    """The workers' sums of one tensor (of ``shape``) as one, float64; a pooled one (per channel, over every
+    position) as the sum of the images' means over positions, 1x1x1xC (``weighted_layers.pool``)."""
+    total = np.sum([share.astype(np.float64) for share in shares], axis=0)
+    if not pooled:
+        return total
+    return (total / int(np.prod(shape[1:-1]))).reshape(1, 1, 1, -1)
+
+
+def _minmax_worker(probe: bytes, tracked: list[int], summed: list[int], pooled: Collection[int], source,
                    lock: threading.Lock) -> tuple[np.ndarray, np.ndarray, int, dict[int, np.ndarray]]:
     """One thread's interpreter: takes samples from the shared ``source`` until it runs out; returns the min
     and max of each tracked tensor over the samples it ran, how many it ran, and the sums of the ``summed``
@@ -269,7 +282,13 @@ def _minmax_worker(probe: bytes, tracked: list[int], summed: list[int], source,
             hi[k] = max(hi[k], mx)
         for t in summed:
             view = interpreter.tensor(t)()[0]  # read in place; no reference outlives the loop
-            if t in sums:  # float32 sums: a float64 conversion per image would double the pass's cost
+            if t in pooled:  # one BLAS pass over the positions: a sum per channel
+                flat = view.reshape(-1, view.shape[-1])
+                if t not in sums:
+                    sums[t] = np.zeros(flat.shape[1], np.float32)
+                np.add(sums[t], np.ones(len(flat), np.float32) @ flat, out=sums[t])
+                del flat
+            elif t in sums:  # float32 sums: a float64 conversion per image would double the pass's cost
                 np.add(sums[t], view, out=sums[t])
             else:
                 sums[t] = view.copy()

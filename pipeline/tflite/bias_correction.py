@@ -104,18 +104,14 @@ def float_output_means(float_model: bytes, layers: list[WeightedLayer], inputs,
     return found
 
 
-def accumulator_means(constants: Constants, layers: list[WeightedLayer],
-                      values: dict[int, list[np.ndarray]]) -> dict[int, np.ndarray]:
-    """Each int8 layer's mean accumulator without its bias (integer units, exact in float64), from the stored
-    values of its input on every image (``values``: input tensor -> one array per image)."""
+def accumulator_means(constants: Constants, layers: list[WeightedLayer], sums: dict[int, np.ndarray],
+                      count: int) -> dict[int, np.ndarray]:
+    """Each int8 layer's mean accumulator without its bias (integer units, exact in float64), from the sum of
+    its input over ``count`` images (``sums``: input tensor -> int64 sum, the tensor's shape)."""
     found = {}
     for layer in layers:
-        stored = values[layer.quant_input]
-        total = np.zeros(stored[0].shape[1:], np.int32)  # exact: up to 2**31 / 2**15 images of int16 values
-        for x in stored:
-            np.add(total, x[0], out=total)
         zero = int(constants.quantization(layer.quant_input)[1][0])
-        means = tap_means(total / len(stored) - zero, layer)
+        means = tap_means(sums[layer.quant_input] / count - zero, layer)
         found[layer.quant_op] = output_means(constants.view(layer.quant_weights), means, layer)
     return found
 
@@ -163,7 +159,8 @@ def _correct_biases(quant_model: bytes, float_model: bytes, inputs,
     constants = Constants(current)
     with PiecewiseRun(current, inputs) as run:  # each group's inputs computed once, after every earlier correction
         for group in levels(current, layers):
-            accumulators = accumulator_means(constants, group, run.values([layer.quant_input for layer in group]))
+            sums = run.sums([layer.quant_input for layer in group])
+            accumulators = accumulator_means(constants, group, sums, run.count)
             for layer in group:
                 report.layers.append(_correct(constants, layer, accumulators[layer.quant_op],
                                               targets[layer.quant_op]))

@@ -58,10 +58,10 @@ class WeightedLayer:
 
 @dataclass(frozen=True)
 class InputSums:
-    """Per activation tensor of a float model, its sum over a set of inputs (float64, one image's shape), and
-    how many inputs: what bias correction takes its float means from. The fast calibrator adds them up in its
-    own pass over the calibration images (``weighted_inputs``), so bias correction need not run the float
-    model again."""
+    """Per activation tensor of a float model, its sum over a set of inputs (float64, one image's shape; the
+    ``pointwise_inputs`` pooled, 1x1x1xC), and how many inputs: what bias correction takes its float means
+    from. The fast calibrator adds them up in its own pass over the calibration images (``weighted_inputs``),
+    so bias correction need not run the float model again."""
 
     sums: dict[int, np.ndarray]
     count: int
@@ -73,10 +73,35 @@ class InputSums:
 def weighted_inputs(float_model: bytes) -> list[int]:
     """The input activation of each float-weight conv/depthwise/FC op of ``float_model`` (the ``float_input``
     of the layers ``weighted_layers`` pairs with an int8 model's)."""
+    return list(_weighted_readers(Constants(float_model)))
+
+
+def pointwise_inputs(float_model: bytes) -> set[int]:
+    """Those of ``weighted_inputs`` that only 1x1 stride-1 convolutions read: every output position reads one
+    input position, so each tap mean is the input's mean over all positions (``pool``), and the calibration
+    need only add up one value per channel."""
     floating = Constants(float_model)
-    found = [ins[0] for _, name, ins, outs in _ops(floating)
-             if name in WEIGHTED_OPS and outs and len(ins) >= 2 and floating.dtype(ins[1]) is np.float32]
-    return list(dict.fromkeys(found))
+    found = set()
+    for t, readers in _weighted_readers(floating).items():
+        if all(name != "FULLY_CONNECTED" and floating.shape(ins[1])[1:3] == (1, 1)
+               and _options(floating, floating.graph.Operators(index)).get("stride") == (1, 1)
+               for index, name, ins in readers):
+            found.add(t)
+    return found
+
+
+def _weighted_readers(floating: Constants) -> dict[int, list[tuple[int, str, list[int]]]]:
+    """Input activation -> the float-weight conv/depthwise/FC ops reading it, in op order."""
+    found: dict[int, list[tuple[int, str, list[int]]]] = {}
+    for index, name, ins, outs in _ops(floating):
+        if name in WEIGHTED_OPS and outs and len(ins) >= 2 and floating.dtype(ins[1]) is np.float32:
+            found.setdefault(ins[0], []).append((index, name, ins))
+    return found
+
+
+def pool(x: np.ndarray) -> np.ndarray:
+    """A 1xHxWxC activation as its mean over positions, 1x1x1xC: what a 1x1 stride-1 layer's tap means need."""
+    return x.reshape(-1, x.shape[-1]).mean(axis=0).reshape(1, 1, 1, -1)
 
 
 def _text(value) -> str:
@@ -133,6 +158,8 @@ class Constants:
 def unshared(model_bytes: bytes, tensors: Iterable[int]) -> bytes:
     """The model in which each of ``tensors`` owns its buffer (a copy where the buffer was shared)."""
     wanted = {int(t) for t in tensors}
+    if not _shares_a_buffer(Constants(model_bytes), wanted):
+        return model_bytes  # the object API's read and write of the whole model cost more than the check
     model = flatbuffers.read(model_bytes)
     graph = model.subgraphs[0]
     users: dict[int, list[int]] = {}
@@ -153,6 +180,15 @@ def unshared(model_bytes: bytes, tensors: Iterable[int]) -> bytes:
             graph.tensors[t].buffer = len(model.buffers) - 1
             changed = True
     return flatbuffers.write(model) if changed else model_bytes
+
+
+def _shares_a_buffer(constants: Constants, wanted: set[int]) -> bool:
+    """Whether any of ``wanted`` shares its buffer with another tensor (read in place)."""
+    users: dict[int, int] = {}
+    for t in range(constants.graph.TensorsLength()):
+        buffer = constants.tensor(t).Buffer()
+        users[buffer] = users.get(buffer, 0) + 1
+    return any(users[constants.tensor(t).Buffer()] > 1 for t in wanted)
 
 
 def _options(constants: Constants, op) -> dict:

@@ -227,19 +227,26 @@ def test_the_calibrations_sums_are_the_float_runs_and_correct_the_mean_shift(mod
     within float rounding), and bias correction from them takes every layer's mean shift to half a bias quantum
     (up to that rounding, far below a quantum)."""
     from pipeline.conversion.converter_hooks import fast_minmax
-    from pipeline.tflite.weighted_layers import sum_exposing, weighted_inputs
+    from pipeline.tflite.weighted_layers import pointwise_inputs, pool, sum_exposing, weighted_inputs
 
     quant, floating, inputs = models
     inputs = inputs[:16]
     tensors = weighted_inputs(floating)
-    assert tensors
+    pooled = pointwise_inputs(floating)
+    assert tensors and pooled and set(tensors) - pooled  # both kinds of sums are checked
     _, info, sums = fast_minmax(floating, ([x[None]] for x in inputs), summed=tensors)
     own, count = sum_exposing(floating, tensors, inputs)
     assert sums is not None and sums.count == count == len(inputs) == info["samples"]
     values = _values(floating, tensors, inputs)
     for t in tensors:  # n float32 additions of terms at most M: error at most n * n * 2**-24 * M
-        bound = len(inputs) ** 2 * 2 ** -24 * max(np.abs(v).max() for v in values[t])
-        np.testing.assert_allclose(sums.sums[t], own[t], rtol=0, atol=bound)
+        top = max(np.abs(v).max() for v in values[t])
+        if t in pooled:  # n * positions terms added in float32, then divided by the positions
+            positions = values[t][0].size // values[t][0].shape[-1]
+            expected, bound = pool(own[t]), (len(inputs) * positions) ** 2 * 2 ** -24 * top / positions
+        else:
+            expected, bound = own[t], len(inputs) ** 2 * 2 ** -24 * top
+        assert sums.sums[t].shape == expected.shape
+        np.testing.assert_allclose(sums.sums[t], expected, rtol=0, atol=bound)
     corrected, report = correct_biases(quant, floating, inputs, float_sums=sums)
     assert report.float_means == "calibration pass"
     assert correct_biases(quant, floating, inputs)[1].float_means == "own float run"
