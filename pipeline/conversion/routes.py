@@ -364,8 +364,13 @@ def int8_float(source: SourceModel, settings: ConvertSettings) -> tuple[bytes, d
     if cache.scale_folded is None:
         float_model = float_tflite(source)
         with timed("calibration"):
-            cache.scale_folded = fold_scales(float_model)
+            try:
+                cache.scale_folded = fold_scales(float_model)
+            except Exception as exc:  # noqa: BLE001 - an exact rewrite the model can do without must not fail it
+                cache.scale_folded = float_model, f"the fold could not read this graph ({type(exc).__name__}: {exc})"
     folded, report = cache.scale_folded
+    if isinstance(report, str):
+        return folded, {"applied": False, "reason": report}
     return folded, {"applied": True, **report.to_dict()}
 
 

@@ -79,7 +79,7 @@ class SourceCache:
     float_tflite: bytes | None = None
     # The float32 .tflite with per-channel scales after a ReLU folded into the layer before, and what was folded:
     # what the staged int8 route calibrates and quantizes (``pipeline.conversion.routes.int8_float_model``).
-    scale_folded: tuple[bytes, FoldReport] | None = None
+    scale_folded: tuple[bytes, FoldReport | str] | None = None  # a str: why the model is unfolded
     # The last calibration of the staged int8 route.
     calibrated: KeptCalibration | None = None
     # What the float input holds: "pixels" or "signed_unit" (``convention_choice.source_domain``).

@@ -253,6 +253,23 @@ def test_the_manifest_records_the_fold(int8_pair):
                                "mul_removed": True}]
 
 
+def test_a_graph_the_fold_cannot_read_converts_unfolded_and_says_why(int8_pair, tmp_path):
+    """The fold is exact and optional: where it fails on a graph, the conversion goes on with the model as it is,
+    the same bytes as a conversion that folds nothing, and the manifest says why."""
+
+    def unreadable(model: bytes):
+        raise IndexError("operator 7 reads tensor 90 of 12")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routes, "fold_scales", unreadable)
+        found = export_tflite(int8_pair["keras"], ConvertSettings("int8", input_convention="signed_unit"),
+                              out=tmp_path / "m.tflite", representative=int8_pair["calibration"])
+    fold = found.manifest["calibration"]["method"]["scale_fold"]
+    assert fold == {"applied": False, "reason": "the fold could not read this graph (IndexError: operator 7 reads "
+                                                 "tensor 90 of 12)"}
+    assert found.model_bytes == int8_pair["plain"].read_bytes()
+
+
 def _float_ops(model_bytes: bytes) -> list[str]:
     """The ops whose weights (input 1) are float32: what was kept out of int8."""
     model = flatbuffers.read(model_bytes)
