@@ -139,7 +139,7 @@ def run(model: Path, calib: Path, eval_dir: Path, calib_size: int, limit: int | 
         rows[name] = {**_measure(model, path, eval_dir, limit, work), "convert_s": conversion_s(timing),
                       "calibration_s": calibration.get("seconds"), "methods_s": methods.get("seconds", 0.0),
                       "methods_samples": methods.get("samples"), "stages": timing,
-                      "equalize": {k: v for k, v in (calibration.get("equalize") or {}).items() if k != "layers"}}
+                      "equalize": calibration.get("equalize")}
     if onnx:
         try:
             rows["ONNX Runtime quantize_static"] = _onnx_row(model, calib, eval_dir, calib_size, limit,

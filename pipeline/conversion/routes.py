@@ -377,9 +377,10 @@ def int8_float(source: SourceModel, settings: ConvertSettings) -> tuple[bytes, d
         return folded, records
     if cache.equalized is None:
         with timed("calibration"):
-            cache.equalized = equalize(folded)
-    equalized, balanced = cache.equalized
-    return equalized, {**records, "equalize": {"applied": True, **balanced.to_dict()}}
+            started = time.perf_counter()
+            cache.equalized = (*equalize(folded), round(time.perf_counter() - started, 3))
+    equalized, balanced, seconds = cache.equalized
+    return equalized, {**records, "equalize": {"applied": True, **balanced.to_dict(), "seconds": seconds}}
 
 
 def int8_float_model(source: SourceModel, settings: ConvertSettings) -> bytes:

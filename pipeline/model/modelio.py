@@ -81,8 +81,9 @@ class SourceCache:
     # The float32 .tflite with per-channel scales after a ReLU folded into the layer before, and what was folded:
     # what the staged int8 route calibrates and quantizes (``pipeline.conversion.routes.int8_float_model``).
     scale_folded: tuple[bytes, FoldReport] | None = None
-    # That model with its layer pairs equalized (``pipeline.tflite.equalize``), when a conversion asked for it.
-    equalized: tuple[bytes, EqualizeReport] | None = None
+    # That model with its layer pairs equalized (``pipeline.tflite.equalize``), when a conversion asked for it, and
+    # the seconds equalizing took.
+    equalized: tuple[bytes, EqualizeReport, float] | None = None
     # The last calibration of the staged int8 route.
     calibrated: KeptCalibration | None = None
     # What the float input holds: "pixels" or "signed_unit" (``convention_choice.source_domain``).

@@ -21,7 +21,8 @@ Exact only where the activation between commutes with a positive scale:
 none or ReLU (fused into ``L1``, as the converter writes it). RELU6 and
 RELU_N1_TO_1 clip at a fixed value and are skipped, as is a pair whose
 middle tensor something else also reads (or is a graph output), a grouped
-convolution, and a depthwise ``L2`` with a channel multiplier. The rewrite
+convolution, and a depthwise ``L2`` with a channel multiplier. A weight or
+bias tensor that other layers share gets a copy of its own. The rewrite
 is in float only; the float model users get and validate against is not
 touched.
 
@@ -123,6 +124,13 @@ class _Weights:
             self.values[t] = raw.reshape(shape).astype(np.float64)
         return self.values[t]
 
+    def array(self, t: int) -> np.ndarray:
+        """A float32 constant's values, for a tensor already matched as one."""
+        found = self.constant(t)
+        if found is None:
+            raise ValueError(f"tensor {t} is not a float32 constant")
+        return found
+
     def activation(self, index: int) -> str:
         code = getattr(self.graph.operators[index].builtinOptions, "fusedActivationFunction", None)
         names = {v: k for k, v in vars(flatbuffers.schema().ActivationFunctionType).items() if not k.startswith("_")}
@@ -140,9 +148,20 @@ class _Weights:
         self.model.buffers.append(buffer)
         tensor.buffer = len(self.model.buffers) - 1
 
-    def own(self, index: int) -> bool:
-        """Whether op ``index`` alone reads its weights and bias (a shared tensor cannot take two scalings)."""
-        return all(len(self.readers.get(t, [])) == 1 for t in _ints(self.graph.operators[index].inputs)[1:] if t >= 0)
+    def privatize(self, index: int) -> None:
+        """Op ``index``'s weights and bias as tensors only it reads: the converter gives layers with equal constants
+        (the zero biases of depthwise convs) one tensor, which cannot take one layer's scaling for all."""
+        schema, op = flatbuffers.schema(), self.graph.operators[index]
+        for position, t in enumerate(_ints(op.inputs)):
+            if position == 0 or t < 0 or len(self.readers.get(t, [])) < 2:
+                continue
+            old, tensor = self.graph.tensors[t], schema.TensorT()
+            tensor.shape, tensor.type, tensor.buffer = old.shape, old.type, old.buffer
+            tensor.name, tensor.shapeSignature = old.name, old.shapeSignature
+            self.graph.tensors.append(tensor)
+            op.inputs[position] = len(self.graph.tensors) - 1
+            self.readers[t].remove(index)
+            self.readers[len(self.graph.tensors) - 1] = [index]
 
 
 def _channels(w: _Weights, index: int) -> int | None:
@@ -152,7 +171,7 @@ def _channels(w: _Weights, index: int) -> int | None:
     if w.kind(index) not in _KINDS or len(inputs) < 2 or len(_ints(op.outputs)) != 1:
         return None
     weights = w.constant(inputs[1])
-    if weights is None or weights.ndim != (2 if w.kind(index) == "FULLY_CONNECTED" else 4) or not w.own(index):
+    if weights is None or weights.ndim != (2 if w.kind(index) == "FULLY_CONNECTED" else 4):
         return None
     if len(inputs) > 2 and inputs[2] >= 0 and w.constant(inputs[2]) is None:
         return None
@@ -188,6 +207,8 @@ def _pairs(w: _Weights) -> tuple[list[_Pair], int]:
             clipping += 1
             continue
         found.append(_Pair(first, second, np.ones(channels)))
+    for index in sorted({p.first for p in found} | {p.second for p in found}):
+        w.privatize(index)
     return found, clipping
 
 
@@ -206,13 +227,13 @@ def _balance(w: _Weights, pair: _Pair) -> float:
     """One equalization step of ``pair`` in place; the largest |log s_c| it applied."""
     in1, in2 = _ints(w.graph.operators[pair.first].inputs), _ints(w.graph.operators[pair.second].inputs)
     kind1, kind2 = w.kind(pair.first), w.kind(pair.second)
-    w1, w2 = w.values[in1[1]], w.values[in2[1]]
+    w1, w2 = w.array(in1[1]), w.array(in2[1])
     r1, r2 = _ranges(w1, _OUT_AXIS[kind1]), _ranges(w2, _IN_AXIS[kind2])
     usable = (r1 > 0) & (r2 > 0)
     s = np.where(usable, np.sqrt(np.where(usable, r1, 1.0) / np.where(usable, r2, 1.0)), 1.0)
     w.values[in1[1]] = w1 / _shaped(s, w1.ndim, _OUT_AXIS[kind1])
     if len(in1) > 2 and in1[2] >= 0:
-        w.values[in1[2]] = w.values[in1[2]] / s
+        w.values[in1[2]] = w.array(in1[2]) / s
     w.values[in2[1]] = w2 * _shaped(s, w2.ndim, _IN_AXIS[kind2])
     pair.scale = pair.scale * s
     return float(np.max(np.abs(np.log(s)))) if s.size else 0.0
@@ -243,7 +264,7 @@ def equalize(model_bytes: bytes) -> tuple[bytes, EqualizeReport]:
     pairs, clipping = _pairs(w)
     if not pairs:
         return model_bytes, EqualizeReport(skipped_clipping=clipping)
-    before = [_spread(_ranges(w.values[_ints(w.graph.operators[p.second].inputs)[1]],
+    before = [_spread(_ranges(w.array(_ints(w.graph.operators[p.second].inputs)[1]),
                               _IN_AXIS[w.kind(p.second)])) for p in pairs]
     sweeps = 0
     while sweeps < _SWEEPS:
