@@ -243,8 +243,8 @@ labels_option = click.option(
 @click.option("--equalize/--no-equalize", default=False, show_default=True,
               help="--int8: cross-layer equalization before calibration: each pair of weighted layers in a row "
               "(no activation or ReLU between, the first read only by the second) gets its channel ranges balanced "
-              "by rescaling, exact in float. Off by default: on the models measured it gave more flips "
-              "(docs/validation.md).")
+              "by rescaling, exact in float. Off by default: on the models measured it brought int8 no closer "
+              "to float (docs/validation.md).")
 @click.option("--out", "out", type=click.Path(), help="Output .tflite (default: beside MODEL, MODEL_<mode>.tflite).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)
