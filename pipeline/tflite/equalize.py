@@ -201,7 +201,7 @@ def _pairs(w: _Weights) -> tuple[list[_Pair], int]:
     for first in range(len(w.graph.operators or [])):
         channels = _channels(w, first)
         second = None if channels is None else _second(w, first, channels)
-        if second is None:
+        if channels is None or second is None:
             continue
         if w.activation(first) not in _EXACT:
             clipping += 1
