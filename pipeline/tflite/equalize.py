@@ -68,8 +68,8 @@ class EqualizedPair:
 
 @dataclass(frozen=True)
 class EqualizeReport:
-    """What ``equalize`` changed: the pairs in graph order, the sweeps it took, and the pairs it left alone
-    because their activation clips (RELU6, RELU_N1_TO_1)."""
+    """What ``equalize`` changed: the pairs in graph order, the sweeps it took, and the pairs it left alone for
+    their activation (RELU6 and RELU_N1_TO_1 clip; any other but ReLU does not commute with a scale either)."""
 
     pairs: tuple[EqualizedPair, ...] = field(default_factory=tuple)
     sweeps: int = 0
@@ -196,7 +196,7 @@ def _second(w: _Weights, first: int, channels: int) -> int | None:
 
 
 def _pairs(w: _Weights) -> tuple[list[_Pair], int]:
-    """Every pair the rewrite may balance, in graph order, and how many were skipped for a clipping activation."""
+    """Every pair the rewrite may balance, in graph order, and how many were skipped for their activation."""
     found, clipping = [], 0
     for first in range(len(w.graph.operators or [])):
         channels = _channels(w, first)
