@@ -45,6 +45,7 @@ from pipeline.validation.validate import validate
 
 ROWS = {  # every setting spelled out, whatever ConvertSettings' defaults are, but the first row's
     "int8 default": {},  # convert --int8 as it is: bias correction, its float means from the calibration pass
+    "int8 default + CLE": {"equalize": True},  # the default on the float model with its layer pairs equalized
     "int8": {"bias_correction": False},
     "int8 bias-correction": {"bias_correction": True},
     "int8 learned-rounding": {"rounding": "learned", "bias_correction": False},
@@ -137,7 +138,8 @@ def run(model: Path, calib: Path, eval_dir: Path, calib_size: int, limit: int | 
         timing = exported.manifest["timing"]
         rows[name] = {**_measure(model, path, eval_dir, limit, work), "convert_s": conversion_s(timing),
                       "calibration_s": calibration.get("seconds"), "methods_s": methods.get("seconds", 0.0),
-                      "methods_samples": methods.get("samples"), "stages": timing}
+                      "methods_samples": methods.get("samples"), "stages": timing,
+                      "equalize": calibration.get("equalize")}
     if onnx:
         try:
             rows["ONNX Runtime quantize_static"] = _onnx_row(model, calib, eval_dir, calib_size, limit,

@@ -48,6 +48,7 @@ from pipeline.core.errors import CalibrationError, ConversionError, Remedy
 from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.core.stage_timing import move, timed
 from pipeline.model.modelio import KeptCalibration, SourceModel
+from pipeline.tflite.equalize import equalize
 from pipeline.tflite.scale_fold import fold_scales
 from pipeline.tflite.splice import splice
 from pipeline.tflite.weighted_layers import weighted_inputs
@@ -89,6 +90,7 @@ class CalibrationRecord:
     denylisted_nodes: list[str] | None = None  # their nodes, as the quantizer names them
     splice: dict[str, Any] | None = None  # what splicing replaced
     scale_fold: dict[str, Any] | None = None  # BatchNorms after a ReLU folded into their neighbours (scale_fold)
+    equalize: dict[str, Any] | None = None  # layer pairs whose channel ranges were balanced (equalize), when asked
 
     def absorb(self, info: dict[str, Any]) -> None:
         known = {f.name for f in fields(self)}
@@ -224,8 +226,9 @@ def convert_model(source: SourceModel, settings: ConvertSettings, representative
         return convert_spliced(source, settings, representative, progress)
     if _use_stages(settings, representative, qat):
         return _staged_int8(source, settings, representative, progress)
-    if settings.int8_methods or settings.ranges != "minmax":
-        raise ConversionError("learned rounding, bias correction and error-chosen ranges need calibration images "
+    if settings.int8_methods or settings.ranges != "minmax" or settings.equalize:
+        raise ConversionError("learned rounding, bias correction, error-chosen ranges and cross-layer equalization "
+                              "need calibration images "
                               f"and the staged int8 conversion ({staged_supported(quantizer_route())[1]})")
     return _in_one_call(source, settings, representative, progress, qat)
 
@@ -352,14 +355,17 @@ def float_tflite(source: SourceModel) -> bytes:
 
 def int8_float(source: SourceModel, settings: ConvertSettings) -> tuple[bytes, dict[str, Any]]:
     """The float model the staged int8 route calibrates, quantizes and pairs its layers with, and the manifest's
-    record of the scales folded into it (``pipeline.tflite.scale_fold``; exact in float, made once per source).
+    records of how it was rewritten: the scales folded into it (``scale_fold``; exact in float, made once per
+    source) and, where ``settings.equalize`` asks, its layer pairs equalized after the fold (``equalize``;
+    exact up to float32 rounding, made once per source).
 
-    Not folded when the int8 model takes layers spliced from an int16x8 donor: the donor is converted from the
+    Neither when the int8 model takes layers spliced from an int16x8 donor: the donor is converted from the
     source in one call, unfolded, so its layers would not compute what the folded model's neighbours expect.
     """
     if settings.fallback == Fallback.INT16:
-        return float_tflite(source), {"applied": False, "reason": "layers are spliced from an unfolded int16x8 "
-                                                                 "conversion"}
+        why = "layers are spliced from an unfolded int16x8 conversion"
+        return float_tflite(source), {"scale_fold": {"applied": False, "reason": why},
+                                      **({"equalize": {"applied": False, "reason": why}} if settings.equalize else {})}
     cache = source.cache
     if cache.scale_folded is None:
         float_model = float_tflite(source)
@@ -369,9 +375,16 @@ def int8_float(source: SourceModel, settings: ConvertSettings) -> tuple[bytes, d
             except Exception as exc:  # noqa: BLE001 - an exact rewrite the model can do without must not fail it
                 cache.scale_folded = float_model, f"the fold could not read this graph ({type(exc).__name__}: {exc})"
     folded, report = cache.scale_folded
-    if isinstance(report, str):
-        return folded, {"applied": False, "reason": report}
-    return folded, {"applied": True, **report.to_dict()}
+    fold = {"applied": False, "reason": report} if isinstance(report, str) else {"applied": True, **report.to_dict()}
+    records: dict[str, Any] = {"scale_fold": fold}
+    if not settings.equalize:
+        return folded, records
+    if cache.equalized is None:
+        with timed("calibration"):
+            started = time.perf_counter()
+            cache.equalized = (*equalize(folded), round(time.perf_counter() - started, 3))
+    equalized, balanced, seconds = cache.equalized
+    return equalized, {**records, "equalize": {"applied": True, **balanced.to_dict(), "seconds": seconds}}
 
 
 def int8_float_model(source: SourceModel, settings: ConvertSettings) -> bytes:
@@ -404,8 +417,7 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
                 progress: Progress | None) -> KeptCalibration:
     """The float model calibrated on ``representative`` (ranges chosen as asked, a pixel input pinned)."""
     samples = Replay(representative, progress)
-    float_model, folded = int8_float(source, settings)
-    reported: dict[str, Any] = {"scale_fold": folded}
+    float_model, reported = int8_float(source, settings)
     with timed("calibration"):
         started = time.perf_counter()
         summed = weighted_inputs(float_model) if settings.bias_correction else []
@@ -429,7 +441,8 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
 
 def _calibration_key(settings: ConvertSettings) -> tuple[str, ...]:
     """What a kept calibration must have been made with to be reused (``KeptCalibration.method``)."""
-    return str(settings.calibrator), str(settings.ranges), str(settings.fallback != Fallback.INT16)
+    return (str(settings.calibrator), str(settings.ranges), str(settings.fallback != Fallback.INT16),
+            str(settings.equalize))
 
 
 def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,

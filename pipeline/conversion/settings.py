@@ -113,6 +113,8 @@ class ConvertSettings:
     # staged int8 route calibrates on images (``routes.methods_decided``), off elsewhere.
     bias_correction: bool | None = None
     ranges: Ranges = Ranges.MINMAX  # int8 only: activation ranges from calibration
+    # int8 only: cross-layer equalization of the float model before calibration (pipeline.tflite.equalize)
+    equalize: bool = False
 
     def __post_init__(self):
         if self.mode is None:
@@ -139,6 +141,9 @@ class ConvertSettings:
             if asked and mode != Mode.INT8:
                 raise SettingsError(f"learned rounding, bias correction and error-chosen ranges are int8 methods: "
                                     f"they apply to int8, not {mode}", setting=setting)
+        if self.equalize and mode != Mode.INT8:
+            raise SettingsError(f"cross-layer equalization rescales the float model int8 calibrates: it applies to "
+                                f"int8, not {mode}", setting="equalize")
         if self.float_layers and mode not in CALIBRATED_MODES:
             raise SettingsError(f"float layers only apply to int8 and int16x8, not {mode}", setting="float_layers")
         if self.fallback == Fallback.INT16 and mode != Mode.INT8:

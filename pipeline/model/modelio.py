@@ -39,6 +39,7 @@ from pipeline.model.stem import Stem
 from pipeline.model.tfmot_import import import_tfmot
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.sandboxed_load import Probe, check_manifest, read_model_bytes, start_probe
+from pipeline.tflite.equalize import EqualizeReport
 from pipeline.tflite.scale_fold import FoldReport
 from pipeline.tflite.weighted_layers import InputSums
 
@@ -55,7 +56,7 @@ class KeptCalibration:
     (``pipeline.conversion.routes``: the staged int8 route)."""
 
     samples: object  # the calibration set it ran on, compared by identity
-    method: tuple[str, ...]  # (calibrator, ranges, whether the calibrated float model had its scales folded)
+    method: tuple[str, ...]  # (calibrator, ranges, whether its scales were folded, whether it was equalized)
     model: bytes  # the float .tflite with its activation ranges recorded
     record: Any  # the conversion stage's CalibrationRecord of that run (a later stage's type)
     # The float inputs of the weighted layers summed over the same images in the same pass (bias correction's
@@ -80,6 +81,9 @@ class SourceCache:
     # The float32 .tflite with per-channel scales after a ReLU folded into the layer before, and what was folded:
     # what the staged int8 route calibrates and quantizes (``pipeline.conversion.routes.int8_float_model``).
     scale_folded: tuple[bytes, FoldReport | str] | None = None  # a str: why the model is unfolded
+    # That model with its layer pairs equalized (``pipeline.tflite.equalize``), when a conversion asked for it, and
+    # the seconds equalizing took.
+    equalized: tuple[bytes, EqualizeReport, float] | None = None
     # The last calibration of the staged int8 route.
     calibrated: KeptCalibration | None = None
     # What the float input holds: "pixels" or "signed_unit" (``convention_choice.source_domain``).
