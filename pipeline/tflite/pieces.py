@@ -71,9 +71,12 @@ class PiecewiseRun:
                 if t >= 0:
                     self.readers.setdefault(t, set()).add(index)
         self.done: set[int] = set()
-        inputs = np.stack([np.asarray(x, dtype=np.float32) for x in inputs])
         self.count = len(inputs)
-        self.stored: dict[int, np.ndarray] = {t: self._model_input(t, inputs[:, None]) for t in _ints(self.graph.inputs)}
+        self.stored: dict[int, np.ndarray] = {}
+        for t in _ints(self.graph.inputs):  # image by image: a whole-set temporary costs a page fault per page
+            self.stored[t] = np.empty((self.count, *self._shape(t)), self._dtype(t))
+            for i, x in enumerate(inputs):
+                self.stored[t][i] = self._model_input(t, np.asarray(x, dtype=np.float32)[None])
         self.pieces = 0
         self.ops_run = 0
         self.batched = 0  # pieces run a chunk of images per invoke
