@@ -1,12 +1,10 @@
-"""Running an int8 model piecewise gives the tensors a whole run gives, bit for bit, each op run once, whether
-a piece runs a chunk of images per invoke or one."""
+"""Running an int8 model piecewise gives the tensors a whole run gives, bit for bit, each op run once."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.tflite import pieces
 from pipeline.tflite.pieces import PiecewiseRun
 from pipeline.tflite.weighted_layers import Constants, levels, unshared, weighted_layers
 from tests.tflite.test_int8_methods import _values
@@ -34,14 +32,11 @@ def test_pieces_give_the_whole_runs_values_running_each_op_once(int8_model):
     last = run.values([layers[-1].quant_output])[layers[-1].quant_output]
     assert all(np.array_equal(a[0], b) for a, b in zip(last, whole[layers[-1].quant_output]))
     assert run.ops_run == len(run.done) and run.pieces == len(groups) + 1
-    assert run.batched >= 1  # chunks of images ran, and gave the whole run's bits
 
 
-@pytest.mark.parametrize("chunk_bytes", [0, 1 << 30])
-def test_the_workers_sums_are_the_stored_values_sums(int8_model, monkeypatch, chunk_bytes):
-    """The sums the workers add up as they run (image by image, or a chunk at a time) equal the sums of the
-    values a whole run gives: integers, so exactly."""
-    monkeypatch.setattr(pieces, "CHUNK_BYTES", chunk_bytes)
+def test_the_workers_sums_are_the_whole_runs_sums(int8_model):
+    """The sums the workers add up as they run equal the sums of the values a whole run gives: integers, so
+    exactly; the first group's input (the graph's) is summed from the stored values."""
     quant, layers, inputs = int8_model
     groups = levels(quant, layers)
     whole = _values(quant, [layer.quant_input for layer in layers], inputs)
@@ -51,7 +46,6 @@ def test_the_workers_sums_are_the_stored_values_sums(int8_model, monkeypatch, ch
             for layer in group:
                 expected = np.sum([v.astype(np.int64) for v in whole[layer.quant_input]], axis=0)
                 assert np.array_equal(found[layer.quant_input].reshape(expected.shape), expected)
-        assert (run.batched >= 1) == (chunk_bytes > 0)
 
 
 def test_a_constant_patched_before_its_op_runs_is_seen_downstream(int8_model):
