@@ -169,6 +169,8 @@ def main(argv=None) -> None:
         peer = results["peer_onnxruntime"] = _peer(run)
         latency = results["latency"] = _latency(run, peer)
         results["ratios"] = _ratios(results["conversion"], latency, peer)
+        results["op_profile"] = _op_profile(run)
+        results["ratios"]["xedge_int8_over_gemm_floor"] = results["op_profile"]["over_floor"]
         results["validate"] = _validate(run)
         if not args.skip_demo:
             _demo_and_fidelity(run, results)
@@ -339,6 +341,17 @@ def _demo_and_fidelity(run: _Run, results: dict) -> None:
          "litert_int8_xedge": _tflite_predict(demo / "model_int8.tflite")})
 
 
+def _op_profile(run: _Run) -> dict:
+    """Where the int8 model's time goes per op type, and its p50 against the int8 GEMM floor
+    (``bench.op_profile``, in a fresh process)."""
+    out = run.work / "op_profile.json"
+    _checked([str(BIN / "python"), "-m", "bench.op_profile", str(run.ours_tfl), "--threads", str(run.args.threads),
+              "--out", str(out)], run.env)
+    found = json.loads(out.read_text())
+    found.pop("ops", None)  # per op: in the tool's own output, not the bench's
+    return found
+
+
 def _print_table(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -364,6 +377,11 @@ def _print_table(r: dict) -> None:
         t.add_row(f"p50 {name}", f"{v['p50_ms']:.2f} ms{extra}")
     for name, v in r["ratios"].items():
         t.add_row(name, f"{v:.3f}")
+    profile = r.get("op_profile")
+    if profile:
+        t.add_row("int8 GEMM floor", f"{profile['floor_ms']:.2f} ms ({profile['gemm']['gmac_per_s']} GMAC/s)")
+        for name, v in list(profile["by_type"].items())[:4]:
+            t.add_row(f"int8 ops alone: {name}", f"{v['ms']:.2f} ms ({v['share']:.0%})")
     fid = r.get("fidelity_trained_digits")
     if fid:
         t.add_row("trained digits: top-1 float", f"{fid['top1_float']:.4f} ({fid['images']} images)")

@@ -171,6 +171,15 @@ class PiecewiseRun:
         self.ops_run += len(ops)
         self.pieces += 1
 
+    def one_op(self, op: int) -> bytes:
+        """Op ``op`` as a model of its own: its constants inside, its activations as the model's inputs and outputs
+        (what a per-op profile times)."""
+        feeds = [t for t in _ints(self.graph.operators[op].inputs) if t >= 0 and not self.constant(t)]
+        return self._piece([op], list(dict.fromkeys(feeds)), _ints(self.graph.operators[op].outputs))[0]
+
+    def op_name(self, op: int) -> str:
+        return flatbuffers.op_name(self.model, self.graph.operators[op])
+
     def _piece(self, ops: list[int], feeds: list[int], keep: list[int]) -> tuple[bytes, dict[int, int]]:
         """The ops as a model of their own: (its bytes, original tensor index -> the piece's)."""
         used = list(feeds)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.tflite.pieces import PiecewiseRun
+from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.weighted_layers import Constants, levels, unshared, weighted_layers
 from tests.tflite.test_int8_methods import _values
 
@@ -62,3 +63,29 @@ def test_a_constant_patched_before_its_op_runs_is_seen_downstream(int8_model):
     original = _values(quant, [last.quant_output], inputs)[last.quant_output]
     assert all(np.array_equal(a[0], b) for a, b in zip(found, expected))
     assert not all(np.array_equal(a, b) for a, b in zip(expected, original))
+
+
+def test_one_op_cut_out_computes_what_it_computes_inside_the_model(int8_model):
+    """A per-op profile times each op as a model of its own: fed the whole run's values of its inputs, it gives
+    the whole run's values of its outputs, bit for bit."""
+    quant, layers, inputs = int8_model
+    run = PiecewiseRun(quant, [])
+    graph = run.graph
+    checked = set()
+    for index, op in enumerate(graph.operators):
+        name = run.op_name(index)
+        if name in checked:
+            continue
+        checked.add(name)
+        feeds = [int(t) for t in op.inputs if t >= 0 and not run.constant(int(t))]
+        out = int(op.outputs[0])
+        whole = _values(quant, feeds + [out], inputs[:2])
+        interpreter = open_interpreter(run.one_op(index))
+        for i in range(2):
+            for detail, t in zip(interpreter.get_input_details(), feeds):
+                interpreter.set_tensor(detail["index"], whole[t][i][None].astype(detail["dtype"]))
+            interpreter.invoke()
+            got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0]
+            assert np.array_equal(got, whole[out][i]), name
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD"} <= checked
+    run.close()
