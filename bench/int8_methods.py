@@ -51,6 +51,7 @@ ROWS = {  # every setting spelled out, whatever ConvertSettings' defaults are, b
     "int8 learned-rounding": {"rounding": "learned", "bias_correction": False},
     "int8 learned + bias-correction": {"rounding": "learned", "bias_correction": True},
     "int8 mse-ranges": {"ranges": "mse", "bias_correction": False},
+    "int8 mse-ranges + bias-correction": {"ranges": "mse", "bias_correction": True},
     "int8 mse-ranges + learned + bias-correction": {"ranges": "mse", "rounding": "learned", "bias_correction": True},
 }
 SCALE_ROWS = {"int16x8": ConvertSettings("int16x8"), "dynamic": ConvertSettings("dynamic")}
