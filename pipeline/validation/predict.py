@@ -95,6 +95,8 @@ class TfliteRunner:
             self._pool.put(open_interpreter(self.model_bytes))
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="litert")
 
+    per_image = True  # ``predict_one`` runs on one of this runner's interpreters, from any thread
+
     def _one(self, x: np.ndarray) -> np.ndarray:
         interpreter = self._pool.get()
         try:
@@ -111,6 +113,10 @@ class TfliteRunner:
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Outputs for decoded uint8 pixels, fed as this model's input convention says (what a device feeds)."""
         return self.predict(model_input(pixels, self.convention))
+
+    def predict_one(self, pixels: np.ndarray) -> np.ndarray:
+        """The output for one image's decoded pixels (HxWx3): ``predict_pixels`` of a batch of one, row 0."""
+        return self._one(model_input(pixels, self.convention)).astype(np.float32)
 
     def seconds_per_image(self, pixels: np.ndarray) -> float:
         """One interpreter's time per image on these pixels, one thread, nothing else of this runner running."""
@@ -132,6 +138,7 @@ class KerasRunner:
     """A Keras 3, tf_keras or SavedModel float model, run in batches."""
 
     batch_size = 16  # Xception-299 activations at batch 64 would need gigabytes
+    per_image = False  # one batched call spreads over every core: run on whole chunks, not image by image
     convention = LEGACY_CONVENTION  # what the Keras model is trained on, unless its own layers normalize pixels
 
     def __init__(self, path: str | os.PathLike, *, trust_code: bool = False):
