@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.core import artifacts
 from pipeline.core.errors import ModelLoadError, ValidationError
-from pipeline.core.preprocessing import LEGACY_CONVENTION, dequantize, model_input
+from pipeline.core.preprocessing import LEGACY_CONVENTION, dequantize, model_input, model_tensor
 from pipeline.model.keras_output import OutputKind, keras_output_kind
 from pipeline.model.modelio import load_source
 from pipeline.model.stem import input_domain
@@ -84,6 +84,13 @@ class TfliteRunner:
         if len(out_shape) != 2:
             raise ModelLoadError(f"{name}: expected a (1, classes) output, got {out_shape}")
         self._in, self._out = ins[0], outs[0]
+        # Decoding and quantizing are elementwise, so the input tensor of every pixel value, computed once through
+        # the one definition, gives an image's input by indexing: the same numbers at a fraction of the cost.
+        try:
+            self._tensor_of_pixel = model_tensor(np.arange(256, dtype=np.uint8), convention[0], ins[0]["dtype"],
+                                                 *ins[0]["quantization"])
+        except ValueError:  # no input scale: ``_one`` says so when the model is run
+            self._tensor_of_pixel = None
         self.output_kind = tflite_output_kind(self.model_bytes)
         self.convention, how = convention
         self.facts = ModelFacts(name, "tflite", artifacts.sha256_bytes(self.model_bytes), len(self.model_bytes),
@@ -115,8 +122,17 @@ class TfliteRunner:
         return self.predict(model_input(pixels, self.convention))
 
     def predict_one(self, pixels: np.ndarray) -> np.ndarray:
-        """The output for one image's decoded pixels (HxWx3): ``predict_pixels`` of a batch of one, row 0."""
-        return self._one(model_input(pixels, self.convention)).astype(np.float32)
+        """The output for one image's decoded uint8 pixels (HxWx3): ``predict_pixels`` of a batch of one, row 0."""
+        if pixels.dtype != np.uint8 or self._tensor_of_pixel is None:
+            return self._one(model_input(pixels, self.convention)).astype(np.float32)
+        interpreter = self._pool.get()
+        try:
+            interpreter.set_tensor(self._in["index"], self._tensor_of_pixel[pixels][None])
+            interpreter.invoke()
+            raw = interpreter.get_tensor(self._out["index"])[0]
+        finally:
+            self._pool.put(interpreter)
+        return dequantize(raw, *self._out["quantization"])
 
     def seconds_per_image(self, pixels: np.ndarray) -> float:
         """One interpreter's time per image on these pixels, one thread, nothing else of this runner running."""

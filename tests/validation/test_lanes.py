@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.preprocessing import PreprocessSpec, pixels_for
+from pipeline.core.preprocessing import PreprocessSpec, model_tensor, pixels_for
 from pipeline.validation.lanes import CHUNK
 from pipeline.validation.predict import TfliteRunner
 from pipeline.validation.validate import validate
@@ -75,3 +75,14 @@ def test_one_image_is_a_row_of_the_batch(trained_tflite, images):
             runner.close()
         assert runner.per_image and rows.dtype == batch.dtype == np.float32
         np.testing.assert_array_equal(rows, batch)
+
+
+@pytest.mark.parametrize("convention", ["pixels", "pixels_int8", "signed_unit"])
+@pytest.mark.parametrize("dtype,scale,zero_point", [(np.float32, 0.0, 0), (np.uint8, 1.0, 0), (np.int8, 1.0, -128),
+                                                    (np.int8, 2 / 255, 0), (np.uint8, 0.0078125, 128)])
+def test_an_input_tensor_is_its_pixels_looked_up(convention, dtype, scale, zero_point):
+    """The runner's per-image input is a table of the 256 pixel values' tensors, indexed: exact where decoding
+    and quantizing are elementwise, which this checks on every pixel value in random positions."""
+    pixels = np.random.default_rng(0).permutation(np.arange(256 * 3 * 4) % 256).astype(np.uint8).reshape(32, 32, 3)
+    table = model_tensor(np.arange(256, dtype=np.uint8), convention, dtype, scale, zero_point)
+    np.testing.assert_array_equal(table[pixels], model_tensor(pixels, convention, dtype, scale, zero_point))
