@@ -34,7 +34,9 @@ from pipeline.validation.output_kind import saved_model_output_kind, tflite_outp
 
 
 def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (its affinity, where the OS says it; else all of them)."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, len(usable) if usable else os.cpu_count() or 1)
 
 
 @dataclass
