@@ -101,6 +101,9 @@ class Predictions:
     layer_inputs: list[np.ndarray] = field(default_factory=list)
     decoded: list[Item] = field(default_factory=list)  # the first images that decoded (the floor is timed on them)
     seconds: float = 0.0  # wall time of the predicting phase, first image submitted to last output back
+    # this process's CPU time over the same span: beside the floor's per-image work, it tells the lanes' own cost
+    # from the time other processes took from them on a shared machine
+    cpu_s: float = 0.0
     # Seconds of each step summed over the lanes (about workers x seconds in all), a batched model's in the
     # calling thread; wait_s: the calling thread waiting for the lanes.
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys((*PART_NAMES, "wait_s"), 0.0))
@@ -130,7 +133,7 @@ def predict_all(items: list[Item], spec: PreprocessSpec, reference, candidate, w
                 progress: Progress | None = None) -> Predictions:
     """Run both models on every image in ``workers`` lanes, two chunks in flight; outputs in the items' order."""
     run, models = Predictions(), (reference, candidate)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lane")
     try:
         def submit(start: int) -> list[Future]:
@@ -148,7 +151,7 @@ def predict_all(items: list[Item], spec: PreprocessSpec, reference, candidate, w
                 progress(min(start + CHUNK, len(items)), len(items))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # an error or an interrupt: no image left running
-    run.seconds = time.perf_counter() - t0
+    run.seconds, run.cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     return run
 
 

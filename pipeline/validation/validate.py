@@ -369,7 +369,7 @@ def _timing(run: Predictions, floor: Floor | None, laps: _Laps, workers: int) ->
     """images/s over the predicting phase alone (decode and both models, every image), beside the floor; the
     one-time steps (loading and converting, the reference check, the floor, scoring) in ``one_time``."""
     rate = round(len(run.paths) / run.seconds, 1) if run.seconds else None
-    return {"predict_s": round(run.seconds, 3), "images_per_s": rate,
+    return {"predict_s": round(run.seconds, 3), "images_per_s": rate, "predict_cpu_s": round(run.cpu_s, 3),
             "total_s": round(time.perf_counter() - laps.start, 3), "workers": workers,
             **{k: round(v, 3) for k, v in run.parts.items()}, "one_time": dict(laps.seconds),
             "floor": floor.to_report(rate) if floor else None}

@@ -62,6 +62,7 @@ def test_images_per_s_covers_the_predicting_phase_alone(tmp_path, trained_run, t
     assert timing["predict_s"] + sum(one_time.values()) <= timing["total_s"] + 0.005
     assert one_time["check_s"] + 0.001 >= report["reference_runner"]["check"]["seconds"]
     assert timing["images_per_s"] == pytest.approx(report["samples"] / timing["predict_s"], rel=0.01)
+    assert timing["predict_cpu_s"] >= 0 and timing["workers"] >= 1
 
 
 def test_one_image_is_a_row_of_the_batch(trained_tflite, images):
