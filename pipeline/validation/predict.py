@@ -88,6 +88,7 @@ class TfliteRunner:
         self._in, self._out = ins[0], outs[0]
         # Decoding and quantizing are elementwise, so the input tensor of every pixel value, computed once through
         # the one definition, gives an image's input by indexing: the same numbers at a fraction of the cost.
+        self._tensor_of_pixel: np.ndarray | None
         try:
             self._tensor_of_pixel = model_tensor(np.arange(256, dtype=np.uint8), convention[0], ins[0]["dtype"],
                                                  *ins[0]["quantization"])
