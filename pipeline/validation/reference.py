@@ -10,9 +10,11 @@ converted for the model's own input (no scaling folded in): folding the
 [-1, 1] scaling into a padded stem approximates the pad, measured at 5e-4 in
 probability on MobileNetV2, against 4e-6 unfolded (docs/validation.md).
 
-The check runs before the rest, not beside it: run in a thread next to the
-float .tflite it gained nothing on 2 cores (both want every core), and it
-would have to keep every batch answered before its verdict.
+The check runs once, before the images are predicted, not beside them: run
+in a thread next to the float .tflite it gained nothing on 2 cores (both
+want every core), and it would have to keep every batch answered before its
+verdict. Its time is a one-time cost of the run, reported apart from the
+images/s of the predicting phase.
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ class ReferenceCheck:
 
 
 class ReferenceRunner:
-    """The reference's outputs, from the float .tflite where it passes the check on the first images, else from
-    the reference model itself. Outputs are the reference's own kind (logits or probabilities)."""
+    """The reference's outputs, from the float .tflite where it passes the check on the run's first images
+    (``check_on``), else from the reference model itself. Outputs are the reference's own kind (logits or
+    probabilities)."""
 
     def __init__(self, model, float_model: FloatModel | NoFloatModel | None, *, workers: int,
                  tolerance: float = REFERENCE_TOLERANCE, samples: int = REFERENCE_CHECK_SAMPLES):
@@ -127,17 +130,26 @@ class ReferenceRunner:
             why = float_model.reason if float_model else "the reference is a .tflite: it runs as it is"
             self.check = ReferenceCheck(KERAS_RUNNER if float_model else "the reference .tflite", why, tolerance)
 
-    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """The reference's outputs; the first call compares both runners on its first ``samples`` images."""
-        if self.float_runner is None or self.check.samples:
-            return self.chosen.predict_pixels(pixels)
+    def check_on(self, pixels: np.ndarray) -> None:
+        """Compare both runners on the first ``samples`` of these images and choose the one that computes the
+        reference from now on (nothing to compare: the model itself stays)."""
+        if self.float_runner is None or not len(pixels):
+            return
         sample, t0 = pixels[:self.samples], time.perf_counter()
         slow, fast = self.model.predict_pixels(sample), self.float_runner.predict_pixels(sample)
         self.check.seconds = time.perf_counter() - t0
         self._judge(slow, fast)
-        head = fast if self.chosen is self.float_runner else slow
-        rest = self.chosen.predict_pixels(pixels[len(sample):]) if len(pixels) > len(sample) else head[:0]
-        return np.concatenate([head, rest])
+
+    @property
+    def per_image(self) -> bool:
+        return self.chosen.per_image
+
+    def predict_one(self, pixels: np.ndarray) -> np.ndarray:
+        return self.chosen.predict_one(pixels)
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """The reference's outputs from the runner ``check_on`` chose (the model itself before any check)."""
+        return self.chosen.predict_pixels(pixels)
 
     def _judge(self, slow: np.ndarray, fast: np.ndarray) -> None:
         check = self.check

@@ -14,25 +14,25 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from pipeline.conversion.int8_methods import summary as int8_summary
 from pipeline.core import artifacts
-from pipeline.core.data import Item, Skip, discover
+from pipeline.core.data import Item, discover
 from pipeline.core.errors import BudgetExceeded, DataError, ModelLoadError, Remedy, ValidationError
-from pipeline.core.preprocessing import ImageError, PreprocessSpec, model_input, pixels_for
+from pipeline.core.preprocessing import PreprocessSpec, model_input
 from pipeline.tflite.sandboxed_load import read_model_bytes
 from pipeline.tflite.contents import inspect_tflite
 from pipeline.tflite.scale_fold import float_twin
+from pipeline.validation.lanes import Predictions, Progress, first_pixels, load_item, predict_all
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
 from pipeline.validation.predict import as_probabilities, default_workers, open_runner
 from pipeline.validation.reference import (
+    REFERENCE_CHECK_SAMPLES,
     REFERENCE_TOLERANCE,
     FloatModel,
     NoFloatModel,
@@ -43,14 +43,10 @@ from pipeline.validation.reference import (
 )
 from pipeline.validation.report_html import render_html
 from pipeline.validation.report_md import render_markdown
-from pipeline.validation.throughput import FLOOR_SAMPLES, Floor, measure_floor
+from pipeline.validation.throughput import Floor, measure_floor
 
 REPORT_SCHEMA = 1
-CHUNK = 64  # images decoded and predicted per step: bounded memory, steady progress
 MAX_FLIPS_LISTED = 500
-
-Progress = Callable[[int, int], None]
-
 
 @dataclass(frozen=True)
 class Budgets:
@@ -194,14 +190,6 @@ def select_round_robin(items: list[Item], limit: int | None) -> list[Item]:
     return chosen
 
 
-def load_item(item: Item, spec: PreprocessSpec):
-    """Decoded, cropped, resized uint8 pixels of one image (each runner turns them into its model's input)."""
-    try:
-        return pixels_for(item.path, spec), None
-    except ImageError as exc:
-        return None, Skip(str(item.path), exc.reason)
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -275,62 +263,6 @@ def _layer_section(ref_runner, float_model: FloatModel | NoFloatModel | None, ca
             "worst": [r["layer"] for r in rows[:10]], "all": rows, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-@dataclass
-class _Run:
-    paths: list[str] = field(default_factory=list)
-    labels: list[str | None] = field(default_factory=list)
-    reference: list[np.ndarray] = field(default_factory=list)
-    candidate: list[np.ndarray] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    layer_inputs: list[np.ndarray] = field(default_factory=list)
-    decoded: list[Item] = field(default_factory=list)  # the first images that decoded (the floor is timed on them)
-    seconds: float = 0.0
-    # where ``seconds`` went: waiting for a decoded chunk, the reference (its runner check included), the candidate
-    parts: dict[str, float] = field(default_factory=lambda: {"decode_wait_s": 0.0, "reference_s": 0.0,
-                                                             "candidate_s": 0.0})
-
-    def add(self, chunk: list[Item], loaded: list, ref_runner, cand_runner, layer_samples: int) -> None:
-        """Give one decoded chunk to both models (the same batch) and keep what the report needs."""
-        good = [(it, x) for it, (x, skip) in zip(chunk, loaded) if x is not None]
-        self.skipped.extend(skip for _, skip in loaded if skip is not None)
-        if not good:
-            return
-        batch = np.stack([x for _, x in good])
-        t0 = time.perf_counter()
-        self.reference.append(ref_runner.predict_pixels(batch))
-        t1 = time.perf_counter()
-        self.candidate.append(cand_runner.predict_pixels(batch))
-        self.parts["reference_s"] += t1 - t0
-        self.parts["candidate_s"] += time.perf_counter() - t1
-        self.paths.extend(str(it.path) for it, _ in good)
-        self.labels.extend(it.label for it, _ in good)
-        self.layer_inputs.extend(batch[:max(layer_samples - len(self.layer_inputs), 0)])
-        self.decoded.extend(it for it, _ in good[:max(FLOOR_SAMPLES - len(self.decoded), 0)])
-
-
-def _predict_all(chosen: list[Item], spec: PreprocessSpec, ref_runner: ReferenceRunner, cand_runner, workers: int,
-                 layer_samples: int, progress: Progress | None) -> _Run:
-    """Decode the next chunk in threads while both models run on this one: bounded memory, one pass."""
-    run = _Run()
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as decode:
-
-        def submit(start: int) -> list:
-            return [decode.submit(load_item, it, spec) for it in chosen[start:start + CHUNK]]
-
-        pending = submit(0)
-        for start in range(0, len(chosen), CHUNK):
-            waited = time.perf_counter()
-            loaded = [future.result() for future in pending]
-            run.parts["decode_wait_s"] += time.perf_counter() - waited
-            pending = submit(start + CHUNK)  # decoded while the models run on this chunk
-            run.add(chosen[start:start + CHUNK], loaded, ref_runner, cand_runner, layer_samples)
-            if progress:
-                progress(min(start + CHUNK, len(chosen)), len(chosen))
-    run.seconds = time.perf_counter() - t0
-    return run
-
-
 def _flips(paths, names, labels, ref_pred, cand_pred, ref_conf, cand_conf) -> list[dict]:
     flips = []
     for i in np.flatnonzero(ref_pred != cand_pred)[:MAX_FLIPS_LISTED]:
@@ -361,7 +293,7 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
     difference; 0 keeps the Keras model): ``pipeline.validation.reference``.
     """
 
-    t0 = time.perf_counter()
+    laps = _Laps()
     reference, candidate, out_dir = Path(reference), Path(candidate), Path(out_dir)
     found = _checked_inputs(data, out_dir, limit, layer_samples, budgets)
     check_tolerance(reference_tolerance)
@@ -378,11 +310,18 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
         chosen = select_round_robin(found.items, limit)
         convert_s, float_model, ref = _reference_runner(ref_runner, workers, reference_tolerance)
         runners.append(ref)
-        run = _predict_all(chosen, spec, ref, cand_runner, workers, layer_samples, progress)
+        laps.lap("load_s")
+        sample = first_pixels(chosen, spec, REFERENCE_CHECK_SAMPLES)
+        if sample is not None:
+            ref.check_on(sample)
+        laps.lap("check_s")
+        run = predict_all(chosen, spec, ref, cand_runner, workers, layer_samples, progress)
+        laps.lap(None)  # the predicting phase is ``run.seconds``
         if not run.paths:
             example = f" (e.g. {run.skipped[0].path}: {run.skipped[0].reason})" if run.skipped else ""
             raise ValidationError(f"no usable images in {data}: all {len(chosen)} files were skipped{example}")
         floor = measure_floor(run.decoded, spec, ref, cand_runner, default_workers())
+        laps.lap("floor_s")
         scored = _Scored.of(run, ref, cand_runner, names, found.labeled)
         layers = _layer_section(ref_runner, float_model, cand_runner, run.layer_inputs)
     finally:
@@ -394,9 +333,24 @@ def validate(reference, candidate, data, out_dir, *, labels=None, budgets: Budge
     verdicts, misses = budgets.check(report)
     report["budgets"] = verdicts
     report["passed"] = (not misses) if verdicts else None  # None: no budget given, nothing gated
-    report["timing"] = _timing(run, floor, time.perf_counter() - t0, workers)
+    laps.lap("scoring_s")
+    report["timing"] = _timing(run, floor, laps, workers)
     written = write_reports(report, out_dir, ref_conf=scored.ref_conf, cand_conf=scored.cand_conf)
     return ValidationResult(report, written, misses)
+
+
+class _Laps:
+    """Wall seconds of a validation's one-time steps, each from the end of the step before."""
+
+    def __init__(self):
+        self.start = self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str | None) -> None:
+        now = time.perf_counter()
+        if name:
+            self.seconds[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _reference_runner(ref_runner, workers: int,
@@ -411,10 +365,13 @@ def _reference_runner(ref_runner, workers: int,
     return convert_s, float_model, ReferenceRunner(ref_runner, float_model, workers=workers, tolerance=tolerance)
 
 
-def _timing(run: _Run, floor: Floor | None, total_s: float, workers: int) -> dict:
+def _timing(run: Predictions, floor: Floor | None, laps: _Laps, workers: int) -> dict:
+    """images/s over the predicting phase alone (decode and both models, every image), beside the floor; the
+    one-time steps (loading and converting, the reference check, the floor, scoring) in ``one_time``."""
     rate = round(len(run.paths) / run.seconds, 1) if run.seconds else None
-    return {"predict_s": round(run.seconds, 3), "images_per_s": rate, "total_s": round(total_s, 3),
-            "workers": workers, **{k: round(v, 3) for k, v in run.parts.items()},
+    return {"predict_s": round(run.seconds, 3), "images_per_s": rate, "predict_cpu_s": round(run.cpu_s, 3),
+            "total_s": round(time.perf_counter() - laps.start, 3), "workers": workers,
+            **{k: round(v, 3) for k, v in run.parts.items()}, "one_time": dict(laps.seconds),
             "floor": floor.to_report(rate) if floor else None}
 
 
@@ -454,7 +411,7 @@ class _Scored:
     flips: list[dict]
 
     @classmethod
-    def of(cls, run: _Run, ref_runner, cand_runner, names: list[str], labeled: bool) -> "_Scored":
+    def of(cls, run: Predictions, ref_runner, cand_runner, names: list[str], labeled: bool) -> "_Scored":
         ref_p = as_probabilities(np.concatenate(run.reference), ref_runner.output_kind, "reference")
         cand_p = as_probabilities(np.concatenate(run.candidate), cand_runner.output_kind, "candidate")
         index_of = {name: i for i, name in enumerate(names)}
@@ -466,7 +423,7 @@ class _Scored:
         return cls(summary, labels_arr, ref_pred, cand_pred, ref_conf, cand_conf, flips)
 
 
-def _report(reference: Path, candidate: Path, ref_runner, cand_runner, spec: PreprocessSpec, found, run: _Run,
+def _report(reference: Path, candidate: Path, ref_runner, cand_runner, spec: PreprocessSpec, found, run: Predictions,
             scored: _Scored, layers: dict, names: list[str], labels_source: str, limit) -> dict:
     """report.json's content before the budgets and timing (each model's input convention is in its facts)."""
     skipped = list(found.skipped) + run.skipped
@@ -518,4 +475,5 @@ def read_report(path) -> dict:
     return data
 
 
-__all__ = ["Budgets", "ValidationResult", "validate", "read_report", "resolve_labels", "write_reports"]
+__all__ = ["Budgets", "ValidationResult", "validate", "read_report", "resolve_labels", "write_reports",
+           "load_item"]
