@@ -110,8 +110,11 @@ class PiecewiseRun:
         if ops:
             self._run(ops, wanted, totals)
         for t in wanted:
-            if t not in totals:  # made by an earlier piece, or a graph input
-                totals[t] = np.sum([x.astype(np.int64) for x in self.stored[t]], axis=0)
+            if t not in totals:  # made by an earlier piece, or a graph input: added in place, in int32 (exact)
+                total = np.zeros(self.stored[t][0].shape, np.int32)
+                for x in self.stored[t]:
+                    np.add(total, x, out=total)
+                totals[t] = total.astype(np.int64)
         self._forget()
         return totals
 
