@@ -289,9 +289,10 @@ def convert_spliced(source: SourceModel, settings: ConvertSettings, representati
         methods: dict[str, Any] = {}
         if settings.bias_correction and representative is not None:
             kept = source.cache.calibrated
-            spliced = refine_int8(spliced, int8_float_model(source, settings), representative,
-                                  replace(settings, rounding=Rounding.NEAREST), methods,
-                                  float_sums=kept.float_sums if kept is not None else None)
+            with timed("methods"):
+                spliced = refine_int8(spliced, int8_float_model(source, settings), representative,
+                                      replace(settings, rounding=Rounding.NEAREST), methods,
+                                      float_sums=kept.float_sums if kept is not None else None)
     record = replace(host.calibration, fallback_method="splice", float_layers=list(settings.float_layers),
                      splice=report)
     if methods:
@@ -476,7 +477,8 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
             except Exception as exc:  # noqa: BLE001 - the quantizer raises many private types
                 raise converter_failed(settings, exc, log) from None
         methods: dict[str, Any] = {}
-        refined = refine_int8(quantized, int8_float_model(source, settings), representative, settings, methods,
-                              float_sums=kept.float_sums)
+        with timed("methods"):
+            refined = refine_int8(quantized, int8_float_model(source, settings), representative, settings, methods,
+                                  float_sums=kept.float_sums)
         record.absorb(methods)
     return Conversion(refined, Route.STAGED, record)

@@ -25,7 +25,8 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 R = TypeVar("R")
 
-STAGES = ("load", "probe", "convert", "calibration", "quantizer", "rewrites", "search", "metadata", "write")
+STAGES = ("load", "probe", "convert", "calibration", "quantizer", "methods", "rewrites", "search", "metadata",
+          "write")
 
 
 class StageClock:
