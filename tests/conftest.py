@@ -116,6 +116,15 @@ def run_cli(*args, cwd=None, timeout=600, env=None, check=False, input=None):
     return proc
 
 
+def labeled_subset(source: str | Path, root: Path, per_class: int) -> Path:
+    """``root`` made a labeled folder of the first ``per_class`` images of each class folder of ``source``."""
+    for class_dir in sorted(Path(source).iterdir()):
+        (root / class_dir.name).mkdir()
+        for f in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copy2(f, root / class_dir.name / f.name)
+    return root
+
+
 def invoke_cli(*args, cwd=None, env=None, check=False) -> subprocess.CompletedProcess:
     """Run a console script's command in this process with click's CliRunner, answered like ``run_cli``.
 

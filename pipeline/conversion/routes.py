@@ -17,7 +17,7 @@ import contextlib
 import enum
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.conversion import float_fallback
 from pipeline.conversion.converter_hooks import (
@@ -369,23 +369,35 @@ def int8_float(source: SourceModel, settings: ConvertSettings) -> tuple[bytes, d
                                       **({"equalize": {"applied": False, "reason": why}} if settings.equalize else {})}
     cache = source.cache
     if cache.scale_folded is None:
-        float_model = float_tflite(source)
-        with timed("calibration"):
-            try:
-                cache.scale_folded = fold_scales(float_model)
-            except Exception as exc:  # noqa: BLE001 - an exact rewrite the model can do without must not fail it
-                cache.scale_folded = float_model, f"the fold could not read this graph ({type(exc).__name__}: {exc})"
-    folded, report = cache.scale_folded
-    fold = {"applied": False, "reason": report} if isinstance(report, str) else {"applied": True, **report.to_dict()}
-    records: dict[str, Any] = {"scale_fold": fold}
+        cache.scale_folded = _exact_rewrite(fold_scales, float_tflite(source), "the fold")
+    folded, report, _ = cache.scale_folded
+    records: dict[str, Any] = {"scale_fold": _rewrite_record(report)}
     if not settings.equalize:
         return folded, records
     if cache.equalized is None:
-        with timed("calibration"):
-            started = time.perf_counter()
-            cache.equalized = (*equalize(folded), round(time.perf_counter() - started, 3))
+        cache.equalized = _exact_rewrite(equalize, folded, "equalizing")
     equalized, balanced, seconds = cache.equalized
-    return equalized, {**records, "equalize": {"applied": True, **balanced.to_dict(), "seconds": seconds}}
+    return equalized, {**records, "equalize": _rewrite_record(balanced, seconds)}
+
+
+def _exact_rewrite(rewrite: Callable[[bytes], tuple[bytes, Any]], model: bytes,
+                   what: str) -> tuple[bytes, Any, float]:
+    """``rewrite`` applied to ``model``: (its bytes, its report, seconds). An exact rewrite the model can do
+    without must not fail a conversion: on a graph it cannot read, the model as it is and why (a str)."""
+    with timed("calibration"):
+        started = time.perf_counter()
+        try:
+            rewritten, report = rewrite(model)
+        except Exception as exc:  # noqa: BLE001 - any reader error of any rewrite: the model stays as it is
+            return model, f"{what} could not read this graph ({type(exc).__name__}: {exc})", 0.0
+        return rewritten, report, round(time.perf_counter() - started, 3)
+
+
+def _rewrite_record(report: Any, seconds: float | None = None) -> dict[str, Any]:
+    """The manifest's record of one exact rewrite: what it changed, or why it was not applied."""
+    if isinstance(report, str):
+        return {"applied": False, "reason": report}
+    return {"applied": True, **report.to_dict(), **({"seconds": seconds} if seconds is not None else {})}
 
 
 def int8_float_model(source: SourceModel, settings: ConvertSettings) -> bytes:

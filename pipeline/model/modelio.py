@@ -80,10 +80,10 @@ class SourceCache:
     float_tflite: bytes | None = None
     # The float32 .tflite with per-channel scales after a ReLU folded into the layer before, and what was folded:
     # what the staged int8 route calibrates and quantizes (``pipeline.conversion.routes.int8_float_model``).
-    scale_folded: tuple[bytes, FoldReport | str] | None = None  # a str: why the model is unfolded
+    scale_folded: tuple[bytes, FoldReport | str, float] | None = None  # a str: why the model is unfolded; seconds
     # That model with its layer pairs equalized (``pipeline.tflite.equalize``), when a conversion asked for it, and
     # the seconds equalizing took.
-    equalized: tuple[bytes, EqualizeReport, float] | None = None
+    equalized: tuple[bytes, EqualizeReport | str, float] | None = None  # a str: why it is not equalized
     # The last calibration of the staged int8 route.
     calibrated: KeptCalibration | None = None
     # What the float input holds: "pixels" or "signed_unit" (``convention_choice.source_domain``).

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.tflite import flatbuffers
+from pipeline.tflite.flatbuffers import ints, text
 from pipeline.tflite.layers import layer_names, primary_layer
 
 _KINDS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -87,12 +88,6 @@ class _Pair:
     scale: np.ndarray  # s_c accumulated over the sweeps
 
 
-def _ints(values) -> list[int]:
-    return [int(v) for v in values] if values is not None else []
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 class _Weights:
@@ -103,7 +98,7 @@ class _Weights:
         self.model, self.graph = model, model.subgraphs[0]
         self.readers: dict[int, list[int]] = {}
         for index, op in enumerate(self.graph.operators or []):
-            for t in _ints(op.inputs):
+            for t in ints(op.inputs):
                 if t >= 0:
                     self.readers.setdefault(t, []).append(index)
         self.values: dict[int, np.ndarray] = {}  # tensor -> values being balanced
@@ -152,7 +147,7 @@ class _Weights:
         """Op ``index``'s weights and bias as tensors only it reads: the converter gives layers with equal constants
         (the zero biases of depthwise convs) one tensor, which cannot take one layer's scaling for all."""
         schema, op = flatbuffers.schema(), self.graph.operators[index]
-        for position, t in enumerate(_ints(op.inputs)):
+        for position, t in enumerate(ints(op.inputs)):
             if position == 0 or t < 0 or len(self.readers.get(t, [])) < 2:
                 continue
             old, tensor = self.graph.tensors[t], schema.TensorT()
@@ -167,8 +162,8 @@ class _Weights:
 def _channels(w: _Weights, index: int) -> int | None:
     """``index``'s output channels where it can be the first of a pair (float32 weights), else None."""
     op = w.graph.operators[index]
-    inputs = _ints(op.inputs)
-    if w.kind(index) not in _KINDS or len(inputs) < 2 or len(_ints(op.outputs)) != 1:
+    inputs = ints(op.inputs)
+    if w.kind(index) not in _KINDS or len(inputs) < 2 or len(ints(op.outputs)) != 1:
         return None
     weights = w.constant(inputs[1])
     if weights is None or weights.ndim != (2 if w.kind(index) == "FULLY_CONNECTED" else 4):
@@ -180,12 +175,12 @@ def _channels(w: _Weights, index: int) -> int | None:
 
 def _second(w: _Weights, first: int, channels: int) -> int | None:
     """The op that alone reads ``first``'s output as its data input and takes its channels as input channels."""
-    out = _ints(w.graph.operators[first].outputs)[0]
+    out = ints(w.graph.operators[first].outputs)[0]
     readers = w.readers.get(out, [])
-    if len(readers) != 1 or out in _ints(w.graph.outputs):
+    if len(readers) != 1 or out in ints(w.graph.outputs):
         return None
     second = readers[0]
-    inputs = _ints(w.graph.operators[second].inputs)
+    inputs = ints(w.graph.operators[second].inputs)
     shape = [int(s) for s in w.graph.tensors[out].shape] if w.graph.tensors[out].shape is not None else []
     if _channels(w, second) is None or inputs.count(out) != 1 or inputs[0] != out or not shape or shape[-1] != channels:
         return None
@@ -225,7 +220,8 @@ def _shaped(scale: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 def _balance(w: _Weights, pair: _Pair) -> float:
     """One equalization step of ``pair`` in place; the largest |log s_c| it applied."""
-    in1, in2 = _ints(w.graph.operators[pair.first].inputs), _ints(w.graph.operators[pair.second].inputs)
+    ops = w.graph.operators
+    in1, in2 = ints(ops[pair.first].inputs), ints(ops[pair.second].inputs)
     kind1, kind2 = w.kind(pair.first), w.kind(pair.second)
     w1, w2 = w.array(in1[1]), w.array(in2[1])
     r1, r2 = _ranges(w1, _OUT_AXIS[kind1]), _ranges(w2, _IN_AXIS[kind2])
@@ -246,9 +242,9 @@ def _spread(ranges: np.ndarray) -> float:
 
 def _layer(w: _Weights, index: int) -> str:
     op = w.graph.operators[index]
-    name = _text(w.graph.tensors[_ints(op.outputs)[0]].name)
+    name = text(w.graph.tensors[ints(op.outputs)[0]].name)
     if not layer_names(name):  # a graph output named "Identity": its weights still name the layer
-        name = _text(w.graph.tensors[_ints(op.inputs)[1]].name)
+        name = text(w.graph.tensors[ints(op.inputs)[1]].name)
     return primary_layer(name, layer_names(name))
 
 
@@ -264,7 +260,7 @@ def equalize(model_bytes: bytes) -> tuple[bytes, EqualizeReport]:
     pairs, clipping = _pairs(w)
     if not pairs:
         return model_bytes, EqualizeReport(skipped_clipping=clipping)
-    before = [_spread(_ranges(w.array(_ints(w.graph.operators[p.second].inputs)[1]),
+    before = [_spread(_ranges(w.array(ints(w.graph.operators[p.second].inputs)[1]),
                               _IN_AXIS[w.kind(p.second)])) for p in pairs]
     sweeps = 0
     while sweeps < _SWEEPS:
@@ -273,7 +269,7 @@ def equalize(model_bytes: bytes) -> tuple[bytes, EqualizeReport]:
             break
     entries = []
     for pair, spread in zip(pairs, before):
-        second_weights = w.values[_ints(w.graph.operators[pair.second].inputs)[1]]
+        second_weights = w.values[ints(w.graph.operators[pair.second].inputs)[1]]
         entries.append(EqualizedPair(_layer(w, pair.first), _layer(w, pair.second),
                                      f"{w.kind(pair.first)} -> {w.kind(pair.second)}", int(pair.scale.size), spread,
                                      _spread(_ranges(second_weights, _IN_AXIS[w.kind(pair.second)]))))
@@ -285,10 +281,10 @@ def _write_back(w: _Weights, pairs: list[_Pair]) -> None:
     """Each rescaled weight and bias written back, each balanced middle tensor renamed."""
     firsts = {p.first for p in pairs}
     for index in sorted(firsts | {p.second for p in pairs}):
-        inputs = _ints(w.graph.operators[index].inputs)
+        inputs = ints(w.graph.operators[index].inputs)
         w.write(inputs[1])
         if index in firsts and len(inputs) > 2 and inputs[2] >= 0:
             w.write(inputs[2])
     for index in firsts:
-        tensor = w.graph.tensors[_ints(w.graph.operators[index].outputs)[0]]
-        tensor.name = (_text(tensor.name) + SUFFIX).encode()
+        tensor = w.graph.tensors[ints(w.graph.operators[index].outputs)[0]]
+        tensor.name = (text(tensor.name) + SUFFIX).encode()

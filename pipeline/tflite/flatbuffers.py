@@ -73,6 +73,16 @@ def builtin_code(code) -> int:
     return max(int(code.BuiltinCode()), int(code.DeprecatedBuiltinCode()))
 
 
+def ints(values) -> list[int]:
+    """An index vector of the object API (a numpy array, a list, or None for an absent field) as ints."""
+    return [int(v) for v in values] if values is not None else []
+
+
+def text(value) -> str:
+    """A name of the object API (bytes, str, or None) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
 def op_name(model, op) -> str:
     """The builtin name (``CONV_2D``) of an operator of ``model`` (object API); ``?`` for custom ops."""
     return op_names().get(builtin_code(model.operatorCodes[op.opcodeIndex]), "?")

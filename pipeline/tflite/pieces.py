@@ -25,12 +25,10 @@ import numpy as np
 
 from pipeline.core.preprocessing import quantize
 from pipeline.tflite import flatbuffers
+from pipeline.tflite.flatbuffers import ints
 from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.weighted_layers import workers_for
 
-
-def _ints(values) -> list[int]:
-    return [int(v) for v in values] if values is not None else []
 
 
 class PiecewiseRun:
@@ -44,15 +42,15 @@ class PiecewiseRun:
         self.producer: dict[int, int] = {}
         self.readers: dict[int, set[int]] = {}
         for index, op in enumerate(self.graph.operators):
-            for t in _ints(op.outputs):
+            for t in ints(op.outputs):
                 self.producer[t] = index
-            for t in _ints(op.inputs):
+            for t in ints(op.inputs):
                 if t >= 0:
                     self.readers.setdefault(t, set()).add(index)
         self.done: set[int] = set()
         self.count = len(inputs)
         self.stored: dict[int, list[np.ndarray]] = {}
-        for t in _ints(self.graph.inputs):  # image by image: a whole-set temporary costs a page fault per page
+        for t in ints(self.graph.inputs):  # image by image: a whole-set temporary costs a page fault per page
             self.stored[t] = [self._model_input(t, np.asarray(x, dtype=np.float32)[None]) for x in inputs]
         self.pieces = 0
         self.ops_run = 0
@@ -129,19 +127,19 @@ class PiecewiseRun:
             if op in ops or op in self.done:
                 continue
             ops.add(op)
-            stack += _ints(self.graph.operators[op].inputs)
+            stack += ints(self.graph.operators[op].inputs)
         return sorted(ops)
 
     def _run(self, ops: list[int], wanted: list[int], totals: dict[int, np.ndarray] | None) -> None:
         """Run ``ops`` as one piece on every input; with ``totals`` given, the workers add up the integer wanted
         tensors the piece makes into it."""
         chosen = set(ops)
-        made = {t for op in ops for t in _ints(self.graph.operators[op].outputs)}
-        read = [t for op in ops for t in _ints(self.graph.operators[op].inputs)
+        made = {t for op in ops for t in ints(self.graph.operators[op].outputs)}
+        read = [t for op in ops for t in ints(self.graph.operators[op].inputs)
                 if t >= 0 and t not in made and not self.constant(t)]
         feeds = list(dict.fromkeys(read))
-        keep = [t for op in ops for t in _ints(self.graph.operators[op].outputs)
-                if t in wanted or self.readers.get(t, set()) - chosen or t in _ints(self.graph.outputs)]
+        keep = [t for op in ops for t in ints(self.graph.operators[op].outputs)
+                if t in wanted or self.readers.get(t, set()) - chosen or t in ints(self.graph.outputs)]
         keep = list(dict.fromkeys(keep))
         piece, index = self._piece(ops, feeds, keep)
         count = len(next(iter(self.stored.values())))
@@ -177,8 +175,8 @@ class PiecewiseRun:
     def one_op(self, op: int) -> bytes:
         """Op ``op`` as a model of its own: its constants inside, its activations as the model's inputs and outputs
         (what a per-op profile times)."""
-        feeds = [t for t in _ints(self.graph.operators[op].inputs) if t >= 0 and not self.constant(t)]
-        return self._piece([op], list(dict.fromkeys(feeds)), _ints(self.graph.operators[op].outputs))[0]
+        feeds = [t for t in ints(self.graph.operators[op].inputs) if t >= 0 and not self.constant(t)]
+        return self._piece([op], list(dict.fromkeys(feeds)), ints(self.graph.operators[op].outputs))[0]
 
     def op_name(self, op: int) -> str:
         return flatbuffers.op_name(self.model, self.graph.operators[op])
@@ -187,8 +185,8 @@ class PiecewiseRun:
         """The ops as a model of their own: (its bytes, original tensor index -> the piece's)."""
         used = list(feeds)
         for op in ops:
-            used += [t for t in _ints(self.graph.operators[op].inputs) + _ints(self.graph.operators[op].outputs)
-                     + _ints(self.graph.operators[op].intermediates) if t >= 0]
+            used += [t for t in ints(self.graph.operators[op].inputs) + ints(self.graph.operators[op].outputs)
+                     + ints(self.graph.operators[op].intermediates) if t >= 0]
         index = {t: i for i, t in enumerate(dict.fromkeys(used))}
         schema = flatbuffers.schema()
         model = schema.ModelT()
@@ -204,7 +202,7 @@ class PiecewiseRun:
             else:
                 tensor.buffer = 0
             graph.tensors.append(tensor)
-        remap = lambda values: [index[t] if t >= 0 else t for t in _ints(values)]  # noqa: E731
+        remap = lambda values: [index[t] if t >= 0 else t for t in ints(values)]  # noqa: E731
         graph.operators = []
         for op in ops:
             piece_op = copy.copy(self.graph.operators[op])
@@ -218,7 +216,7 @@ class PiecewiseRun:
 
     def _forget(self) -> None:
         """Drop stored tensors that no op still to run reads (graph inputs and outputs stay)."""
-        ends = set(_ints(self.graph.inputs)) | set(_ints(self.graph.outputs))
+        ends = set(ints(self.graph.inputs)) | set(ints(self.graph.outputs))
         for t in list(self.stored):
             if t not in ends and self.readers.get(t, set()) <= self.done:
                 del self.stored[t]

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.tflite import flatbuffers
+from pipeline.tflite.flatbuffers import ints, text
 from pipeline.tflite.layers import layer_names, primary_layer
 
 # Output channel axis of the weights of each producer the fold takes.
@@ -98,12 +99,6 @@ class FoldReport:
                 "offsets": [entry.to_dict() for entry in self.offsets]}
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
-
-
-def _ints(values) -> list[int]:
-    return [int(v) for v in values] if values is not None else []
 
 
 @dataclass
@@ -123,15 +118,15 @@ class _Graph:
         producer: dict[int, int] = {}
         readers: dict[int, list[int]] = {}
         for index, op in enumerate(graph.operators or []):
-            for t in _ints(op.outputs):
+            for t in ints(op.outputs):
                 producer[t] = index
-            for t in _ints(op.inputs):
+            for t in ints(op.inputs):
                 if t >= 0:
                     readers.setdefault(t, []).append(index)
         users: dict[int, int] = {}
         for tensor in graph.tensors:
             users[int(tensor.buffer)] = users.get(int(tensor.buffer), 0) + 1
-        return cls(model, graph, producer, readers, users, set(_ints(graph.outputs)))
+        return cls(model, graph, producer, readers, users, set(ints(graph.outputs)))
 
     def constant(self, t: int) -> np.ndarray | None:
         """A float32 constant's values (shaped), or None: not a constant, or not float32."""
@@ -184,7 +179,7 @@ def _per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
 def _constant_operands(g: _Graph, op, kind: str):
     """(constant values, the other input, which input is the constant) for each way ``op``, a ``kind`` op with no
     fused activation and two inputs, reads one constant beside one tensor."""
-    inputs = _ints(op.inputs)
+    inputs = ints(op.inputs)
     if flatbuffers.op_name(g.model, op) != kind or len(inputs) != 2 or g.activation(op) != _NONE:
         return
     for const_input in (0, 1):
@@ -200,11 +195,11 @@ def _match(g: _Graph, index: int) -> _Match | None:
             continue
         p = g.graph.operators[g.producer[x]]
         kind = flatbuffers.op_name(g.model, p)
-        p_inputs = _ints(p.inputs)
+        p_inputs = ints(p.inputs)
         out_shape = [int(s) for s in g.graph.tensors[x].shape]
         if (kind not in _CHANNEL_AXIS or g.activation(p) not in (_RELU, _NONE) or len(p_inputs) < 3
-                or p_inputs[2] < 0 or len(_ints(p.outputs)) != 1 or not out_shape
-                or [int(s) for s in g.graph.tensors[_ints(op.outputs)[0]].shape] != out_shape):
+                or p_inputs[2] < 0 or len(ints(p.outputs)) != 1 or not out_shape
+                or [int(s) for s in g.graph.tensors[ints(op.outputs)[0]].shape] != out_shape):
             continue
         if g.own_constant(p_inputs[1]) is None or g.own_constant(p_inputs[2]) is None:
             continue
@@ -242,7 +237,7 @@ def _kept_constant(g: _Graph, m: _Match, kept: np.ndarray) -> None:
     buffer.data = np.frombuffer(values.tobytes(), dtype=np.uint8).copy()
     g.model.buffers.append(buffer)
     tensor = schema.TensorT()
-    tensor.shape, tensor.type, tensor.name = old.shape, old.type, (_text(old.name) + "/sign").encode()
+    tensor.shape, tensor.type, tensor.name = old.shape, old.type, (text(old.name) + "/sign").encode()
     tensor.buffer = len(g.model.buffers) - 1
     g.graph.tensors.append(tensor)
     op.inputs[m.const_input] = len(g.graph.tensors) - 1
@@ -253,25 +248,25 @@ def _fold(g: _Graph, m: _Match) -> FoldedLayer:
     p, mul = g.graph.operators[m.producer], g.graph.operators[m.mul]
     activation = g.activation(p)
     moved, kept = _split(m.factors, activation)
-    p_inputs = _ints(p.inputs)
+    p_inputs = ints(p.inputs)
     _scale(g, p_inputs[1], moved, _CHANNEL_AXIS[m.kind])
     _scale(g, p_inputs[2], moved, 0)
-    out, mul_out = _ints(p.outputs)[0], _ints(mul.outputs)[0]
-    name, mul_name = _text(g.graph.tensors[out].name), _text(g.graph.tensors[mul_out].name)
+    out, mul_out = ints(p.outputs)[0], ints(mul.outputs)[0]
+    name, mul_name = text(g.graph.tensors[out].name), text(g.graph.tensors[mul_out].name)
     layer = primary_layer(name, layer_names(name))
     remove = bool(np.all(kept == 1)) and mul_out not in g.outputs
     if remove:
         g.graph.tensors[out].name = f"{name};{mul_name}".encode()
         for reader in g.readers.get(mul_out, []):
             ins = g.graph.operators[reader].inputs
-            for i, t in enumerate(_ints(ins)):
+            for i, t in enumerate(ints(ins)):
                 if t == mul_out:
                     ins[i] = out
     else:
         g.graph.tensors[out].name = f"{name};{mul_name}/magnitude".encode()
         _kept_constant(g, m, kept)
     return FoldedLayer(layer, m.kind, int(m.factors.size), int(np.sum(m.factors < 0)), int(np.sum(m.factors == 0)),
-                       remove, _text(g.graph.tensors[out].name))
+                       remove, text(g.graph.tensors[out].name))
 
 
 def fold_scales(model_bytes: bytes) -> tuple[bytes, FoldReport]:
@@ -315,9 +310,9 @@ def _drop_unused_tensors(model) -> None:
     """Remove tensors no op, graph input/output or signature names (a removed MUL's), renumbering the rest; the
     buffers only they used are emptied (buffer indices stay)."""
     graph = model.subgraphs[0]
-    used: set[int] = set(_ints(graph.inputs)) | set(_ints(graph.outputs))
+    used: set[int] = set(ints(graph.inputs)) | set(ints(graph.outputs))
     for op in graph.operators:
-        used |= {t for t in _ints(op.inputs) + _ints(op.outputs) + _ints(op.intermediates) if t >= 0}
+        used |= {t for t in ints(op.inputs) + ints(op.outputs) + ints(op.intermediates) if t >= 0}
     for signature in model.signatureDefs or []:
         used |= {int(t.tensorIndex) for t in list(signature.inputs or []) + list(signature.outputs or [])}
     keep = [t for t in range(len(graph.tensors)) if t in used]
@@ -330,7 +325,7 @@ def _drop_unused_tensors(model) -> None:
             model.buffers[int(tensor.buffer)].data = None
 
     def remap(values):
-        return np.asarray([renumber[t] if t >= 0 else t for t in _ints(values)], dtype=np.int32)
+        return np.asarray([renumber[t] if t >= 0 else t for t in ints(values)], dtype=np.int32)
 
     for op in graph.operators:
         op.inputs, op.outputs = remap(op.inputs), remap(op.outputs)
@@ -344,7 +339,7 @@ def _drop_unused_tensors(model) -> None:
 
 def _tensor_names(model_bytes: bytes) -> set[str]:
     graph = flatbuffers.schema().Model.GetRootAs(model_bytes, 0).Subgraphs(0)
-    return {_text(graph.Tensors(i).Name()) for i in range(graph.TensorsLength())}
+    return {text(graph.Tensors(i).Name()) for i in range(graph.TensorsLength())}
 
 
 def float_twin(float_model: bytes, quantized: bytes) -> tuple[bytes, bool]:
@@ -379,7 +374,7 @@ def _sole_reader(g: _Graph, t: int) -> int | None:
 def _bias_shift(g: _Graph, q, d: np.ndarray) -> np.ndarray | None:
     """What ``Q(x + d) - Q(x)`` is, per output channel, where that is a constant: a VALID conv (a SAME one pads
     with zeros, which are not shifted) or a fully connected layer over channel-last features."""
-    kind, inputs = flatbuffers.op_name(g.model, q), _ints(q.inputs)
+    kind, inputs = flatbuffers.op_name(g.model, q), ints(q.inputs)
     if kind not in _CHANNEL_AXIS or len(inputs) < 3 or inputs[2] < 0:
         return None
     weights, bias = g.own_constant(inputs[1]), g.own_constant(inputs[2])
@@ -407,17 +402,17 @@ def _path_to_reader(g: _Graph, out: int) -> tuple[tuple[int, ...], int] | None:
     for kind in ("MAX_POOL_2D", "RESHAPE"):
         if reader is not None and flatbuffers.op_name(g.model, g.graph.operators[reader]) == kind:
             op = g.graph.operators[reader]
-            if _ints(op.inputs)[0] != (_ints(g.graph.operators[between[-1]].outputs)[0] if between else out):
+            if ints(op.inputs)[0] != (ints(g.graph.operators[between[-1]].outputs)[0] if between else out):
                 return None
             if kind == "MAX_POOL_2D" and g.activation(op) != _NONE:
                 return None
             between.append(reader)
-            reader = _sole_reader(g, _ints(op.outputs)[0])
+            reader = _sole_reader(g, ints(op.outputs)[0])
     if reader is None:
         return None
     kind = flatbuffers.op_name(g.model, g.graph.operators[reader])
-    last = _ints(g.graph.operators[between[-1]].outputs)[0] if between else out
-    if _ints(g.graph.operators[reader].inputs)[0] != last or (
+    last = ints(g.graph.operators[between[-1]].outputs)[0] if between else out
+    if ints(g.graph.operators[reader].inputs)[0] != last or (
             between and flatbuffers.op_name(g.model, g.graph.operators[between[-1]]) == "RESHAPE"
             and kind != "FULLY_CONNECTED"):
         return None
@@ -427,9 +422,9 @@ def _path_to_reader(g: _Graph, out: int) -> tuple[tuple[int, ...], int] | None:
 def _offset_match(g: _Graph, index: int, folded: set[str]) -> _OffsetMatch | None:
     op = g.graph.operators[index]
     for d, x, _ in _constant_operands(g, op, "ADD"):
-        if _text(g.graph.tensors[x].name) not in folded:
+        if text(g.graph.tensors[x].name) not in folded:
             continue
-        out = _ints(op.outputs)[0]
+        out = ints(op.outputs)[0]
         shape = [int(s) for s in g.graph.tensors[x].shape]
         factors = _per_channel(d, shape[-1]) if shape else None
         path = _path_to_reader(g, out)
@@ -452,17 +447,17 @@ def _fold_offsets(model, folded: set[str]) -> tuple[FoldedOffset, ...]:
         if m is None:
             continue
         q = g.graph.operators[m.reader]
-        bias = _ints(q.inputs)[2]
+        bias = ints(q.inputs)[2]
         shifted = (g.values(bias).astype(np.float64) + m.shift).astype(np.float32)
         g.model.buffers[int(g.graph.tensors[bias].buffer)].data = np.frombuffer(shifted.tobytes(), np.uint8).copy()
         g.graph.operators[m.between[0] if m.between else m.reader].inputs[0] = m.x
-        add_name = _text(g.graph.tensors[_ints(g.graph.operators[m.add].outputs)[0]].name)
+        add_name = text(g.graph.tensors[ints(g.graph.operators[m.add].outputs)[0]].name)
         for passed in m.between:  # no longer shifted: not the unfolded model's tensor of that name
-            tensor = g.graph.tensors[_ints(g.graph.operators[passed].outputs)[0]]
-            tensor.name = f"{_text(tensor.name)};{add_name}/unshifted".encode()
-        q_name = _text(g.graph.tensors[_ints(q.outputs)[0]].name)
+            tensor = g.graph.tensors[ints(g.graph.operators[passed].outputs)[0]]
+            tensor.name = f"{text(tensor.name)};{add_name}/unshifted".encode()
+        q_name = text(g.graph.tensors[ints(q.outputs)[0]].name)
         if not layer_names(q_name):  # a graph output named "Identity": its weights still name the layer
-            q_name = _text(g.graph.tensors[_ints(q.inputs)[1]].name)
+            q_name = text(g.graph.tensors[ints(q.inputs)[1]].name)
         pooled = any(flatbuffers.op_name(g.model, g.graph.operators[i]) == "MAX_POOL_2D" for i in m.between)
         found.append(FoldedOffset(primary_layer(add_name, layer_names(add_name)),
                                   primary_layer(q_name, layer_names(q_name)), flatbuffers.op_name(g.model, q),

@@ -34,11 +34,9 @@ import numpy as np
 
 from pipeline.core.errors import ConversionError
 from pipeline.tflite import flatbuffers
+from pipeline.tflite.flatbuffers import ints, text
 from pipeline.tflite.layers import layer_names, primary_layer
 
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 @dataclass
@@ -60,7 +58,7 @@ class _Graph:
         for index, op in enumerate(self.graph.operators or []):
             self.op_names.append(flatbuffers.op_name(self.model, op))
             layer = None
-            for t in _ints(op.outputs):
+            for t in ints(op.outputs):
                 self.producer[t] = index
                 name = self.name(t)
                 names = layer_names(name)
@@ -69,14 +67,11 @@ class _Graph:
             self.op_layers.append(layer)
 
     def name(self, t: int) -> str:
-        return _text(self.graph.tensors[t].name)
+        return text(self.graph.tensors[t].name)
 
     def ops_of(self, layer: str) -> list[int]:
         return [i for i, found in enumerate(self.op_layers) if found == layer]
 
-
-def _ints(values) -> list[int]:
-    return [int(v) for v in values] if values is not None else []
 
 
 def _qparams(tensor) -> tuple[float, int] | None:
@@ -84,7 +79,7 @@ def _qparams(tensor) -> tuple[float, int] | None:
     if q is None or q.scale is None or not len(q.scale):
         return None
     if len(q.scale) != 1:
-        raise ConversionError(f"cannot splice at {_text(tensor.name)}: per-channel quantized activation")
+        raise ConversionError(f"cannot splice at {text(tensor.name)}: per-channel quantized activation")
     return float(q.scale[0]), int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
 
 
@@ -119,8 +114,8 @@ def _match_layers(host: _Graph, donor: _Graph, layers: list[str]) -> list[tuple[
             known = ", ".join(sorted({name for name in host.op_layers if name})[:8])
             raise ConversionError(f"cannot keep {layer} out of the quantized graph: no such layer in the converted "
                                   f"graph (layers look like: {known}, ...)")
-        h_names = [[host.name(t) for t in _ints(host.graph.operators[i].outputs)] for i in h_ops]
-        d_names = [[donor.name(t) for t in _ints(donor.graph.operators[i].outputs)] for i in d_ops]
+        h_names = [[host.name(t) for t in ints(host.graph.operators[i].outputs)] for i in h_ops]
+        d_names = [[donor.name(t) for t in ints(donor.graph.operators[i].outputs)] for i in d_ops]
         if h_names != d_names:
             ops = ", ".join(donor.op_names[i] for i in d_ops) or "none"
             raise ConversionError(f"cannot splice layer {layer}: the donor model computes it with other ops ({ops} "
@@ -150,10 +145,10 @@ class _Splice:
         self.conversions: dict[str, int] = {}
         self.mapped: dict[int, int] = {}  # donor tensor -> host tensor
         self.buffer_map: dict[int, int] = {}  # donor buffer -> host buffer
-        self.donor_inputs = set(_ints(donor.graph.inputs))
+        self.donor_inputs = set(ints(donor.graph.inputs))
         self.empty_buffer = self._empty_buffer()
         # Host activations by name: where the spliced ops read from and write back to.
-        graph_inputs = set(_ints(self.graph.inputs))
+        graph_inputs = set(ints(self.graph.inputs))
         self.host_activation = {host.name(t): t for t in range(len(self.graph.tensors))
                                 if (t in host.producer and host.producer[t] not in self.replaced) or t in graph_inputs}
         self.host_written = {host.name(t): t for t in range(len(self.graph.tensors))
@@ -169,11 +164,11 @@ class _Splice:
 
     def opcode(self, builtin: int, version: int, custom=None) -> int:
         """The host's operator code index for this op kind, added to the host when it has none."""
-        key = (builtin, version, _text(custom) if custom else None)
+        key = (builtin, version, text(custom) if custom else None)
         if key not in self.opcode_cache:
             for i, code in enumerate(self.model.operatorCodes):
                 if (flatbuffers.builtin_code(code), int(code.version),
-                        _text(code.customCode) if code.customCode else None) == key:
+                        text(code.customCode) if code.customCode else None) == key:
                     self.opcode_cache[key] = i
                     break
             else:
@@ -226,7 +221,7 @@ class _Splice:
         elif b.type == float32:
             self.convert_op("DEQUANTIZE", src, dst, at)
         elif b.type == int16 and a.type != int16:  # no int8 -> int16 requantize in LiteRT: through float
-            middle = self.activation_like(a, f"{_text(a.name)}_float32", as_float=True)
+            middle = self.activation_like(a, f"{text(a.name)}_float32", as_float=True)
             self.convert_op("DEQUANTIZE", src, middle, at)
             self.convert_op("QUANTIZE", middle, dst, at + step / 2)
         else:  # int16 -> int8, or a requantize within one type
@@ -272,7 +267,7 @@ class _Splice:
         """Copy the donor ops into the host, each reading host tensors (converted where needed)."""
         donor = self.donor
         for d in sorted(self.donor_ops):  # donor order: producers before consumers
-            for t in _ints(donor.graph.operators[d].outputs):
+            for t in ints(donor.graph.operators[d].outputs):
                 self.mapped[t] = self.activation_like(donor.graph.tensors[t], donor.name(t))
         for d in sorted(self.donor_ops):
             source_op = donor.graph.operators[d]
@@ -280,20 +275,20 @@ class _Splice:
             op = copy.deepcopy(source_op)
             code = donor.model.operatorCodes[source_op.opcodeIndex]
             op.opcodeIndex = self.opcode(flatbuffers.builtin_code(code), int(code.version), code.customCode)
-            op.inputs = [self.read(t, layer, self.rank[d]) if t >= 0 else t for t in _ints(source_op.inputs)]
-            op.outputs = [self.mapped[t] for t in _ints(source_op.outputs)]
+            op.inputs = [self.read(t, layer, self.rank[d]) if t >= 0 else t for t in ints(source_op.inputs)]
+            op.outputs = [self.mapped[t] for t in ints(source_op.outputs)]
             op.intermediates = ([self.activation_like(donor.graph.tensors[t], donor.name(t))
-                                 for t in _ints(op.intermediates)] or None)
+                                 for t in ints(op.intermediates)] or None)
             self.new_ops.append((self.rank[d], op))
 
     def write_back_outputs(self) -> None:
         """Outputs read outside the spliced ops: converted back into the host's own tensors."""
         donor, graph = self.donor, self.graph
-        consumed_outside = set(_ints(graph.outputs))
+        consumed_outside = set(ints(graph.outputs))
         for index, op in enumerate(graph.operators):
             if index not in self.replaced:
-                consumed_outside.update(t for t in _ints(op.inputs) if t >= 0)
-        produced_inside = {t for d in self.donor_ops for t in _ints(donor.graph.operators[d].outputs)}
+                consumed_outside.update(t for t in ints(op.inputs) if t >= 0)
+        produced_inside = {t for d in self.donor_ops for t in ints(donor.graph.operators[d].outputs)}
         donor_output = {donor.name(t): t for t in produced_inside}
         for name, h in self.host_written.items():
             if h not in consumed_outside:
@@ -305,8 +300,8 @@ class _Splice:
             copy_of = self.mapped[d]
             if self.same(graph.tensors[copy_of], graph.tensors[h]):
                 for _, op in self.new_ops:  # the donor op writes the host tensor itself
-                    op.outputs = [h if t == copy_of else t for t in _ints(op.outputs)]
-                    op.inputs = [h if t == copy_of else t for t in _ints(op.inputs)]
+                    op.outputs = [h if t == copy_of else t for t in ints(op.outputs)]
+                    op.inputs = [h if t == copy_of else t for t in ints(op.inputs)]
                 continue
             graph.tensors[copy_of].name = f"{name}_{self.types[graph.tensors[copy_of].type]}"
             self.bridge(copy_of, h, self.rank[donor.producer[d]] + 0.25, 0.25)
@@ -320,7 +315,7 @@ class _Splice:
 
 def _donor_kind(donor: _Graph, ops, types) -> str:
     """What the spliced ops compute in: the type of their outputs (float32, int16, ...)."""
-    found = {types[donor.graph.tensors[t].type] for d in ops for t in _ints(donor.graph.operators[d].outputs)}
+    found = {types[donor.graph.tensors[t].type] for d in ops for t in ints(donor.graph.operators[d].outputs)}
     return "/".join(sorted(found))
 
 
@@ -328,12 +323,12 @@ def _topological(ranked) -> list:
     """The ops in dependency order, each as near its rank as the dependencies allow (stable)."""
     producers = {}
     for k, (_, op) in enumerate(ranked):
-        for t in _ints(op.outputs):
+        for t in ints(op.outputs):
             producers[t] = k
     waiting = {}
     dependents: dict[int, list[int]] = {}
     for k, (_, op) in enumerate(ranked):
-        needs = {producers[t] for t in _ints(op.inputs) if t in producers}
+        needs = {producers[t] for t in ints(op.inputs) if t in producers}
         waiting[k] = len(needs)
         for p in needs:
             dependents.setdefault(p, []).append(k)
@@ -355,9 +350,9 @@ def _topological(ranked) -> list:
 def _drop_unused(model) -> None:
     """Remove tensors no op or graph end refers to, then buffers no tensor or metadata refers to."""
     graph = model.subgraphs[0]
-    used = set(_ints(graph.inputs)) | set(_ints(graph.outputs))
+    used = set(ints(graph.inputs)) | set(ints(graph.outputs))
     for op in graph.operators:
-        used.update(t for t in _ints(op.inputs) + _ints(op.outputs) + _ints(op.intermediates) if t >= 0)
+        used.update(t for t in ints(op.inputs) + ints(op.outputs) + ints(op.intermediates) if t >= 0)
     for signature in model.signatureDefs or []:
         used.update(int(m.tensorIndex) for m in (signature.inputs or []) + (signature.outputs or []))
     tensor_map = {old: new for new, old in enumerate(sorted(used))}
@@ -376,7 +371,7 @@ def _drop_unused(model) -> None:
             m.tensorIndex = tensor_map[int(m.tensorIndex)]
     buffers = {0} | {int(t.buffer) for t in graph.tensors}
     buffers.update(int(m.buffer) for m in model.metadata or [])
-    buffers.update(_ints(model.metadataBuffer))
+    buffers.update(ints(model.metadataBuffer))
     buffer_map = {old: new for new, old in enumerate(sorted(buffers))}
     model.buffers = [model.buffers[old] for old in sorted(buffers)]
     for t in graph.tensors:

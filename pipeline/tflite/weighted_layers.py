@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.core.preprocessing import quantize
 from pipeline.tflite import flatbuffers
+from pipeline.tflite.flatbuffers import text
 from pipeline.tflite.layers import expose_tensors, layer_names, primary_layer
 from pipeline.tflite.runtime import open_interpreter
 
@@ -103,9 +104,6 @@ def pool(x: np.ndarray) -> np.ndarray:
     """A 1xHxWxC activation as its mean over positions, 1x1x1xC: what a 1x1 stride-1 layer's tap means need."""
     return x.reshape(-1, x.shape[-1]).mean(axis=0).reshape(1, 1, 1, -1)
 
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 class Constants:
@@ -222,7 +220,7 @@ def _ops(constants: Constants) -> list[tuple[int, str, list[int], list[int]]]:
 def weighted_layers(quant_model: bytes, float_model: bytes) -> list[WeightedLayer]:
     """Every int8-weight conv/depthwise/FC op of ``quant_model`` with a float twin in ``float_model``, in op order."""
     quant, floating = Constants(quant_model), Constants(float_model)
-    by_output = {_text(floating.tensor(outs[0]).Name()): (ins, outs) for _, name, ins, outs in _ops(floating)
+    by_output = {text(floating.tensor(outs[0]).Name()): (ins, outs) for _, name, ins, outs in _ops(floating)
                  if name in WEIGHTED_OPS and outs}
     found = []
     for index, name, ins, outs in _ops(quant):
@@ -230,7 +228,7 @@ def weighted_layers(quant_model: bytes, float_model: bytes) -> list[WeightedLaye
             continue
         if quant.dtype(ins[0]) is not np.int8:
             continue
-        tensor_name = _text(quant.tensor(outs[0]).Name())
+        tensor_name = text(quant.tensor(outs[0]).Name())
         twin = by_output.get(tensor_name)
         if twin is None or floating.dtype(twin[0][1]) is not np.float32:
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.conversion import routes
 from pipeline.conversion.export import ConvertSettings, convert_bytes, export_tflite
 from pipeline.core.errors import SettingsError
 from pipeline.model.modelio import load_source
@@ -169,6 +170,24 @@ def test_int8_equalizes_only_when_asked_and_records_it(trained_run, calibration,
                             representative=calibration)
     assert "equalize" not in default.manifest["calibration"]["method"]
     assert default.model_bytes != asked.model_bytes
+
+
+def test_a_graph_equalizing_cannot_read_converts_unequalized_and_says_why(trained_run, calibration, tmp_path):
+    """Equalizing is exact and optional, as the fold is: where it fails on a graph, the conversion goes on with
+    the model as it is (the same bytes as without it), and the manifest says why."""
+
+    def unreadable(model: bytes):
+        raise KeyError(17)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routes, "equalize", unreadable)
+        asked = export_tflite(trained_run.model_path, ConvertSettings("int8", equalize=True),
+                              out=tmp_path / "cle.tflite", representative=calibration)
+    assert asked.manifest["calibration"]["method"]["equalize"] == {
+        "applied": False, "reason": "equalizing could not read this graph (KeyError: 17)"}
+    default = export_tflite(trained_run.model_path, ConvertSettings("int8"), out=tmp_path / "default.tflite",
+                            representative=calibration)
+    assert asked.model_bytes == default.model_bytes
 
 
 def test_equalization_is_an_int8_setting(tmp_path):

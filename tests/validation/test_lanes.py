@@ -8,7 +8,6 @@ among them and more images than two chunks.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from pipeline.core.preprocessing import PreprocessSpec, model_tensor, pixels_for
 from pipeline.validation.lanes import CHUNK
 from pipeline.validation.predict import TfliteRunner
 from pipeline.validation.validate import validate
+from tests.conftest import labeled_subset
 
 PER_CLASS = 15  # 150 images: two full chunks and part of a third
 assert 10 * PER_CLASS > 2 * CHUNK
@@ -25,11 +25,7 @@ assert 10 * PER_CLASS > 2 * CHUNK
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, digits) -> Path:
-    root = tmp_path_factory.mktemp("lanes")
-    for class_dir in sorted(Path(digits["val"]).iterdir()):
-        (root / class_dir.name).mkdir()
-        for f in sorted(class_dir.iterdir())[:PER_CLASS]:
-            shutil.copy2(f, root / class_dir.name / f.name)
+    root = labeled_subset(digits["val"], tmp_path_factory.mktemp("lanes"), PER_CLASS)
     (root / "0" / "0000_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     return root
 

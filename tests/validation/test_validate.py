@@ -21,7 +21,7 @@ from pipeline.core.preprocessing import PreprocessSpec, pixels_for, preprocess_f
 from pipeline.validation.report_html import CANDIDATE_COLOUR, REFERENCE_COLOUR
 from pipeline.validation.validate import Budgets, validate
 from tests.browser import chromium as _chromium
-from tests.conftest import invoke_cli, run_cli
+from tests.conftest import invoke_cli, labeled_subset, run_cli
 
 PER_CLASS = 6
 
@@ -29,12 +29,7 @@ PER_CLASS = 6
 @pytest.fixture(scope="module")
 def val_subset(tmp_path_factory, digits) -> Path:
     """A labeled folder with the first few held-out images of each class."""
-    root = tmp_path_factory.mktemp("val_subset")
-    for class_dir in sorted(Path(digits["val"]).iterdir()):
-        (root / class_dir.name).mkdir()
-        for f in sorted(class_dir.iterdir())[:PER_CLASS]:
-            shutil.copy2(f, root / class_dir.name / f.name)
-    return root
+    return labeled_subset(digits["val"], tmp_path_factory.mktemp("val_subset"), PER_CLASS)
 
 
 def _damage(src: Path, dst: Path, amount: int = 40, seed: int = 0) -> Path:
