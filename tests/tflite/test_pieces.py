@@ -31,7 +31,7 @@ def test_pieces_give_the_whole_runs_values_running_each_op_once(int8_model):
     found = {}
     for group in groups:
         found |= run.values([layer.quant_input for layer in group])
-    # compared after every piece ran: the later pieces reuse forgotten tensors' room, never a returned value's
+    # compared after every piece ran: a later piece never writes over a value returned earlier
     for layer in layers:
         assert all(np.array_equal(a[0], b) for a, b in zip(found[layer.quant_input], whole[layer.quant_input]))
     last = run.values([layers[-1].quant_output])[layers[-1].quant_output]
