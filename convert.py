@@ -590,7 +590,8 @@ def _sweep_bench(path: Path) -> dict:
 @click.option("--modes", help="Comma-separated list of: float, dynamic, fp16, int8, int8-per-tensor, "
               "int8-fallback, int16x8 (the default: all of these; int8 with its default bias correction), int8-plain "
               "(no bias correction), int8-bias-correction, int8-learned-rounding, int8-learned-bc (learned "
-              "rounding then bias correction), int8-mse-ranges (the last three name every method they use).")
+              "rounding then bias correction), int8-mse-ranges (the last three name every method they use), int8-equalize "
+              "(--equalize, then the defaults).")
 @click.option("--no-bench", is_flag=True, help="Skip the local latency bench.")
 @click.option("--force", is_flag=True, help="Overwrite models from an earlier sweep in --out.")
 @click.option("--trust-model-code", is_flag=True, help=TRUST_HELP)

@@ -37,6 +37,7 @@ SWEEP_MODES: dict[str, tuple[str, dict]] = {
     "int8-learned-rounding": ("int8", {"rounding": "learned", "bias_correction": False}),
     "int8-learned-bc": ("int8", {"rounding": "learned", "bias_correction": True}),
     "int8-mse-ranges": ("int8", {"ranges": "mse", "bias_correction": False}),
+    "int8-equalize": ("int8", {"equalize": True}),  # cross-layer equalization, then the defaults
     "int8-fallback": ("int8", {}),
     "int16x8": ("int16x8", {}),
 }

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.core.artifacts import manifest_path_for
 from pipeline.validation.sweep import DEFAULT_MODES as SWEEP_MODES
+from pipeline.validation.sweep import run_sweep
 from tests.browser import chromium as _chromium
 from tests.conftest import run_cli
 
@@ -83,3 +84,18 @@ def test_sweep_html_renders_in_headless_chromium(chromium_bin, sweep_run, tmp_pa
     assert rows == 1 + len(SWEEP_MODES)
     links = re.findall(r'href="([^"]+)"', text)
     assert len(links) == len(SWEEP_MODES) and all((out / link).is_file() for link in links)
+
+
+def test_method_rows_convert_with_the_methods_they_name(trained_run, digits, calibration, tmp_path):
+    """Rows asked for by name: ``int8-plain`` has no bias correction, ``int8-equalize`` equalizes the float
+    model and keeps the default bias correction; each row's manifest says so, and the two models differ."""
+    found = run_sweep(trained_run.model_path, representative=calibration, eval_dir=digits["val"],
+                      out_dir=tmp_path, eval_limit=20, modes=("int8-plain", "int8-equalize"))
+    rows = {row["mode"]: row for row in found.rows}
+    assert list(rows) == ["int8-plain", "int8-equalize"]
+    plain = json.loads(manifest_path_for(rows["int8-plain"]["path"]).read_text())
+    equalized = json.loads(manifest_path_for(rows["int8-equalize"]["path"]).read_text())
+    assert plain["settings"]["bias_correction"] is False and "equalize" not in plain["calibration"]["method"]
+    assert equalized["settings"]["bias_correction"] is True and equalized["settings"]["equalize"] is True
+    assert equalized["calibration"]["method"]["equalize"]["applied"]
+    assert Path(rows["int8-plain"]["path"]).read_bytes() != Path(rows["int8-equalize"]["path"]).read_bytes()
