@@ -337,24 +337,6 @@ def _drop_unused_tensors(model) -> None:
             t.tensorIndex = renumber[int(t.tensorIndex)]
 
 
-def _tensor_names(model_bytes: bytes) -> set[str]:
-    graph = flatbuffers.schema().Model.GetRootAs(model_bytes, 0).Subgraphs(0)
-    return {text(graph.Tensors(i).Name()) for i in range(graph.TensorsLength())}
-
-
-def float_twin(float_model: bytes, quantized: bytes) -> tuple[bytes, bool]:
-    """The float model ``quantized`` was quantized from, to pair its tensors with by name: ``float_model`` itself
-    or its fold (the int8 route quantizes the fold), told apart by the names only the fold gives; and whether it
-    is the fold."""
-    folded, report = fold_scales(float_model)
-    if not report.layers:
-        return float_model, False
-    only_folded = _tensor_names(folded) - _tensor_names(float_model)
-    if only_folded & _tensor_names(quantized):
-        return folded, True
-    return float_model, False
-
-
 @dataclass(frozen=True)
 class _OffsetMatch:
     """An ``x -> ADD(d) [-> MAX_POOL_2D] [-> RESHAPE] -> Q`` chain whose ``d`` folds into ``Q``'s bias."""

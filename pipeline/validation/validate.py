@@ -26,7 +26,7 @@ from pipeline.core.errors import BudgetExceeded, DataError, ModelLoadError, Reme
 from pipeline.core.preprocessing import PreprocessSpec, model_input
 from pipeline.tflite.sandboxed_load import read_model_bytes
 from pipeline.tflite.contents import inspect_tflite
-from pipeline.tflite.scale_fold import float_twin
+from pipeline.tflite.twin import float_twin
 from pipeline.validation.lanes import Predictions, Progress, first_pixels, load_item, predict_all
 from pipeline.validation.layer_error import layer_errors
 from pipeline.validation.metrics import confusion_change, drift_metrics, histogram, topk
@@ -248,9 +248,9 @@ def _layer_section(ref_runner, float_model: FloatModel | NoFloatModel | None, ca
     if isinstance(float_model, NoFloatModel):
         return float_model.to_report()
     inputs = [model_input(p, cand_runner.convention) for p in pixels]
-    twin, folded = float_twin(float_model.model_bytes, cand_runner.model_bytes)
+    twin = float_twin(float_model.model_bytes, cand_runner.model_bytes)
     try:
-        errors = layer_errors(twin, cand_runner.model_bytes, inputs)
+        errors = layer_errors(twin.model, cand_runner.model_bytes, inputs)
     except ValueError as exc:
         return {"status": "skipped", "reason": str(exc)}
     except (RuntimeError, ModelLoadError) as exc:  # an interpreter failing: say so, keep the drift numbers
@@ -259,7 +259,9 @@ def _layer_section(ref_runner, float_model: FloatModel | NoFloatModel | None, ca
     return {"status": "ok", "method": "float vs integer .tflite, all tensors preserved, matched by tensor name; "
             "RMSE of the dequantized output over its scale, accumulated through the network",
             "float_model": float_model.how + (", BatchNorms after a ReLU folded as in the candidate"
-                                               if folded else ""), "samples": len(inputs), "count": len(rows),
+                                               if twin.folded else "")
+            + (", its layer pairs equalized as in the candidate" if twin.equalized else ""),
+            "samples": len(inputs), "count": len(rows),
             "worst": [r["layer"] for r in rows[:10]], "all": rows, "seconds": round(time.perf_counter() - t0, 3)}
 
 

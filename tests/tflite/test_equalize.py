@@ -17,7 +17,9 @@ from pipeline.core.errors import SettingsError
 from pipeline.model.modelio import load_source
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.equalize import SUFFIX, equalize
+from pipeline.tflite.flatbuffers import text
 from pipeline.tflite.runtime import open_interpreter
+from pipeline.validation.validate import validate
 from tests.conftest import invoke_cli
 
 SIZE = 8
@@ -170,6 +172,25 @@ def test_int8_equalizes_only_when_asked_and_records_it(trained_run, calibration,
                             representative=calibration)
     assert "equalize" not in default.manifest["calibration"]["method"]
     assert default.model_bytes != asked.model_bytes
+
+
+def test_the_per_layer_report_pairs_the_equalized_tensors(trained_run, calibration, digits, tmp_path):
+    """A balanced pair's middle tensor holds per-channel rescaled values under a new name; the report's float model
+    is equalized as the candidate was, so those tensors are compared too (with the plain twin they would not
+    pair at all), within the error the other layers show."""
+    asked = export_tflite(trained_run.model_path, ConvertSettings("int8", equalize=True),
+                          out=tmp_path / "cle.tflite", representative=calibration)
+    renamed = {text(t.name) for t in flatbuffers.read(asked.model_bytes).subgraphs[0].tensors
+               if text(t.name).endswith(SUFFIX)}
+    assert renamed
+    layers = validate(trained_run.model_path, asked.path, digits["val"], tmp_path / "report", limit=20,
+                      layer_samples=4).report["layers"]
+    assert layers["status"] == "ok" and "equalized as in the candidate" in layers["float_model"]
+    compared = {row["tensor"]: row for row in layers["all"]}
+    paired = renamed & set(compared)
+    assert paired  # each is an op output with a scale: every one a depthwise or conv output of a balanced pair
+    others = [row["rmse_over_scale"] for name, row in compared.items() if name not in renamed]
+    assert all(compared[name]["rmse_over_scale"] <= 4 * max(others) for name in paired)
 
 
 def test_a_graph_equalizing_cannot_read_converts_unequalized_and_says_why(trained_run, calibration, tmp_path):

@@ -21,7 +21,8 @@ from pipeline.core.preprocessing import PreprocessSpec
 from pipeline.model.modelio import load_source
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import open_interpreter
-from pipeline.tflite.scale_fold import FoldReport, float_twin, fold_scales
+from pipeline.tflite.scale_fold import FoldReport, fold_scales
+from pipeline.tflite.twin import Twin, float_twin
 from pipeline.validation.layer_error import layer_errors
 
 SIZE = 8
@@ -309,9 +310,10 @@ def test_per_layer_error_pairs_each_int8_model_with_the_float_model_it_was_quant
     """The folded conv's output is renamed (it holds a_k * ReLU(z), not ReLU(z)): only the folded float model has
     a tensor of that name, and the per-layer report picks the float model whose names the candidate carries."""
     plain, folded = int8_pair["plain"].read_bytes(), int8_pair["folded"].read_bytes()
-    assert float_twin(int8_pair["float"], plain) == (int8_pair["float"], False)
-    twin, was_folded = float_twin(int8_pair["float"], folded)
-    assert was_folded and twin == fold_scales(int8_pair["float"])[0]
+    assert float_twin(int8_pair["float"], plain) == Twin(int8_pair["float"], False, False)
+    found = float_twin(int8_pair["float"], folded)
+    assert found.folded and not found.equalized and found.model == fold_scales(int8_pair["float"])[0]
+    twin = found.model
     _, inputs = _grid_inputs(folded)
     assert "conv" not in {e.layer for e in layer_errors(int8_pair["float"], folded, inputs)}
     conv = next(e for e in layer_errors(twin, folded, inputs) if e.layer == "conv")
