@@ -80,7 +80,8 @@ def combined(earlier: dict | None, later: dict) -> dict:
 def summary(calibration: dict) -> dict:
     """What the int8 methods of a manifest's calibration record changed, for the drift report: per method its
     time and, per layer, the output error before and after (rounding: output MSE; bias correction: mean
-    absolute shift), and the count of clipped activation ranges."""
+    absolute shift; equalization, per pair: the spread of the second layer's input-channel ranges), and the
+    count of clipped activation ranges."""
     methods = calibration.get("int8_methods") or {}
     found: dict[str, Any] = {"seconds": methods.get("seconds"), "samples": methods.get("samples"), "layers": []}
     for report in methods.get("methods", []):
@@ -92,4 +93,11 @@ def summary(calibration: dict) -> dict:
     ranges = calibration.get("ranges")
     if ranges:
         found["ranges"] = {"method": ranges["method"], "clipped": ranges["clipped"], "seconds": ranges["seconds"]}
+    equalized = calibration.get("equalize") or {}
+    if equalized.get("applied"):  # per pair: how far apart the second layer's input-channel ranges are
+        found["equalize"] = {"pairs": equalized["pairs"], "sweeps": equalized["sweeps"],
+                             "seconds": equalized.get("seconds")}
+        found["layers"] += [{"method": "equalize", "layer": f"{pair['first']} -> {pair['second']}", "op": pair["ops"],
+                             "figure": "input-channel range spread", "before": pair["spread_before"],
+                             "after": pair["spread_after"]} for pair in equalized.get("layers", [])]
     return found

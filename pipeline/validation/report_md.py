@@ -83,9 +83,15 @@ def int8_method_lines(methods: dict | None) -> list[str]:
         ranges = methods["ranges"]
         lines += [f"Activation ranges by {ranges['method']}: {ranges['clipped']} tensors clipped "
                   f"({ranges['seconds']:.1f} s).", ""]
+    if methods.get("equalize"):
+        equalized = methods["equalize"]
+        seconds = f", {equalized['seconds']:.1f} s" if equalized.get("seconds") is not None else ""
+        lines += [f"Cross-layer equalization: {equalized['pairs']} layer pairs balanced in {equalized['sweeps']} "
+                  f"sweeps{seconds}.", ""]
     if methods.get("layers"):
-        lines += [f"On {methods['samples']} calibration images, {methods['seconds']:.1f} s.", "",
-                  "| method | layer | op | figure | before | after |", "|---|---|---|---|---|---|"]
+        if methods.get("samples"):
+            lines += [f"On {methods['samples']} calibration images, {methods['seconds']:.1f} s.", ""]
+        lines += ["| method | layer | op | figure | before | after |", "|---|---|---|---|---|---|"]
         lines += [f"| {e['method']} | {md_cell(e['layer'])} | {e['op']} | {e['figure']} | {e['before']:.4g} | "
                   f"{e['after']:.4g} |" for e in methods["layers"]]
     return lines

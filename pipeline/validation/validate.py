@@ -213,7 +213,7 @@ def _facts(runner, path: Path) -> dict:
         facts["mode"] = (manifest.get("settings") or {}).get("mode")
         facts["source_sha256"] = (manifest.get("source") or {}).get("sha256")
         calibration = (manifest.get("calibration") or {}).get("method") or {}
-        if calibration.get("int8_methods") or calibration.get("ranges"):
+        if calibration.get("int8_methods") or calibration.get("ranges") or calibration.get("equalize"):
             facts["int8_methods"] = int8_summary(calibration)
         approximation = input_approximation(manifest)
         if approximation:

@@ -177,14 +177,23 @@ def test_int8_equalizes_only_when_asked_and_records_it(trained_run, calibration,
 def test_the_per_layer_report_pairs_the_equalized_tensors(trained_run, calibration, digits, tmp_path):
     """A balanced pair's middle tensor holds per-channel rescaled values under a new name; the report's float model
     is equalized as the candidate was, so those tensors are compared too (with the plain twin they would not
-    pair at all), within the error the other layers show."""
+    pair at all), within the error the other layers show; and the drift report lists the pairs."""
     asked = export_tflite(trained_run.model_path, ConvertSettings("int8", equalize=True),
                           out=tmp_path / "cle.tflite", representative=calibration)
     renamed = {text(t.name) for t in flatbuffers.read(asked.model_bytes).subgraphs[0].tensors
                if text(t.name).endswith(SUFFIX)}
     assert renamed
-    layers = validate(trained_run.model_path, asked.path, digits["val"], tmp_path / "report", limit=20,
-                      layer_samples=4).report["layers"]
+    report = validate(trained_run.model_path, asked.path, digits["val"], tmp_path / "report", limit=20,
+                      layer_samples=4).report
+    layers = report["layers"]
+    # the drift report also says what equalizing changed, pair by pair, as the manifest records it
+    recorded = asked.manifest["calibration"]["method"]["equalize"]
+    methods = report["candidate"]["int8_methods"]
+    assert methods["equalize"]["pairs"] == recorded["pairs"] > 0
+    rows = [row for row in methods["layers"] if row["method"] == "equalize"]
+    assert [(row["before"], row["after"]) for row in rows] == [
+        (pair["spread_before"], pair["spread_after"]) for pair in recorded["layers"]]
+    assert "Cross-layer equalization" in (tmp_path / "report" / "report.md").read_text()
     assert layers["status"] == "ok" and "equalized as in the candidate" in layers["float_model"]
     compared = {row["tensor"]: row for row in layers["all"]}
     paired = renamed & set(compared)
