@@ -28,12 +28,21 @@ and only the int8 weight buffers are written.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline.tflite.weighted_layers import Constants, WeightedLayer, rows, run_exposing, taps, weighted_layers
+from pipeline.tflite.weighted_layers import (
+    Constants,
+    WeightedLayer,
+    rows,
+    run_exposing,
+    taps,
+    weighted_layers,
+    workers_for,
+)
 
 MAX_SWEEPS = 4
 _LIMIT = 127  # TFLite's int8 weights are symmetric: [-127, 127]
@@ -78,35 +87,52 @@ def _patch_matrix(x: np.ndarray, layer: WeightedLayer) -> np.ndarray:
 
 
 def _depthwise_taps(x: np.ndarray, layer: WeightedLayer) -> np.ndarray:
-    """Positions x taps x output channels for a depthwise layer (input channel c // multiplier per output c)."""
+    """Output channels x taps x positions for a depthwise layer (input channel c // multiplier per output c).
+
+    Channels first, each tap's positions contiguous: the per-channel products
+    ``t @ t^T`` then run as BLAS calls on the layout as it is (2.4x faster than
+    transposing a positions-first stack, measured on an 80x80x96 input).
+    """
     image = x.reshape(x.shape[-3:])
-    stacked = np.stack([window for _, _, window in taps(image, layer)], axis=2).astype(np.float64)
-    stacked = stacked.reshape(-1, stacked.shape[2], stacked.shape[3])
-    return np.repeat(stacked, layer.multiplier, axis=2) if layer.multiplier > 1 else stacked
+    windows = [window for _, _, window in taps(image, layer)]
+    positions = int(np.prod(windows[0].shape[:2]))
+    stacked = np.empty((x.shape[-1], len(windows), positions))
+    for k, window in enumerate(windows):
+        stacked[:, k, :] = window.reshape(positions, -1).T
+    return np.repeat(stacked, layer.multiplier, axis=0) if layer.multiplier > 1 else stacked
+
+
+def _moment(x: np.ndarray, layer: WeightedLayer) -> tuple[np.ndarray, int]:
+    """One image's H for ``layer`` from its input ``x``, and the number of output positions it sums over."""
+    if layer.op == "DEPTHWISE_CONV_2D":
+        t = _depthwise_taps(x, layer)  # C x taps x positions
+        return np.matmul(t, t.transpose(0, 2, 1)), t.shape[2]
+    p = _patch_matrix(x, layer)
+    return p.T @ p, p.shape[0]
 
 
 def second_moments(float_model: bytes, layers: list[WeightedLayer], inputs) -> tuple[dict[int, np.ndarray], dict]:
     """Per layer, H (K x K; channels x K x K for depthwise) of its float inputs over ``inputs``, and the number of
-    output positions each H sums over."""
+    output positions each H sums over.
+
+    Each image's layers are shared among one thread per core (the products
+    release the GIL; one BLAS thread each); each H is added up in image order
+    in this thread, so the sums do not depend on the threads' timing.
+    """
     moments: dict[int, np.ndarray] = {}
     positions: dict[int, int] = {}
+    with ThreadPoolExecutor(max_workers=workers_for(len(layers))) as pool:
 
-    def visit(values):
-        for layer in layers:
-            x = values[layer.float_input]
-            if layer.op == "DEPTHWISE_CONV_2D":
-                t = np.ascontiguousarray(_depthwise_taps(x, layer).transpose(2, 0, 1))  # C x positions x taps
-                h, n = np.matmul(t.transpose(0, 2, 1), t), t.shape[1]
-            else:
-                p = _patch_matrix(x, layer)
-                h, n = p.T @ p, p.shape[0]
-            if layer.quant_op in moments:
-                moments[layer.quant_op] += h
-            else:
-                moments[layer.quant_op] = h
-            positions[layer.quant_op] = positions.get(layer.quant_op, 0) + n
+        def visit(values):
+            found = pool.map(lambda layer: _moment(values[layer.float_input], layer), layers)
+            for layer, (h, n) in zip(layers, found):
+                if layer.quant_op in moments:
+                    moments[layer.quant_op] += h
+                else:
+                    moments[layer.quant_op] = h
+                positions[layer.quant_op] = positions.get(layer.quant_op, 0) + n
 
-    run_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs, visit)
+        run_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs, visit)
     return moments, positions
 
 
