@@ -17,8 +17,8 @@ models, and the output's range is the model's answer.
 
 from __future__ import annotations
 
-import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -27,6 +27,7 @@ import numpy as np
 from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.layers import expose_tensors
+from pipeline.tflite.weighted_layers import workers_for
 
 BINS = 2048
 FACTORS = np.linspace(1.0, 0.25, 31)
@@ -80,29 +81,55 @@ def _ranged_tensors(model) -> list[int]:
     return found
 
 
-def mse_ranges(calibrated: bytes, samples: Iterable[list[np.ndarray]]) -> tuple[bytes, RangesReport]:
-    """The calibrated float model with each activation's min/max replaced by its range of least expected error."""
+def _histograms(probe: bytes, tracked: list[int], limits: dict[int, tuple[float, float]],
+                samples: list) -> dict[int, np.ndarray]:
+    """One single-threaded interpreter's histograms of the tracked tensors over ``samples`` (integer counts)."""
     from ai_edge_litert.interpreter import Interpreter
 
+    with native_stderr_captured():
+        interpreter = Interpreter(model_content=probe, num_threads=1)
+        interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    hists = {t: np.zeros(BINS, np.int64) for t in tracked}
+    for sample in samples:
+        interpreter.set_tensor(detail["index"], np.asarray(list(sample)[0], dtype=np.float32))
+        interpreter.invoke()
+        for t in tracked:
+            hists[t] += counts(interpreter.tensor(t)(), *limits[t])
+    return hists
+
+
+def counts(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """How many values of ``x`` fall in each of BINS equal bins over [low, high] (low < high); values outside
+    go to the end bins. In float32, one pass to bin indices: 2.7x faster than ``np.histogram`` (which also
+    settles values within a rounding of a bin edge, here left to float32: 98 of 614,400 values one bin over,
+    measured), and the histograms were most of the range search's time."""
+    scale = np.float32(BINS / (high - low))
+    index = ((x.reshape(-1) - np.float32(low)) * scale).astype(np.intp)
+    np.clip(index, 0, BINS - 1, out=index)
+    return np.bincount(index, minlength=BINS)
+
+
+def mse_ranges(calibrated: bytes, samples: Iterable[list[np.ndarray]]) -> tuple[bytes, RangesReport]:
+    """The calibrated float model with each activation's min/max replaced by its range of least expected error.
+
+    The histograms are counted by one single-threaded interpreter per core, each
+    on its share of the samples (the fast calibrator's layout), and added: counts
+    are integers, so the sums do not depend on the split.
+    """
     t0 = time.perf_counter()
     model = flatbuffers.read(calibrated)
     graph = model.subgraphs[0]
     tracked = _ranged_tensors(model)
     limits = {t: (float(graph.tensors[t].quantization.min[0]), float(graph.tensors[t].quantization.max[0]))
               for t in tracked}
-    with native_stderr_captured():
-        interpreter = Interpreter(model_content=expose_tensors(calibrated, tracked),
-                                  num_threads=max(1, os.cpu_count() or 1))
-        interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    hists = {t: np.zeros(BINS) for t in tracked}
-    report = RangesReport()
-    for sample in samples:
-        interpreter.set_tensor(detail["index"], np.asarray(list(sample)[0], dtype=np.float32))
-        interpreter.invoke()
-        for t in tracked:
-            hists[t] += np.histogram(interpreter.get_tensor(t), BINS, range=limits[t])[0]
-        report.samples += 1
+    probe = expose_tensors(calibrated, tracked)
+    listed = list(samples)
+    workers = workers_for(len(listed))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        shares = list(pool.map(lambda k: _histograms(probe, tracked, limits, listed[k::workers]), range(workers)))
+    hists = {t: np.sum([share[t] for share in shares], axis=0) for t in tracked}
+    report = RangesReport(samples=len(listed))
     for t in tracked:
         edges = np.linspace(*limits[t], BINS + 1)
         low, high, error, full = best_range(hists[t], edges, *limits[t])

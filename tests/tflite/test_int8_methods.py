@@ -20,6 +20,7 @@ from pipeline.tflite.bias_correction import bias_quanta, correct_biases
 from pipeline.tflite.layers import expose_tensors
 from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.rewrites import delegate_partitions
+from pipeline.tflite.activation_ranges import BINS, counts
 from pipeline.tflite.weight_rounding import learn_rounding
 from pipeline.tflite.weighted_layers import Constants, weighted_layers
 from pipeline.validation.validate import validate
@@ -287,3 +288,14 @@ def test_mse_ranges_keep_the_graph(trained_run, calibration, tmp_path):
     for entry in record["tensors"]:
         (low, high), (new_low, new_high) = entry["minmax"], entry["range"]
         assert low <= new_low <= new_high <= high and entry["error_ratio"] <= 1
+
+
+def test_range_search_counts_bin_as_numpy_away_from_the_edges_and_keep_every_value():
+    """Values at bin centres land in numpy's bins exactly; values outside [low, high] in the end bins."""
+    low, high = -1.5, 4.25
+    width = (high - low) / BINS
+    centres = (low + (np.arange(BINS) + 0.5) * width).astype(np.float32)
+    x = np.repeat(centres, np.arange(BINS) % 7)
+    assert np.array_equal(counts(x, low, high), np.histogram(x, BINS, range=(low, high))[0])
+    outside = counts(np.array([low - 1, high + 1, high], np.float32), low, high)
+    assert outside[0] == 1 and outside[-1] == 2 and outside.sum() == 3
