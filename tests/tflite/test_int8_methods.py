@@ -20,7 +20,7 @@ from pipeline.tflite.bias_correction import bias_quanta, correct_biases
 from pipeline.tflite.layers import expose_tensors
 from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.rewrites import delegate_partitions
-from pipeline.tflite.activation_ranges import BINS, counts
+from pipeline.tflite.activation_ranges import BINS, best_range, counts, expected_error
 from pipeline.tflite.weight_rounding import learn_rounding
 from pipeline.tflite.weighted_layers import Constants, weighted_layers
 from pipeline.validation.validate import validate
@@ -261,8 +261,6 @@ def test_cli_refuses_the_methods_outside_int8(trained_run, tmp_path):
 
 
 def test_error_chosen_range_never_has_more_expected_error_and_clips_an_outlier():
-    from pipeline.tflite.activation_ranges import BINS, best_range, expected_error
-
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(0, 1, 100_000), [40.0]])  # one outlier sets min/max's scale
     low, high = float(values.min()), float(values.max())
