@@ -33,6 +33,8 @@ ROWS = {
     "bias correction (the default)": {},
     "mse ranges": {"ranges": "mse", "bias_correction": False},
     "mse ranges + bias correction": {"ranges": "mse", "bias_correction": True},
+    "mse ranges + learned rounding + bias correction": {"ranges": "mse", "rounding": "learned",
+                                                        "bias_correction": True},
 }
 
 
