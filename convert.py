@@ -132,6 +132,7 @@ class Bar:
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeRemainingColumn(), console=_console(), transient=True, redirect_stderr=False)
         self._description = description
+        self._shown = description
         self._task: TaskID | None = None
 
     def __enter__(self):
@@ -142,12 +143,19 @@ class Bar:
             self._progress.stop()
         return False
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, step: str | None = None) -> None:
+        """``step``: a later step of the same work under its own name (the int8 methods after the calibration);
+        the bar starts again under that name."""
         if not self._progress.console.is_terminal:
             return  # no bar in logs and pipes: it would only leave blank lines
+        description = step or self._description
         if self._task is None:
             self._progress.start()
-            self._task = self._progress.add_task(self._description, total=total)
+        if self._task is None or description != self._shown:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(description, total=total)
+            self._shown = description
         self._progress.update(self._task, completed=done, total=total)
 
 

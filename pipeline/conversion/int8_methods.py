@@ -16,9 +16,9 @@ model with its final weights.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
-from pipeline.conversion.settings import ConvertSettings, Ranges, Rounding
+from pipeline.conversion.settings import ConvertSettings, Progress, Ranges, Rounding
 from pipeline.tflite.activation_ranges import mse_ranges
 from pipeline.tflite.bias_correction import correct_biases
 from pipeline.tflite.weight_rounding import learn_rounding
@@ -43,11 +43,12 @@ def chosen_ranges(calibrated: bytes, samples, settings: ConvertSettings, record:
 
 
 def refine_int8(quantized: bytes, float_model: bytes, representative, settings: ConvertSettings,
-                record: dict, float_sums: InputSums | None = None) -> bytes:
+                record: dict, float_sums: InputSums | None = None, progress: Progress | None = None) -> bytes:
     """``quantized`` with the methods ``settings`` asks for; ``record["int8_methods"]`` says what each changed.
 
     ``float_sums``: the float model's layer inputs summed over the calibration images by the calibration
-    itself; bias correction runs the float model for them where they are missing.
+    itself; bias correction runs the float model for them where they are missing. ``progress`` hears each
+    method's steps under its name.
     """
     if not settings.int8_methods:
         return quantized
@@ -55,15 +56,21 @@ def refine_int8(quantized: bytes, float_model: bytes, representative, settings: 
     inputs = [representative.inputs(i) for i in range(len(representative))]
     reports = []
     if settings.rounding == Rounding.LEARNED:
-        quantized, rounding = learn_rounding(quantized, float_model, inputs[:ROUNDING_SAMPLES])
+        quantized, rounding = learn_rounding(quantized, float_model, inputs[:ROUNDING_SAMPLES],
+                                             progress=_named(progress, "learning the weight rounding"))
         reports.append(rounding.to_dict())
     if settings.bias_correction:
-        quantized, bias = correct_biases(quantized, float_model, inputs, float_sums=float_sums)
+        quantized, bias = correct_biases(quantized, float_model, inputs, float_sums=float_sums,
+                                         progress=_named(progress, "correcting the biases"))
         reports.append(bias.to_dict())
     samples = max(int(report["samples"]) for report in reports)
     record["int8_methods"] = {"rounding": str(settings.rounding), "bias_correction": bool(settings.bias_correction),
                               "samples": samples, "seconds": round(time.perf_counter() - t0, 3), "methods": reports}
     return quantized
+
+
+def _named(progress: Progress | None, step: str) -> Callable[[int, int], None] | None:
+    return None if progress is None else lambda done, total: progress(done, total, step)
 
 
 def combined(earlier: dict | None, later: dict) -> dict:

@@ -292,7 +292,7 @@ def convert_spliced(source: SourceModel, settings: ConvertSettings, representati
             with timed("methods"):
                 spliced = refine_int8(spliced, int8_float_model(source, settings), representative,
                                       replace(settings, rounding=Rounding.NEAREST), methods,
-                                      float_sums=kept.float_sums if kept is not None else None)
+                                      float_sums=kept.float_sums if kept is not None else None, progress=progress)
     record = replace(host.calibration, fallback_method="splice", float_layers=list(settings.float_layers),
                      splice=report)
     if methods:
@@ -491,6 +491,6 @@ def _staged_int8(source: SourceModel, settings: ConvertSettings, representative,
         methods: dict[str, Any] = {}
         with timed("methods"):
             refined = refine_int8(quantized, int8_float_model(source, settings), representative, settings, methods,
-                                  float_sums=kept.float_sums)
+                                  float_sums=kept.float_sums, progress=progress)
         record.absorb(methods)
     return Conversion(refined, Route.STAGED, record)

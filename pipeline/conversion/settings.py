@@ -37,7 +37,11 @@ class Mode(enum.StrEnum):
 MODES = tuple(Mode)
 CALIBRATED_MODES = (Mode.INT8, Mode.INT16X8)  # the modes whose activation ranges come from calibration images
 
-Progress = Callable[[int, int], None]
+class Progress(Protocol):
+    """A long step's progress, ``done`` of ``total``; ``step`` names it (the calibration pass when left out):
+    the int8 methods after the calibration report under their own names."""
+
+    def __call__(self, done: int, total: int, step: str = ...) -> None: ...
 
 
 class Calibrator(enum.StrEnum):

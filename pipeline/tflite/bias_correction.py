@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -131,19 +132,20 @@ def bias_quanta(constants: Constants, layer: WeightedLayer) -> np.ndarray:
     return input_scale * np.broadcast_to(weight_scales, (channels,)).astype(np.float64)
 
 
-def correct_biases(quant_model: bytes, float_model: bytes, inputs,
-                   float_sums: InputSums | None = None) -> tuple[bytes, BiasCorrectionReport]:
+def correct_biases(quant_model: bytes, float_model: bytes, inputs, float_sums: InputSums | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[bytes, BiasCorrectionReport]:
     """``quant_model`` with every matched layer's int32 bias corrected on ``inputs`` (float model inputs, HxWx3).
 
     ``float_sums``: the float layers' inputs summed over the same ``inputs`` (the fast calibrator's), which
     spares the float model's run; without them, or when they do not cover every layer, the float model runs.
+    ``progress(done, total)`` hears each group of layers corrected.
     """
     with threadpool_limits(1):  # small products: one BLAS thread is faster beside the interpreter's own
-        return _correct_biases(quant_model, float_model, inputs, float_sums)
+        return _correct_biases(quant_model, float_model, inputs, float_sums, progress)
 
 
-def _correct_biases(quant_model: bytes, float_model: bytes, inputs,
-                    float_sums: InputSums | None) -> tuple[bytes, BiasCorrectionReport]:
+def _correct_biases(quant_model: bytes, float_model: bytes, inputs, float_sums: InputSums | None,
+                    progress: Callable[[int, int], None] | None) -> tuple[bytes, BiasCorrectionReport]:
     t0 = time.perf_counter()
     inputs = [np.asarray(x, dtype=np.float32) for x in inputs]
     report = BiasCorrectionReport(samples=len(inputs))
@@ -157,8 +159,9 @@ def _correct_biases(quant_model: bytes, float_model: bytes, inputs,
         [layer.float_input for layer in layers], len(inputs)) else "own float run"
     current = unshared(quant_model, [_bias(layer) for layer in layers])
     constants = Constants(current)
+    groups = levels(current, layers)
     with PiecewiseRun(current, inputs) as run:  # each group's inputs computed once, after every earlier correction
-        for group in levels(current, layers):
+        for group in groups:
             sums = run.sums([layer.quant_input for layer in group])
             accumulators = accumulator_means(constants, group, sums, run.count)
             for layer in group:
@@ -166,6 +169,8 @@ def _correct_biases(quant_model: bytes, float_model: bytes, inputs,
                                               targets[layer.quant_op]))
                 run.patch(_bias(layer), constants.view(_bias(layer)))
             report.passes += 1
+            if progress is not None:
+                progress(report.passes, len(groups))
         report.pieces = run.pieces
     report.seconds = time.perf_counter() - t0
     return constants.bytes(), report

@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -111,7 +112,8 @@ def _moment(x: np.ndarray, layer: WeightedLayer) -> tuple[np.ndarray, int]:
     return p.T @ p, p.shape[0]
 
 
-def second_moments(float_model: bytes, layers: list[WeightedLayer], inputs) -> tuple[dict[int, np.ndarray], dict]:
+def second_moments(float_model: bytes, layers: list[WeightedLayer], inputs,
+                   added: Callable[[int], None] | None = None) -> tuple[dict[int, np.ndarray], dict]:
     """Per layer, H (K x K; channels x K x K for depthwise) of its float inputs over ``inputs``, and the number of
     output positions each H sums over.
 
@@ -121,6 +123,7 @@ def second_moments(float_model: bytes, layers: list[WeightedLayer], inputs) -> t
     """
     moments: dict[int, np.ndarray] = {}
     positions: dict[int, int] = {}
+    images = [0]
     with ThreadPoolExecutor(max_workers=workers_for(len(layers))) as pool:
 
         def visit(values):
@@ -131,6 +134,9 @@ def second_moments(float_model: bytes, layers: list[WeightedLayer], inputs) -> t
                 else:
                     moments[layer.quant_op] = h
                 positions[layer.quant_op] = positions.get(layer.quant_op, 0) + n
+            images[0] += 1
+            if added is not None:
+                added(images[0])
 
         run_exposing(float_model, sorted({layer.float_input for layer in layers}), inputs, visit)
     return moments, positions
@@ -169,8 +175,10 @@ def _descend(rounded: np.ndarray, exact: np.ndarray, h: np.ndarray, depthwise: b
     return rounded, sweeps
 
 
-def learn_rounding(quant_model: bytes, float_model: bytes, inputs) -> tuple[bytes, RoundingReport]:
-    """``quant_model`` with the int8 weights of every matched layer re-rounded on ``inputs`` (float model inputs)."""
+def learn_rounding(quant_model: bytes, float_model: bytes, inputs,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[bytes, RoundingReport]:
+    """``quant_model`` with the int8 weights of every matched layer re-rounded on ``inputs`` (float model inputs);
+    ``progress(done, total)`` hears each image whose second moments are added, then each layer rounded."""
     t0 = time.perf_counter()
     inputs = [np.asarray(x, dtype=np.float32) for x in inputs]
     report = RoundingReport(samples=len(inputs))
@@ -180,13 +188,17 @@ def learn_rounding(quant_model: bytes, float_model: bytes, inputs) -> tuple[byte
     constants, floating = Constants(quant_model), Constants(float_model)
     # Many small products: BLAS threads cost more than they give here (measured 2-10x slower on 2 busy cores).
     with threadpool_limits(1):
-        moments, positions = second_moments(float_model, layers, inputs)
-        for layer in layers:
+        total = len(inputs) + len(layers)
+        added = None if progress is None else (lambda done: progress(done, total))
+        moments, positions = second_moments(float_model, layers, inputs, added)
+        for k, layer in enumerate(layers, 1):
             entry = _round_layer(constants, floating, layer, moments[layer.quant_op], positions[layer.quant_op])
             if isinstance(entry, dict):
                 report.skipped.append(entry)
             else:
                 report.layers.append(entry)
+            if progress is not None:
+                progress(len(inputs) + k, total)
     report.seconds = time.perf_counter() - t0
     return constants.bytes(), report
 

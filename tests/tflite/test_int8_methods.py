@@ -181,8 +181,15 @@ def _graph(model_bytes: bytes) -> list:
 def test_convert_with_both_methods_keeps_the_graph_and_reports_each_layer(trained_run, calibration, digits, tmp_path):
     plain = export_tflite(trained_run.model_path, ConvertSettings("int8", bias_correction=False),
                           out=tmp_path / "plain.tflite", representative=calibration)
+    heard: dict[str, list[tuple[int, int]]] = {}
     refined = export_tflite(trained_run.model_path, ConvertSettings("int8", rounding="learned", bias_correction=True),
-                            out=tmp_path / "refined.tflite", representative=calibration)
+                            out=tmp_path / "refined.tflite", representative=calibration,
+                            progress=lambda done, total, step="calibration": heard.setdefault(step, []).append(
+                                (done, total)))
+    # each method reports its steps under its own name, after the calibration's, up to its total
+    assert list(heard) == ["calibration", "learning the weight rounding", "correcting the biases"]
+    for step, calls in heard.items():
+        assert calls[-1][0] == calls[-1][1] and [done for done, _ in calls] == sorted(done for done, _ in calls), step
     assert refined.model_bytes != plain.model_bytes and _graph(refined.model_bytes) == _graph(plain.model_bytes)
     assert refined.manifest["ops"] == plain.manifest["ops"]
     assert delegate_partitions(refined.model_bytes) == delegate_partitions(plain.model_bytes) == 1
