@@ -32,12 +32,14 @@ from pipeline.tflite.weighted_layers import InputSums
 ROUNDING_SAMPLES = 64
 
 
-def chosen_ranges(calibrated: bytes, samples, settings: ConvertSettings, record: dict) -> bytes:
+def chosen_ranges(calibrated: bytes, samples, settings: ConvertSettings, record: dict,
+                  progress: Progress | None = None) -> bytes:
     """The calibrated float model with the activation ranges ``settings.ranges`` asks for (``samples()``: a fresh
-    iterable of input batches, the calibration images); ``record["ranges"]`` says what was clipped."""
+    iterable of input batches, the calibration images); ``record["ranges"]`` says what was clipped, and
+    ``progress`` hears each image the range search has counted."""
     if settings.ranges == Ranges.MINMAX:
         return calibrated
-    calibrated, report = mse_ranges(calibrated, samples())
+    calibrated, report = mse_ranges(calibrated, samples(), progress=_named(progress, "choosing the activation ranges"))
     record["ranges"] = report.to_dict()
     return calibrated
 

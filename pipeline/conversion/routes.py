@@ -442,7 +442,8 @@ def _calibrated(source: SourceModel, settings: ConvertSettings, representative,
                 raise
             except Exception as exc:  # noqa: BLE001 - the stock calibrator raises many types
                 raise converter_failed(settings, exc, log) from None
-        calibrated = chosen_ranges(calibrated, samples, settings, reported)
+        # the range search reports its own progress, image by image as counted, not as the images are read
+        calibrated = chosen_ranges(calibrated, Replay(representative, None), settings, reported, progress)
         record = CalibrationRecord()
         record.absorb(reported)
         record.seconds = round(time.perf_counter() - started, 3)  # reused calibrations keep their first time

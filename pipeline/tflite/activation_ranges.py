@@ -17,10 +17,11 @@ models, and the output's range is the model's answer.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def _ranged_tensors(model) -> list[int]:
 
 
 def _histograms(probe: bytes, tracked: list[int], limits: dict[int, tuple[float, float]],
-                samples: list) -> dict[int, np.ndarray]:
+                samples: list, counted: Callable[[], None]) -> dict[int, np.ndarray]:
     """One single-threaded interpreter's histograms of the tracked tensors over ``samples`` (integer counts)."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -96,6 +97,7 @@ def _histograms(probe: bytes, tracked: list[int], limits: dict[int, tuple[float,
         interpreter.invoke()
         for t in tracked:
             hists[t] += counts(interpreter.tensor(t)(), *limits[t])
+        counted()
     return hists
 
 
@@ -110,7 +112,8 @@ def counts(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.bincount(index, minlength=BINS)
 
 
-def mse_ranges(calibrated: bytes, samples: Iterable[list[np.ndarray]]) -> tuple[bytes, RangesReport]:
+def mse_ranges(calibrated: bytes, samples: Iterable[list[np.ndarray]],
+               progress: Callable[[int, int], None] | None = None) -> tuple[bytes, RangesReport]:
     """The calibrated float model with each activation's min/max replaced by its range of least expected error.
 
     The histograms are counted by one single-threaded interpreter per core, each
@@ -126,8 +129,17 @@ def mse_ranges(calibrated: bytes, samples: Iterable[list[np.ndarray]]) -> tuple[
     probe = expose_tensors(calibrated, tracked)
     listed = list(samples)
     workers = workers_for(len(listed))
+    done, lock = [0], threading.Lock()
+
+    def counted() -> None:  # progress(images counted, all images), from whichever worker counted one
+        with lock:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], len(listed))
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        shares = list(pool.map(lambda k: _histograms(probe, tracked, limits, listed[k::workers]), range(workers)))
+        shares = list(pool.map(lambda k: _histograms(probe, tracked, limits, listed[k::workers], counted),
+                               range(workers)))
     hists = {t: np.sum([share[t] for share in shares], axis=0) for t in tracked}
     report = RangesReport(samples=len(listed))
     for t in tracked:

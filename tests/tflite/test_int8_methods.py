@@ -283,8 +283,14 @@ def test_error_chosen_range_never_has_more_expected_error_and_clips_an_outlier()
 def test_mse_ranges_keep_the_graph(trained_run, calibration, tmp_path):
     plain = export_tflite(trained_run.model_path, ConvertSettings("int8", bias_correction=False),
                           out=tmp_path / "plain.tflite", representative=calibration)
+    heard: dict[str, list[int]] = {}
     ranged = export_tflite(trained_run.model_path, ConvertSettings("int8", ranges="mse"), out=tmp_path / "r.tflite",
-                           representative=calibration)
+                           representative=calibration,
+                           progress=lambda done, total, step="calibration": heard.setdefault(step, []).append(done))
+    # the range search counts each image once, under its own name, after the calibration pass
+    assert list(heard) == ["calibration", "choosing the activation ranges", "correcting the biases"]
+    assert heard["choosing the activation ranges"] == list(range(1, len(calibration) + 1))
+    assert heard["calibration"] == list(range(1, len(calibration) + 1))
     assert ranged.manifest["ops"] == plain.manifest["ops"]
     assert ranged.manifest["xnnpack"]["partitions"] == plain.manifest["xnnpack"]["partitions"] == 1
     record = ranged.manifest["calibration"]["method"]["ranges"]
