@@ -240,7 +240,9 @@ labels_option = click.option(
               "logging calibrator.")
 @click.option("--rounding", type=choice(Rounding), default=Rounding.NEAREST.value, show_default=True,
               help="--int8 weights: rounded to the nearest level, or up or down per weight to minimize each "
-              "layer's output error on the calibration images (scales and graph unchanged).")
+              "layer's output error on the calibration images (scales and graph unchanged). With --ranges mse: "
+              "the closest to float measured (docs/validation.md), at about 15x the plain calibration time on a "
+              "MobileNetV2.")
 @click.option("--ranges", type=choice(Ranges), default=Ranges.MINMAX.value, show_default=True,
               help="--int8 activation ranges: the min/max seen on the calibration images, or per tensor the "
               "clipping of least expected quantization error.")
