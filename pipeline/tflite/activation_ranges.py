@@ -25,9 +25,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from pipeline.core.tf_logs import native_stderr_captured
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.layers import expose_tensors
+from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.weighted_layers import workers_for
 
 BINS = 2048
@@ -85,11 +85,7 @@ def _ranged_tensors(model) -> list[int]:
 def _histograms(probe: bytes, tracked: list[int], limits: dict[int, tuple[float, float]],
                 samples: list, counted: Callable[[], None]) -> dict[int, np.ndarray]:
     """One single-threaded interpreter's histograms of the tracked tensors over ``samples`` (integer counts)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    with native_stderr_captured():
-        interpreter = Interpreter(model_content=probe, num_threads=1)
-        interpreter.allocate_tensors()
+    interpreter = open_interpreter(probe, threads=1)
     detail = interpreter.get_input_details()[0]
     hists = {t: np.zeros(BINS, np.int64) for t in tracked}
     for sample in samples:

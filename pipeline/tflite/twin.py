@@ -14,6 +14,7 @@ which ones apply is read from the names the candidate carries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.equalize import SUFFIX, equalize
@@ -38,12 +39,21 @@ def float_twin(float_model: bytes, quantized: bytes) -> Twin:
     and ``quantized`` carries too."""
     carried = tensor_names(quantized)
     base, folded = float_model, False
-    rewritten, report = fold_scales(float_model)
-    if report.layers and (tensor_names(rewritten) - tensor_names(float_model)) & carried:
+    rewritten = _rewritten(fold_scales, float_model)
+    if rewritten is not None and (tensor_names(rewritten) - tensor_names(float_model)) & carried:
         base, folded = rewritten, True
     if not any(name.endswith(SUFFIX) for name in carried):
         return Twin(base, folded, False)
-    equalized, _ = equalize(base)
-    if {name for name in tensor_names(equalized) if name.endswith(SUFFIX)} & carried:
+    equalized = _rewritten(equalize, base)
+    if equalized is not None and {name for name in tensor_names(equalized) if name.endswith(SUFFIX)} & carried:
         return Twin(equalized, folded, True)
     return Twin(base, folded, False)
+
+
+def _rewritten(rewrite: Callable[[bytes], tuple[bytes, Any]], model: bytes) -> bytes | None:
+    """``rewrite(model)``'s bytes; None where it cannot read the graph. The int8 route then converts the model
+    unrewritten too (``routes._exact_rewrite``), so the plain model is the twin."""
+    try:
+        return rewrite(model)[0]
+    except Exception:  # noqa: BLE001 - any reader error of either rewrite, as the conversion tolerates it
+        return None

@@ -22,6 +22,7 @@ from pipeline.model.modelio import load_source
 from pipeline.tflite import flatbuffers
 from pipeline.tflite.runtime import open_interpreter
 from pipeline.tflite.scale_fold import FoldReport, fold_scales
+from pipeline.tflite import twin as twin_module
 from pipeline.tflite.twin import Twin, float_twin
 from pipeline.validation.layer_error import layer_errors
 
@@ -318,6 +319,16 @@ def test_per_layer_error_pairs_each_int8_model_with_the_float_model_it_was_quant
     assert "conv" not in {e.layer for e in layer_errors(int8_pair["float"], folded, inputs)}
     conv = next(e for e in layer_errors(twin, folded, inputs) if e.layer == "conv")
     assert conv.op == "CONV_2D" and conv.rmse <= _error_bound(folded)
+
+
+def test_the_twin_of_a_graph_the_fold_cannot_read_is_the_plain_model(int8_pair, monkeypatch):
+    """The int8 route converts such a graph unfolded (``routes._exact_rewrite``); the report pairs it likewise,
+    with no error of the fold's reaching ``validate``."""
+    def unreadable(model_bytes):
+        raise IndexError("a graph the fold cannot read")
+
+    monkeypatch.setattr(twin_module, "fold_scales", unreadable)
+    assert float_twin(int8_pair["float"], int8_pair["folded"].read_bytes()) == Twin(int8_pair["float"], False, False)
 
 
 def _two_block_model(path, padding: str):
